@@ -1,0 +1,175 @@
+//! Support for weir's integration tests, which run against the real local stack
+//! (`infra/local/up`): configuration with a random topic prefix per test, a producer that
+//! speaks the Confluent wire format, and `LedgerProcessor`, a processor that records every
+//! record it applies so a test can count exactly-once effects.
+//!
+//! The ledger table deliberately has no unique constraint: a record applied twice shows up
+//! twice, so the exactly-once assertions can fail.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sqlx::PgConnection;
+use weir_runtime::codec::Codec;
+use weir_runtime::config::Config;
+use weir_runtime::events::{CompletionEvent, NodeCompleted, NodeStatus, TopicEvent};
+use weir_runtime::{ApplyError, Outbox, Processor, Record, Rejection};
+
+/// Attempts above this violate the ledger's CHECK constraint: a data error inside the batch
+/// transaction, which the runtime must isolate and dead-letter.
+pub const EXPLODING_ATTEMPT: i32 = 5_000;
+
+/// Configuration for a test: the stack from the environment (`infra/local/env`), topics
+/// under `prefix`.
+pub fn config(prefix: &str) -> Config {
+    let mut env: Vec<(String, String)> = std::env::vars().collect();
+    env.push(("WEIR__KAFKA__TOPIC_PREFIX".into(), prefix.into()));
+    env.push(("WEIR__KAFKA__PARTITIONS".into(), "3".into()));
+    Config::load_from(None, env).expect("test configuration")
+}
+
+/// A random lowercase name, for topics prefixes and groups.
+pub fn random_name(kind: &str) -> String {
+    format!("it-{kind}-{}", uuid::Uuid::now_v7().simple())
+}
+
+/// Creates the ledger table (idempotent).
+pub async fn create_ledger(pool: &sqlx::PgPool) -> anyhow::Result<()> {
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS it_ledger (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            consumer_group text NOT NULL,
+            topic text NOT NULL,
+            partition int NOT NULL,
+            record_offset bigint NOT NULL,
+            event_id uuid NOT NULL,
+            run_id text NOT NULL,
+            attempt int NOT NULL CHECK (attempt < 5000)
+        )",
+    )
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Records every NodeCompleted it applies in `it_ledger`; rejects attempts below 1 as invalid.
+pub struct LedgerProcessor {
+    /// Consumer group.
+    pub group: String,
+}
+
+#[async_trait]
+impl Processor for LedgerProcessor {
+    type Event = CompletionEvent;
+
+    fn group(&self) -> String {
+        self.group.clone()
+    }
+
+    async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        records: &[Record<CompletionEvent>],
+        _outbox: &mut Outbox<'_>,
+    ) -> Result<Vec<Rejection>, ApplyError> {
+        let mut rejected = Vec::new();
+        let (mut topics, mut partitions, mut offsets, mut ids, mut runs, mut attempts) =
+            (vec![], vec![], vec![], vec![], vec![], vec![]);
+        for (index, r) in records.iter().enumerate() {
+            let CompletionEvent::NodeCompleted(c) = &r.event else {
+                continue;
+            };
+            if c.attempt < 1 {
+                rejected.push(Rejection {
+                    index,
+                    reason: format!("attempt {} < 1", c.attempt),
+                });
+                continue;
+            }
+            topics.push(r.coords.topic.clone());
+            partitions.push(r.coords.partition);
+            offsets.push(r.coords.offset);
+            ids.push(c.event_id);
+            runs.push(c.run_id.clone());
+            attempts.push(c.attempt);
+        }
+        sqlx::query(
+            "INSERT INTO it_ledger (consumer_group, topic, partition, record_offset, event_id, run_id, attempt)
+             SELECT $1, * FROM UNNEST($2::text[], $3::int[], $4::bigint[], $5::uuid[], $6::text[], $7::int[])",
+        )
+        .bind(&self.group)
+        .bind(&topics)
+        .bind(&partitions)
+        .bind(&offsets)
+        .bind(&ids)
+        .bind(&runs)
+        .bind(&attempts)
+        .execute(conn)
+        .await?;
+        Ok(rejected)
+    }
+}
+
+/// A NodeCompleted event for `run_id`.
+pub fn node_completed(run_id: &str, attempt: i32) -> CompletionEvent {
+    CompletionEvent::NodeCompleted(NodeCompleted {
+        event_id: weir_runtime::events::new_event_id(),
+        occurred_at: weir_runtime::events::now_micros(),
+        workspace_id: "ws-it".into(),
+        traceparent: String::new(),
+        tracestate: None,
+        run_id: run_id.into(),
+        node_id: "fetch".into(),
+        attempt,
+        status: NodeStatus::Succeeded,
+        output_json: Some("{\"ok\":true}".into()),
+        output_ref: None,
+        error: None,
+        duration_ms: 12,
+        worker_id: "worker-it".into(),
+        from_cache: false,
+    })
+}
+
+/// Produces raw bytes to a topic and waits for the broker's acknowledgement.
+pub async fn produce_raw(
+    producer: &FutureProducer,
+    topic: &str,
+    key: &str,
+    payload: &[u8],
+) -> anyhow::Result<(i32, i64)> {
+    let delivered = producer
+        .send(
+            FutureRecord::to(topic).key(key).payload(payload),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| anyhow::anyhow!("produce to {topic}: {e}"))?;
+    Ok((delivered.partition, delivered.offset))
+}
+
+/// Encodes an event through the registry and produces it, keyed by its key.
+pub async fn produce<E: TopicEvent>(
+    producer: &FutureProducer,
+    codec: &Codec,
+    event: &E,
+) -> anyhow::Result<(i32, i64)> {
+    let bytes = codec.encode(event).await?;
+    produce_raw(producer, &codec.topic::<E>(), event.key(), &bytes).await
+}
+
+/// Sets up a prefix's topics, schemas and migrations; returns its codec.
+pub async fn prepare(cfg: &Config) -> anyhow::Result<Arc<Codec>> {
+    weir_runtime::kafka::create_topics(&cfg.kafka).await?;
+    let schemas = weir_runtime::ops::load_schemas(None).map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(
+        weir_runtime::ops::register_schemas(cfg, &schemas).await?,
+        "registering schemas"
+    );
+    let pool = weir_runtime::db::pool(&cfg.postgres)?;
+    weir_runtime::db::MIGRATOR.run(&pool).await?;
+    create_ledger(&pool).await?;
+    Ok(Arc::new(Codec::new(&cfg.schema_registry, &cfg.kafka)?))
+}

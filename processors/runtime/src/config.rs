@@ -1,0 +1,625 @@
+//! Layered configuration: built-in defaults, then an optional TOML file, then the standard
+//! service variables that `infra/local/env` prints (`DATABASE_URL`, `KAFKA_BOOTSTRAP_SERVERS`,
+//! ...), then `WEIR__SECTION__KEY` variables. Later layers win.
+//!
+//! Invariants: unknown keys are errors (every struct denies unknown fields); loading reports
+//! every problem at once rather than the first; secrets are wrapped in [`Secret`] and never
+//! appear in `Debug` or `Display` output.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
+
+/// A value that must never be printed (passwords, keys, URLs that embed credentials).
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret<T>(T);
+
+impl<T> Secret<T> {
+    /// Wraps a value.
+    pub fn new(value: T) -> Self {
+        Self(value)
+    }
+    /// The wrapped value; call only where it is handed to a client library.
+    pub fn expose(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T> fmt::Debug for Secret<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl<T> fmt::Display for Secret<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// The whole configuration of a weir process.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Kafka connection, topic names and librdkafka pass-through options.
+    pub kafka: KafkaConfig,
+    /// The Postgres database that holds state, consumer positions and the outbox.
+    pub postgres: PostgresConfig,
+    /// The S3 bucket of the content-addressed store.
+    pub s3: S3Config,
+    /// The Confluent-compatible schema registry.
+    pub schema_registry: RegistryConfig,
+    /// How processors consume: batch sizes, retries, shutdown.
+    pub runtime: RuntimeConfig,
+    /// The transactional outbox.
+    pub outbox: OutboxConfig,
+    /// Logs, metrics and health endpoints.
+    pub telemetry: TelemetryConfig,
+}
+
+/// Kafka settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Comma-separated bootstrap servers (env: KAFKA_BOOTSTRAP_SERVERS).
+    pub bootstrap_servers: String,
+    /// Prefix put in front of every topic name, to run several environments on one cluster.
+    pub topic_prefix: String,
+    /// Partitions of each topic that `weir topics create` makes, unless overridden below.
+    pub partitions: i32,
+    /// Partition count per topic (unprefixed name), overriding `partitions`.
+    pub topic_partitions: BTreeMap<String, i32>,
+    /// Replication factor of created topics (3 on MSK, 1 on the local single broker).
+    pub replication_factor: i32,
+    /// Topic-level configs applied to every created topic (e.g. `retention.ms`).
+    pub topic_config: BTreeMap<String, String>,
+    /// librdkafka options for consumers, passed through as is (e.g. `fetch.wait.max.ms`).
+    pub consumer: BTreeMap<String, String>,
+    /// librdkafka options for producers, passed through as is (e.g. `linger.ms`).
+    pub producer: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            bootstrap_servers: "127.0.0.1:9092".into(),
+            topic_prefix: String::new(),
+            partitions: 6,
+            topic_partitions: BTreeMap::new(),
+            replication_factor: 1,
+            topic_config: BTreeMap::new(),
+            consumer: BTreeMap::new(),
+            producer: BTreeMap::new(),
+        }
+    }
+}
+
+impl KafkaConfig {
+    /// The full topic name of a default topic name, with the environment prefix.
+    pub fn topic(&self, name: &str) -> String {
+        format!("{}{}", self.topic_prefix, name)
+    }
+}
+
+/// Postgres settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// Connection URL (env: DATABASE_URL); secret because it usually embeds a password.
+    pub url: Secret<String>,
+    /// Upper bound of pooled connections per process.
+    pub max_connections: u32,
+    /// How long to wait for a pooled connection before the batch is retried, in ms.
+    pub acquire_timeout_ms: u64,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self {
+            url: Secret::new("postgres://weir:weir@127.0.0.1:5432/weir".into()),
+            max_connections: 16,
+            acquire_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// S3 settings for the content-addressed store.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Config {
+    /// Endpoint of an S3-compatible server (env: S3_ENDPOINT_URL); empty means AWS itself.
+    pub endpoint_url: String,
+    /// Bucket name (env: S3_BUCKET).
+    pub bucket: String,
+    /// Region (env: AWS_REGION).
+    pub region: String,
+    /// Access key id (env: AWS_ACCESS_KEY_ID); empty means the default AWS credential chain.
+    pub access_key_id: String,
+    /// Secret access key (env: AWS_SECRET_ACCESS_KEY).
+    pub secret_access_key: Secret<String>,
+    /// Path-style addressing (`endpoint/bucket/key`), needed by most local S3 servers.
+    pub force_path_style: bool,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        Self {
+            endpoint_url: "http://127.0.0.1:9000".into(),
+            bucket: "weir-cas".into(),
+            region: "us-east-1".into(),
+            access_key_id: "weir".into(),
+            secret_access_key: Secret::new("weir-secret-key".into()),
+            force_path_style: true,
+        }
+    }
+}
+
+/// Schema registry settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// Base URL of the Confluent-compatible API (env: SCHEMA_REGISTRY_URL).
+    pub url: String,
+    /// Basic-auth user, if the registry needs one.
+    pub username: String,
+    /// Basic-auth password.
+    pub password: Secret<String>,
+    /// Timeout of one registry call, in ms.
+    pub timeout_ms: u64,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            url: "http://127.0.0.1:8081/apis/ccompat/v7".into(),
+            username: String::new(),
+            password: Secret::default(),
+            timeout_ms: 5_000,
+        }
+    }
+}
+
+/// How processors consume.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Most records in one batch (one Postgres transaction).
+    pub max_batch: usize,
+    /// Longest time a batch waits for more records once it has its first, in ms. Small, so
+    /// an idle system answers quickly; under load batches fill to `max_batch` before it.
+    pub max_wait_ms: u64,
+    /// First delay before retrying a batch after a transient failure, in ms.
+    pub retry_initial_ms: u64,
+    /// Cap of the exponential retry delay, in ms.
+    pub retry_max_ms: u64,
+    /// On SIGINT/SIGTERM, how long the in-flight batch may take before it is rolled back, in ms.
+    pub shutdown_deadline_ms: u64,
+    /// Whether undecodable or rejected records go to the dead-letter topic (else the batch stops).
+    pub dead_letter: bool,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: 2_000,
+            max_wait_ms: 5,
+            retry_initial_ms: 100,
+            retry_max_ms: 10_000,
+            shutdown_deadline_ms: 15_000,
+            dead_letter: true,
+        }
+    }
+}
+
+/// Outbox settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxConfig {
+    /// Number of ordering lanes; a key always maps to the same lane (hash of the key).
+    pub lanes: i32,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self { lanes: 64 }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Telemetry settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// `human` or `json`.
+    pub log_format: LogFormat,
+    /// tracing filter directive, e.g. `info,weir_runtime=debug` (RUST_LOG wins if set).
+    pub log_filter: String,
+    /// Address of the HTTP server for /metrics, /healthz and /readyz.
+    pub listen: SocketAddr,
+    /// How often librdkafka reports statistics (consumer lag), in ms.
+    pub stats_interval_ms: u64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            log_format: LogFormat::Human,
+            log_filter: "info".into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            stats_interval_ms: 5_000,
+        }
+    }
+}
+
+/// Every problem found while loading the configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  - {}", .problems.join("\n  - "))]
+pub struct ConfigError {
+    /// One line per problem, each naming the key.
+    pub problems: Vec<String>,
+}
+
+/// Sections whose values are free-form maps (librdkafka and topic options).
+const FREE_FORM: &[&str] = &[
+    "kafka.topic_partitions",
+    "kafka.topic_config",
+    "kafka.consumer",
+    "kafka.producer",
+];
+
+/// Standard variables that operators already set for other tools, mapped to config keys.
+const STANDARD_ENV: &[(&str, &str)] = &[
+    ("KAFKA_BOOTSTRAP_SERVERS", "kafka.bootstrap_servers"),
+    ("DATABASE_URL", "postgres.url"),
+    ("S3_ENDPOINT_URL", "s3.endpoint_url"),
+    ("S3_BUCKET", "s3.bucket"),
+    ("AWS_REGION", "s3.region"),
+    ("AWS_ACCESS_KEY_ID", "s3.access_key_id"),
+    ("AWS_SECRET_ACCESS_KEY", "s3.secret_access_key"),
+    ("SCHEMA_REGISTRY_URL", "schema_registry.url"),
+];
+
+impl Config {
+    /// Loads defaults ← `file` ← standard variables ← `WEIR__*` variables from the process
+    /// environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// Like [`Config::load`] with an explicit environment (for tests).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut problems = Vec::new();
+        let defaults = serde_json::to_value(Config::default()).map_err(|e| ConfigError {
+            problems: vec![format!("defaults: {e}")],
+        })?;
+        let mut merged = defaults.clone();
+
+        if let Some(path) = file {
+            match std::fs::read_to_string(path) {
+                Ok(text) => match toml::from_str::<toml::Value>(&text) {
+                    Ok(value) => match serde_json::to_value(value) {
+                        Ok(json) => merge(&mut merged, json),
+                        Err(e) => problems.push(format!("{}: {e}", path.display())),
+                    },
+                    Err(e) => problems.push(format!("{}: {e}", path.display())),
+                },
+                Err(e) => problems.push(format!("{}: cannot read: {e}", path.display())),
+            }
+        }
+
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        for (var, key) in STANDARD_ENV {
+            if let Some((_, value)) = env.iter().find(|(k, _)| k == var) {
+                set_path(&mut merged, key, Json::String(value.clone()));
+            }
+        }
+        let mut weir_env: Vec<_> = env
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix("WEIR__").map(|rest| (rest, v)))
+            .collect();
+        weir_env.sort();
+        for (rest, value) in weir_env {
+            let parts: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+            if parts.len() < 2 || parts.iter().any(String::is_empty) {
+                problems.push(format!(
+                    "WEIR__{rest}: expected WEIR__SECTION__KEY (two or more parts)"
+                ));
+                continue;
+            }
+            let mut key = parts[..2].join(".");
+            if parts.len() > 2 {
+                // librdkafka option names use dots, which variable names cannot hold.
+                key = format!("{key}.{}", parts[2..].join("_").replace('_', "."));
+            }
+            let free = FREE_FORM.iter().any(|f| key.starts_with(&format!("{f}.")));
+            let typed = if free {
+                Json::String(value.clone())
+            } else {
+                typed_like(lookup(&defaults, &key), value)
+            };
+            set_path(&mut merged, &key, typed);
+        }
+
+        unknown_keys(&defaults, &merged, "", &mut problems);
+        field_errors(&defaults, &merged, &mut problems);
+
+        if !problems.is_empty() {
+            return Err(ConfigError { problems });
+        }
+        let config: Config = serde_json::from_value(merged).map_err(|e| ConfigError {
+            problems: vec![e.to_string()],
+        })?;
+        let invalid = config.validate();
+        if invalid.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError { problems: invalid })
+        }
+    }
+
+    /// Checks values that parse but make no sense; returns one line per problem.
+    pub fn validate(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.kafka.bootstrap_servers.trim().is_empty() {
+            p.push("kafka.bootstrap_servers: must not be empty".into());
+        }
+        if self.kafka.partitions < 1 {
+            p.push("kafka.partitions: must be at least 1".into());
+        }
+        for (topic, n) in &self.kafka.topic_partitions {
+            if *n < 1 {
+                p.push(format!(
+                    "kafka.topic_partitions.{topic}: must be at least 1"
+                ));
+            }
+        }
+        if self.kafka.replication_factor < 1 {
+            p.push("kafka.replication_factor: must be at least 1".into());
+        }
+        let url = self.postgres.url.expose();
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            p.push("postgres.url: must start with postgres:// (value hidden)".into());
+        }
+        if self.postgres.max_connections < 2 {
+            p.push("postgres.max_connections: must be at least 2".into());
+        }
+        if self.runtime.max_batch == 0 {
+            p.push("runtime.max_batch: must be at least 1".into());
+        }
+        if self.runtime.retry_initial_ms == 0
+            || self.runtime.retry_max_ms < self.runtime.retry_initial_ms
+        {
+            p.push("runtime.retry_initial_ms/retry_max_ms: need 0 < initial <= max".into());
+        }
+        if self.outbox.lanes < 1 {
+            p.push("outbox.lanes: must be at least 1".into());
+        }
+        if !self.schema_registry.url.starts_with("http") {
+            p.push("schema_registry.url: must be an http(s) URL".into());
+        }
+        if !self.s3.endpoint_url.is_empty() && !self.s3.endpoint_url.starts_with("http") {
+            p.push("s3.endpoint_url: must be an http(s) URL or empty".into());
+        }
+        if self.s3.bucket.is_empty() {
+            p.push("s3.bucket: must not be empty".into());
+        }
+        p
+    }
+}
+
+fn merge(base: &mut Json, over: Json) {
+    match (base, over) {
+        (Json::Object(b), Json::Object(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(existing) if existing.is_object() && v.is_object() => merge(existing, v),
+                    _ => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o,
+    }
+}
+
+fn set_path(root: &mut Json, dotted: &str, value: Json) {
+    // Free-form maps take the rest of the path as one key ("kafka.consumer.fetch.wait.max.ms").
+    let head: Vec<&str> = dotted.splitn(3, '.').collect();
+    let path: Vec<&str> = if head.len() == 3 && FREE_FORM.contains(&head[..2].join(".").as_str()) {
+        head
+    } else {
+        dotted.split('.').collect()
+    };
+    let mut cur = root;
+    for (i, part) in path.iter().enumerate() {
+        if !cur.is_object() {
+            *cur = Json::Object(Default::default());
+        }
+        let Json::Object(map) = cur else { return };
+        if i + 1 == path.len() {
+            map.insert((*part).to_string(), value);
+            return;
+        }
+        cur = map
+            .entry((*part).to_string())
+            .or_insert_with(|| Json::Object(Default::default()));
+    }
+}
+
+fn lookup<'a>(root: &'a Json, dotted: &str) -> Option<&'a Json> {
+    dotted.split('.').try_fold(root, |v, k| v.get(k))
+}
+
+/// Environment values are strings; give them the type the default has so that
+/// `WEIR__RUNTIME__MAX_BATCH=500` is a number.
+fn typed_like(default: Option<&Json>, raw: &str) -> Json {
+    match default {
+        Some(Json::Number(_)) => serde_json::from_str::<serde_json::Number>(raw)
+            .map(Json::Number)
+            .unwrap_or_else(|_| Json::String(raw.into())),
+        Some(Json::Bool(_)) => match raw.to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" => Json::Bool(true),
+            "false" | "0" | "no" => Json::Bool(false),
+            _ => Json::String(raw.into()),
+        },
+        _ => Json::String(raw.into()),
+    }
+}
+
+fn unknown_keys(defaults: &Json, given: &Json, prefix: &str, problems: &mut Vec<String>) {
+    let (Json::Object(d), Json::Object(g)) = (defaults, given) else {
+        return;
+    };
+    for (k, v) in g {
+        let path = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        if FREE_FORM.contains(&path.as_str()) {
+            continue;
+        }
+        match d.get(k) {
+            None => problems.push(format!("{path}: unknown key")),
+            Some(dv) => unknown_keys(dv, v, &path, problems),
+        }
+    }
+}
+
+/// Type-checks each given leaf on its own against the defaults, so that every wrong value is
+/// reported, not just the first serde meets.
+fn field_errors(defaults: &Json, merged: &Json, problems: &mut Vec<String>) {
+    fn check<T: DeserializeOwned>(
+        section: &str,
+        defaults: &Json,
+        merged: &Json,
+        problems: &mut Vec<String>,
+    ) {
+        let (Some(Json::Object(d)), Some(Json::Object(m))) =
+            (defaults.get(section), merged.get(section))
+        else {
+            if merged.get(section).is_some_and(|v| !v.is_object()) {
+                problems.push(format!("{section}: must be a table"));
+            }
+            return;
+        };
+        for (key, value) in m {
+            if !d.contains_key(key) {
+                continue; // reported as unknown
+            }
+            let mut probe = d.clone();
+            probe.insert(key.clone(), value.clone());
+            if let Err(e) = serde_json::from_value::<T>(Json::Object(probe)) {
+                problems.push(format!("{section}.{key}: {e}"));
+            }
+        }
+    }
+    check::<KafkaConfig>("kafka", defaults, merged, problems);
+    check::<PostgresConfig>("postgres", defaults, merged, problems);
+    check::<S3Config>("s3", defaults, merged, problems);
+    check::<RegistryConfig>("schema_registry", defaults, merged, problems);
+    check::<RuntimeConfig>("runtime", defaults, merged, problems);
+    check::<OutboxConfig>("outbox", defaults, merged, problems);
+    check::<TelemetryConfig>("telemetry", defaults, merged, problems);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn layers_apply_in_order_and_passthrough_keys_keep_dots() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(
+            file,
+            "[runtime]\nmax_batch = 100\nmax_wait_ms = 7\n[kafka]\ntopic_prefix = \"dev.\"\n[kafka.consumer]\n\"fetch.wait.max.ms\" = \"20\""
+        )
+        .unwrap();
+        let cfg = Config::load_from(
+            Some(file.path()),
+            env(&[
+                ("DATABASE_URL", "postgres://u:p@db:5432/x"),
+                ("WEIR__RUNTIME__MAX_BATCH", "250"),
+                ("WEIR__KAFKA__PRODUCER__LINGER_MS", "3"),
+                ("WEIR__TELEMETRY__LOG_FORMAT", "json"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(cfg.runtime.max_batch, 250, "env wins over file");
+        assert_eq!(cfg.runtime.max_wait_ms, 7, "file wins over defaults");
+        assert_eq!(cfg.kafka.topic("weir.patches.v1"), "dev.weir.patches.v1");
+        assert_eq!(cfg.kafka.consumer["fetch.wait.max.ms"], "20");
+        assert_eq!(cfg.kafka.producer["linger.ms"], "3");
+        assert_eq!(cfg.telemetry.log_format, LogFormat::Json);
+        assert_eq!(cfg.postgres.url.expose(), "postgres://u:p@db:5432/x");
+        let shown = format!("{cfg:?}");
+        assert!(
+            !shown.contains("u:p@"),
+            "the database password must not print"
+        );
+        assert!(
+            !shown.contains("weir-secret-key"),
+            "the S3 secret must not print"
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(
+            file,
+            "[runtime]\nmax_batch = \"lots\"\nbogus = 1\n[kafka]\npartitions = 0\n[nosuch]\nx = 1"
+        )
+        .unwrap();
+        let err = Config::load_from(
+            Some(file.path()),
+            env(&[
+                ("WEIR__TELEMETRY__LISTEN", "not-an-address"),
+                ("WEIR__X", "1"),
+            ]),
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        for needle in [
+            "runtime.max_batch",
+            "runtime.bogus: unknown key",
+            "nosuch: unknown key",
+            "telemetry.listen",
+            "WEIR__X",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in:\n{text}");
+        }
+        // Semantic checks run once the shape is right.
+        let err = Config::load_from(None, env(&[("WEIR__KAFKA__PARTITIONS", "0")])).unwrap_err();
+        assert!(err
+            .to_string()
+            .contains("kafka.partitions: must be at least 1"));
+    }
+}

@@ -1,0 +1,708 @@
+//! The batch consumer: the one way every weir processor reads Kafka.
+//!
+//! A batch is up to `runtime.max_batch` records, gathered for at most `runtime.max_wait_ms`
+//! after the first one arrives. Each batch is applied in ONE Postgres transaction that also
+//! (a) locks and advances the consumer positions of its partitions and (b) writes the
+//! processor's outbox rows. Invariants:
+//!
+//! - Effectively once: a record whose offset is below the stored position was applied
+//!   already and is skipped; positions move only in the transaction that applied the records.
+//!   Two consumers that both believe they own a partition serialize on the position row lock,
+//!   and the second one sees the advanced position.
+//! - Kafka offsets are stored only after the commit and only report lag.
+//! - Per-partition order: records are handed to the processor in offset order per partition.
+//! - Poison records (undecodable, unknown schema, rejected by the processor, or a record that
+//!   makes the batch fail with a data error) go to the dead-letter topic with their original
+//!   bytes; the batch carries on. Dead letters are acknowledged by the broker before the
+//!   transaction commits (at least once into the DLQ; its headers carry the coordinates).
+//! - Transient failures roll the batch back and retry it with capped exponential backoff;
+//!   nothing new is read meanwhile, which is the backpressure.
+//! - No batch straddles a revoke: records of a partition revoked while a batch was being
+//!   gathered are dropped from it before it is applied.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::statistics::Statistics;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, info_span, warn, Instrument};
+
+use crate::codec::Codec;
+use crate::config::Config;
+use crate::error::{ApplyError, Coordinates, Disposition, RuntimeError};
+use crate::events::{self, DeadLetter, Header as DeadLetterHeader, TopicEvent};
+use crate::metrics as m;
+use crate::outbox::Outbox;
+use crate::telemetry::Health;
+
+/// One decoded record handed to a processor.
+#[derive(Debug, Clone)]
+pub struct Record<E> {
+    /// Where it came from (the idempotency key).
+    pub coords: Coordinates,
+    /// Kafka key.
+    pub key: Option<Vec<u8>>,
+    /// Broker timestamp in ms, if any.
+    pub timestamp_ms: Option<i64>,
+    /// The decoded event.
+    pub event: E,
+}
+
+/// A record the processor refuses as invalid: dead-lettered, its effects not applied.
+#[derive(Debug, Clone)]
+pub struct Rejection {
+    /// Index into the slice given to [`Processor::apply`].
+    pub index: usize,
+    /// Why, for the dead letter.
+    pub reason: String,
+}
+
+/// What a processor implements: how one batch changes Postgres.
+#[async_trait]
+pub trait Processor: Send + Sync + 'static {
+    /// The events of the topic it consumes.
+    type Event: TopicEvent;
+
+    /// Consumer group; also the owner of the positions in Postgres.
+    fn group(&self) -> String;
+
+    /// Applies `records` (in partition order) inside the batch transaction on `conn`, pushing
+    /// output events to `outbox`. Returns the records it rejects as invalid; their effects
+    /// must not have been written. An error rolls the whole batch back.
+    async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        records: &[Record<Self::Event>],
+        outbox: &mut Outbox<'_>,
+    ) -> Result<Vec<Rejection>, ApplyError>;
+}
+
+/// A record as read from Kafka, before decoding.
+#[derive(Debug, Clone)]
+struct Raw {
+    coords: Coordinates,
+    key: Option<Vec<u8>>,
+    payload: Option<Vec<u8>>,
+    headers: Vec<(String, Option<Vec<u8>>)>,
+    timestamp_ms: Option<i64>,
+    /// Rebalance generation when it was received.
+    generation: u64,
+}
+
+#[derive(Default)]
+struct RebalanceLog {
+    generation: u64,
+    /// Partition → generation of its latest revoke.
+    revoked_at: HashMap<i32, u64>,
+    assigned: usize,
+}
+
+/// librdkafka callbacks: rebalances (recorded for the loop) and statistics (lag gauges).
+struct Ctx {
+    group: String,
+    log: Arc<Mutex<RebalanceLog>>,
+}
+
+impl Ctx {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RebalanceLog> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl ClientContext for Ctx {
+    fn stats(&self, stats: Statistics) {
+        for (topic, t) in stats.topics {
+            for (partition, p) in t.partitions {
+                if partition >= 0 && p.consumer_lag >= 0 {
+                    metrics::gauge!(m::CONSUMER_LAG, "group" => self.group.clone(),
+                        "topic" => topic.clone(), "partition" => partition.to_string())
+                    .set(p.consumer_lag as f64);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for Ctx {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let mut log = self.lock();
+        log.generation += 1;
+        let generation = log.generation;
+        if let Rebalance::Revoke(tpl) = rebalance {
+            for e in tpl.elements() {
+                log.revoked_at.insert(e.partition(), generation);
+            }
+            log.assigned = log.assigned.saturating_sub(tpl.count());
+            info!(group = %self.group, partitions = tpl.count(), "partitions revoked");
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let mut log = self.lock();
+        log.generation += 1;
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                log.assigned += tpl.count();
+                info!(group = %self.group, partitions = tpl.count(), "partitions assigned");
+            }
+            Rebalance::Error(e) => warn!(group = %self.group, error = %e, "rebalance error"),
+            Rebalance::Revoke(_) => {}
+        }
+        metrics::gauge!(m::ASSIGNED_PARTITIONS, "group" => self.group.clone())
+            .set(log.assigned as f64);
+    }
+}
+
+/// A dead letter to send: the raw record and why.
+struct Poison<'a> {
+    raw: &'a Raw,
+    class: &'static str,
+    message: String,
+}
+
+/// What a committed batch did.
+#[derive(Debug, Default)]
+struct Outcome {
+    applied: usize,
+    duplicates: usize,
+    dead: usize,
+    next: BTreeMap<i32, i64>,
+}
+
+/// Runs one processor against its topic until shutdown.
+pub struct BatchConsumer<P: Processor> {
+    cfg: Arc<Config>,
+    processor: Arc<P>,
+    pool: PgPool,
+    codec: Arc<Codec>,
+    producer: FutureProducer,
+    health: Health,
+    group: String,
+    topic: String,
+    dlq_topic: String,
+}
+
+impl<P: Processor> BatchConsumer<P> {
+    /// Prepares a consumer; nothing connects until [`BatchConsumer::run`].
+    pub fn new(
+        cfg: Arc<Config>,
+        processor: Arc<P>,
+        pool: PgPool,
+        codec: Arc<Codec>,
+        producer: FutureProducer,
+        health: Health,
+    ) -> Self {
+        let group = processor.group();
+        let topic = codec.topic::<P::Event>();
+        let dlq_topic = codec.topic::<DeadLetter>();
+        Self {
+            cfg,
+            processor,
+            pool,
+            codec,
+            producer,
+            health,
+            group,
+            topic,
+            dlq_topic,
+        }
+    }
+
+    /// Consumes until `shutdown` is cancelled; then the in-flight batch commits or rolls back
+    /// (bounded by `runtime.shutdown_deadline_ms`), offsets are committed and the consumer
+    /// leaves its group.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), RuntimeError> {
+        let log = Arc::new(Mutex::new(RebalanceLog::default()));
+        let ctx = Ctx {
+            group: self.group.clone(),
+            log: log.clone(),
+        };
+        let consumer: StreamConsumer<Ctx> = crate::kafka::consumer_config(
+            &self.cfg.kafka,
+            &self.group,
+            self.cfg.telemetry.stats_interval_ms,
+        )
+        .create_with_context(ctx)?;
+        let component = format!("consumer {}", self.group);
+        self.health.register(&component);
+        self.wait_until_ready(&consumer, &shutdown).await?;
+        consumer.subscribe(&[&self.topic])?;
+        self.health.set(&component, true);
+        info!(group = %self.group, topic = %self.topic, "consuming");
+
+        while !shutdown.is_cancelled() {
+            let batch = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                b = self.gather(&consumer, &log) => b,
+            };
+            if batch.is_empty() {
+                continue;
+            }
+            self.process(&consumer, batch, &shutdown).await?;
+        }
+
+        if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+            // Nothing stored since the last commit, or the group is gone: lag only.
+            debug!(error = %e, "final offset commit");
+        }
+        consumer.unsubscribe();
+        self.health.set(&component, false);
+        info!(group = %self.group, "consumer stopped");
+        Ok(())
+    }
+
+    /// Waits until Postgres answers and the topic exists, retrying with backoff, so a
+    /// process started before its dependencies comes up by itself.
+    async fn wait_until_ready(
+        &self,
+        consumer: &StreamConsumer<Ctx>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), RuntimeError> {
+        let mut attempt = 0u32;
+        loop {
+            let pg = sqlx::query_scalar!("SELECT 1 AS \"one!\"")
+                .fetch_one(&self.pool)
+                .await;
+            let md = consumer.fetch_metadata(Some(&self.topic), Duration::from_secs(5));
+            let problem = match (&pg, &md) {
+                (Err(e), _) => Some(format!("postgres: {e}")),
+                (_, Err(e)) => Some(format!("kafka: {e}")),
+                (_, Ok(md)) => match md.topics().first() {
+                    Some(t) if t.error().is_none() && !t.partitions().is_empty() => None,
+                    _ => Some(format!(
+                        "topic {} does not exist (run `weir topics create`)",
+                        self.topic
+                    )),
+                },
+            };
+            let Some(problem) = problem else {
+                return Ok(());
+            };
+            attempt += 1;
+            warn!(group = %self.group, %problem, attempt, "waiting for dependencies");
+            tokio::select! {
+                _ = tokio::time::sleep(self.backoff(attempt)) => {}
+                _ = shutdown.cancelled() => return Ok(()),
+            }
+        }
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let rt = &self.cfg.runtime;
+        let exp = rt
+            .retry_initial_ms
+            .saturating_mul(1u64 << attempt.min(20))
+            .min(rt.retry_max_ms);
+        // Full jitter in the upper half spreads retries of many consumers.
+        let jitter = rand::random_range(exp / 2..=exp.max(1));
+        Duration::from_millis(jitter)
+    }
+
+    /// Gathers one batch: waits for the first record, then takes more for at most
+    /// `max_wait_ms` or until `max_batch`. Drops records of partitions revoked meanwhile.
+    async fn gather(
+        &self,
+        consumer: &StreamConsumer<Ctx>,
+        log: &Arc<Mutex<RebalanceLog>>,
+    ) -> Vec<Raw> {
+        let max = self.cfg.runtime.max_batch;
+        let mut batch = Vec::new();
+        let mut deadline = None;
+        while batch.len() < max {
+            let received = match deadline {
+                None => consumer.recv().await,
+                Some(d) => tokio::select! {
+                    biased;
+                    r = consumer.recv() => r,
+                    _ = tokio::time::sleep_until(d) => break,
+                },
+            };
+            match received {
+                Ok(msg) => {
+                    let generation = log.lock().unwrap_or_else(|p| p.into_inner()).generation;
+                    let headers = msg
+                        .headers()
+                        .map(|h| {
+                            h.iter()
+                                .map(|Header { key, value }| {
+                                    (key.to_string(), value.map(<[u8]>::to_vec))
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    batch.push(Raw {
+                        coords: Coordinates {
+                            topic: msg.topic().to_string(),
+                            partition: msg.partition(),
+                            offset: msg.offset(),
+                        },
+                        key: msg.key().map(<[u8]>::to_vec),
+                        payload: msg.payload().map(<[u8]>::to_vec),
+                        headers,
+                        timestamp_ms: msg.timestamp().to_millis(),
+                        generation,
+                    });
+                    deadline.get_or_insert_with(|| {
+                        tokio::time::Instant::now()
+                            + Duration::from_millis(self.cfg.runtime.max_wait_ms)
+                    });
+                }
+                Err(e) => {
+                    // librdkafka reconnects by itself; errors here are informational.
+                    warn!(group = %self.group, error = %e, "kafka consumer error");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    if !batch.is_empty() {
+                        break;
+                    }
+                }
+            }
+        }
+        let log = log.lock().unwrap_or_else(|p| p.into_inner());
+        batch.retain(|r| {
+            log.revoked_at
+                .get(&r.coords.partition)
+                .is_none_or(|revoked| r.generation >= *revoked)
+        });
+        batch
+    }
+
+    /// Applies a batch, retrying transient failures, splitting it when one record breaks it.
+    async fn process(
+        &self,
+        consumer: &StreamConsumer<Ctx>,
+        batch: Vec<Raw>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), RuntimeError> {
+        let mut queue: Vec<(Vec<Raw>, Option<String>)> = vec![(batch, None)];
+        while let Some((batch, forced)) = queue.pop() {
+            let mut attempt = 0u32;
+            loop {
+                let first = &batch[0].coords;
+                let span = info_span!("batch",
+                    messaging.system = "kafka",
+                    messaging.consumer.group.name = %self.group,
+                    messaging.destination.name = %first.topic,
+                    messaging.destination.partition.id = first.partition,
+                    messaging.kafka.offset = first.offset,
+                    messaging.batch.message_count = batch.len());
+                let deadline = Duration::from_millis(self.cfg.runtime.shutdown_deadline_ms);
+                let attempt_result = tokio::select! {
+                    r = self.try_batch(&batch, forced.as_deref()).instrument(span) => r,
+                    _ = async { shutdown.cancelled().await; tokio::time::sleep(deadline).await } => {
+                        warn!(group = %self.group, "shutdown deadline passed; batch rolled back");
+                        return Ok(());
+                    }
+                };
+                match attempt_result {
+                    Ok(outcome) => {
+                        self.after_commit(consumer, outcome);
+                        break;
+                    }
+                    Err(e) => match e.disposition() {
+                        Disposition::Retry => {
+                            attempt += 1;
+                            metrics::counter!(m::BATCH_RETRIES, "group" => self.group.clone())
+                                .increment(1);
+                            warn!(group = %self.group, first = %first, error = %e, attempt, "batch failed; retrying");
+                            tokio::select! {
+                                _ = tokio::time::sleep(self.backoff(attempt)) => {}
+                                _ = shutdown.cancelled() => return Ok(()),
+                            }
+                        }
+                        Disposition::DeadLetter if batch.len() > 1 => {
+                            warn!(group = %self.group, first = %first, error = %e,
+                                "batch failed on a data error; applying its records one by one");
+                            // Reverse, because the queue pops from the end: keep offset order.
+                            queue.extend(batch.into_iter().rev().map(|r| (vec![r], None)));
+                            break;
+                        }
+                        Disposition::DeadLetter => {
+                            queue.push((batch, Some(e.to_string())));
+                            break;
+                        }
+                        Disposition::Fatal => {
+                            error!(group = %self.group, first = %first, error = %e, "batch failed fatally");
+                            return Err(RuntimeError::FatalBatch {
+                                first: first.clone(),
+                                source: e,
+                            });
+                        }
+                    },
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One attempt at one batch. `forced` dead-letters every record with that reason (used
+    /// for a single record that makes the processor fail with a data error).
+    async fn try_batch(&self, batch: &[Raw], forced: Option<&str>) -> Result<Outcome, ApplyError> {
+        // Decode outside the transaction: schema lookups may hit the network.
+        let mut decoded = Vec::with_capacity(batch.len());
+        for raw in batch {
+            let result = match (&raw.payload, forced) {
+                (_, Some(reason)) => Err(("apply", reason.to_string())),
+                (None, None) => Err(("framing", "empty value (tombstone)".to_string())),
+                (Some(bytes), None) => match self.codec.decode::<P::Event>(bytes).await {
+                    Ok(e) => Ok(e),
+                    Err(e) if e.disposition() == Disposition::Retry => {
+                        return Err(ApplyError::Other {
+                            message: e.to_string(),
+                            disposition: Disposition::Retry,
+                        })
+                    }
+                    Err(e) => Err((e.class.as_str(), e.message)),
+                },
+            };
+            decoded.push(result);
+        }
+
+        let started = Instant::now();
+        let mut tx = self.pool.begin().await?;
+        let mut partitions: Vec<i32> = batch.iter().map(|r| r.coords.partition).collect();
+        partitions.sort_unstable();
+        partitions.dedup();
+        // The no-op UPDATE takes the row lock: a second owner of the partition waits here.
+        let rows = sqlx::query!(
+            r#"INSERT INTO weir_consumer_positions (consumer_group, topic, partition, next_offset)
+               SELECT $1, $2, p, 0 FROM UNNEST($3::int[]) AS p
+               ON CONFLICT (consumer_group, topic, partition)
+               DO UPDATE SET next_offset = weir_consumer_positions.next_offset
+               RETURNING partition, next_offset"#,
+            &self.group,
+            &self.topic,
+            &partitions,
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let stored: HashMap<i32, i64> = rows
+            .into_iter()
+            .map(|r| (r.partition, r.next_offset))
+            .collect();
+
+        let mut outcome = Outcome::default();
+        let mut records = Vec::new();
+        let mut sources = Vec::new();
+        let mut poison = Vec::new();
+        for (raw, result) in batch.iter().zip(decoded) {
+            let p = raw.coords.partition;
+            let from = stored.get(&p).copied().unwrap_or(0);
+            if raw.coords.offset < from {
+                outcome.duplicates += 1;
+                continue;
+            }
+            let expected = outcome.next.get(&p).copied().unwrap_or(from);
+            if raw.coords.offset > expected && expected > 0 {
+                metrics::counter!(m::OFFSET_GAPS, "group" => self.group.clone()).increment(1);
+                warn!(coords = %raw.coords, expected, "offset gap: records were not delivered (retention?)");
+            }
+            outcome.next.insert(p, raw.coords.offset + 1);
+            match result {
+                Ok(event) => {
+                    records.push(Record {
+                        coords: raw.coords.clone(),
+                        key: raw.key.clone(),
+                        timestamp_ms: raw.timestamp_ms,
+                        event,
+                    });
+                    sources.push(raw);
+                }
+                Err((class, message)) => poison.push(Poison {
+                    raw,
+                    class,
+                    message,
+                }),
+            }
+        }
+
+        let mut outbox = Outbox::new(&self.codec, self.cfg.outbox.lanes);
+        if !records.is_empty() {
+            let rejected = self.processor.apply(&mut tx, &records, &mut outbox).await?;
+            for r in rejected {
+                let Some(raw) = sources.get(r.index) else {
+                    return Err(ApplyError::Other {
+                        message: format!(
+                            "processor rejected index {} of {}",
+                            r.index,
+                            sources.len()
+                        ),
+                        disposition: Disposition::Fatal,
+                    });
+                };
+                poison.push(Poison {
+                    raw,
+                    class: "invalid",
+                    message: r.reason,
+                });
+            }
+        }
+        outbox.flush(&mut tx).await?;
+
+        let (parts, nexts): (Vec<i32>, Vec<i64>) =
+            outcome.next.iter().map(|(p, n)| (*p, *n)).unzip();
+        sqlx::query!(
+            r#"UPDATE weir_consumer_positions AS pos
+               SET next_offset = n.next_offset, updated_at = now()
+               FROM UNNEST($3::int[], $4::bigint[]) AS n(partition, next_offset)
+               WHERE pos.consumer_group = $1 AND pos.topic = $2 AND pos.partition = n.partition"#,
+            &self.group,
+            &self.topic,
+            &parts,
+            &nexts,
+        )
+        .execute(&mut *tx)
+        .await?;
+
+        if !poison.is_empty() {
+            if !self.cfg.runtime.dead_letter {
+                return Err(ApplyError::Other {
+                    message: format!(
+                        "{} poison record(s) and runtime.dead_letter is off",
+                        poison.len()
+                    ),
+                    disposition: Disposition::Fatal,
+                });
+            }
+            self.dead_letter(&poison).await?;
+        }
+        tx.commit().await?;
+
+        let invalid = poison.iter().filter(|p| p.class == "invalid").count();
+        outcome.dead = poison.len();
+        outcome.applied = records.len() - invalid;
+        let labels = [("group", self.group.clone()), ("topic", self.topic.clone())];
+        metrics::histogram!(m::BATCH_DURATION, &labels).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(m::BATCH_SIZE, &labels).record(batch.len() as f64);
+        metrics::counter!(m::BATCHES_COMMITTED, &labels).increment(1);
+        metrics::counter!(m::RECORDS_APPLIED, &labels).increment(outcome.applied as u64);
+        metrics::counter!(m::RECORDS_DUPLICATE, &labels).increment(outcome.duplicates as u64);
+        for p in &poison {
+            metrics::counter!(m::RECORDS_DEAD_LETTERED, "group" => self.group.clone(),
+                "topic" => self.topic.clone(), "class" => p.class)
+            .increment(1);
+        }
+        Ok(outcome)
+    }
+
+    /// Sends dead letters and waits for the broker's acknowledgement of each.
+    async fn dead_letter(&self, poison: &[Poison<'_>]) -> Result<(), ApplyError> {
+        let mut pending = Vec::with_capacity(poison.len());
+        for p in poison {
+            let raw = p.raw;
+            warn!(coords = %raw.coords, class = p.class, reason = %p.message, "dead-lettering record");
+            let letter = DeadLetter {
+                event_id: events::new_event_id(),
+                occurred_at: events::now_micros(),
+                workspace_id: String::new(),
+                traceparent: header_str(&raw.headers, "traceparent").unwrap_or_default(),
+                tracestate: header_str(&raw.headers, "tracestate"),
+                source_topic: raw.coords.topic.clone(),
+                source_partition: raw.coords.partition,
+                source_offset: raw.coords.offset,
+                consumer_group: self.group.clone(),
+                error_class: p.class.to_string(),
+                error_message: p.message.clone(),
+                original_key: raw.key.clone(),
+                original_value: raw.payload.clone(),
+                original_headers: raw
+                    .headers
+                    .iter()
+                    .map(|(k, v)| DeadLetterHeader {
+                        key: k.clone(),
+                        value: v.clone(),
+                    })
+                    .collect(),
+            };
+            let payload = self.codec.encode(&letter).await?;
+            let partition = raw.coords.partition.to_string();
+            let offset = raw.coords.offset.to_string();
+            let mut headers = OwnedHeaders::new();
+            for (k, v) in &raw.headers {
+                headers = headers.insert(Header {
+                    key: k,
+                    value: v.as_deref(),
+                });
+            }
+            for (k, v) in [
+                ("weir.dlq.source.topic", raw.coords.topic.as_str()),
+                ("weir.dlq.source.partition", partition.as_str()),
+                ("weir.dlq.source.offset", offset.as_str()),
+                ("weir.dlq.consumer.group", self.group.as_str()),
+                ("weir.dlq.error.class", p.class),
+                ("weir.dlq.error.message", p.message.as_str()),
+            ] {
+                headers = headers.insert(Header {
+                    key: k,
+                    value: Some(v),
+                });
+            }
+            let key = raw
+                .key
+                .clone()
+                .unwrap_or_else(|| raw.coords.topic.clone().into_bytes());
+            let record = FutureRecord::to(&self.dlq_topic)
+                .key(&key)
+                .payload(&payload)
+                .headers(headers);
+            let delivery =
+                self.producer
+                    .send_result(record)
+                    .map_err(|(e, _)| ApplyError::Other {
+                        message: format!("dead-letter queue full: {e}"),
+                        disposition: Disposition::Retry,
+                    })?;
+            pending.push(delivery);
+        }
+        for d in pending {
+            match d.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => {
+                    return Err(ApplyError::Other {
+                        message: format!("dead letter not acknowledged: {e}"),
+                        disposition: Disposition::Retry,
+                    })
+                }
+                Err(_) => {
+                    return Err(ApplyError::Other {
+                        message: "dead-letter producer dropped the delivery".into(),
+                        disposition: Disposition::Retry,
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reports progress to Kafka (lag only) and to metrics once a batch committed.
+    fn after_commit(&self, consumer: &StreamConsumer<Ctx>, outcome: Outcome) {
+        let mut tpl = TopicPartitionList::new();
+        for (p, next) in &outcome.next {
+            if let Err(e) = tpl.add_partition_offset(&self.topic, *p, Offset::Offset(*next)) {
+                debug!(error = %e, "offset list");
+            }
+        }
+        if let Err(e) = consumer.store_offsets(&tpl) {
+            // The partition was revoked meanwhile; its new owner starts from Postgres.
+            debug!(error = %e, "storing offsets");
+        }
+        debug!(group = %self.group, applied = outcome.applied, duplicates = outcome.duplicates,
+            dead = outcome.dead, "batch committed");
+    }
+}
+
+fn header_str(headers: &[(String, Option<Vec<u8>>)], name: &str) -> Option<String> {
+    headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .and_then(|(_, v)| v.as_ref())
+        .and_then(|v| String::from_utf8(v.clone()).ok())
+}

@@ -1,0 +1,133 @@
+//! Kafka clients built from config (weir's defaults, then the librdkafka pass-through
+//! options), and the topic admin behind `weir topics create`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::FutureProducer;
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::config::KafkaConfig;
+use crate::events::ALL_TOPICS;
+
+fn base(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.bootstrap_servers)
+        .set("client.id", "weir");
+    c
+}
+
+fn overlay(c: &mut ClientConfig, extra: &BTreeMap<String, String>) {
+    for (k, v) in extra {
+        c.set(k, v);
+    }
+}
+
+/// Consumer settings: weir stores offsets itself after each commit and lets auto-commit
+/// report them (lag only); reading from the earliest record is safe because positions in
+/// Postgres filter what was applied.
+pub fn consumer_config(cfg: &KafkaConfig, group: &str, stats_interval_ms: u64) -> ClientConfig {
+    let mut c = base(cfg);
+    c.set("group.id", group)
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        .set("isolation.level", "read_committed")
+        // Bounded prefetch: backpressure reaches Kafka instead of growing memory.
+        .set("queued.max.messages.kbytes", "16384")
+        .set("fetch.wait.max.ms", "10")
+        .set("statistics.interval.ms", stats_interval_ms.to_string());
+    overlay(&mut c, &cfg.consumer);
+    c
+}
+
+/// Producer settings: idempotent, acks=all, so an acknowledged event is durable and
+/// retries never duplicate or reorder within a partition.
+pub fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = base(cfg);
+    c.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "2")
+        .set("compression.type", "zstd")
+        .set("message.timeout.ms", "30000");
+    overlay(&mut c, &cfg.producer);
+    c
+}
+
+/// A producer with weir's settings.
+pub fn producer(cfg: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
+    producer_config(cfg).create()
+}
+
+/// An admin client.
+pub fn admin(cfg: &KafkaConfig) -> Result<AdminClient<DefaultClientContext>, KafkaError> {
+    let mut c = base(cfg);
+    overlay(&mut c, &cfg.producer);
+    c.create()
+}
+
+/// What happened to one topic in [`create_topics`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopicOutcome {
+    /// Newly created.
+    Created,
+    /// Was already there (left unchanged).
+    Existed,
+}
+
+/// Every topic weir uses (full names, with the prefix) and its partition count.
+pub fn planned_topics(cfg: &KafkaConfig) -> Vec<(String, i32)> {
+    ALL_TOPICS
+        .iter()
+        .map(|(name, _)| {
+            let partitions = cfg
+                .topic_partitions
+                .get(*name)
+                .copied()
+                .unwrap_or(cfg.partitions);
+            (cfg.topic(name), partitions)
+        })
+        .collect()
+}
+
+/// Creates every weir topic that does not exist yet; idempotent.
+pub async fn create_topics(cfg: &KafkaConfig) -> Result<Vec<(String, TopicOutcome)>, KafkaError> {
+    let admin = admin(cfg)?;
+    let planned = planned_topics(cfg);
+    let new: Vec<NewTopic<'_>> = planned
+        .iter()
+        .map(|(name, partitions)| {
+            let mut t = NewTopic::new(
+                name,
+                *partitions,
+                TopicReplication::Fixed(cfg.replication_factor),
+            );
+            for (k, v) in &cfg.topic_config {
+                t = t.set(k, v);
+            }
+            t
+        })
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin.create_topics(new.iter(), &opts).await?;
+    let mut out = Vec::new();
+    for r in results {
+        match r {
+            Ok(name) => out.push((name, TopicOutcome::Created)),
+            Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                out.push((name, TopicOutcome::Existed))
+            }
+            Err((name, code)) => {
+                return Err(KafkaError::AdminOp(code)).inspect_err(
+                    |_| tracing::error!(topic = %name, ?code, "creating topic failed"),
+                )
+            }
+        }
+    }
+    Ok(out)
+}
