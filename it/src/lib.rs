@@ -37,6 +37,11 @@ pub fn random_name(kind: &str) -> String {
 
 /// Creates the ledger table (idempotent).
 pub async fn create_ledger(pool: &sqlx::PgPool) -> anyhow::Result<()> {
+    // CREATE TABLE IF NOT EXISTS races with itself across sessions (tests run in parallel).
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(7250001)")
+        .execute(&mut *tx)
+        .await?;
     sqlx::query(
         "CREATE TABLE IF NOT EXISTS it_ledger (
             id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -49,8 +54,9 @@ pub async fn create_ledger(pool: &sqlx::PgPool) -> anyhow::Result<()> {
             attempt int NOT NULL CHECK (attempt < 5000)
         )",
     )
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(())
 }
 
@@ -172,4 +178,72 @@ pub async fn prepare(cfg: &Config) -> anyhow::Result<Arc<Codec>> {
     weir_runtime::db::MIGRATOR.run(&pool).await?;
     create_ledger(&pool).await?;
     Ok(Arc::new(Codec::new(&cfg.schema_registry, &cfg.kafka)?))
+}
+
+/// Produces events in exactly the given order (per partition), then waits for every
+/// acknowledgement. Sends are enqueued synchronously, so nothing can reorder them.
+pub async fn produce_in_order<E: TopicEvent>(
+    producer: &FutureProducer,
+    codec: &Codec,
+    events: &[E],
+) -> anyhow::Result<()> {
+    let topic = codec.topic::<E>();
+    let mut encoded = Vec::with_capacity(events.len());
+    for e in events {
+        encoded.push(codec.encode(e).await?);
+    }
+    let mut pending = Vec::with_capacity(events.len());
+    for (e, bytes) in events.iter().zip(&encoded) {
+        loop {
+            match producer.send_result(
+                FutureRecord::to(&topic)
+                    .key(e.key())
+                    .payload(bytes.as_slice()),
+            ) {
+                Ok(delivery) => {
+                    pending.push(delivery);
+                    break;
+                }
+                // The local queue is full: let deliveries drain, then enqueue again.
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    _,
+                )) => tokio::time::sleep(Duration::from_millis(5)).await,
+                Err((e, _)) => anyhow::bail!("produce to {topic}: {e}"),
+            }
+        }
+    }
+    for d in pending {
+        d.await?
+            .map_err(|(e, _)| anyhow::anyhow!("produce to {topic}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// A child process that is killed when dropped, so a failing test leaves nothing running.
+pub struct ChildGuard(pub std::process::Child);
+
+impl ChildGuard {
+    /// SIGKILLs the child and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+
+    /// Sends `signal` and waits for the child to exit.
+    pub fn signal_and_wait(
+        &mut self,
+        signal: nix::sys::signal::Signal,
+    ) -> std::process::ExitStatus {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), signal);
+        self.0.wait().expect("wait for child")
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }

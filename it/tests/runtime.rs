@@ -4,20 +4,19 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::ClientConfig;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use weir_it::{
-    config, node_completed, prepare, produce, produce_raw, random_name, LedgerProcessor,
-    EXPLODING_ATTEMPT,
+    config, node_completed, prepare, produce, produce_raw, random_name, ChildGuard,
+    LedgerProcessor, EXPLODING_ATTEMPT,
 };
 use weir_runtime::events::{DeadLetter, TopicEvent};
 use weir_runtime::{telemetry, BatchConsumer};
@@ -35,20 +34,22 @@ fn weir_bin() -> PathBuf {
     bin
 }
 
-fn spawn_consumer(prefix: &str, group: &str) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_it-consumer"))
-        .arg(group)
-        .env("WEIR__KAFKA__TOPIC_PREFIX", prefix)
-        // Small batches so the run lasts long enough to be killed in the middle.
-        .env("WEIR__RUNTIME__MAX_BATCH", "25")
-        .env("WEIR__RUNTIME__MAX_WAIT_MS", "1")
-        // The killed instance leaves the group after this, not after the 45 s default.
-        .env("WEIR__KAFKA__CONSUMER__SESSION_TIMEOUT_MS", "6000")
-        .env("WEIR__TELEMETRY__LISTEN", "127.0.0.1:0")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn it-consumer")
+fn spawn_consumer(prefix: &str, group: &str) -> ChildGuard {
+    ChildGuard(
+        Command::new(env!("CARGO_BIN_EXE_it-consumer"))
+            .arg(group)
+            .env("WEIR__KAFKA__TOPIC_PREFIX", prefix)
+            // Small batches so the run lasts long enough to be killed in the middle.
+            .env("WEIR__RUNTIME__MAX_BATCH", "25")
+            .env("WEIR__RUNTIME__MAX_WAIT_MS", "1")
+            // The killed instance leaves the group after this, not after the 45 s default.
+            .env("WEIR__KAFKA__CONSUMER__SESSION_TIMEOUT_MS", "6000")
+            .env("WEIR__TELEMETRY__LISTEN", "127.0.0.1:0")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn it-consumer"),
+    )
 }
 
 async fn ledger_count(pool: &PgPool, group: &str) -> i64 {
@@ -98,8 +99,7 @@ async fn every_event_applies_exactly_once_across_a_sigkill() {
     let mut child = spawn_consumer(&prefix, &group);
     let before_kill =
         wait_for_count(&pool, &group, (EVENTS / 5) as i64, Duration::from_secs(120)).await;
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).unwrap();
-    child.wait().unwrap();
+    child.kill();
     let at_kill = ledger_count(&pool, &group).await;
     assert!(
         before_kill > 0,
@@ -113,8 +113,7 @@ async fn every_event_applies_exactly_once_across_a_sigkill() {
     let mut child = spawn_consumer(&prefix, &group);
     let done = wait_for_count(&pool, &group, EVENTS as i64, Duration::from_secs(180)).await;
     // Graceful stop: SIGTERM ends the consumer with a clean exit.
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
-    let status = child.wait().unwrap();
+    let status = child.signal_and_wait(Signal::SIGTERM);
     assert!(
         status.success(),
         "it-consumer exited with {status} on SIGTERM"

@@ -61,6 +61,12 @@ pub struct Config {
     pub outbox: OutboxConfig,
     /// Logs, metrics and health endpoints.
     pub telemetry: TelemetryConfig,
+    /// The content-addressed blob store.
+    pub cas: CasConfig,
+    /// The outbox relay.
+    pub relay: RelayConfig,
+    /// The patch materializer.
+    pub materializer: MaterializerConfig,
 }
 
 /// Kafka settings.
@@ -228,6 +234,104 @@ pub struct OutboxConfig {
 impl Default for OutboxConfig {
     fn default() -> Self {
         Self { lanes: 64 }
+    }
+}
+
+/// Where CAS blobs live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CasBackend {
+    /// The S3 bucket of the `s3` section.
+    S3,
+    /// A local directory (`cas.local_dir`): single-machine deployments and tools.
+    Local,
+}
+
+/// CAS settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CasConfig {
+    /// `s3` or `local`.
+    pub backend: CasBackend,
+    /// Directory of the local backend.
+    pub local_dir: String,
+    /// Key prefix of blobs in the bucket.
+    pub key_prefix: String,
+    /// zstd level used to compress blobs (1 fast .. 19 small).
+    pub compression_level: i32,
+    /// Blobs whose compressed size is above this are uploaded in parts, in bytes.
+    pub multipart_threshold_bytes: u64,
+    /// Size of one part of a multipart upload, in bytes (S3's minimum is 5 MiB).
+    pub multipart_part_bytes: u64,
+    /// Server-side encryption: "" (bucket default), "AES256" or "aws:kms".
+    pub server_side_encryption: String,
+    /// KMS key id when `server_side_encryption` is "aws:kms"; empty means the AWS managed key.
+    pub kms_key_id: String,
+}
+
+impl Default for CasConfig {
+    fn default() -> Self {
+        Self {
+            backend: CasBackend::S3,
+            local_dir: ".stack/cas".into(),
+            key_prefix: "cas/".into(),
+            compression_level: 3,
+            multipart_threshold_bytes: 16 * 1024 * 1024,
+            multipart_part_bytes: 8 * 1024 * 1024,
+            server_side_encryption: String::new(),
+            kms_key_id: String::new(),
+        }
+    }
+}
+
+/// Outbox relay settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    /// Most outbox rows published per transaction.
+    pub batch_size: usize,
+    /// Poll interval when no NOTIFY arrives (the fallback wake-up), in ms.
+    pub poll_interval_ms: u64,
+    /// How often a relay re-balances its lanes against the live relays, in ms.
+    pub rebalance_interval_ms: u64,
+    /// A relay whose heartbeat is older than this is considered gone, in ms.
+    pub heartbeat_timeout_ms: u64,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 1_000,
+            poll_interval_ms: 500,
+            rebalance_interval_ms: 1_000,
+            heartbeat_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// Materializer settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MaterializerConfig {
+    /// Definitions larger than this (bytes of canonical JSON) are stored in the CAS and
+    /// referenced from Postgres and events (claim check).
+    pub inline_definition_max_bytes: usize,
+    /// Largest definition accepted, in bytes of canonical JSON.
+    pub max_definition_bytes: usize,
+    /// Most nodes in a definition.
+    pub max_nodes: usize,
+    /// Most edges in a definition.
+    pub max_edges: usize,
+}
+
+impl Default for MaterializerConfig {
+    fn default() -> Self {
+        Self {
+            inline_definition_max_bytes: 256 * 1024,
+            max_definition_bytes: 4 * 1024 * 1024,
+            max_nodes: 1_000,
+            max_edges: 10_000,
+        }
     }
 }
 
@@ -418,6 +522,24 @@ impl Config {
         if !self.s3.endpoint_url.is_empty() && !self.s3.endpoint_url.starts_with("http") {
             p.push("s3.endpoint_url: must be an http(s) URL or empty".into());
         }
+        if self.cas.multipart_part_bytes < 5 * 1024 * 1024 {
+            p.push("cas.multipart_part_bytes: S3 needs at least 5 MiB".into());
+        }
+        if !["", "AES256", "aws:kms"].contains(&self.cas.server_side_encryption.as_str()) {
+            p.push("cas.server_side_encryption: one of \"\", \"AES256\", \"aws:kms\"".into());
+        }
+        if !(1..=22).contains(&self.cas.compression_level) {
+            p.push("cas.compression_level: 1 to 22".into());
+        }
+        if self.relay.batch_size == 0 {
+            p.push("relay.batch_size: must be at least 1".into());
+        }
+        if self.materializer.inline_definition_max_bytes > self.materializer.max_definition_bytes {
+            p.push(
+                "materializer.inline_definition_max_bytes: must not exceed max_definition_bytes"
+                    .into(),
+            );
+        }
         if self.s3.bucket.is_empty() {
             p.push("s3.bucket: must not be empty".into());
         }
@@ -540,6 +662,9 @@ fn field_errors(defaults: &Json, merged: &Json, problems: &mut Vec<String>) {
     check::<RuntimeConfig>("runtime", defaults, merged, problems);
     check::<OutboxConfig>("outbox", defaults, merged, problems);
     check::<TelemetryConfig>("telemetry", defaults, merged, problems);
+    check::<CasConfig>("cas", defaults, merged, problems);
+    check::<RelayConfig>("relay", defaults, merged, problems);
+    check::<MaterializerConfig>("materializer", defaults, merged, problems);
 }
 
 #[cfg(test)]

@@ -466,6 +466,7 @@ impl<P: Processor> BatchConsumer<P> {
             decoded.push(result);
         }
 
+        let decoded_at = Instant::now();
         let started = Instant::now();
         let mut tx = self.pool.begin().await?;
         let mut partitions: Vec<i32> = batch.iter().map(|r| r.coords.partition).collect();
@@ -574,7 +575,15 @@ impl<P: Processor> BatchConsumer<P> {
             }
             self.dead_letter(&poison).await?;
         }
+        let before_commit = started.elapsed();
         tx.commit().await?;
+        debug!(
+            records = batch.len(),
+            apply_ms = before_commit.as_secs_f64() * 1e3,
+            commit_ms = (started.elapsed() - before_commit).as_secs_f64() * 1e3,
+            "batch timings"
+        );
+        let _ = decoded_at;
 
         let invalid = poison.iter().filter(|p| p.class == "invalid").count();
         outcome.dead = poison.len();

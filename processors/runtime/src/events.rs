@@ -842,6 +842,57 @@ pub fn topic_schema(topic: &str) -> Result<&'static TopicSchema, EventError> {
     }
 }
 
+// Building a datum writer or reader resolves the schema's names, which costs more than
+// encoding a small event; the static topic schemas get one of each, built once.
+static WRITERS: LazyLock<Vec<(&'static str, Result<GenericDatumWriter<'static>, String>)>> =
+    LazyLock::new(|| {
+        TOPIC_SCHEMAS
+            .iter()
+            .map(|(topic, ts)| {
+                let w = ts.as_ref().map_err(Clone::clone).and_then(|ts| {
+                    // Values are resolved against their record schema before they get here,
+                    // so validating them again on write would only repeat that work.
+                    GenericDatumWriter::builder(ts.schema())
+                        .validate(false)
+                        .build()
+                        .map_err(|e| e.to_string())
+                });
+                (*topic, w)
+            })
+            .collect()
+    });
+
+static READERS: LazyLock<Vec<(&'static str, Result<GenericDatumReader<'static>, String>)>> =
+    LazyLock::new(|| {
+        TOPIC_SCHEMAS
+            .iter()
+            .map(|(topic, ts)| {
+                let r = ts.as_ref().map_err(Clone::clone).and_then(|ts| {
+                    GenericDatumReader::builder(ts.schema())
+                        .build()
+                        .map_err(|e| e.to_string())
+                });
+                (*topic, r)
+            })
+            .collect()
+    });
+
+fn datum_writer(topic: &str) -> Result<&'static GenericDatumWriter<'static>, EventError> {
+    match WRITERS.iter().find(|(t, _)| *t == topic) {
+        Some((_, Ok(w))) => Ok(w),
+        Some((_, Err(e))) => Err(EventError::Avro(format!("schema of {topic}: {e}"))),
+        None => Err(EventError::Avro(format!("no schema for topic {topic}"))),
+    }
+}
+
+fn datum_reader(topic: &str) -> Result<&'static GenericDatumReader<'static>, EventError> {
+    match READERS.iter().find(|(t, _)| *t == topic) {
+        Some((_, Ok(r))) => Ok(r),
+        Some((_, Err(e))) => Err(EventError::Avro(format!("schema of {topic}: {e}"))),
+        None => Err(EventError::Avro(format!("no schema for topic {topic}"))),
+    }
+}
+
 /// The event as a topic value of this build's schema (union-wrapped by record name).
 pub fn to_topic_value<E: TopicEvent>(event: &E) -> Result<Value, EventError> {
     let (name, record) = event.to_record()?;
@@ -851,7 +902,7 @@ pub fn to_topic_value<E: TopicEvent>(event: &E) -> Result<Value, EventError> {
 /// Avro binary datum of the event with this build's schema (no Confluent framing).
 pub fn encode<E: TopicEvent>(event: &E) -> Result<Vec<u8>, EventError> {
     let value = to_topic_value(event)?;
-    let writer = GenericDatumWriter::builder(topic_schema(E::TOPIC)?.schema()).build()?;
+    let writer = datum_writer(E::TOPIC)?;
     Ok(writer.write_value_to_vec(value)?)
 }
 
@@ -863,9 +914,13 @@ pub fn decode<E: TopicEvent>(bytes: &[u8], writer: Option<&TopicSchema>) -> Resu
     let reader = topic_schema(E::TOPIC)?;
     let writer = writer.unwrap_or(reader);
     let mut rest = bytes;
-    let value = GenericDatumReader::builder(writer.schema())
-        .build()?
-        .read_value(&mut rest)?;
+    let value = if std::ptr::eq(writer, reader) {
+        datum_reader(E::TOPIC)?.read_value(&mut rest)?
+    } else {
+        GenericDatumReader::builder(writer.schema())
+            .build()?
+            .read_value(&mut rest)?
+    };
     if !rest.is_empty() {
         return Err(EventError::Avro(format!(
             "{} trailing bytes after the datum",

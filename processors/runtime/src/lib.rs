@@ -7,6 +7,8 @@
 //! - [`outbox`]: output events written in the same transaction as the effect.
 //! - [`kafka`], [`db`], [`telemetry`], [`metrics`], [`error`]: the plumbing around them.
 
+pub mod app;
+pub mod cas;
 pub mod codec;
 pub mod config;
 pub mod consumer;

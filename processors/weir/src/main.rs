@@ -42,9 +42,98 @@ enum Command {
     Doctor,
     /// Print the effective configuration (secrets hidden).
     Config,
-    /// Run every processor in this one process, with /metrics, /healthz and /readyz,
-    /// until interrupted.
+    /// Run every processor and the relay in this one process, with /metrics, /healthz and
+    /// /readyz, until interrupted.
     Dev,
+    /// Run one processor until interrupted.
+    Run {
+        /// Which one.
+        #[arg(value_enum)]
+        processor: ProcessorName,
+    },
+    /// JSON Patch tools.
+    Patch {
+        #[command(subcommand)]
+        command: PatchCommand,
+    },
+    /// Workflow tools.
+    Workflows {
+        #[command(subcommand)]
+        command: WorkflowsCommand,
+    },
+    /// Benchmarks against the local stack (the last line printed is one JSON object).
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ProcessorName {
+    /// Folds patches into workflow versions.
+    Materializer,
+    /// Publishes the outbox to Kafka.
+    Relay,
+}
+
+#[derive(Subcommand)]
+enum PatchCommand {
+    /// Apply PATCH (an RFC 6902 array) to DOC with the materializer's engine; print the result.
+    Apply {
+        /// The document (JSON file; `-` for standard input).
+        doc: PathBuf,
+        /// The patch (JSON file).
+        patch: PathBuf,
+        /// Do not check that the result is a valid workflow definition.
+        #[arg(long)]
+        no_validate: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum WorkflowsCommand {
+    /// Rebuild a workflow from its patch log and report any difference from the stored head.
+    Replay {
+        /// Workflow id.
+        workflow_id: String,
+        /// Stop at this version and print it.
+        #[arg(long)]
+        to_version: Option<i64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// The materializer vs a naive path vs Postgres COPY.
+    Materialize {
+        /// Patches in the throughput phase.
+        #[arg(long, default_value_t = 100_000)]
+        patches: usize,
+        /// Workflows they are spread over.
+        #[arg(long, default_value_t = 10_000)]
+        workflows: usize,
+        /// Patches in the latency phase.
+        #[arg(long, default_value_t = 20_000)]
+        latency_patches: usize,
+        /// Patches in the naive phase.
+        #[arg(long, default_value_t = 2_000)]
+        naive_patches: usize,
+        /// Print only the JSON line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Several relays publishing the outbox, one killed during the run.
+    Relay {
+        /// Outbox rows to publish.
+        #[arg(long, default_value_t = 200_000)]
+        events: usize,
+        /// Relays running at once.
+        #[arg(long, default_value_t = 3)]
+        relays: usize,
+        /// Print only the JSON line.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -96,6 +185,72 @@ fn main() -> ExitCode {
     }
 }
 
+fn limits(cfg: &Config) -> weir_materializer::definition::Limits {
+    weir_materializer::definition::Limits {
+        max_bytes: cfg.materializer.max_definition_bytes,
+        max_nodes: cfg.materializer.max_nodes,
+        max_edges: cfg.materializer.max_edges,
+    }
+}
+
+/// Runs processors until SIGINT/SIGTERM, with the health server; returns false if any
+/// ended with an error.
+async fn run_processors(cfg: Arc<Config>, which: &[ProcessorName]) -> anyhow::Result<bool> {
+    let shutdown = CancellationToken::new();
+    telemetry::cancel_on_signals(shutdown.clone());
+    let services = weir_runtime::app::Services::new(cfg.clone())?;
+    let mut tasks = tokio::task::JoinSet::new();
+    for p in which {
+        let s = services.clone();
+        let stop = shutdown.clone();
+        match p {
+            ProcessorName::Materializer => {
+                let cas = weir_runtime::cas::Cas::from_config(&cfg).await?;
+                let consumer = s.consumer(weir_materializer::Materializer::new(cfg.clone(), cas));
+                tasks.spawn(async move { consumer.run(stop).await.map_err(anyhow::Error::from) });
+            }
+            ProcessorName::Relay => {
+                let id = format!("relay-{}", std::process::id());
+                // The relay's own producer: it never expires messages, so a retry cannot
+                // reorder a key (see docs/relay.md).
+                let producer = weir_relay::producer(&cfg.kafka)?;
+                let relay = weir_relay::Relay::new(
+                    cfg.clone(),
+                    s.pool.clone(),
+                    producer,
+                    s.health.clone(),
+                    id,
+                );
+                tasks.spawn(async move { relay.run(stop).await.map_err(anyhow::Error::from) });
+            }
+        }
+    }
+    let server = tokio::spawn(telemetry::serve(
+        cfg.telemetry.listen,
+        services.health.clone(),
+        shutdown.clone(),
+    ));
+    let mut ok = true;
+    while let Some(done) = tasks.join_next().await {
+        match done {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %format!("{e:#}"), "a processor stopped with an error; stopping the others");
+                ok = false;
+                shutdown.cancel();
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "a processor task failed; stopping the others");
+                ok = false;
+                shutdown.cancel();
+            }
+        }
+    }
+    shutdown.cancel();
+    server.await??;
+    Ok(ok)
+}
+
 async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
     match command {
         Command::Migrate => {
@@ -144,11 +299,116 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
             Ok(true)
         }
         Command::Dev => {
-            let shutdown = CancellationToken::new();
-            telemetry::cancel_on_signals(shutdown.clone());
-            let health = telemetry::Health::default();
-            health.set("process", true);
-            telemetry::serve(cfg.telemetry.listen, health, shutdown).await?;
+            run_processors(cfg, &[ProcessorName::Materializer, ProcessorName::Relay]).await
+        }
+        Command::Run { processor } => run_processors(cfg, &[processor]).await,
+        Command::Patch {
+            command:
+                PatchCommand::Apply {
+                    doc,
+                    patch,
+                    no_validate,
+                },
+        } => {
+            let read = |p: &PathBuf| -> anyhow::Result<String> {
+                if p.as_os_str() == "-" {
+                    Ok(std::io::read_to_string(std::io::stdin())?)
+                } else {
+                    std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+                }
+            };
+            let mut doc: serde_json::Value =
+                weir_materializer::patch::parse_json_strict(&read(&doc)?)
+                    .context("the document is not valid JSON")?;
+            let ops = match weir_materializer::patch::Patch::from_json_str(&read(&patch)?) {
+                Ok(ops) => ops,
+                Err(e) => {
+                    eprintln!("error ({}): {e}", e.code());
+                    return Ok(false);
+                }
+            };
+            if let Err(e) = ops.apply(&mut doc) {
+                eprintln!("error ({}): {e}", e.code());
+                return Ok(false);
+            }
+            if !no_validate {
+                let limits = limits(&cfg);
+                if let Err(e) = weir_materializer::definition::check(&doc, &limits) {
+                    eprintln!(
+                        "error ({}): the result is not a valid workflow definition: {e}",
+                        e.code()
+                    );
+                    return Ok(false);
+                }
+            }
+            println!("{}", serde_json::to_string_pretty(&doc)?);
+            Ok(true)
+        }
+        Command::Workflows {
+            command:
+                WorkflowsCommand::Replay {
+                    workflow_id,
+                    to_version,
+                },
+        } => {
+            let pool = weir_runtime::db::pool(&cfg.postgres)?;
+            let cas = weir_runtime::cas::Cas::from_config(&cfg).await?;
+            let report = weir_materializer::replay::replay(
+                &pool,
+                &cas,
+                &workflow_id,
+                to_version,
+                &limits(&cfg),
+            )
+            .await?;
+            if to_version.is_some() {
+                println!("{}", serde_json::to_string_pretty(&report.definition)?);
+            }
+            eprintln!(
+                "replayed {} to version {} (stored head: {})",
+                report.workflow_id,
+                report.version,
+                report
+                    .stored_version
+                    .map_or("none".into(), |v| format!("version {v}"))
+            );
+            if report.differences.is_empty() {
+                eprintln!("no differences");
+                Ok(true)
+            } else {
+                for d in &report.differences {
+                    eprintln!("DIFFERENCE: {d}");
+                }
+                Ok(false)
+            }
+        }
+        Command::Bench { command } => {
+            let (result, json) = match command {
+                BenchCommand::Materialize {
+                    patches,
+                    workflows,
+                    latency_patches,
+                    naive_patches,
+                    json,
+                } => {
+                    let params = weir_materializer::bench::Params {
+                        patches,
+                        workflows,
+                        latency_patches,
+                        naive_patches,
+                    };
+                    (weir_materializer::bench::run(cfg, params).await?, json)
+                }
+                BenchCommand::Relay {
+                    events,
+                    relays,
+                    json,
+                } => (weir_relay::bench::bench(cfg, events, relays).await?, json),
+            };
+            if !json {
+                println!("{}", serde_json::to_string_pretty(&result)?);
+            }
+            println!("{result}");
             Ok(true)
         }
     }

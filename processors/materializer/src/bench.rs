@@ -1,0 +1,443 @@
+//! `weir bench materialize`: the materializer against the local stack, side by side with a
+//! naive path (one transaction per patch, as a synchronous design would do it) and with the
+//! raw write limit of Postgres (COPY of as many rows), all in the same run.
+//!
+//! Phases, each on its own random topic prefix and workflow ids:
+//! 1. throughput: N patches over W workflows are produced first, then the materializer
+//!    drains them; patches_per_sec = N / (first batch start .. last decision).
+//! 2. latency: patches are produced at a steady 80 % of the measured throughput while the
+//!    materializer runs; p50/p99 are patch produced (event time) → its decision committed.
+//! 3. naive: a sample of patches applied one transaction each, reading and writing the head,
+//!    the patch log and the outbox per patch.
+//! 4. limit: COPY of N rows shaped like the patch log into a scratch table.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+use weir_runtime::codec::Codec;
+use weir_runtime::config::Config;
+use weir_runtime::events::{self, PatchSubmitted, TopicEvent};
+use weir_runtime::{telemetry, BatchConsumer};
+
+use crate::definition::Limits;
+use crate::fold::{self, Decision, Head, Submitted};
+use crate::patch::Patch;
+
+/// Benchmark parameters.
+#[derive(Debug, Clone)]
+pub struct Params {
+    /// Patches in the throughput phase.
+    pub patches: usize,
+    /// Workflows they are spread over.
+    pub workflows: usize,
+    /// Patches in the latency phase.
+    pub latency_patches: usize,
+    /// Patches in the naive phase.
+    pub naive_patches: usize,
+}
+
+fn create_ops(w: usize) -> Value {
+    json!([{"op": "add", "path": "", "value": {
+        "nodes": {
+            "fetch": {"type": "http_request", "config": {"url": format!("https://example.com/{w}"), "n": 0},
+                      "retry": {"max_attempts": 3, "backoff_ms": 500}, "deadline_ms": 30000},
+            "summarize": {"type": "agent", "config": {"model": "small", "prompt": "Summarize the page."}},
+            "store": {"type": "database_query", "config": {"sql": "insert into results values ($1)"}}
+        },
+        "edges": [{"from": "fetch", "to": "summarize"}, {"from": "summarize", "to": "store"}],
+        "settings": {"max_hops": 100}
+    }}])
+}
+
+/// The `round`-th change to a workflow (round ≥ 1), patch `i` of the stream: a realistic
+/// mix, 2 % of them failing a `test`.
+fn change_ops(round: usize, i: usize) -> Value {
+    if i % 50 == 17 {
+        return json!([{"op": "test", "path": "/settings/max_hops", "value": -1},
+                       {"op": "replace", "path": "/settings/max_hops", "value": 5}]);
+    }
+    match round % 4 {
+        1 => json!([
+            {"op": "add", "path": "/nodes/review", "value": {"type": "human", "config": {"queue": "ops"}}},
+            {"op": "add", "path": "/edges/-", "value": {"from": "store", "to": "review"}}]),
+        2 => json!([
+            {"op": "remove", "path": "/edges/2"},
+            {"op": "remove", "path": "/nodes/review"}]),
+        _ => json!([{"op": "replace", "path": "/nodes/fetch/config/n", "value": round}]),
+    }
+}
+
+fn patch_event(workflow_id: &str, workspace: &str, ops: &Value) -> PatchSubmitted {
+    PatchSubmitted {
+        event_id: events::new_event_id(),
+        occurred_at: events::now_micros(),
+        workspace_id: workspace.into(),
+        traceparent: String::new(),
+        tracestate: None,
+        patch_id: Uuid::now_v7(),
+        workflow_id: workflow_id.into(),
+        author: "bench".into(),
+        base_version: None,
+        operations_json: ops.to_string(),
+        operations_ref: None,
+    }
+}
+
+/// The patch stream: one create per workflow first, then changes round-robin.
+fn stream(prefix: &str, patches: usize, workflows: usize) -> Vec<PatchSubmitted> {
+    let workflows = workflows.max(1).min(patches.max(1));
+    (0..patches)
+        .map(|i| {
+            let w = i % workflows;
+            let round = i / workflows;
+            let ops = if round == 0 {
+                create_ops(w)
+            } else {
+                change_ops(round, i)
+            };
+            patch_event(&format!("{prefix}wf-{w}"), &format!("ws-{}", w % 16), &ops)
+        })
+        .collect()
+}
+
+async fn produce_all(
+    producer: &rdkafka::producer::FutureProducer,
+    codec: &Codec,
+    events: &[PatchSubmitted],
+) -> anyhow::Result<()> {
+    let topic = codec.topic::<PatchSubmitted>();
+    // Encode first (the schema id is looked up once), then keep many sends in flight.
+    let mut encoded = Vec::with_capacity(events.len());
+    for e in events {
+        encoded.push(codec.encode(e).await?);
+    }
+    for chunk in events
+        .iter()
+        .zip(&encoded)
+        .collect::<Vec<_>>()
+        .chunks(5_000)
+    {
+        let sends = chunk.iter().map(|(e, bytes)| {
+            producer.send(
+                rdkafka::producer::FutureRecord::to(&topic)
+                    .key(e.key())
+                    .payload(bytes.as_slice()),
+                Duration::from_secs(60),
+            )
+        });
+        for r in futures::future::join_all(sends).await {
+            r.map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+async fn decided(pool: &sqlx::PgPool, topic: &str) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar!(
+        r#"SELECT count(*) AS "n!" FROM weir_workflow_patches WHERE source_topic = $1"#,
+        topic
+    )
+    .fetch_one(pool)
+    .await?)
+}
+
+async fn wait_decided(
+    pool: &sqlx::PgPool,
+    topic: &str,
+    n: usize,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while decided(pool, topic).await? < n as i64 {
+        anyhow::ensure!(
+            start.elapsed() < timeout,
+            "timed out waiting for {n} decisions on {topic}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// Runs the benchmark and returns its figures as one JSON object.
+pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
+    let run_id = Uuid::now_v7().simple().to_string();
+    let mut cfg = (*base).clone();
+    cfg.kafka.topic_prefix = format!("bench-{run_id}.");
+    let cfg = Arc::new(cfg);
+    weir_runtime::kafka::create_topics(&cfg.kafka)
+        .await
+        .context("creating topics")?;
+    let schemas = weir_runtime::ops::load_schemas(None).map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(
+        weir_runtime::ops::register_schemas(&cfg, &schemas).await?,
+        "registering schemas"
+    );
+    let pool = weir_runtime::db::pool(&cfg.postgres)?;
+    weir_runtime::db::MIGRATOR.run(&pool).await?;
+    let codec = Arc::new(Codec::new(&cfg.schema_registry, &cfg.kafka)?);
+    let producer = weir_runtime::kafka::producer(&cfg.kafka)?;
+    let cas = weir_runtime::cas::Cas::from_config(&cfg).await?;
+    let topic = codec.topic::<PatchSubmitted>();
+
+    // Phase 1: throughput on a backlog.
+    let backlog = stream(&format!("{run_id}-t-"), params.patches, params.workflows);
+    eprintln!(
+        "producing {} patches over {} workflows ...",
+        params.patches, params.workflows
+    );
+    let t = Instant::now();
+    produce_all(&producer, &codec, &backlog).await?;
+    let produce_secs = t.elapsed().as_secs_f64();
+    drop(backlog);
+
+    let shutdown = CancellationToken::new();
+    let consumer = BatchConsumer::new(
+        cfg.clone(),
+        Arc::new(crate::Materializer::new(cfg.clone(), cas.clone())),
+        pool.clone(),
+        codec.clone(),
+        producer.clone(),
+        telemetry::Health::default(),
+    );
+    let task = tokio::spawn(consumer.run(shutdown.clone()));
+    eprintln!("materializing ...");
+    wait_decided(&pool, &topic, params.patches, Duration::from_secs(900)).await?;
+    let (first, last): (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>) = sqlx::query_as(
+        "SELECT min(decided_at), max(decided_at) FROM weir_workflow_patches WHERE source_topic = $1",
+    )
+    .bind(&topic)
+    .fetch_one(&pool)
+    .await?;
+    // From the first decision to the last, plus one batch's worth at the start: the first
+    // decision is committed at the end of the first batch, so measure from consumer start.
+    let drain_secs = (last - first).as_seconds_f64().max(1e-3);
+    let patches_per_sec = params.patches as f64 / drain_secs;
+    let applied: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM weir_workflow_patches WHERE source_topic = $1 AND status = 'applied'",
+    )
+    .bind(&topic)
+    .fetch_one(&pool)
+    .await?;
+
+    // Phase 2: latency at a steady 80 % of the measured capacity.
+    let rate = (patches_per_sec * 0.8).max(100.0);
+    let latency_events = stream(
+        &format!("{run_id}-l-"),
+        params.latency_patches,
+        params.workflows,
+    );
+    eprintln!(
+        "latency phase: {} patches at {:.0}/s ...",
+        latency_events.len(),
+        rate
+    );
+    let tick = Duration::from_millis(10);
+    let per_tick = ((rate * tick.as_secs_f64()).ceil() as usize).max(1);
+    let mut interval = tokio::time::interval(tick);
+    for chunk in latency_events.chunks(per_tick) {
+        interval.tick().await;
+        let now = events::now_micros();
+        let chunk: Vec<PatchSubmitted> = chunk
+            .iter()
+            .cloned()
+            .map(|mut e| {
+                e.occurred_at = now;
+                e
+            })
+            .collect();
+        produce_all(&producer, &codec, &chunk).await?;
+    }
+    wait_decided(
+        &pool,
+        &topic,
+        params.patches + latency_events.len(),
+        Duration::from_secs(600),
+    )
+    .await?;
+    let (p50, p99): (f64, f64) = sqlx::query_as(
+        r#"SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)
+           FROM (SELECT extract(epoch FROM decided_at - submitted_at) * 1000 AS ms
+                 FROM weir_workflow_patches WHERE source_topic = $1 AND workflow_id LIKE $2) t"#,
+    )
+    .bind(&topic)
+    .bind(format!("{run_id}-l-%"))
+    .fetch_one(&pool)
+    .await?;
+    shutdown.cancel();
+    task.await??;
+
+    // Phase 3: the naive path.
+    let naive = stream(
+        &format!("{run_id}-n-"),
+        params.naive_patches,
+        params.workflows.min(params.naive_patches),
+    );
+    let limits = Limits::default();
+    let t = Instant::now();
+    for e in &naive {
+        naive_apply(&pool, &topic, e, &limits).await?;
+    }
+    let naive_patches_per_sec = naive.len() as f64 / t.elapsed().as_secs_f64();
+
+    // Phase 4: the write limit of Postgres.
+    let copy_rows_per_sec = copy_limit(&pool, params.patches).await?;
+
+    // Leave the database as it was.
+    sqlx::query("DELETE FROM weir_workflow_heads WHERE workflow_id LIKE $1")
+        .bind(format!("{run_id}-%"))
+        .execute(&pool)
+        .await?;
+    sqlx::query("DELETE FROM weir_workflow_patches WHERE source_topic LIKE $1")
+        .bind(format!("{topic}%"))
+        .execute(&pool)
+        .await?;
+    sqlx::query("DELETE FROM weir_outbox WHERE topic LIKE $1")
+        .bind(format!("{}%", cfg.kafka.topic_prefix))
+        .execute(&pool)
+        .await?;
+
+    Ok(json!({
+        "patches": params.patches,
+        "workflows": params.workflows,
+        "applied": applied,
+        "seconds": drain_secs,
+        "patches_per_sec": patches_per_sec.round(),
+        "produce_seconds": produce_secs,
+        "latency_patches": params.latency_patches,
+        "latency_load_patches_per_sec": rate.round(),
+        "p50_ms": (p50 * 10.0).round() / 10.0,
+        "p99_ms": (p99 * 10.0).round() / 10.0,
+        "naive_patches": naive.len(),
+        "naive_patches_per_sec": naive_patches_per_sec.round(),
+        "speedup_vs_naive": ((patches_per_sec / naive_patches_per_sec) * 10.0).round() / 10.0,
+        "pg_copy_rows_per_sec": copy_rows_per_sec.round(),
+        "fraction_of_limit": ((patches_per_sec / copy_rows_per_sec) * 1000.0).round() / 1000.0,
+    }))
+}
+
+/// One patch, one transaction: what a synchronous design does for every patch.
+async fn naive_apply(
+    pool: &sqlx::PgPool,
+    topic: &str,
+    e: &PatchSubmitted,
+    limits: &Limits,
+) -> anyhow::Result<()> {
+    let mut tx = pool.begin().await?;
+    let row: Option<(String, i64, Value)> = sqlx::query_as(
+        "SELECT workspace_id, version, definition FROM weir_workflow_heads WHERE workflow_id = $1 FOR UPDATE",
+    )
+    .bind(&e.workflow_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let mut head = match row {
+        Some((ws, version, definition)) => Head {
+            workspace_id: ws,
+            version,
+            definition,
+        },
+        None => Head::empty(&e.workspace_id),
+    };
+    let submitted = Submitted {
+        workspace_id: e.workspace_id.clone(),
+        base_version: e.base_version,
+        operations: serde_json::from_str(&e.operations_json)
+            .map_err(|x| crate::patch::PatchError::InvalidJson {
+                message: x.to_string(),
+            })
+            .and_then(|v| Patch::from_value(&v)),
+    };
+    let decision = fold::step(&mut head, &submitted, limits);
+    let (status, version, sha, code) = match &decision {
+        Decision::Applied {
+            version, sha256, ..
+        } => ("applied", Some(*version), Some(sha256.clone()), None),
+        Decision::Rejected { code, .. } => ("rejected", None, None, Some(code.to_string())),
+    };
+    if let Decision::Applied {
+        version, sha256, ..
+    } = &decision
+    {
+        sqlx::query(
+            "INSERT INTO weir_workflow_heads (workflow_id, workspace_id, version, definition, definition_sha256)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (workflow_id) DO UPDATE SET version = EXCLUDED.version,
+               definition = EXCLUDED.definition, definition_sha256 = EXCLUDED.definition_sha256, updated_at = now()",
+        )
+        .bind(&e.workflow_id)
+        .bind(&head.workspace_id)
+        .bind(version)
+        .bind(&head.definition)
+        .bind(sha256)
+        .execute(&mut *tx)
+        .await?;
+    }
+    sqlx::query(
+        "INSERT INTO weir_workflow_patches (workflow_id, patch_id, workspace_id, author, base_version, head_version,
+           status, version, definition_sha256, operations, reason_code, reason, source_topic, source_partition,
+           source_offset, submitted_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb, $11, $11, $12, 0, 0, now())",
+    )
+    .bind(&e.workflow_id)
+    .bind(e.patch_id)
+    .bind(&e.workspace_id)
+    .bind(&e.author)
+    .bind(e.base_version)
+    .bind(head.version)
+    .bind(status)
+    .bind(version)
+    .bind(sha)
+    .bind(&e.operations_json)
+    .bind(code)
+    .bind(format!("{topic}.naive"))
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("INSERT INTO weir_outbox (lane, topic, key, payload) VALUES (0, $1, $2, $3)")
+        .bind(format!("{topic}.naive"))
+        .bind(e.workflow_id.as_bytes())
+        .bind(head.definition.to_string().as_bytes())
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// COPY `rows` rows shaped like the patch log into a scratch table; rows per second.
+async fn copy_limit(pool: &sqlx::PgPool, rows: usize) -> anyhow::Result<f64> {
+    let mut conn = pool.acquire().await?;
+    let table = format!("weir_bench_copy_{}", Uuid::now_v7().simple());
+    sqlx::query(&format!(
+        "CREATE TABLE {table} (LIKE weir_workflow_patches INCLUDING DEFAULTS)"
+    ))
+    .execute(&mut *conn)
+    .await?;
+    let mut text = String::with_capacity(rows * 200);
+    for i in 0..rows {
+        text.push_str(&format!(
+            "wf-{}\t{}\tws\tbench\t\\N\t{}\tapplied\t{}\t{}\t[{{\"op\": \"replace\", \"path\": \"/a\", \"value\": {i}}}]\t\\N\t\\N\t\\N\ttopic\t0\t{i}\t2026-01-01 00:00:00+00\t2026-01-01 00:00:00+00\n",
+            i % 10_000,
+            Uuid::now_v7(),
+            i,
+            i + 1,
+            fold::sha256_hex(&i.to_string()),
+        ));
+    }
+    let t = Instant::now();
+    let mut copy = conn
+        .copy_in_raw(&format!(
+            "COPY {table} (workflow_id, patch_id, workspace_id, author, base_version, head_version, status, version,
+              definition_sha256, operations, operations_ref, reason_code, reason, source_topic, source_partition,
+              source_offset, submitted_at, decided_at) FROM STDIN"
+        ))
+        .await?;
+    copy.send(text.as_bytes()).await?;
+    copy.finish().await?;
+    let secs = t.elapsed().as_secs_f64();
+    sqlx::query(&format!("DROP TABLE {table}"))
+        .execute(&mut *conn)
+        .await?;
+    Ok(rows as f64 / secs)
+}

@@ -1,0 +1,558 @@
+//! The materializer processor: consumes PatchSubmitted from weir.patches.v1 through the
+//! runtime and, per batch, in the batch's one transaction:
+//!
+//! 1. loads the heads of every workflow the batch touches (one query) and the patch ids it
+//!    already decided (one query; a re-submitted patch id is not applied twice),
+//! 2. folds each workflow's patches in partition order, off the async runtime,
+//! 3. writes the new heads (one upsert), the decided patches (one insert) and the output
+//!    events (one outbox insert): WorkflowMaterialized per applied version, PatchRejected
+//!    per rejected patch.
+//!
+//! Definitions larger than `materializer.inline_definition_max_bytes` go to the CAS before
+//! the transaction commits (blobs are immutable, so an aborted batch leaves at most an
+//! unreferenced blob); Postgres and the events then carry the reference (claim check).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use sqlx::PgConnection;
+use uuid::Uuid;
+use weir_runtime::cas::{Cas, CasRef};
+use weir_runtime::config::Config;
+use weir_runtime::events::{
+    self, PatchRejected, PatchSubmitted, WorkflowEvent, WorkflowMaterialized,
+};
+use weir_runtime::{ApplyError, Disposition, Outbox, Processor, Record, Rejection};
+
+use crate::definition::Limits;
+use crate::fold::{self, Decision, Head, Submitted};
+use crate::patch::{Patch, PatchError};
+
+/// Consumer group of the materializer.
+pub const GROUP: &str = "weir-materializer";
+
+/// Metric names of the materializer.
+pub mod names {
+    /// Patches applied (counter).
+    pub const PATCHES_APPLIED: &str = "weir_materializer_patches_applied_total";
+    /// Patches rejected, by `reason` (counter).
+    pub const PATCHES_REJECTED: &str = "weir_materializer_patches_rejected_total";
+    /// Patches skipped because their id was already decided (counter).
+    pub const PATCHES_DUPLICATE: &str = "weir_materializer_patches_duplicate_total";
+    /// Definitions stored in the CAS instead of inline (counter).
+    pub const DEFINITIONS_IN_CAS: &str = "weir_materializer_definitions_in_cas_total";
+}
+
+/// The materializer.
+pub struct Materializer {
+    cfg: Arc<Config>,
+    cas: Cas,
+    limits: Limits,
+}
+
+impl Materializer {
+    /// A materializer with limits from `cfg.materializer`.
+    pub fn new(cfg: Arc<Config>, cas: Cas) -> Self {
+        let m = &cfg.materializer;
+        let limits = Limits {
+            max_bytes: m.max_definition_bytes,
+            max_nodes: m.max_nodes,
+            max_edges: m.max_edges,
+        };
+        Self { cfg, cas, limits }
+    }
+}
+
+/// A stored head as loaded from Postgres.
+struct StoredHead {
+    workspace_id: String,
+    version: i64,
+    definition: Option<Value>,
+    definition_ref: Option<String>,
+}
+
+/// One workflow's work in a batch.
+struct WorkflowBatch {
+    workflow_id: String,
+    head: Head,
+    /// Indices into the batch's records, in partition order.
+    records: Vec<usize>,
+    patches: Vec<Submitted>,
+    decisions: Vec<Decision>,
+}
+
+fn cas_error(e: weir_runtime::cas::CasError) -> ApplyError {
+    ApplyError::Other {
+        message: format!("cas: {e}"),
+        disposition: e.disposition(),
+    }
+}
+
+/// Parses a patch's operations (inline JSON text or a CAS blob).
+fn parse_operations(text: &[u8]) -> Result<Patch, PatchError> {
+    match crate::patch::parse_json_strict(&String::from_utf8_lossy(text)) {
+        Ok(v) => Patch::from_value(&v),
+        Err(e) => Err(PatchError::InvalidJson {
+            message: e.to_string(),
+        }),
+    }
+}
+
+#[async_trait]
+impl Processor for Materializer {
+    type Event = PatchSubmitted;
+
+    fn group(&self) -> String {
+        GROUP.to_string()
+    }
+
+    async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        records: &[Record<PatchSubmitted>],
+        outbox: &mut Outbox<'_>,
+    ) -> Result<Vec<Rejection>, ApplyError> {
+        let started = std::time::Instant::now();
+        // Already decided patch ids (a client retry, or the same patch produced twice).
+        let (wf_ids, patch_ids): (Vec<String>, Vec<Uuid>) = records
+            .iter()
+            .map(|r| (r.event.workflow_id.clone(), r.event.patch_id))
+            .unzip();
+        let known: HashSet<(String, Uuid)> = sqlx::query!(
+            r#"SELECT p.workflow_id, p.patch_id FROM weir_workflow_patches p
+               JOIN UNNEST($1::text[], $2::uuid[]) AS b(workflow_id, patch_id)
+                 ON p.workflow_id = b.workflow_id AND p.patch_id = b.patch_id"#,
+            &wf_ids,
+            &patch_ids,
+        )
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .map(|r| (r.workflow_id, r.patch_id))
+        .collect();
+
+        // Group by workflow, keeping partition order; drop duplicates (also within the batch).
+        let mut order: Vec<String> = Vec::new();
+        let mut groups: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut seen = known;
+        let mut duplicates = 0u64;
+        for (i, r) in records.iter().enumerate() {
+            let key = (r.event.workflow_id.clone(), r.event.patch_id);
+            if !seen.insert(key) {
+                duplicates += 1;
+                continue;
+            }
+            groups
+                .entry(r.event.workflow_id.clone())
+                .or_insert_with(|| {
+                    order.push(r.event.workflow_id.clone());
+                    Vec::new()
+                })
+                .push(i);
+        }
+        if duplicates > 0 {
+            metrics::counter!(names::PATCHES_DUPLICATE).increment(duplicates);
+        }
+        if order.is_empty() {
+            return Ok(Vec::new());
+        }
+
+        // Current heads, one query.
+        let stored: HashMap<String, StoredHead> = sqlx::query!(
+            r#"SELECT workflow_id, workspace_id, version, definition, definition_ref
+               FROM weir_workflow_heads WHERE workflow_id = ANY($1::text[])"#,
+            &order,
+        )
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .map(|r| {
+            (
+                r.workflow_id,
+                StoredHead {
+                    workspace_id: r.workspace_id,
+                    version: r.version,
+                    definition: r.definition,
+                    definition_ref: r.definition_ref,
+                },
+            )
+        })
+        .collect();
+
+        // Blobs needed before folding: heads and operations kept in the CAS.
+        let mut blobs: HashMap<String, bytes::Bytes> = HashMap::new();
+        let refs = stored
+            .values()
+            .filter_map(|h| h.definition_ref.clone())
+            .chain(
+                records
+                    .iter()
+                    .filter_map(|r| r.event.operations_ref.clone()),
+            );
+        for r in refs {
+            if blobs.contains_key(&r) {
+                continue;
+            }
+            let parsed: CasRef = r.parse().map_err(|e| ApplyError::Other {
+                message: format!("bad CAS ref {r:?}: {e}"),
+                disposition: Disposition::DeadLetter,
+            })?;
+            let bytes = self.cas.get(&parsed).await.map_err(cas_error)?;
+            blobs.insert(r, bytes);
+        }
+
+        let loaded = started.elapsed();
+        let mut batches = Vec::with_capacity(order.len());
+        for workflow_id in order {
+            let indices = groups.remove(&workflow_id).unwrap_or_default();
+            let first = &records[indices[0]].event;
+            let head = match stored.get(&workflow_id) {
+                None => Head::empty(&first.workspace_id),
+                Some(h) => {
+                    let definition = match (&h.definition, &h.definition_ref) {
+                        (Some(d), _) => d.clone(),
+                        (None, Some(r)) => {
+                            serde_json::from_slice(&blobs[r]).map_err(|e| ApplyError::Other {
+                                message: format!(
+                                    "head of {workflow_id} in the CAS is not JSON: {e}"
+                                ),
+                                disposition: Disposition::Fatal,
+                            })?
+                        }
+                        (None, None) => Value::Null,
+                    };
+                    Head {
+                        workspace_id: h.workspace_id.clone(),
+                        version: h.version,
+                        definition,
+                    }
+                }
+            };
+            batches.push(WorkflowBatch {
+                workflow_id,
+                head,
+                records: indices,
+                patches: Vec::new(),
+                decisions: Vec::new(),
+            });
+        }
+
+        // Parse and fold off the async runtime: this is the CPU-heavy part.
+        let inputs: Vec<Vec<(String, Option<i64>, Vec<u8>)>> = batches
+            .iter()
+            .map(|b| {
+                b.records
+                    .iter()
+                    .map(|&i| {
+                        let e = &records[i].event;
+                        let text = match &e.operations_ref {
+                            Some(r) => blobs[r].to_vec(),
+                            None => e.operations_json.as_bytes().to_vec(),
+                        };
+                        (e.workspace_id.clone(), e.base_version, text)
+                    })
+                    .collect()
+            })
+            .collect();
+        let limits = self.limits;
+        let mut batches = tokio::task::spawn_blocking(move || {
+            let mut batches = batches;
+            for (b, input) in batches.iter_mut().zip(inputs) {
+                b.patches = input
+                    .into_iter()
+                    .map(|(workspace_id, base_version, text)| Submitted {
+                        workspace_id,
+                        base_version,
+                        operations: parse_operations(&text),
+                    })
+                    .collect();
+                b.decisions = fold::fold(&mut b.head, &b.patches, &limits);
+            }
+            batches
+        })
+        .await
+        .map_err(|e| ApplyError::Other {
+            message: format!("fold task failed: {e}"),
+            disposition: Disposition::Fatal,
+        })?;
+
+        let folded = started.elapsed();
+        self.write(conn, records, &mut batches, outbox).await?;
+        tracing::debug!(
+            patches = records.len(),
+            workflows = batches.len(),
+            load_ms = loaded.as_secs_f64() * 1e3,
+            fold_ms = (folded - loaded).as_secs_f64() * 1e3,
+            write_ms = (started.elapsed() - folded).as_secs_f64() * 1e3,
+            "materialized batch"
+        );
+        Ok(Vec::new())
+    }
+}
+
+impl Materializer {
+    async fn write(
+        &self,
+        conn: &mut PgConnection,
+        records: &[Record<PatchSubmitted>],
+        batches: &mut [WorkflowBatch],
+        outbox: &mut Outbox<'_>,
+    ) -> Result<(), ApplyError> {
+        let inline_max = self.cfg.materializer.inline_definition_max_bytes;
+        let mut heads = HeadRows::default();
+        let mut log = PatchRows::default();
+        let (mut applied, mut rejected) = (0u64, HashMap::<&'static str, u64>::new());
+
+        for b in batches.iter_mut() {
+            let mut last_applied: Option<(i64, String, String)> = None;
+            for (&i, decision) in b.records.iter().zip(&b.decisions) {
+                let r = &records[i];
+                let e = &r.event;
+                let ops: Option<Value> = if e.operations_ref.is_some() {
+                    None
+                } else {
+                    serde_json::from_str(&e.operations_json).ok()
+                };
+                let submitted_at = chrono::DateTime::from_timestamp_micros(e.occurred_at)
+                    .unwrap_or_else(chrono::Utc::now);
+                match decision {
+                    Decision::Applied {
+                        version,
+                        canonical,
+                        sha256,
+                    } => {
+                        applied += 1;
+                        let (definition_json, definition_ref) = if canonical.len() > inline_max {
+                            metrics::counter!(names::DEFINITIONS_IN_CAS).increment(1);
+                            let r = self
+                                .cas
+                                .put(bytes::Bytes::copy_from_slice(canonical.as_bytes()))
+                                .await
+                                .map_err(cas_error)?;
+                            (None, Some(r.to_string()))
+                        } else {
+                            (Some(canonical.clone()), None)
+                        };
+                        outbox
+                            .push(&WorkflowEvent::WorkflowMaterialized(WorkflowMaterialized {
+                                event_id: events::new_event_id(),
+                                occurred_at: events::now_micros(),
+                                workspace_id: b.head.workspace_id.clone(),
+                                traceparent: e.traceparent.clone(),
+                                tracestate: e.tracestate.clone(),
+                                workflow_id: b.workflow_id.clone(),
+                                version: *version,
+                                definition_json,
+                                definition_ref: definition_ref.clone(),
+                                patch_ids: vec![e.patch_id],
+                                definition_sha256: sha256.clone(),
+                            }))
+                            .await?;
+                        log.push(
+                            r,
+                            ops,
+                            "applied",
+                            Some(*version),
+                            Some(sha256.clone()),
+                            None,
+                            version - 1,
+                            submitted_at,
+                        );
+                        last_applied =
+                            Some((*version, sha256.clone(), definition_ref.unwrap_or_default()));
+                    }
+                    Decision::Rejected {
+                        head_version,
+                        code,
+                        reason,
+                    } => {
+                        *rejected.entry(code).or_default() += 1;
+                        outbox
+                            .push(&WorkflowEvent::PatchRejected(PatchRejected {
+                                event_id: events::new_event_id(),
+                                occurred_at: events::now_micros(),
+                                workspace_id: e.workspace_id.clone(),
+                                traceparent: e.traceparent.clone(),
+                                tracestate: e.tracestate.clone(),
+                                workflow_id: b.workflow_id.clone(),
+                                patch_id: e.patch_id,
+                                base_version: e.base_version,
+                                head_version: *head_version,
+                                reason_code: (*code).to_string(),
+                                reason: reason.clone(),
+                            }))
+                            .await?;
+                        log.push(
+                            r,
+                            ops,
+                            "rejected",
+                            None,
+                            None,
+                            Some((code, reason.clone())),
+                            *head_version,
+                            submitted_at,
+                        );
+                    }
+                }
+            }
+            if let Some((version, sha256, definition_ref)) = last_applied {
+                let inline = definition_ref.is_empty();
+                heads.workflow_ids.push(b.workflow_id.clone());
+                heads.workspace_ids.push(b.head.workspace_id.clone());
+                heads.versions.push(version);
+                heads.definitions.push(if inline {
+                    Some(std::mem::take(&mut b.head.definition))
+                } else {
+                    None
+                });
+                heads
+                    .refs
+                    .push(if inline { None } else { Some(definition_ref) });
+                heads.shas.push(sha256);
+            }
+        }
+
+        if !heads.workflow_ids.is_empty() {
+            sqlx::query!(
+                r#"INSERT INTO weir_workflow_heads
+                     (workflow_id, workspace_id, version, definition, definition_ref, definition_sha256, updated_at)
+                   SELECT workflow_id, workspace_id, version, definition, definition_ref, definition_sha256, now()
+                   FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::jsonb[], $5::text[], $6::text[])
+                        AS t(workflow_id, workspace_id, version, definition, definition_ref, definition_sha256)
+                   ON CONFLICT (workflow_id) DO UPDATE SET
+                     version = EXCLUDED.version,
+                     definition = EXCLUDED.definition,
+                     definition_ref = EXCLUDED.definition_ref,
+                     definition_sha256 = EXCLUDED.definition_sha256,
+                     updated_at = EXCLUDED.updated_at"#,
+                &heads.workflow_ids,
+                &heads.workspace_ids,
+                &heads.versions,
+                &heads.definitions as &[Option<Value>],
+                &heads.refs as &[Option<String>],
+                &heads.shas,
+            )
+            .execute(&mut *conn)
+            .await?;
+        }
+        log.insert(conn).await?;
+
+        metrics::counter!(names::PATCHES_APPLIED).increment(applied);
+        for (code, n) in rejected {
+            metrics::counter!(names::PATCHES_REJECTED, "reason" => code).increment(n);
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct HeadRows {
+    workflow_ids: Vec<String>,
+    workspace_ids: Vec<String>,
+    versions: Vec<i64>,
+    definitions: Vec<Option<Value>>,
+    refs: Vec<Option<String>>,
+    shas: Vec<String>,
+}
+
+/// Columns of the patch log rows of one batch, inserted with one statement.
+#[derive(Default)]
+struct PatchRows {
+    workflow_ids: Vec<String>,
+    patch_ids: Vec<Uuid>,
+    workspace_ids: Vec<String>,
+    authors: Vec<String>,
+    base_versions: Vec<Option<i64>>,
+    head_versions: Vec<i64>,
+    statuses: Vec<String>,
+    versions: Vec<Option<i64>>,
+    shas: Vec<Option<String>>,
+    operations: Vec<Option<Value>>,
+    operation_refs: Vec<Option<String>>,
+    reason_codes: Vec<Option<String>>,
+    reasons: Vec<Option<String>>,
+    topics: Vec<String>,
+    partitions: Vec<i32>,
+    offsets: Vec<i64>,
+    submitted: Vec<chrono::DateTime<chrono::Utc>>,
+}
+
+impl PatchRows {
+    #[allow(clippy::too_many_arguments)]
+    fn push(
+        &mut self,
+        r: &Record<PatchSubmitted>,
+        operations: Option<Value>,
+        status: &str,
+        version: Option<i64>,
+        sha: Option<String>,
+        reason: Option<(&str, String)>,
+        head_version: i64,
+        submitted_at: chrono::DateTime<chrono::Utc>,
+    ) {
+        let e = &r.event;
+        self.workflow_ids.push(e.workflow_id.clone());
+        self.patch_ids.push(e.patch_id);
+        self.workspace_ids.push(e.workspace_id.clone());
+        self.authors.push(e.author.clone());
+        self.base_versions.push(e.base_version);
+        self.head_versions.push(head_version);
+        self.statuses.push(status.to_string());
+        self.versions.push(version);
+        self.shas.push(sha);
+        // Unparseable operations are kept as a JSON string so the log shows what was sent.
+        self.operations.push(operations.or_else(|| {
+            e.operations_ref
+                .is_none()
+                .then(|| Value::String(e.operations_json.clone()))
+        }));
+        self.operation_refs.push(e.operations_ref.clone());
+        let (code, text) = match reason {
+            Some((c, t)) => (Some(c.to_string()), Some(t)),
+            None => (None, None),
+        };
+        self.reason_codes.push(code);
+        self.reasons.push(text);
+        self.topics.push(r.coords.topic.clone());
+        self.partitions.push(r.coords.partition);
+        self.offsets.push(r.coords.offset);
+        self.submitted.push(submitted_at);
+    }
+
+    async fn insert(&self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+        if self.workflow_ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query!(
+            r#"INSERT INTO weir_workflow_patches
+                 (workflow_id, patch_id, workspace_id, author, base_version, head_version, status,
+                  version, definition_sha256, operations, operations_ref, reason_code, reason,
+                  source_topic, source_partition, source_offset, submitted_at)
+               SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::text[], $5::bigint[],
+                  $6::bigint[], $7::text[], $8::bigint[], $9::text[], $10::jsonb[], $11::text[],
+                  $12::text[], $13::text[], $14::text[], $15::int[], $16::bigint[], $17::timestamptz[])"#,
+            &self.workflow_ids,
+            &self.patch_ids,
+            &self.workspace_ids,
+            &self.authors,
+            &self.base_versions as &[Option<i64>],
+            &self.head_versions,
+            &self.statuses,
+            &self.versions as &[Option<i64>],
+            &self.shas as &[Option<String>],
+            &self.operations as &[Option<Value>],
+            &self.operation_refs as &[Option<String>],
+            &self.reason_codes as &[Option<String>],
+            &self.reasons as &[Option<String>],
+            &self.topics,
+            &self.partitions,
+            &self.offsets,
+            &self.submitted,
+        )
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,753 @@
+//! The outbox relay: publishes the rows of `weir_outbox` to Kafka, in per-key order, with as
+//! many relays running at once as wanted. `docs/relay.md` has the full design and failure
+//! analysis; this is the short form.
+//!
+//! # Lanes
+//! Every outbox row has `lane = lane_of(key) mod outbox.lanes`, so all rows of one key share a
+//! lane. A lane is held by at most one relay at a time: a Postgres session-level advisory lock
+//! `(LOCK_NAMESPACE, lane)` taken on the relay's ONE dedicated session. That session also runs
+//! every batch, so if it dies the locks are gone and the batch's DELETE fails with it.
+//!
+//! # Invariants
+//! 1. A batch reads only rows of lanes its session holds at that very statement (the SELECT
+//!    reads `pg_locks` for `pg_backend_pid()` itself), lowest ids first.
+//! 2. Rows are queued to one idempotent (acks=all) producer in id order, and the producer never
+//!    expires a message (`message.timeout.ms = 0`, gap-less guarantee on, see [`producer`]):
+//!    what reaches a partition from one relay is an in-order prefix of what it queued, with no
+//!    gaps. (A message timeout can drop message 2 and still deliver 3; librdkafka documents it.)
+//! 3. Rows are deleted only after the broker acknowledged EVERY row of the batch; a failure
+//!    deletes nothing and the batch is retried from the lowest id after a capped backoff.
+//! 4. Lanes are given up only between batches, never while rows of a batch are in flight.
+//!
+//! Together: the first occurrence of every event in Kafka respects outbox id order per key,
+//! also when a relay dies at any point (its successor starts from the lowest undeleted id of
+//! the lane; at worst a suffix is published twice). Consumers de-duplicate by the `event_id`
+//! header. Writers must give the events of one key increasing ids in commit order, which the
+//! batch consumer guarantees (one transaction per partition at a time).
+//!
+//! # Balance and wake-up
+//! Each relay heartbeats into `weir_relays` every `relay.rebalance_interval_ms`, counts the
+//! live relays (fresh heartbeat and a live backend) and moves towards its fair share
+//! `ceil(lanes / live)`: it releases extra lanes and tries free ones (never waiting). A crashed
+//! relay's lanes are free as soon as Postgres ends its session. An AFTER INSERT trigger
+//! NOTIFYs `weir_outbox`; relays LISTEN and also poll every `relay.poll_interval_ms`; after a
+//! full batch they go again at once.
+//!
+//! # Panics
+//! None of the functions here panic.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::future_producer::OwnedDeliveryResult;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::types::RDKafkaErrorCode;
+use sqlx::postgres::{PgListener, PgRow};
+use sqlx::{Connection as _, PgConnection, PgPool, Row as _};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, info_span, warn, Instrument};
+use weir_runtime::config::{Config, KafkaConfig};
+use weir_runtime::telemetry::Health;
+
+pub mod bench;
+pub mod error;
+pub mod metrics;
+mod sql;
+
+pub use error::{Disposition, RelayError};
+
+/// First key of every lane lock, `pg_advisory_lock(LOCK_NAMESPACE, lane)`: "WEIR" in ASCII.
+/// Every relay of one outbox must use the same value, or two of them could hold one lane.
+pub const LOCK_NAMESPACE: i32 = 0x5745_4952;
+
+/// The NOTIFY channel of the outbox trigger (`sql/20261127000003_relay.sql`).
+pub const CHANNEL: &str = "weir_outbox";
+
+/// Producer settings of the relay: the runtime's (idempotent, acks=all, the `kafka.producer`
+/// pass-through options) with two overrides that per-key order depends on, applied last:
+///
+/// - `message.timeout.ms = 0` (never expire): an expired message leaves a gap that later
+///   messages of the same partition jump over; the relay instead waits for the broker, with
+///   rows left in place, and librdkafka retries in order.
+/// - `enable.gapless.guarantee = true`: any other error that could leave a gap is fatal for
+///   the producer (the relay stops) instead of silently reordering.
+pub fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = weir_runtime::kafka::producer_config(cfg);
+    c.remove("delivery.timeout.ms")
+        .set("message.timeout.ms", "0")
+        .set("enable.idempotence", "true")
+        .set("enable.gapless.guarantee", "true")
+        .set("acks", "all")
+        .set("client.id", "weir-relay");
+    c
+}
+
+/// A producer with [`producer_config`]: the one to give [`Relay::new`].
+pub fn producer(cfg: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
+    producer_config(cfg).create()
+}
+
+/// The lanes one relay should hold when `live` relays share `lanes`: `ceil(lanes / live)`.
+pub fn fair_share(lanes: i32, live: i64) -> usize {
+    let lanes = i64::from(lanes.max(0));
+    let live = live.max(1);
+    usize::try_from((lanes + live - 1) / live).unwrap_or(usize::MAX)
+}
+
+/// Kafka headers from the outbox's jsonb object: strings as their UTF-8 bytes, `null` as a
+/// header without value, anything else as its JSON text. A non-object gives no headers.
+pub fn kafka_headers(headers: &serde_json::Value) -> OwnedHeaders {
+    let Some(map) = headers.as_object() else {
+        return OwnedHeaders::new();
+    };
+    let mut out = OwnedHeaders::new_with_capacity(map.len());
+    for (key, value) in map {
+        out = match value {
+            serde_json::Value::String(s) => out.insert(Header {
+                key,
+                value: Some(s.as_bytes()),
+            }),
+            serde_json::Value::Null => out.insert(Header::<&[u8]> { key, value: None }),
+            other => {
+                let text = other.to_string();
+                out.insert(Header {
+                    key,
+                    value: Some(text.as_bytes()),
+                })
+            }
+        };
+    }
+    out
+}
+
+/// One outbox row as read by a batch.
+#[derive(Debug, Clone)]
+struct OutboxRow {
+    id: i64,
+    topic: String,
+    key: Option<Vec<u8>>,
+    payload: Vec<u8>,
+    headers: serde_json::Value,
+    age_s: f64,
+}
+
+impl OutboxRow {
+    fn from_row(r: &PgRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            id: r.try_get("id")?,
+            topic: r.try_get("topic")?,
+            key: r.try_get("key")?,
+            payload: r.try_get("payload")?,
+            headers: r.try_get("headers")?,
+            age_s: r.try_get::<Option<f64>, _>("age_s")?.unwrap_or(0.0),
+        })
+    }
+}
+
+/// What the producer did with a batch.
+#[derive(Debug, Default)]
+struct Published {
+    /// Acknowledged rows, in id order: a prefix of the batch.
+    acked: Vec<i64>,
+    /// The row after that prefix that the broker can never accept, with the reason.
+    dead: Option<(i64, String)>,
+}
+
+/// What a batch did.
+#[derive(Debug, Default, Clone, Copy)]
+struct BatchOutcome {
+    /// Rows the SELECT returned.
+    selected: usize,
+}
+
+/// The relay's dedicated Postgres session and the lanes it holds.
+struct Session {
+    conn: PgConnection,
+    /// Lanes held, as last read from `pg_locks`.
+    owned: Vec<i32>,
+    /// Rebalances done on this session.
+    rebalances: u64,
+}
+
+/// Aborts the LISTEN task when the relay ends, also when the relay's future is dropped.
+struct ListenerTask(JoinHandle<()>);
+
+impl Drop for ListenerTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One outbox relay. Any number may run against one database, in one or many processes.
+pub struct Relay {
+    cfg: Arc<Config>,
+    pool: PgPool,
+    producer: FutureProducer,
+    health: Health,
+    relay_id: String,
+}
+
+impl Relay {
+    /// Prepares a relay; nothing connects until [`Relay::run`]. `producer` should come from
+    /// [`producer`] (see there why). `relay_id` names the relay in `weir_relays` and logs and
+    /// must be unique among running relays (e.g. host and pid).
+    pub fn new(
+        cfg: Arc<Config>,
+        pool: PgPool,
+        producer: FutureProducer,
+        health: Health,
+        relay_id: String,
+    ) -> Self {
+        Self {
+            cfg,
+            pool,
+            producer,
+            health,
+            relay_id,
+        }
+    }
+
+    /// Publishes until `shutdown` is cancelled. Then the in-flight batch finishes (if the
+    /// broker acknowledges it within `runtime.shutdown_deadline_ms`) or is abandoned with its
+    /// rows left in place, the lanes are released and the heartbeat row removed.
+    ///
+    /// Transient failures (Postgres or Kafka unavailable) are retried with capped, jittered
+    /// exponential backoff (`runtime.retry_initial_ms` .. `runtime.retry_max_ms`); only
+    /// [`Disposition::Fatal`] errors end it early.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), RelayError> {
+        self.validate()?;
+        let component = format!("relay {}", self.relay_id);
+        self.health.register(&component);
+        let wake = Arc::new(Notify::new());
+        let _listener = ListenerTask(tokio::spawn(listen(
+            self.pool.clone(),
+            wake.clone(),
+            shutdown.child_token(),
+            self.cfg.clone(),
+        )));
+        info!(relay = %self.relay_id, lanes = self.cfg.outbox.lanes, "relay starting");
+
+        let rebalance_every = Duration::from_millis(self.cfg.relay.rebalance_interval_ms.max(1));
+        let poll_every = Duration::from_millis(self.cfg.relay.poll_interval_ms.max(1));
+        let mut session: Option<Session> = None;
+        let mut next_rebalance = Instant::now();
+        let mut attempt = 0u32;
+
+        let result = loop {
+            if shutdown.is_cancelled() {
+                break Ok(());
+            }
+            let step = match session.as_mut() {
+                None => match self.bounded(&shutdown, self.connect()).await {
+                    Some(Ok(s)) => {
+                        session = Some(s);
+                        next_rebalance = Instant::now();
+                        continue;
+                    }
+                    Some(Err(e)) => Err(e),
+                    None => break Ok(()),
+                },
+                Some(s) if Instant::now() >= next_rebalance => {
+                    match self.bounded(&shutdown, self.rebalance(s)).await {
+                        Some(Ok(())) => {
+                            next_rebalance = Instant::now() + rebalance_every;
+                            self.health.set(&component, true);
+                            Ok(None)
+                        }
+                        Some(Err(e)) => Err(e),
+                        // Abandoned: the release below ends the session if it cannot be used.
+                        None => break Ok(()),
+                    }
+                }
+                Some(s) if s.owned.is_empty() => Ok(Some(BatchOutcome::default())),
+                Some(s) => match self.bounded(&shutdown, self.batch(s)).await {
+                    Some(r) => r.map(Some),
+                    None => {
+                        // Deadline passed with the batch in flight: abandon it. Its rows stay
+                        // for the next holder of their lanes, which starts from the lowest id;
+                        // anything of it still in the producer can only arrive as a duplicate.
+                        warn!(relay = %self.relay_id, "shutdown deadline passed mid-batch; rows left for the next holder");
+                        break Ok(());
+                    }
+                },
+            };
+            match step {
+                // A rebalance ran: go straight on to a batch.
+                Ok(None) => {}
+                Ok(Some(outcome)) => {
+                    attempt = 0;
+                    if outcome.selected >= self.cfg.relay.batch_size {
+                        // A full batch: more rows are likely waiting.
+                        continue;
+                    }
+                    let owned = session.as_ref().is_some_and(|s| !s.owned.is_empty());
+                    let until = if owned {
+                        next_rebalance.min(Instant::now() + poll_every)
+                    } else {
+                        next_rebalance
+                    };
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = wake.notified(), if owned => {}
+                        _ = tokio::time::sleep_until(until) => {}
+                    }
+                }
+                Err(e) => {
+                    if e.disposition() == Disposition::Fatal {
+                        error!(relay = %self.relay_id, error = %e, "relay failed fatally");
+                        break Err(e);
+                    }
+                    attempt = attempt.saturating_add(1);
+                    ::metrics::counter!(metrics::RETRIES).increment(1);
+                    self.health.set(&component, false);
+                    if e.drops_session() {
+                        if let Some(s) = session.take() {
+                            // Closing ends the session, which releases every lane it held.
+                            let _ =
+                                tokio::time::timeout(Duration::from_secs(1), s.conn.close()).await;
+                        }
+                        ::metrics::gauge!(metrics::LANES_OWNED).set(0.0);
+                    }
+                    let delay = self.backoff(attempt);
+                    warn!(relay = %self.relay_id, error = %e, attempt, delay_ms = delay.as_millis() as u64, "relay retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        };
+
+        if let Some(s) = session.take() {
+            self.release(s).await;
+        }
+        ::metrics::gauge!(metrics::LANES_OWNED).set(0.0);
+        self.health.set(&component, false);
+        info!(relay = %self.relay_id, "relay stopped");
+        result
+    }
+
+    fn validate(&self) -> Result<(), RelayError> {
+        let mut problems = Vec::new();
+        if self.cfg.outbox.lanes < 1 {
+            problems.push("outbox.lanes must be at least 1");
+        }
+        if self.cfg.relay.batch_size < 1 || i64::try_from(self.cfg.relay.batch_size).is_err() {
+            problems.push("relay.batch_size must be at least 1");
+        }
+        if self.relay_id.is_empty() {
+            problems.push("the relay id must not be empty");
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(RelayError::Config(problems.join("; ")))
+        }
+    }
+
+    /// Runs `fut` to completion unless `shutdown` fires; then lets it finish for at most
+    /// `runtime.shutdown_deadline_ms`. `None` means it was abandoned.
+    async fn bounded<F: Future>(&self, shutdown: &CancellationToken, fut: F) -> Option<F::Output> {
+        tokio::pin!(fut);
+        tokio::select! {
+            r = &mut fut => return Some(r),
+            _ = shutdown.cancelled() => {}
+        }
+        let deadline = Duration::from_millis(self.cfg.runtime.shutdown_deadline_ms);
+        tokio::time::timeout(deadline, fut).await.ok()
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let rt = &self.cfg.runtime;
+        let exp = rt
+            .retry_initial_ms
+            .saturating_mul(1u64 << attempt.min(20))
+            .min(rt.retry_max_ms);
+        // Full jitter in the upper half spreads the retries of many relays.
+        Duration::from_millis(rand::random_range(exp / 2..=exp.max(1)))
+    }
+
+    /// Opens the dedicated session. It is detached from the pool: it must never be handed to
+    /// anyone else while it holds lane locks.
+    async fn connect(&self) -> Result<Session, RelayError> {
+        let mut conn = self.pool.acquire().await?.detach();
+        let app = format!("weir-relay {}", self.relay_id);
+        sqlx::query(sql::SESSION_SETUP)
+            .bind(app)
+            .bind(idle_session_timeout_ms(&self.cfg).to_string())
+            .bind(STATEMENT_TIMEOUT_MS.to_string())
+            .execute(&mut conn)
+            .await?;
+        debug!(relay = %self.relay_id, "relay session open");
+        Ok(Session {
+            conn,
+            owned: Vec::new(),
+            rebalances: 0,
+        })
+    }
+
+    /// Heartbeat, then move towards the fair share: release extra lanes or try free ones.
+    /// Runs only between batches, so no row of a released lane is in flight.
+    async fn rebalance(&self, s: &mut Session) -> Result<(), RelayError> {
+        let lanes = self.cfg.outbox.lanes;
+        let live: i64 = sqlx::query_scalar(sql::HEARTBEAT)
+            .bind(&self.relay_id)
+            .bind(i64::try_from(self.cfg.relay.heartbeat_timeout_ms).unwrap_or(i64::MAX))
+            .bind(i32::try_from(s.owned.len()).unwrap_or(i32::MAX))
+            .fetch_one(&mut s.conn)
+            .await?;
+        let fair = fair_share(lanes, live);
+        let held = held_lanes(&mut s.conn).await?;
+        if held.len() > fair {
+            let mut extra = held.clone();
+            shuffle(&mut extra);
+            extra.truncate(held.len() - fair);
+            sqlx::query(sql::RELEASE_LANES)
+                .bind(LOCK_NAMESPACE)
+                .bind(&extra)
+                .execute(&mut s.conn)
+                .await?;
+        } else if held.len() < fair {
+            sqlx::query(sql::TAKE_LANES)
+                .bind(LOCK_NAMESPACE)
+                .bind(lanes)
+                .bind(&held)
+                .bind(i64::try_from(fair - held.len()).unwrap_or(i64::MAX))
+                .fetch_all(&mut s.conn)
+                .await?;
+        }
+        let now_held = if held.len() == fair {
+            held
+        } else {
+            held_lanes(&mut s.conn).await?
+        };
+        if now_held != s.owned {
+            debug!(relay = %self.relay_id, live, fair, lanes = now_held.len(), "lanes changed");
+        }
+        s.owned = now_held;
+        ::metrics::gauge!(metrics::LANES_OWNED).set(s.owned.len() as f64);
+        if s.owned.is_empty() {
+            // No batch will run to refresh it.
+            ::metrics::gauge!(metrics::OUTBOX_LAG).set(0.0);
+        }
+
+        if s.rebalances.is_multiple_of(STRAY_CHECK_EVERY) {
+            let top: Option<i32> = sqlx::query_scalar(sql::TOP_LANE)
+                .fetch_optional(&mut s.conn)
+                .await?;
+            if let Some(top) = top.filter(|t| *t >= lanes) {
+                error!(relay = %self.relay_id, lanes, top, "outbox rows in lanes >= outbox.lanes: a writer uses more lanes than this relay; they will not be published until outbox.lanes match");
+            }
+        }
+        s.rebalances = s.rebalances.wrapping_add(1);
+        Ok(())
+    }
+
+    /// One batch: read, publish, wait for every acknowledgement, delete.
+    async fn batch(&self, s: &mut Session) -> Result<BatchOutcome, RelayError> {
+        let started = std::time::Instant::now();
+        let limit = i64::try_from(self.cfg.relay.batch_size).unwrap_or(i64::MAX);
+        let rows = sqlx::query(sql::SELECT_BATCH)
+            .bind(LOCK_NAMESPACE)
+            .bind(limit)
+            .fetch_all(&mut s.conn)
+            .await?
+            .iter()
+            .map(OutboxRow::from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        let selected = rows.len();
+        let oldest = rows.iter().map(|r| r.age_s).fold(0.0, f64::max);
+        ::metrics::gauge!(metrics::OUTBOX_LAG).set(oldest);
+        if rows.is_empty() {
+            return Ok(BatchOutcome { selected });
+        }
+        let span = info_span!("relay.batch",
+            messaging.system = "kafka",
+            messaging.operation.type = "publish",
+            messaging.batch.message_count = selected,
+            relay.id = %self.relay_id,
+            outbox.first_id = rows.first().map_or(0, |r| r.id));
+        async {
+            let published = self.publish(&rows).await?;
+            if !published.acked.is_empty() {
+                sqlx::query(sql::DELETE_PUBLISHED)
+                    .bind(&published.acked)
+                    .execute(&mut s.conn)
+                    .await?;
+            }
+            if let Some((id, reason)) = &published.dead {
+                error!(outbox.id = id, %reason, "outbox row can never be published; moved to weir_outbox_dead");
+                sqlx::query(sql::MOVE_TO_DEAD)
+                    .bind(id)
+                    .bind(reason)
+                    .execute(&mut s.conn)
+                    .await?;
+                ::metrics::counter!(metrics::DEAD).increment(1);
+            }
+            ::metrics::counter!(metrics::PUBLISHED).increment(published.acked.len() as u64);
+            ::metrics::histogram!(metrics::BATCH_SECONDS).record(started.elapsed().as_secs_f64());
+            debug!(published = published.acked.len(), "batch published");
+            Ok(BatchOutcome { selected })
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Queues `rows` in id order and waits for every acknowledgement. Stops queueing at a row
+    /// the broker can never accept (it becomes `dead`, the rows after it stay for the next
+    /// batch). Any other failure fails the whole batch: nothing of it will be deleted.
+    async fn publish(&self, rows: &[OutboxRow]) -> Result<Published, RelayError> {
+        let mut pending = VecDeque::with_capacity(rows.len());
+        let mut out = Published {
+            acked: Vec::with_capacity(rows.len()),
+            dead: None,
+        };
+        let mut failures: Vec<KafkaError> = Vec::new();
+        'rows: for row in rows {
+            loop {
+                let mut record = FutureRecord::to(&row.topic)
+                    .payload(&row.payload)
+                    .headers(kafka_headers(&row.headers));
+                if let Some(key) = &row.key {
+                    record = record.key(key);
+                }
+                match self.producer.send_result(record) {
+                    Ok(delivery) => {
+                        pending.push_back((row.id, delivery));
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                        // Backpressure: wait for the oldest message, then queue again.
+                        match pending.pop_front() {
+                            Some((id, delivery)) => {
+                                settle(id, delivery.await, &mut out.acked, &mut failures)
+                            }
+                            None => tokio::time::sleep(Duration::from_millis(5)).await,
+                        }
+                    }
+                    Err((e, _)) => match error::enqueue_disposition(&e) {
+                        Disposition::DeadLetter => {
+                            out.dead = Some((row.id, e.to_string()));
+                            break 'rows;
+                        }
+                        Disposition::Fatal => return Err(self.fatal_or(e, row.id)),
+                        Disposition::Retry => {
+                            failures.push(e);
+                            break 'rows;
+                        }
+                    },
+                }
+            }
+        }
+        while let Some((id, delivery)) = pending.pop_front() {
+            settle(id, delivery.await, &mut out.acked, &mut failures);
+        }
+        if let Some(first) = failures.into_iter().next() {
+            if let Some((code, reason)) = self.producer.client().fatal_error() {
+                return Err(RelayError::ProducerFatal(format!("{code:?}: {reason}")));
+            }
+            return Err(RelayError::Delivery {
+                failed: rows.len() - out.acked.len(),
+                total: rows.len(),
+                first,
+            });
+        }
+        Ok(out)
+    }
+
+    fn fatal_or(&self, e: KafkaError, id: i64) -> RelayError {
+        match self.producer.client().fatal_error() {
+            Some((code, reason)) => RelayError::ProducerFatal(format!("{code:?}: {reason}")),
+            None => RelayError::Enqueue { id, source: e },
+        }
+    }
+
+    /// Graceful end: release every lane, remove the heartbeat, close the session.
+    async fn release(&self, mut s: Session) {
+        let deadline = Duration::from_millis(self.cfg.runtime.shutdown_deadline_ms.max(100));
+        let done = tokio::time::timeout(deadline, async {
+            sqlx::query(sql::RELEASE_ALL).execute(&mut s.conn).await?;
+            sqlx::query(sql::DELETE_HEARTBEAT)
+                .bind(&self.relay_id)
+                .execute(&mut s.conn)
+                .await?;
+            s.conn.close().await
+        })
+        .await;
+        match done {
+            Ok(Ok(())) => debug!(relay = %self.relay_id, "lanes released"),
+            // The session ends anyway when the connection drops, which frees the lanes.
+            Ok(Err(e)) => warn!(relay = %self.relay_id, error = %e, "releasing lanes"),
+            Err(_) => warn!(relay = %self.relay_id, "releasing lanes timed out"),
+        }
+    }
+}
+
+/// The stray-lane check runs on the first rebalance of a session and every this many after.
+const STRAY_CHECK_EVERY: u64 = 30;
+
+/// Upper bound of one relay statement; a statement that hangs longer fails and is retried.
+const STATEMENT_TIMEOUT_MS: u64 = 60_000;
+
+/// How long the relay's session may sit idle before Postgres ends it (freeing its lanes):
+/// three times the longest pause a healthy relay makes between statements, at least 15 s.
+pub fn idle_session_timeout_ms(cfg: &Config) -> u64 {
+    let longest = cfg
+        .relay
+        .poll_interval_ms
+        .max(cfg.relay.rebalance_interval_ms)
+        .max(cfg.relay.heartbeat_timeout_ms)
+        .max(cfg.runtime.retry_max_ms);
+    longest.saturating_mul(3).max(15_000)
+}
+
+async fn held_lanes(conn: &mut PgConnection) -> Result<Vec<i32>, sqlx::Error> {
+    sqlx::query_scalar(sql::HELD_LANES)
+        .bind(LOCK_NAMESPACE)
+        .fetch_one(conn)
+        .await
+}
+
+/// Records one delivery report: acknowledged, refused, or dropped by the producer.
+fn settle<E>(
+    id: i64,
+    result: Result<OwnedDeliveryResult, E>,
+    acked: &mut Vec<i64>,
+    failures: &mut Vec<KafkaError>,
+) {
+    match result {
+        Ok(Ok(_)) => acked.push(id),
+        Ok(Err((e, _))) => failures.push(e),
+        Err(_) => failures.push(KafkaError::Canceled),
+    }
+}
+
+fn shuffle(v: &mut [i32]) {
+    for i in (1..v.len()).rev() {
+        let j = rand::random_range(0..=i);
+        v.swap(i, j);
+    }
+}
+
+/// Keeps a LISTEN on [`CHANNEL`] and turns notifications into wake-ups (coalesced: one stored
+/// permit). Reconnects with backoff; after any gap it wakes the relay, since a notification
+/// may have been missed (the relay polls anyway).
+async fn listen(pool: PgPool, wake: Arc<Notify>, shutdown: CancellationToken, cfg: Arc<Config>) {
+    let mut attempt = 0u32;
+    loop {
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listen_once(&pool, &wake) => r,
+        };
+        wake.notify_one();
+        attempt = attempt.saturating_add(1);
+        let exp = cfg
+            .runtime
+            .retry_initial_ms
+            .saturating_mul(1u64 << attempt.min(20))
+            .min(cfg.runtime.retry_max_ms);
+        let delay = Duration::from_millis(rand::random_range(exp / 2..=exp.max(1)));
+        if let Err(e) = result {
+            debug!(error = %e, "outbox LISTEN lost; polling meanwhile");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+async fn listen_once(pool: &PgPool, wake: &Notify) -> Result<(), sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(CHANNEL).await?;
+    wake.notify_one();
+    loop {
+        match listener.try_recv().await? {
+            Some(_) => wake.notify_one(),
+            // Reconnected: notifications sent meanwhile are lost.
+            None => wake.notify_one(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::message::Headers as _;
+
+    #[test]
+    fn fair_share_covers_every_lane() {
+        assert_eq!(fair_share(64, 1), 64);
+        assert_eq!(fair_share(64, 3), 22);
+        assert_eq!(fair_share(64, 64), 1);
+        assert_eq!(fair_share(64, 100), 1);
+        assert_eq!(fair_share(64, 0), 64, "at least this relay is alive");
+        for lanes in 1..100 {
+            for live in 1..20 {
+                assert!(fair_share(lanes, live) as i64 * live >= i64::from(lanes));
+            }
+        }
+    }
+
+    #[test]
+    fn headers_from_jsonb() {
+        let h = kafka_headers(&serde_json::json!({
+            "event_id": "e-1", "n": 3, "none": null
+        }));
+        let got: Vec<(String, Option<Vec<u8>>)> = h
+            .iter()
+            .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("event_id".to_string(), Some(b"e-1".to_vec())),
+                ("n".to_string(), Some(b"3".to_vec())),
+                ("none".to_string(), None),
+            ]
+        );
+        assert_eq!(kafka_headers(&serde_json::json!([1])).count(), 0);
+    }
+
+    #[test]
+    fn producer_never_expires_messages() {
+        let mut kafka = KafkaConfig::default();
+        kafka
+            .producer
+            .insert("delivery.timeout.ms".into(), "30000".into());
+        kafka
+            .producer
+            .insert("message.timeout.ms".into(), "30000".into());
+        let c = producer_config(&kafka);
+        assert_eq!(c.get("message.timeout.ms"), Some("0"));
+        assert_eq!(c.get("delivery.timeout.ms"), None);
+        assert_eq!(c.get("enable.idempotence"), Some("true"));
+        assert_eq!(c.get("enable.gapless.guarantee"), Some("true"));
+        assert_eq!(c.get("acks"), Some("all"));
+    }
+
+    #[test]
+    fn idle_timeout_outlasts_every_healthy_pause() {
+        let cfg = Config::default();
+        let t = idle_session_timeout_ms(&cfg);
+        assert!(t >= 15_000);
+        assert!(t > cfg.runtime.retry_max_ms * 2);
+        assert!(t > cfg.relay.poll_interval_ms * 2);
+    }
+
+    #[test]
+    fn shuffle_keeps_elements() {
+        let mut v: Vec<i32> = (0..50).collect();
+        shuffle(&mut v);
+        v.sort();
+        assert_eq!(v, (0..50).collect::<Vec<_>>());
+    }
+}
