@@ -80,6 +80,8 @@ struct WorkflowBatch {
     /// Indices into the batch's records, in partition order.
     records: Vec<usize>,
     patches: Vec<Submitted>,
+    /// The parsed operations of each patch, when they are valid JSON.
+    operations: Vec<Option<Value>>,
     decisions: Vec<Decision>,
 }
 
@@ -91,12 +93,20 @@ fn cas_error(e: weir_runtime::cas::CasError) -> ApplyError {
 }
 
 /// Parses a patch's operations (inline JSON text or a CAS blob).
-fn parse_operations(text: &[u8]) -> Result<Patch, PatchError> {
+/// Parses a patch's operations (inline JSON text or a CAS blob); also returns the parsed
+/// JSON, which the patch log stores.
+fn parse_operations(text: &[u8]) -> (Option<Value>, Result<Patch, PatchError>) {
     match crate::patch::parse_json_strict(&String::from_utf8_lossy(text)) {
-        Ok(v) => Patch::from_value(&v),
-        Err(e) => Err(PatchError::InvalidJson {
-            message: e.to_string(),
-        }),
+        Ok(v) => {
+            let patch = Patch::from_value(&v);
+            (Some(v), patch)
+        }
+        Err(e) => (
+            None,
+            Err(PatchError::InvalidJson {
+                message: e.to_string(),
+            }),
+        ),
     }
 }
 
@@ -235,6 +245,7 @@ impl Processor for Materializer {
                 head,
                 records: indices,
                 patches: Vec::new(),
+                operations: Vec::new(),
                 decisions: Vec::new(),
             });
         }
@@ -260,14 +271,15 @@ impl Processor for Materializer {
         let mut batches = tokio::task::spawn_blocking(move || {
             let mut batches = batches;
             for (b, input) in batches.iter_mut().zip(inputs) {
-                b.patches = input
-                    .into_iter()
-                    .map(|(workspace_id, base_version, text)| Submitted {
+                for (workspace_id, base_version, text) in input {
+                    let (json, operations) = parse_operations(&text);
+                    b.operations.push(json);
+                    b.patches.push(Submitted {
                         workspace_id,
                         base_version,
-                        operations: parse_operations(&text),
-                    })
-                    .collect();
+                        operations,
+                    });
+                }
                 b.decisions = fold::fold(&mut b.head, &b.patches, &limits);
             }
             batches
@@ -307,13 +319,15 @@ impl Materializer {
 
         for b in batches.iter_mut() {
             let mut last_applied: Option<(i64, String, String)> = None;
-            for (&i, decision) in b.records.iter().zip(&b.decisions) {
+            let operations = std::mem::take(&mut b.operations);
+            for ((&i, decision), json) in b.records.iter().zip(&b.decisions).zip(operations) {
                 let r = &records[i];
                 let e = &r.event;
-                let ops: Option<Value> = if e.operations_ref.is_some() {
+                // Blob-held operations stay in the CAS; the log keeps the ref.
+                let ops = if e.operations_ref.is_some() {
                     None
                 } else {
-                    serde_json::from_str(&e.operations_json).ok()
+                    json
                 };
                 let submitted_at = chrono::DateTime::from_timestamp_micros(e.occurred_at)
                     .unwrap_or_else(chrono::Utc::now);
