@@ -178,6 +178,17 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
     );
     let pool = weir_runtime::db::pool(&cfg.postgres)?;
     weir_runtime::db::MIGRATOR.run(&pool).await?;
+    // Earlier runs delete what they wrote; start every run from vacuumed tables with fresh
+    // statistics so both paths meet the same database.
+    for table in [
+        "weir_workflow_heads",
+        "weir_workflow_patches",
+        "weir_outbox",
+    ] {
+        sqlx::query(&format!("VACUUM (ANALYZE) {table}"))
+            .execute(&pool)
+            .await?;
+    }
     let codec = Arc::new(Codec::new(&cfg.schema_registry, &cfg.kafka)?);
     let producer = weir_runtime::kafka::producer(&cfg.kafka)?;
     let cas = weir_runtime::cas::Cas::from_config(&cfg).await?;
