@@ -247,3 +247,20 @@ impl Drop for ChildGuard {
         self.kill();
     }
 }
+
+/// The `weir` binary built next to the test executables (`cargo test --workspace` builds it).
+///
+/// # Panics
+/// If it was not built: the message says how to build it.
+pub fn weir_bin() -> std::path::PathBuf {
+    // target/<profile>/deps/<test>-<hash> → target/<profile>/weir
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let bin = dir.join("weir");
+    assert!(
+        bin.exists(),
+        "{} not built: run the tests with `cargo test --workspace`",
+        bin.display()
+    );
+    bin
+}

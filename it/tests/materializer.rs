@@ -3,7 +3,6 @@
 //! → WorkflowMaterialized / PatchRejected on weir.workflows.v1.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -15,27 +14,14 @@ use rdkafka::ClientConfig;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use uuid::Uuid;
-use weir_it::{config, prepare, produce, produce_in_order, produce_raw, random_name, ChildGuard};
+use weir_it::{
+    config, prepare, produce, produce_in_order, produce_raw, random_name, weir_bin, ChildGuard,
+};
 use weir_materializer::definition::{canonical_json, Limits};
 use weir_materializer::fold::{self, Decision, Head, Submitted};
 use weir_materializer::patch::Patch;
 use weir_runtime::codec::Codec;
 use weir_runtime::events::{self, PatchSubmitted, WorkflowEvent};
-
-fn weir_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let bin = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target dir")
-        .join("weir");
-    assert!(
-        bin.exists(),
-        "{} not built: run `cargo test --workspace`",
-        bin.display()
-    );
-    bin
-}
 
 fn spawn_weir(prefix: &str, what: &str) -> ChildGuard {
     ChildGuard(

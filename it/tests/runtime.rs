@@ -15,24 +15,11 @@ use rdkafka::ClientConfig;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use weir_it::{
-    config, node_completed, prepare, produce, produce_raw, random_name, ChildGuard,
+    config, node_completed, prepare, produce, produce_raw, random_name, weir_bin, ChildGuard,
     LedgerProcessor, EXPLODING_ATTEMPT,
 };
 use weir_runtime::events::{DeadLetter, TopicEvent};
 use weir_runtime::{telemetry, BatchConsumer};
-
-fn weir_bin() -> PathBuf {
-    // target/<profile>/deps/runtime-xxxx → target/<profile>/weir
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let bin = dir.join("weir");
-    assert!(
-        bin.exists(),
-        "{} not built: run the tests with `cargo test --workspace`",
-        bin.display()
-    );
-    bin
-}
 
 fn spawn_consumer(prefix: &str, group: &str) -> ChildGuard {
     ChildGuard(

@@ -366,13 +366,7 @@ impl Relay {
     }
 
     fn backoff(&self, attempt: u32) -> Duration {
-        let rt = &self.cfg.runtime;
-        let exp = rt
-            .retry_initial_ms
-            .saturating_mul(1u64 << attempt.min(20))
-            .min(rt.retry_max_ms);
-        // Full jitter in the upper half spreads the retries of many relays.
-        Duration::from_millis(rand::random_range(exp / 2..=exp.max(1)))
+        self.cfg.runtime.backoff(attempt)
     }
 
     /// Opens the dedicated session. It is detached from the pool: it must never be handed to

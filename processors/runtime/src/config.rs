@@ -223,6 +223,19 @@ impl Default for RuntimeConfig {
     }
 }
 
+impl RuntimeConfig {
+    /// Delay before retry number `attempt` (1-based): exponential from `retry_initial_ms`,
+    /// capped at `retry_max_ms`, with jitter in the upper half so that many consumers or
+    /// relays failing together do not retry in lockstep.
+    pub fn backoff(&self, attempt: u32) -> std::time::Duration {
+        let exp = self
+            .retry_initial_ms
+            .saturating_mul(1u64 << attempt.min(20))
+            .min(self.retry_max_ms);
+        std::time::Duration::from_millis(rand::random_range(exp / 2..=exp.max(1)))
+    }
+}
+
 /// Outbox settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

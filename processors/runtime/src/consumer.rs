@@ -297,14 +297,7 @@ impl<P: Processor> BatchConsumer<P> {
     }
 
     fn backoff(&self, attempt: u32) -> Duration {
-        let rt = &self.cfg.runtime;
-        let exp = rt
-            .retry_initial_ms
-            .saturating_mul(1u64 << attempt.min(20))
-            .min(rt.retry_max_ms);
-        // Full jitter in the upper half spreads retries of many consumers.
-        let jitter = rand::random_range(exp / 2..=exp.max(1));
-        Duration::from_millis(jitter)
+        self.cfg.runtime.backoff(attempt)
     }
 
     /// Gathers one batch: waits for the first record, then takes more for at most
