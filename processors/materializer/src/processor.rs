@@ -428,6 +428,7 @@ impl Materializer {
             }
         }
 
+        let encoded = std::time::Instant::now();
         if !heads.workflow_ids.is_empty() {
             sqlx::query!(
                 r#"INSERT INTO weir_workflow_heads
@@ -451,7 +452,13 @@ impl Materializer {
             .execute(&mut *conn)
             .await?;
         }
+        let heads_written = encoded.elapsed();
         log.insert(conn).await?;
+        tracing::trace!(
+            heads_ms = heads_written.as_secs_f64() * 1e3,
+            log_ms = (encoded.elapsed() - heads_written).as_secs_f64() * 1e3,
+            "materializer writes"
+        );
 
         metrics::counter!(names::PATCHES_APPLIED).increment(applied);
         for (code, n) in rejected {
