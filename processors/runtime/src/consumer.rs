@@ -459,7 +459,6 @@ impl<P: Processor> BatchConsumer<P> {
             decoded.push(result);
         }
 
-        let decoded_at = Instant::now();
         let started = Instant::now();
         let mut tx = self.pool.begin().await?;
         let mut partitions: Vec<i32> = batch.iter().map(|r| r.coords.partition).collect();
@@ -576,7 +575,6 @@ impl<P: Processor> BatchConsumer<P> {
             commit_ms = (started.elapsed() - before_commit).as_secs_f64() * 1e3,
             "batch timings"
         );
-        let _ = decoded_at;
 
         let invalid = poison.iter().filter(|p| p.class == "invalid").count();
         outcome.dead = poison.len();
