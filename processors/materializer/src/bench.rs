@@ -206,15 +206,18 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
     drop(backlog);
 
     let shutdown = CancellationToken::new();
-    let consumer = BatchConsumer::new(
-        cfg.clone(),
-        Arc::new(crate::Materializer::new(cfg.clone(), cas.clone())),
-        pool.clone(),
-        codec.clone(),
-        producer.clone(),
-        telemetry::Health::default(),
-    );
-    let task = tokio::spawn(consumer.run(shutdown.clone()));
+    let mut tasks = Vec::new();
+    for _ in 0..cfg.runtime.consumers {
+        let consumer = BatchConsumer::new(
+            cfg.clone(),
+            Arc::new(crate::Materializer::new(cfg.clone(), cas.clone())),
+            pool.clone(),
+            codec.clone(),
+            producer.clone(),
+            telemetry::Health::default(),
+        );
+        tasks.push(tokio::spawn(consumer.run(shutdown.clone())));
+    }
     eprintln!("materializing ...");
     wait_decided(&pool, &topic, params.patches, Duration::from_secs(900)).await?;
     let (first, last): (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>) = sqlx::query_as(
@@ -279,7 +282,9 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
     .fetch_one(&pool)
     .await?;
     shutdown.cancel();
-    task.await??;
+    for task in tasks {
+        task.await??;
+    }
 
     // Phase 3: the naive path.
     let naive = stream(
@@ -314,6 +319,7 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
     Ok(json!({
         "patches": params.patches,
         "workflows": params.workflows,
+        "consumers": cfg.runtime.consumers,
         "applied": applied,
         "seconds": drain_secs,
         "patches_per_sec": patches_per_sec.round(),

@@ -208,6 +208,10 @@ pub struct RuntimeConfig {
     pub shutdown_deadline_ms: u64,
     /// Whether undecodable or rejected records go to the dead-letter topic (else the batch stops).
     pub dead_letter: bool,
+    /// Consumers per processor in one process. Each is a member of the group, so partitions
+    /// spread over them and their batches run concurrently: one batch's folding overlaps
+    /// another's Postgres work.
+    pub consumers: usize,
 }
 
 impl Default for RuntimeConfig {
@@ -219,6 +223,7 @@ impl Default for RuntimeConfig {
             retry_max_ms: 10_000,
             shutdown_deadline_ms: 15_000,
             dead_letter: true,
+            consumers: 1,
         }
     }
 }
@@ -517,6 +522,9 @@ impl Config {
         }
         if self.postgres.max_connections < 2 {
             p.push("postgres.max_connections: must be at least 2".into());
+        }
+        if !(1..=64).contains(&self.runtime.consumers) {
+            p.push("runtime.consumers: 1 to 64".into());
         }
         if self.runtime.max_batch == 0 {
             p.push("runtime.max_batch: must be at least 1".into());

@@ -206,8 +206,16 @@ async fn run_processors(cfg: Arc<Config>, which: &[ProcessorName]) -> anyhow::Re
         match p {
             ProcessorName::Materializer => {
                 let cas = weir_runtime::cas::Cas::from_config(&cfg).await?;
-                let consumer = s.consumer(weir_materializer::Materializer::new(cfg.clone(), cas));
-                tasks.spawn(async move { consumer.run(stop).await.map_err(anyhow::Error::from) });
+                for _ in 0..cfg.runtime.consumers {
+                    let consumer = s.consumer(weir_materializer::Materializer::new(
+                        cfg.clone(),
+                        cas.clone(),
+                    ));
+                    let stop = stop.clone();
+                    tasks.spawn(
+                        async move { consumer.run(stop).await.map_err(anyhow::Error::from) },
+                    );
+                }
             }
             ProcessorName::Relay => {
                 let id = format!("relay-{}", std::process::id());
