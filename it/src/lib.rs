@@ -180,46 +180,13 @@ pub async fn prepare(cfg: &Config) -> anyhow::Result<Arc<Codec>> {
     Ok(Arc::new(Codec::new(&cfg.schema_registry, &cfg.kafka)?))
 }
 
-/// Produces events in exactly the given order (per partition), then waits for every
-/// acknowledgement. Sends are enqueued synchronously, so nothing can reorder them.
+/// Produces events in exactly the given order and waits for every acknowledgement.
 pub async fn produce_in_order<E: TopicEvent>(
     producer: &FutureProducer,
     codec: &Codec,
     events: &[E],
 ) -> anyhow::Result<()> {
-    let topic = codec.topic::<E>();
-    let mut encoded = Vec::with_capacity(events.len());
-    for e in events {
-        encoded.push(codec.encode(e).await?);
-    }
-    let mut pending = Vec::with_capacity(events.len());
-    for (e, bytes) in events.iter().zip(&encoded) {
-        loop {
-            match producer.send_result(
-                FutureRecord::to(&topic)
-                    .key(e.key())
-                    .payload(bytes.as_slice()),
-            ) {
-                Ok(delivery) => {
-                    pending.push(delivery);
-                    break;
-                }
-                // The local queue is full: let deliveries drain, then enqueue again.
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(
-                        rdkafka::types::RDKafkaErrorCode::QueueFull,
-                    ),
-                    _,
-                )) => tokio::time::sleep(Duration::from_millis(5)).await,
-                Err((e, _)) => anyhow::bail!("produce to {topic}: {e}"),
-            }
-        }
-    }
-    for d in pending {
-        d.await?
-            .map_err(|(e, _)| anyhow::anyhow!("produce to {topic}: {e}"))?;
-    }
-    Ok(())
+    Ok(weir_runtime::kafka::produce_in_order(producer, codec, events).await?)
 }
 
 /// A child process that is killed when dropped, so a failing test leaves nothing running.

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use weir_runtime::codec::Codec;
 use weir_runtime::config::Config;
-use weir_runtime::events::{self, PatchSubmitted, TopicEvent};
+use weir_runtime::events::{self, PatchSubmitted};
 use weir_runtime::{telemetry, BatchConsumer};
 
 use crate::definition::Limits;
@@ -104,38 +104,6 @@ fn stream(prefix: &str, patches: usize, workflows: usize) -> Vec<PatchSubmitted>
         .collect()
 }
 
-async fn produce_all(
-    producer: &rdkafka::producer::FutureProducer,
-    codec: &Codec,
-    events: &[PatchSubmitted],
-) -> anyhow::Result<()> {
-    let topic = codec.topic::<PatchSubmitted>();
-    // Encode first (the schema id is looked up once), then keep many sends in flight.
-    let mut encoded = Vec::with_capacity(events.len());
-    for e in events {
-        encoded.push(codec.encode(e).await?);
-    }
-    for chunk in events
-        .iter()
-        .zip(&encoded)
-        .collect::<Vec<_>>()
-        .chunks(5_000)
-    {
-        let sends = chunk.iter().map(|(e, bytes)| {
-            producer.send(
-                rdkafka::producer::FutureRecord::to(&topic)
-                    .key(e.key())
-                    .payload(bytes.as_slice()),
-                Duration::from_secs(60),
-            )
-        });
-        for r in futures::future::join_all(sends).await {
-            r.map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
-        }
-    }
-    Ok(())
-}
-
 async fn decided(pool: &sqlx::PgPool, topic: &str) -> anyhow::Result<i64> {
     Ok(sqlx::query_scalar!(
         r#"SELECT count(*) AS "n!" FROM weir_workflow_patches WHERE source_topic = $1"#,
@@ -201,7 +169,7 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
         params.patches, params.workflows
     );
     let t = Instant::now();
-    produce_all(&producer, &codec, &backlog).await?;
+    weir_runtime::kafka::produce_in_order(&producer, &codec, &backlog).await?;
     let produce_secs = t.elapsed().as_secs_f64();
     drop(backlog);
 
@@ -263,7 +231,7 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
                 e
             })
             .collect();
-        produce_all(&producer, &codec, &chunk).await?;
+        weir_runtime::kafka::produce_in_order(&producer, &codec, &chunk).await?;
     }
     wait_decided(
         &pool,

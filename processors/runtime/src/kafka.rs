@@ -11,8 +11,10 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureProducer;
 use rdkafka::types::RDKafkaErrorCode;
 
+use crate::codec::Codec;
 use crate::config::KafkaConfig;
-use crate::events::ALL_TOPICS;
+use crate::error::EncodeError;
+use crate::events::{TopicEvent, ALL_TOPICS};
 
 fn base(cfg: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
@@ -130,4 +132,67 @@ pub async fn create_topics(cfg: &KafkaConfig) -> Result<Vec<(String, TopicOutcom
         }
     }
     Ok(out)
+}
+
+/// Producing a list of events failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProduceError {
+    /// An event could not be encoded.
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+    /// The broker refused or did not acknowledge a record.
+    #[error("produce to {topic}: {source}")]
+    Kafka {
+        /// Target topic.
+        topic: String,
+        /// The cause.
+        #[source]
+        source: KafkaError,
+    },
+}
+
+/// Produces `events` to their topic in exactly the given order, then waits for every
+/// acknowledgement. Sends are enqueued synchronously, so nothing can reorder them; a full
+/// local queue is waited out, not dropped. Used by tools and benchmarks (processors write
+/// through the outbox instead).
+pub async fn produce_in_order<E: TopicEvent>(
+    producer: &FutureProducer,
+    codec: &Codec,
+    events: &[E],
+) -> Result<(), ProduceError> {
+    let topic = codec.topic::<E>();
+    let mut encoded = Vec::with_capacity(events.len());
+    for e in events {
+        encoded.push(codec.encode(e).await?);
+    }
+    let failed = |source| ProduceError::Kafka {
+        topic: topic.clone(),
+        source,
+    };
+    let mut pending = Vec::with_capacity(events.len());
+    for (e, bytes) in events.iter().zip(&encoded) {
+        loop {
+            let record = rdkafka::producer::FutureRecord::to(&topic)
+                .key(e.key())
+                .payload(bytes.as_slice());
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    pending.push(delivery);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    tokio::time::sleep(Duration::from_millis(5)).await
+                }
+                Err((e, _)) => return Err(failed(e)),
+            }
+        }
+    }
+    for d in pending {
+        match d.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => return Err(failed(e)),
+            Err(_) => return Err(failed(KafkaError::Canceled)),
+        }
+    }
+    Ok(())
 }
