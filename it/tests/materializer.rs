@@ -13,15 +13,15 @@ use rdkafka::message::Message;
 use rdkafka::ClientConfig;
 use serde_json::{json, Value};
 use sqlx::PgPool;
-use uuid::Uuid;
 use weir_it::{
     config, prepare, produce, produce_in_order, produce_raw, random_name, weir_bin, ChildGuard,
 };
 use weir_materializer::definition::{canonical_json, Limits};
 use weir_materializer::fold::{self, Decision, Head, Submitted};
 use weir_materializer::patch::Patch;
+use weir_materializer::processor::patch_submitted;
 use weir_runtime::codec::Codec;
-use weir_runtime::events::{self, PatchSubmitted, WorkflowEvent};
+use weir_runtime::events::{PatchSubmitted, WorkflowEvent};
 
 fn spawn_weir(prefix: &str, what: &str) -> ChildGuard {
     ChildGuard(
@@ -173,19 +173,7 @@ async fn ten_thousand_patches_fold_exactly_once_through_crashes() {
                 .push(version),
             Decision::Rejected { .. } => rejected += 1,
         }
-        stream.push(PatchSubmitted {
-            event_id: events::new_event_id(),
-            occurred_at: events::now_micros(),
-            workspace_id: "ws-it".into(),
-            traceparent: String::new(),
-            tracestate: None,
-            patch_id: Uuid::now_v7(),
-            workflow_id,
-            author: "it".into(),
-            base_version: None,
-            operations_json: ops.to_string(),
-            operations_ref: None,
-        });
+        stream.push(patch_submitted(&workflow_id, "ws-it", "it", None, &ops));
     }
     assert!(
         rejected > 500 && rejected < PATCHES / 2,
@@ -301,19 +289,7 @@ async fn conflicts_are_rejected_and_poison_is_dead_lettered() {
     let producer = weir_runtime::kafka::producer(&cfg.kafka).unwrap();
     let topic = codec.topic::<PatchSubmitted>();
     let wf = format!("{prefix}wf");
-    let patch = |base: Option<i64>, ops: Value| PatchSubmitted {
-        event_id: events::new_event_id(),
-        occurred_at: events::now_micros(),
-        workspace_id: "ws-it".into(),
-        traceparent: String::new(),
-        tracestate: None,
-        patch_id: Uuid::now_v7(),
-        workflow_id: wf.clone(),
-        author: "it".into(),
-        base_version: base,
-        operations_json: ops.to_string(),
-        operations_ref: None,
-    };
+    let patch = |base: Option<i64>, ops: Value| patch_submitted(&wf, "ws-it", "it", base, &ops);
     let first = patch(Some(0), create(1));
     produce(&producer, &codec, &first).await.unwrap();
     produce_raw(&producer, &topic, &wf, b"not avro")

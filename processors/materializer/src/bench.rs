@@ -71,22 +71,6 @@ fn change_ops(round: usize, i: usize) -> Value {
     }
 }
 
-fn patch_event(workflow_id: &str, workspace: &str, ops: &Value) -> PatchSubmitted {
-    PatchSubmitted {
-        event_id: events::new_event_id(),
-        occurred_at: events::now_micros(),
-        workspace_id: workspace.into(),
-        traceparent: String::new(),
-        tracestate: None,
-        patch_id: Uuid::now_v7(),
-        workflow_id: workflow_id.into(),
-        author: "bench".into(),
-        base_version: None,
-        operations_json: ops.to_string(),
-        operations_ref: None,
-    }
-}
-
 /// The patch stream: one create per workflow first, then changes round-robin.
 fn stream(prefix: &str, patches: usize, workflows: usize) -> Vec<PatchSubmitted> {
     let workflows = workflows.max(1).min(patches.max(1));
@@ -99,7 +83,13 @@ fn stream(prefix: &str, patches: usize, workflows: usize) -> Vec<PatchSubmitted>
             } else {
                 change_ops(round, i)
             };
-            patch_event(&format!("{prefix}wf-{w}"), &format!("ws-{}", w % 16), &ops)
+            crate::processor::patch_submitted(
+                &format!("{prefix}wf-{w}"),
+                &format!("ws-{}", w % 16),
+                "bench",
+                None,
+                &ops,
+            )
         })
         .collect()
 }

@@ -45,6 +45,29 @@ pub mod names {
     pub const DEFINITIONS_IN_CAS: &str = "weir_materializer_definitions_in_cas_total";
 }
 
+/// A new PatchSubmitted event (fresh event and patch ids, now) with inline operations.
+pub fn patch_submitted(
+    workflow_id: &str,
+    workspace_id: &str,
+    author: &str,
+    base_version: Option<i64>,
+    operations: &Value,
+) -> PatchSubmitted {
+    PatchSubmitted {
+        event_id: events::new_event_id(),
+        occurred_at: events::now_micros(),
+        workspace_id: workspace_id.into(),
+        traceparent: String::new(),
+        tracestate: None,
+        patch_id: Uuid::now_v7(),
+        workflow_id: workflow_id.into(),
+        author: author.into(),
+        base_version,
+        operations_json: operations.to_string(),
+        operations_ref: None,
+    }
+}
+
 /// The materializer.
 pub struct Materializer {
     cfg: Arc<Config>,
