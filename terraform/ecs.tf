@@ -1,0 +1,199 @@
+# The weir processes on ECS Fargate: one service per processor (`weir run <name>`), all from one
+# image; a one-off setup task (migrations, topics, schemas, doctor) run before the services.
+
+resource "aws_ecs_cluster" "weir" {
+  name = local.prefix
+
+  setting {
+    name  = "containerInsights"
+    value = "enabled"
+  }
+}
+
+resource "aws_cloudwatch_log_group" "weir" {
+  name              = "/${local.prefix}/weir"
+  retention_in_days = var.log_retention_days
+  kms_key_id        = aws_kms_key.weir.arn
+}
+
+resource "aws_service_discovery_private_dns_namespace" "weir" {
+  name = "${local.prefix}.internal"
+  vpc  = var.vpc_id
+}
+
+locals {
+  # Settings shared by every weir container (docs/configuration.md). Secrets come separately.
+  weir_environment = merge({
+    KAFKA_BOOTSTRAP_SERVERS                   = aws_msk_cluster.weir.bootstrap_brokers_sasl_scram
+    WEIR__KAFKA__PARTITIONS                   = tostring(var.kafka_partitions)
+    WEIR__KAFKA__REPLICATION_FACTOR           = "3"
+    WEIR__KAFKA__CONSUMER__SECURITY__PROTOCOL = "SASL_SSL"
+    WEIR__KAFKA__CONSUMER__SASL__MECHANISM    = "SCRAM-SHA-512"
+    WEIR__KAFKA__CONSUMER__SASL__USERNAME     = "weir"
+    WEIR__KAFKA__PRODUCER__SECURITY__PROTOCOL = "SASL_SSL"
+    WEIR__KAFKA__PRODUCER__SASL__MECHANISM    = "SCRAM-SHA-512"
+    WEIR__KAFKA__PRODUCER__SASL__USERNAME     = "weir"
+    WEIR__POSTGRES__MAX_CONNECTIONS           = tostring(var.db_max_connections)
+    SCHEMA_REGISTRY_URL                       = local.registry_url
+    WEIR__CAS__BACKEND                        = "s3"
+    S3_BUCKET                                 = aws_s3_bucket.cas.id
+    AWS_REGION                                = var.region
+    WEIR__CAS__SERVER_SIDE_ENCRYPTION         = "aws:kms"
+    WEIR__CAS__KMS_KEY_ID                     = aws_kms_key.weir.arn
+    WEIR__TELEMETRY__LOG_FORMAT               = "json"
+    WEIR__TELEMETRY__LISTEN                   = "0.0.0.0:${local.metrics_port}"
+  }, var.extra_environment)
+
+  # The Kafka password is the "password" key of the MSK SCRAM secret (a JSON document).
+  weir_secrets = [
+    { name = "DATABASE_URL", valueFrom = aws_secretsmanager_secret.database_url.arn },
+    { name = "WEIR__KAFKA__CONSUMER__SASL__PASSWORD", valueFrom = "${aws_secretsmanager_secret.kafka.arn}:password::" },
+    { name = "WEIR__KAFKA__PRODUCER__SASL__PASSWORD", valueFrom = "${aws_secretsmanager_secret.kafka.arn}:password::" },
+  ]
+
+  processor_environment = {
+    gateway = { WEIR__GATEWAY__LISTEN = "0.0.0.0:${local.gateway_port}" }
+  }
+  processor_secrets = {
+    cache = var.embedder_api_key_secret_arn == "" ? [] : [
+      { name = "WEIR__CACHE__EMBEDDER_API_KEY", valueFrom = var.embedder_api_key_secret_arn },
+    ]
+  }
+}
+
+resource "aws_ecs_task_definition" "processor" {
+  for_each                 = var.processors
+  family                   = "${local.prefix}-${each.key}"
+  requires_compatibilities = ["FARGATE"]
+  network_mode             = "awsvpc"
+  cpu                      = each.value.cpu
+  memory                   = each.value.memory
+  execution_role_arn       = aws_iam_role.execution.arn
+  task_role_arn            = aws_iam_role.task.arn
+
+  runtime_platform {
+    operating_system_family = "LINUX"
+    cpu_architecture        = "X86_64"
+  }
+
+  container_definitions = jsonencode([{
+    name      = each.key
+    image     = local.weir_image
+    command   = ["run", each.key]
+    essential = true
+    # weir stops on SIGTERM within runtime.shutdown_deadline_ms (final commit, then leave the group).
+    stopTimeout = 60
+    environment = [for k, v in merge(local.weir_environment, lookup(local.processor_environment, each.key, {})) : { name = k, value = v }]
+    secrets     = concat(local.weir_secrets, lookup(local.processor_secrets, each.key, []))
+    portMappings = concat(
+      [{ containerPort = local.metrics_port, protocol = "tcp", name = "metrics" }],
+      each.key == "gateway" ? [{ containerPort = local.gateway_port, protocol = "tcp", name = "http" }] : [],
+    )
+    healthCheck = {
+      command     = ["CMD-SHELL", "curl -fsS http://127.0.0.1:${local.metrics_port}/healthz || exit 1"]
+      interval    = 15
+      timeout     = 5
+      retries     = 3
+      startPeriod = 30
+    }
+    logConfiguration = {
+      logDriver = "awslogs"
+      options = {
+        awslogs-group         = aws_cloudwatch_log_group.weir.name
+        awslogs-region        = var.region
+        awslogs-stream-prefix = each.key
+      }
+    }
+  }])
+}
+
+resource "aws_ecs_service" "processor" {
+  for_each               = var.processors
+  name                   = each.key
+  cluster                = aws_ecs_cluster.weir.id
+  task_definition        = aws_ecs_task_definition.processor[each.key].arn
+  desired_count          = each.value.desired_count
+  launch_type            = "FARGATE"
+  enable_execute_command = false
+  propagate_tags         = "SERVICE"
+
+  network_configuration {
+    subnets          = var.private_subnet_ids
+    security_groups  = [aws_security_group.tasks.id]
+    assign_public_ip = false
+  }
+
+  deployment_circuit_breaker {
+    enable   = true
+    rollback = true
+  }
+
+  dynamic "load_balancer" {
+    for_each = each.key == "gateway" ? [1] : []
+    content {
+      target_group_arn = aws_lb_target_group.gateway.arn
+      container_name   = "gateway"
+      container_port   = local.gateway_port
+    }
+  }
+
+  lifecycle {
+    ignore_changes = [desired_count] # owned by autoscaling after the first apply
+  }
+}
+
+resource "aws_appautoscaling_target" "processor" {
+  for_each           = var.processors
+  service_namespace  = "ecs"
+  resource_id        = "service/${aws_ecs_cluster.weir.name}/${aws_ecs_service.processor[each.key].name}"
+  scalable_dimension = "ecs:service:DesiredCount"
+  min_capacity       = each.value.desired_count
+  max_capacity       = each.value.max_count
+}
+
+resource "aws_appautoscaling_policy" "processor_cpu" {
+  for_each           = var.processors
+  name               = "${local.prefix}-${each.key}-cpu"
+  service_namespace  = "ecs"
+  resource_id        = aws_appautoscaling_target.processor[each.key].resource_id
+  scalable_dimension = aws_appautoscaling_target.processor[each.key].scalable_dimension
+  policy_type        = "TargetTrackingScaling"
+
+  target_tracking_scaling_policy_configuration {
+    target_value       = 60
+    scale_in_cooldown  = 300
+    scale_out_cooldown = 60
+    predefined_metric_specification {
+      predefined_metric_type = "ECSServiceAverageCPUUtilization"
+    }
+  }
+}
+
+# Run once per release, before updating the services (docs/deploy-aws.md shows the command).
+resource "aws_ecs_task_definition" "setup" {
+  family                   = "${local.prefix}-setup"
+  requires_compatibilities = ["FARGATE"]
+  network_mode             = "awsvpc"
+  cpu                      = 512
+  memory                   = 1024
+  execution_role_arn       = aws_iam_role.execution.arn
+  task_role_arn            = aws_iam_role.task.arn
+
+  container_definitions = jsonencode([{
+    name        = "setup"
+    image       = local.weir_image
+    entryPoint  = ["/bin/sh", "-c"]
+    command     = ["weir migrate && weir topics create && weir schemas register && weir doctor"]
+    essential   = true
+    environment = [for k, v in local.weir_environment : { name = k, value = v }]
+    secrets     = local.weir_secrets
+    logConfiguration = {
+      logDriver = "awslogs"
+      options = {
+        awslogs-group         = aws_cloudwatch_log_group.weir.name
+        awslogs-region        = var.region
+        awslogs-stream-prefix = "setup"
+      }
+    }
+  }])
+}
