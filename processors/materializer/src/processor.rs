@@ -21,6 +21,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 use weir_runtime::cas::{Cas, CasRef};
 use weir_runtime::config::Config;
+use weir_runtime::copy::CopyRows;
 use weir_runtime::events::{
     self, PatchRejected, PatchSubmitted, WorkflowEvent, WorkflowMaterialized,
 };
@@ -569,33 +570,34 @@ impl PatchRows {
         if self.workflow_ids.is_empty() {
             return Ok(());
         }
-        sqlx::query!(
-            r#"INSERT INTO weir_workflow_patches
-                 (workflow_id, patch_id, workspace_id, author, base_version, head_version, status,
-                  version, definition_sha256, operations, operations_ref, reason_code, reason,
-                  source_topic, source_partition, source_offset, submitted_at)
-               SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::text[], $5::bigint[],
-                  $6::bigint[], $7::text[], $8::bigint[], $9::text[], $10::jsonb[], $11::text[],
-                  $12::text[], $13::text[], $14::text[], $15::int[], $16::bigint[], $17::timestamptz[])"#,
-            &self.workflow_ids,
-            &self.patch_ids,
-            &self.workspace_ids,
-            &self.authors,
-            &self.base_versions as &[Option<i64>],
-            &self.head_versions,
-            &self.statuses,
-            &self.versions as &[Option<i64>],
-            &self.shas as &[Option<String>],
-            &self.operations as &[Option<Value>],
-            &self.operation_refs as &[Option<String>],
-            &self.reason_codes as &[Option<String>],
-            &self.reasons as &[Option<String>],
-            &self.topics,
-            &self.partitions,
-            &self.offsets,
-            &self.submitted,
+        let mut copy = CopyRows::new(17);
+        for i in 0..self.workflow_ids.len() {
+            copy.row()
+                .text(&self.workflow_ids[i])
+                .uuid(&self.patch_ids[i])
+                .text(&self.workspace_ids[i])
+                .text(&self.authors[i])
+                .opt_int8(self.base_versions[i])
+                .int8(self.head_versions[i])
+                .text(&self.statuses[i])
+                .opt_int8(self.versions[i])
+                .opt_text(self.shas[i].as_deref())
+                .opt_jsonb_value(self.operations[i].as_ref())
+                .opt_text(self.operation_refs[i].as_deref())
+                .opt_text(self.reason_codes[i].as_deref())
+                .opt_text(self.reasons[i].as_deref())
+                .text(&self.topics[i])
+                .int4(self.partitions[i])
+                .int8(self.offsets[i])
+                .timestamptz(self.submitted[i]);
+        }
+        copy.copy_in(
+            conn,
+            "COPY weir_workflow_patches (workflow_id, patch_id, workspace_id, author, base_version, \
+             head_version, status, version, definition_sha256, operations, operations_ref, \
+             reason_code, reason, source_topic, source_partition, source_offset, submitted_at) \
+             FROM STDIN (FORMAT binary)",
         )
-        .execute(conn)
         .await?;
         Ok(())
     }

@@ -12,6 +12,7 @@ pub mod cas;
 pub mod codec;
 pub mod config;
 pub mod consumer;
+pub mod copy;
 pub mod db;
 pub mod error;
 pub mod events;

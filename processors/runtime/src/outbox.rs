@@ -1,5 +1,5 @@
 //! The transactional outbox writer. A processor pushes its output events while it applies a
-//! batch; the runtime writes them with one set-based INSERT in the batch's transaction, so an
+//! batch; the runtime writes them with one binary COPY in the batch's transaction, so an
 //! event exists if and only if the effect that caused it committed. The relay publishes
 //! the rows to Kafka.
 //!
@@ -9,6 +9,7 @@
 use sqlx::PgConnection;
 
 use crate::codec::Codec;
+use crate::copy::CopyRows;
 use crate::error::EncodeError;
 use crate::events::TopicEvent;
 
@@ -82,7 +83,7 @@ impl<'a> Outbox<'a> {
         self.rows.is_empty()
     }
 
-    /// Inserts every queued row with one statement (ids follow push order) and empties the
+    /// Inserts every queued row with one binary COPY (ids follow push order) and empties the
     /// outbox.
     pub async fn flush(&mut self, conn: &mut PgConnection) -> Result<u64, sqlx::Error> {
         if self.rows.is_empty() {
@@ -90,35 +91,24 @@ impl<'a> Outbox<'a> {
         }
         let rows = std::mem::take(&mut self.rows);
         let n = rows.len();
-        let mut lanes = Vec::with_capacity(n);
-        let mut topics = Vec::with_capacity(n);
-        let mut keys = Vec::with_capacity(n);
-        let mut payloads = Vec::with_capacity(n);
-        let mut headers = Vec::with_capacity(n);
-        for r in rows {
-            lanes.push(r.lane);
-            topics.push(r.topic);
-            keys.push(r.key);
-            payloads.push(r.payload);
-            headers.push(r.headers);
+        let mut copy = CopyRows::new(5);
+        for r in &rows {
+            copy.row()
+                .int4(r.lane)
+                .text(&r.topic)
+                .bytea(&r.key)
+                .bytea(&r.payload)
+                .jsonb(&r.headers.to_string());
         }
-        // WITH ORDINALITY keeps push order in the identity column.
-        let done = sqlx::query!(
-            r#"INSERT INTO weir_outbox (lane, topic, key, payload, headers)
-               SELECT lane, topic, key, payload, headers
-               FROM UNNEST($1::int[], $2::text[], $3::bytea[], $4::bytea[], $5::jsonb[])
-                    WITH ORDINALITY AS t(lane, topic, key, payload, headers, ord)
-               ORDER BY ord"#,
-            &lanes,
-            &topics,
-            &keys,
-            &payloads,
-            &headers,
-        )
-        .execute(conn)
-        .await?;
+        // COPY appends in stream order, so the identity ids keep push order.
+        let done = copy
+            .copy_in(
+                conn,
+                "COPY weir_outbox (lane, topic, key, payload, headers) FROM STDIN (FORMAT binary)",
+            )
+            .await?;
         metrics::counter!(crate::metrics::OUTBOX_WRITTEN).increment(n as u64);
-        Ok(done.rows_affected())
+        Ok(done)
     }
 }
 
