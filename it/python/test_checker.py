@@ -248,7 +248,7 @@ class RelationChecks(unittest.TestCase):
         letter = dict(SAMPLES[d], **common(""))
         spec = self.spec({a: 1, d: 1}, topics=("weir.cache-answers.v1", "weir.dlq.v1"))
         spec["cache_answers"] = {"req-1": {"hit": True, "kind": "semantic"}}
-        spec["dead_letters"] = [{"source_topic": "weir.patches.v1", "original_value_b64": "bm90IGF2cm8=", "error_class": "decode"}]
+        spec["dead_letters"] = [{"source_topic": "weir.patches.v1", "original_value_hex": b"not avro".hex(), "error_class": "decode"}]
         report = {"errors": [], "duplicates": 0}
         c.check_events([event(a, answer), event(d, letter, 1)], spec, report)
         self.assertEqual(report["errors"], [])

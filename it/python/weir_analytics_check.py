@@ -19,7 +19,6 @@ report on stdout; exits 0 when every check passed, 1 otherwise, 2 on a bad spec.
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import hashlib
 import json
@@ -662,7 +661,7 @@ def check_dead_letters(events: list[Event], spec: dict, errors: list[str]) -> No
     """Each expected poison record is there, byte for byte, with where it came from."""
     letters = [e.value for e in events]
     for want in spec.get("dead_letters", []):
-        original = base64.b64decode(want["original_value_b64"])
+        original = bytes.fromhex(want["original_value_hex"])
         match = [
             d
             for d in letters
@@ -685,7 +684,7 @@ def run(spec: dict) -> dict:
     output topic -> actual name), expect (record full name -> distinct events expected; any
     other type is an error), and optionally since_micros, timeout_s, settle_s,
     applied_patches [patch_id], rejected_patches {patch_id: reason_code},
-    dead_letters [{source_topic, original_value_b64, source_offset?, error_class?, original_key?}],
+    dead_letters [{source_topic, original_value_hex, source_offset?, error_class?, original_key?}],
     cache_answers {request_id: {hit, kind}}."""
     report: dict[str, Any] = {"ok": False, "errors": [], "duplicates": 0, "counts": {}}
     report["errors"] += self_check(spec["schemas_dir"])
