@@ -236,6 +236,42 @@ async fn every_output_event_decodes_with_stock_python_deserializers() {
     assert_eq!(report["counts"], expected_this_run(), "{report:#}");
     assert_eq!(report["ok"], json!(true));
     eprintln!("analytics checker report: {report}");
+
+    // The worked example of docs/analytics.md prints the same events, once each.
+    let example =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/analytics-python/consume.py");
+    let args = [
+        "--bootstrap".to_string(),
+        cfg.kafka.bootstrap_servers.clone(),
+        "--registry".into(),
+        cfg.schema_registry.url.clone(),
+        "--prefix".into(),
+        prefix.clone(),
+        "--idle-exit".into(),
+        "3".into(),
+    ];
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python())
+            .arg(example)
+            .args(args)
+            .output()
+            .expect("run the example")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut printed = serde_json::Map::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let line: Value = serde_json::from_str(line).expect("the example prints JSON lines");
+        let name = line["type"].as_str().expect("type").to_string();
+        let n = printed.get(&name).and_then(Value::as_u64).unwrap_or(0);
+        printed.insert(name, json!(n + 1));
+    }
+    assert_eq!(Value::Object(printed), expected_this_run());
 }
 
 fn hex(bytes: &[u8]) -> String {
