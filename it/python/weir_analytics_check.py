@@ -550,6 +550,13 @@ def check_events(events: list[Event], spec: dict, report: dict) -> None:
     counts: dict[str, int] = defaultdict(int)
     for ev in distinct:
         counts[ev.name] += 1
+    # What the run exercised, so a test can demand both sides of the claim checks etc.
+    report["facts"] = {
+        "inline_definitions": sum(1 for e in distinct if e.value.get("definition_json") is not None),
+        "definition_refs": sum(1 for e in distinct if e.value.get("definition_ref") is not None),
+        "with_traceparent": sum(1 for e in distinct if e.value["traceparent"]),
+        "keyless_dead_letters": sum(1 for e in distinct if e.name == "weir.dlq.DeadLetter" and e.value["original_key"] is None),
+    }
     report["counts"] = dict(sorted(counts.items()))
     for name, want in spec["expect"].items():
         if counts.get(name, 0) != want:
@@ -686,7 +693,7 @@ def run(spec: dict) -> dict:
     applied_patches [patch_id], rejected_patches {patch_id: reason_code},
     dead_letters [{source_topic, original_value_hex, source_offset?, error_class?, original_key?}],
     cache_answers {request_id: {hit, kind}}."""
-    report: dict[str, Any] = {"ok": False, "errors": [], "duplicates": 0, "counts": {}}
+    report: dict[str, Any] = {"ok": False, "errors": [], "duplicates": 0, "counts": {}, "facts": {}}
     report["errors"] += self_check(spec["schemas_dir"])
     for base in spec["topics"]:
         if base not in OUTPUT_TOPICS:
