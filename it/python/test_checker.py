@@ -130,6 +130,8 @@ def round_trip(schema, name: str, value: dict):
 def event(name: str, value: dict, partition: int = 0, offset: int = 0) -> c.Event:
     key = c.expected_key(name, value)
     headers = {"event_id": str(value["event_id"]).encode(), "workspace_id": value["workspace_id"].encode()}
+    if name == "weir.dlq.DeadLetter":
+        headers = {h: str(value[f]).encode() for h, f in c.DLQ_HEADERS.items()}
     return c.Event("t", partition, offset, key, headers, name, value)
 
 
@@ -255,8 +257,11 @@ class RelationChecks(unittest.TestCase):
         spec["cache_answers"] = {"req-1": {"hit": False}, "req-2": {"hit": False}}
         spec["dead_letters"][0]["error_class"] = "invalid"
         report = {"errors": [], "duplicates": 0}
-        c.check_events([event(a, answer), event(d, letter, 1)], spec, report)
-        self.assertEqual(len(report["errors"]), 3, report["errors"])
+        bad_header = event(d, letter, 1)
+        bad_header.headers["weir.dlq.source.offset"] = b"40"
+        c.check_events([event(a, answer), bad_header], spec, report)
+        self.assertEqual(len(report["errors"]), 4, report["errors"])
+        self.assertTrue(any("weir.dlq.source.offset" in e for e in report["errors"]), report["errors"])
 
 
 if __name__ == "__main__":
