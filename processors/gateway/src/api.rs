@@ -48,25 +48,6 @@ use crate::sources::{CacheLookupRequest, CacheLookupSource, RunStatusSource};
 /// The OpenAPI 3.1 document, served at /openapi.json; the file is docs/openapi.json.
 pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
 
-/// Every route: (method, path as written in the OpenAPI document). The router is built from
-/// the same paths, and a test checks this list against the document.
-pub const ROUTES: &[(&str, &str)] = &[
-    ("put", "/v1/workflows/{workflow_id}"),
-    ("get", "/v1/workflows/{workflow_id}"),
-    ("post", "/v1/workflows/{workflow_id}/patches"),
-    ("get", "/v1/workflows/{workflow_id}/patches/{patch_id}"),
-    ("post", "/v1/runs"),
-    ("get", "/v1/runs/{run_id}"),
-    ("post", "/v1/runs/{run_id}/cancel"),
-    ("post", "/v1/runs/{run_id}/nodes/{node_id}/completions"),
-    ("post", "/v1/cache/entries"),
-    ("post", "/v1/cache/lookup"),
-    ("get", "/healthz"),
-    ("get", "/readyz"),
-    ("get", "/metrics"),
-    ("get", "/openapi.json"),
-];
-
 /// How long a workflow this gateway just accepted a creation for is taken as existing before
 /// the materializer has stored it.
 const PROVISIONAL_OWNER_TTL: Duration = Duration::from_secs(60);

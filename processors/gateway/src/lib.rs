@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use weir_runtime::codec::Codec;
 use weir_runtime::config::Config;
 
-pub use api::{router, AppState, Sources, OPENAPI, ROUTES};
+pub use api::{router, AppState, Sources, OPENAPI};
 pub use auth::{create_key, Caller, NewKey, Permission};
 pub use sources::{
     CacheLookupAnswer, CacheLookupRequest, CacheLookupSource, HitKind, NodeState, RunStatus,

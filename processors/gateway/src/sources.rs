@@ -59,6 +59,7 @@ pub trait RunStatusSource: Send + Sync + 'static {
 /// A synchronous cache lookup (`POST /v1/cache/lookup`); workspace and permission come from
 /// the caller's key.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CacheLookupRequest {
     /// Node type whose result is looked up.
     pub node_type: String,
