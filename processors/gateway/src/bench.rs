@@ -254,6 +254,12 @@ pub async fn run(cfg: Arc<Config>, params: Params) -> anyhow::Result<Value> {
         .get("linger.ms")
         .cloned()
         .unwrap_or_else(|| "2".into());
+    let compression = cfg
+        .kafka
+        .producer
+        .get("compression.type")
+        .cloned()
+        .unwrap_or_else(|| "none".into());
     let p = patches.summary();
     Ok(json!({
         "bench": "gateway",
@@ -261,6 +267,7 @@ pub async fn run(cfg: Arc<Config>, params: Params) -> anyhow::Result<Value> {
         "acks": "all",
         "idempotent_producer": true,
         "linger_ms": linger,
+        "compression": compression,
         "connections": params.connections,
         "workflows": workflows,
         "requests_per_sec": p["requests_per_sec"],

@@ -22,12 +22,16 @@ use crate::metrics;
 use crate::problem::Problem;
 
 /// The gateway's producer: weir's settings (idempotent, acks=all) with the gateway's batching
-/// and bounds; operator overrides in `kafka.producer` win.
+/// and bounds; operator overrides in `kafka.producer` win. No compression by default: the
+/// events are small JSON-in-Avro records in small batches (a few per partition per linger),
+/// where librdkafka's per-batch zstd context costs more CPU than the bytes it saves
+/// (docs/benchmarks.md).
 pub fn producer(cfg: &Config) -> Result<FutureProducer, KafkaError> {
     let mut c = weir_runtime::kafka::producer_config(&cfg.kafka);
     let g = &cfg.gateway;
     let defaults = [
         ("linger.ms", "2".to_string()),
+        ("compression.type", "none".to_string()),
         ("batch.num.messages", "10000".to_string()),
         (
             "queue.buffering.max.messages",
