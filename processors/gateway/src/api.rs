@@ -385,6 +385,7 @@ pub fn derived_id(workspace_id: &str, scope: &str, key: &str) -> Uuid {
     }
     let digest = h.finalize();
     let mut bytes = [0u8; 16];
+    // A sha256 digest is 32 bytes: the first 16 always exist.
     bytes.copy_from_slice(&digest[..16]);
     uuid::Builder::from_custom_bytes(bytes).into_uuid()
 }

@@ -50,6 +50,7 @@ impl Phase {
             if self.latencies.is_empty() {
                 return 0.0;
             }
+            // q ≤ 1, so i ≤ len - 1: always in bounds.
             let i = ((self.latencies.len() as f64 - 1.0) * q).round() as usize;
             f64::from(self.latencies[i]) / 1000.0
         };
