@@ -34,6 +34,88 @@ pub struct Params {
     pub seconds: u64,
     /// Workflows the patches are spread over.
     pub workflows: usize,
+    /// Also drive the same endpoint with wrk (Debian package `wrk`), an external load
+    /// generator that takes less CPU than the in-process one.
+    pub wrk: bool,
+}
+
+/// Parses a wrk duration (`812.00us`, `7.02ms`, `1.20s`) into milliseconds.
+fn wrk_ms(s: &str) -> Option<f64> {
+    let (num, unit) = s
+        .trim()
+        .split_at(s.trim().find(|c: char| c.is_ascii_alphabetic())?);
+    let v: f64 = num.parse().ok()?;
+    match unit {
+        "us" => Some(v / 1000.0),
+        "ms" => Some(v),
+        "s" => Some(v * 1000.0),
+        "m" => Some(v * 60_000.0),
+        _ => None,
+    }
+}
+
+/// Runs wrk against `POST /v1/workflows/{prefix}wf-{n}/patches`; returns its summary.
+async fn wrk_phase(
+    addr: SocketAddr,
+    key: &str,
+    prefix: &str,
+    workflows: usize,
+    connections: usize,
+    seconds: u64,
+) -> anyhow::Result<Value> {
+    let script = format!(
+        r#"local n = 0
+request = function()
+  n = n + 1
+  return wrk.format("POST", "/v1/workflows/{prefix}wf-" .. (n % {workflows}) .. "/patches",
+    {{["Authorization"] = "Bearer {key}", ["Content-Type"] = "application/json"}},
+    '[{{"op":"replace","path":"/nodes/fetch/config/n","value":' .. n .. '}}]')
+end
+"#
+    );
+    let dir = std::env::temp_dir().join(format!("weir-bench-wrk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("patch.lua");
+    std::fs::write(&path, script)?;
+    let out = tokio::process::Command::new("wrk")
+        .args([
+            "-t1",
+            &format!("-c{connections}"),
+            &format!("-d{seconds}s"),
+            "--latency",
+            "-s",
+        ])
+        .arg(&path)
+        .arg(format!("http://{addr}"))
+        .output()
+        .await
+        .context("running wrk (apt-get install wrk)")?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    anyhow::ensure!(out.status.success(), "wrk failed: {text}");
+    let field = |label: &str| -> Option<&str> {
+        text.lines()
+            .map(str::trim)
+            .find(|l| l.starts_with(label))
+            .and_then(|l| l.split_whitespace().nth(label.split_whitespace().count()))
+    };
+    let rps: f64 = field("Requests/sec:")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    let non_2xx: u64 = field("Non-2xx or 3xx responses:")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let socket_errors = text.lines().any(|l| l.trim().starts_with("Socket errors"));
+    Ok(json!({
+        "requests_per_sec": rps.round(),
+        "p50_ms": field("50%").and_then(wrk_ms),
+        "p90_ms": field("90%").and_then(wrk_ms),
+        "p99_ms": field("99%").and_then(wrk_ms),
+        "non_2xx": non_2xx,
+        "socket_errors": socket_errors,
+        "connections": connections,
+        "seconds": seconds,
+    }))
 }
 
 struct Phase {
@@ -247,6 +329,21 @@ pub async fn run(cfg: Arc<Config>, params: Params) -> anyhow::Result<Value> {
         202,
     )
     .await?;
+    let wrk = if params.wrk {
+        Some(
+            wrk_phase(
+                addr,
+                &key,
+                &prefix,
+                workflows,
+                params.connections,
+                params.seconds.max(1),
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
     shutdown.cancel();
     let _ = running.task.await;
     let linger = cfg
@@ -276,5 +373,17 @@ pub async fn run(cfg: Arc<Config>, params: Params) -> anyhow::Result<Value> {
         "p99_ms": p["p99_ms"],
         "patches": p,
         "http_only_healthz": http_only.summary(),
+        "patches_wrk": wrk,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn wrk_durations_parse() {
+        assert_eq!(super::wrk_ms("812.00us"), Some(0.812));
+        assert_eq!(super::wrk_ms("7.02ms"), Some(7.02));
+        assert_eq!(super::wrk_ms("1.50s"), Some(1500.0));
+        assert_eq!(super::wrk_ms("n/a"), None);
+    }
 }

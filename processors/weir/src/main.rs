@@ -165,6 +165,9 @@ enum BenchCommand {
         /// Workflows the patches are spread over.
         #[arg(long, default_value_t = 64)]
         workflows: usize,
+        /// Also drive the endpoint with wrk (Debian package `wrk`), side by side.
+        #[arg(long)]
+        wrk: bool,
         /// Print only the JSON line.
         #[arg(long)]
         json: bool,
@@ -488,12 +491,14 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
                     connections,
                     seconds,
                     workflows,
+                    wrk,
                     json,
                 } => {
                     let params = weir_gateway::bench::Params {
                         connections,
                         seconds,
                         workflows,
+                        wrk,
                     };
                     (weir_gateway::bench::run(cfg, params).await?, json)
                 }
