@@ -651,20 +651,21 @@ async fn runs_completions_and_cache_entries_become_events() {
     }
     assert_eq!(
         requested, 3,
-        "the retried run request is the same event id, still produced twice"
+        "the retried run request is produced again, with the same run id"
     );
-    let ids: std::collections::HashSet<_> = events
+    let retried: Vec<_> = events
         .iter()
         .filter_map(|e| match e {
             CompletionEvent::RunRequested(r) if r.run_id == run_id => Some(r.event_id),
             _ => None,
         })
         .collect();
-    assert_eq!(
-        ids.len(),
-        1,
-        "a retry carries the same event id, so the coordinator drops it"
+    assert_eq!(retried.len(), 2);
+    assert_ne!(
+        retried[0], retried[1],
+        "event ids stay fresh UUIDv7s; the run id is the dedup key"
     );
+    assert!(retried.iter().all(|id| id.get_version_num() == 7));
 
     // Cache entries (write) and lookups (read; not configured here).
     let entry = json!({"node_type": "agent", "config": {"model": "small"}, "inputs": {"q": 1},

@@ -376,7 +376,8 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
 
 /// An id derived from an idempotency key: the same key in the same workspace and scope
 /// always gives the same id, so a retried request produces an event the consumers
-/// deduplicate (patch ids, run ids, request ids and event ids are their dedup keys).
+/// deduplicate (patch ids, run ids and cache request ids are their dedup keys). Event ids
+/// stay fresh UUIDv7s, as the event contract says.
 pub fn derived_id(workspace_id: &str, scope: &str, key: &str) -> Uuid {
     let mut h = Sha256::new();
     for part in [workspace_id, scope, key] {
@@ -500,7 +501,6 @@ async fn submit_patch(
     base_version: Option<i64>,
     operations_json: String,
     patch_id: Uuid,
-    event_id: Uuid,
 ) -> Result<(), Problem> {
     let (operations_json, operations_ref) =
         if operations_json.len() > s.0.cfg.gateway.inline_max_bytes {
@@ -514,7 +514,7 @@ async fn submit_patch(
             (operations_json, None)
         };
     let event = PatchSubmitted {
-        event_id,
+        event_id: events::new_event_id(),
         occurred_at: events::now_micros(),
         workspace_id: caller.workspace_id.clone(),
         traceparent: String::new(),
@@ -576,17 +576,7 @@ async fn put_workflow(
     // (`null` for a workflow that does not exist yet).
     let operations = format!(r#"[{{"op":"add","path":"","value":{text}}}]"#);
     let patch_id = new_id(&caller, &format!("put:{workflow_id}"), key.as_deref());
-    let event_id = new_id(&caller, &format!("put-event:{workflow_id}"), key.as_deref());
-    submit_patch(
-        &s,
-        &caller,
-        &workflow_id,
-        base,
-        operations,
-        patch_id,
-        event_id,
-    )
-    .await?;
+    submit_patch(&s, &caller, &workflow_id, base, operations, patch_id).await?;
     if owner.is_none() {
         s.remember_owner(
             &workflow_id,
@@ -629,21 +619,7 @@ async fn post_patches(
         }
     }
     let patch_id = new_id(&caller, &format!("patch:{workflow_id}"), key.as_deref());
-    let event_id = new_id(
-        &caller,
-        &format!("patch-event:{workflow_id}"),
-        key.as_deref(),
-    );
-    submit_patch(
-        &s,
-        &caller,
-        &workflow_id,
-        base,
-        text.to_string(),
-        patch_id,
-        event_id,
-    )
-    .await?;
+    submit_patch(&s, &caller, &workflow_id, base, text.to_string(), patch_id).await?;
     Ok(accepted(json!({ "patch_id": patch_id })))
 }
 
@@ -790,7 +766,7 @@ async fn post_run(
     let (inputs_json, inputs_ref) = inline_or_ref(&s, &Value::Object(run.inputs)).await?;
     let run_id = new_id(&caller, "run", key.as_deref());
     let event = CompletionEvent::RunRequested(RunRequested {
-        event_id: new_id(&caller, "run-event", key.as_deref()),
+        event_id: events::new_event_id(),
         occurred_at: events::now_micros(),
         workspace_id: caller.workspace_id.clone(),
         traceparent: String::new(),
@@ -850,7 +826,8 @@ async fn cancel_run(
 ) -> Result<Response, Problem> {
     require(&caller, Permission::Write)?;
     let run_id = check_uuid("run id", &path(p)?)?;
-    let key = idempotency_key(&headers)?;
+    // Cancelling twice is cancelling once: the header is only checked.
+    idempotency_key(&headers)?;
     let b = body(&s, b)?;
     let cancel: CancelBody = if b.iter().all(u8::is_ascii_whitespace) {
         CancelBody::default()
@@ -859,7 +836,7 @@ async fn cancel_run(
     };
     s.check_run(&caller, run_id).await?;
     let event = CompletionEvent::RunCancelRequested(RunCancelRequested {
-        event_id: new_id(&caller, &format!("cancel:{run_id}"), key.as_deref()),
+        event_id: events::new_event_id(),
         occurred_at: events::now_micros(),
         workspace_id: caller.workspace_id.clone(),
         traceparent: String::new(),
@@ -900,7 +877,8 @@ async fn post_completion(
     let (run_id, node_id) = path(p)?;
     let run_id = check_uuid("run id", &run_id)?;
     check_id("node id", &node_id, false)?;
-    let key = idempotency_key(&headers)?;
+    // The coordinator takes one outcome per (run, node, attempt): the header is only checked.
+    idempotency_key(&headers)?;
     let b = body(&s, b)?;
     let c: CompletionBody = parse_body(&b)?;
     if c.attempt < 1 {
@@ -924,11 +902,7 @@ async fn post_completion(
         (None, r) => (None, r),
     };
     let event = CompletionEvent::NodeCompleted(NodeCompleted {
-        event_id: new_id(
-            &caller,
-            &format!("completion:{run_id}:{node_id}:{}", c.attempt),
-            key.as_deref(),
-        ),
+        event_id: events::new_event_id(),
         occurred_at: events::now_micros(),
         workspace_id: caller.workspace_id.clone(),
         traceparent: String::new(),
@@ -1012,7 +986,7 @@ async fn post_cache_entry(
     }
     let request_id = new_id(&caller, "cache-entry", key.as_deref());
     let event = CacheEvent::CacheStore(CacheStore {
-        event_id: new_id(&caller, "cache-entry-event", key.as_deref()),
+        event_id: events::new_event_id(),
         occurred_at: events::now_micros(),
         workspace_id: caller.workspace_id.clone(),
         traceparent: String::new(),
