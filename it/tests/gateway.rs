@@ -818,6 +818,7 @@ async fn run_status_rate_limit_and_kafka_down() {
         |c| {
             c.kafka.bootstrap_servers = "127.0.0.1:1".into();
             c.gateway.produce_timeout_ms = 1_500;
+            c.gateway.max_in_flight = 1;
         },
         Sources::default(),
         false,
@@ -836,6 +837,34 @@ async fn run_status_rate_limit_and_kafka_down() {
         .await;
     assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(a.headers.contains_key("retry-after"));
+    // The bound on requests waiting for Kafka: while one waits, the next is refused at once.
+    let body = definition(2).to_string();
+    let (path_a, path_b) = (
+        format!("/v1/workflows/{wf}-a"),
+        format!("/v1/workflows/{wf}-b"),
+    );
+    let (slow, fast) = tokio::join!(
+        down.call(Method::PUT, &path_a, Some(&key), &[], Some(body.clone())),
+        async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let t = Instant::now();
+            let a = down
+                .call(Method::PUT, &path_b, Some(&key), &[], Some(body.clone()))
+                .await;
+            (a, t.elapsed())
+        }
+    );
+    assert_eq!(slow.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(fast.0.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        fast.0.body["detail"],
+        "too many requests are waiting for Kafka"
+    );
+    assert!(
+        fast.1 < Duration::from_millis(1_000),
+        "refused without waiting: {:?}",
+        fast.1
+    );
     let a = down
         .post(
             &format!("/v1/workflows/{wf}/patches"),

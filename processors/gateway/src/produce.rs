@@ -106,9 +106,17 @@ impl Sender {
             }
         };
         match tokio::time::timeout(self.timeout, delivery).await {
-            Ok(Ok(Ok(_))) => {
+            Ok(Ok(Ok(delivery))) => {
                 ::metrics::histogram!(metrics::PRODUCE_SECONDS, "topic" => E::TOPIC)
                     .record(start.elapsed().as_secs_f64());
+                tracing::debug!(
+                    messaging.system = "kafka",
+                    %topic,
+                    partition = delivery.partition,
+                    offset = delivery.offset,
+                    event_id = %event.event_id(),
+                    "event acknowledged"
+                );
                 Ok(())
             }
             Ok(Ok(Err((e, _)))) => {
