@@ -306,6 +306,18 @@ async fn workflows_and_patches_with_every_error_case() {
         (Some("applied"), Some(1))
     );
 
+    // `If-Match: 0` creates only: the workflow exists now.
+    let a = gw
+        .call(
+            Method::PUT,
+            &path,
+            Some(&write),
+            &[("if-match", "0")],
+            Some(definition(5).to_string()),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::PRECONDITION_FAILED);
+
     // Another workspace sees nothing and cannot write.
     assert_eq!(gw.get(&path, &other).await.status, StatusCode::NOT_FOUND);
     assert_eq!(

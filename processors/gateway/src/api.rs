@@ -396,7 +396,8 @@ fn new_id(caller: &Caller, scope: &str, key: Option<&str>) -> Uuid {
     key.map_or_else(Uuid::now_v7, |k| derived_id(&caller.workspace_id, scope, k))
 }
 
-/// If-Match: a version, bare or quoted (`3`, `"3"`, `W/"3"`).
+/// If-Match: a version, bare or quoted (`3`, `"3"`, `W/"3"`); `0` names a workflow that does
+/// not exist yet (a create-only PUT).
 fn if_match(headers: &HeaderMap) -> Result<Option<i64>, Problem> {
     let Some(v) = headers.get(header::IF_MATCH) else {
         return Ok(None);
@@ -404,7 +405,7 @@ fn if_match(headers: &HeaderMap) -> Result<Option<i64>, Problem> {
     let s = v.to_str().unwrap_or("").trim();
     let s = s.strip_prefix("W/").unwrap_or(s).trim_matches('"');
     match s.parse::<i64>() {
-        Ok(n) if n >= 1 => Ok(Some(n)),
+        Ok(n) if n >= 0 => Ok(Some(n)),
         _ => Err(Problem::bad_request(
             "If-Match must be a workflow version (an ETag such as \"3\")",
         )),
@@ -1076,6 +1077,10 @@ mod tests {
             h.insert(header::IF_MATCH, HeaderValue::from_static(v));
             assert_eq!(if_match(&h).unwrap(), want);
         }
+        h.insert(header::IF_MATCH, HeaderValue::from_static("0"));
+        assert_eq!(if_match(&h).unwrap(), Some(0), "0: must not exist yet");
+        h.insert(header::IF_MATCH, HeaderValue::from_static("-1"));
+        assert_eq!(if_match(&h).unwrap_err().status, 400);
         h.insert(header::IF_MATCH, HeaderValue::from_static("\"abc\""));
         assert_eq!(if_match(&h).unwrap_err().status, 400);
         assert!(check_id("workflow id", "orders:v1_a-b.c", true).is_ok());
