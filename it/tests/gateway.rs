@@ -954,3 +954,57 @@ async fn schemathesis_finds_no_5xx_and_no_response_outside_the_document() {
     assert!(out.status.success(), "schemathesis failed:\n{text}");
     assert!(!text.contains("Server error"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_payloads_travel_through_the_cas() {
+    let gw = start(
+        |c| c.gateway.inline_max_bytes = 2_048,
+        Sources::default(),
+        true,
+    )
+    .await;
+    let ws = random_name("ws");
+    let write = gw.key(&ws, Permission::Write).await;
+    let wf = format!("wf-{}", Uuid::now_v7().simple());
+    let path = format!("/v1/workflows/{wf}");
+    let mut big = definition(1);
+    big["nodes"]["fetch"]["config"]["notes"] = json!("n".repeat(5_000));
+    let a = gw
+        .call(Method::PUT, &path, Some(&write), &[], Some(big.to_string()))
+        .await;
+    assert_eq!(a.status, StatusCode::ACCEPTED);
+    let head = gw
+        .wait_for(&path, &write, |a| a.status == StatusCode::OK)
+        .await;
+    assert_eq!(
+        head.body["definition"], big,
+        "applied from the CAS reference"
+    );
+    let inputs = json!({"document": "d".repeat(5_000)});
+    let a = gw
+        .post(
+            "/v1/runs",
+            &write,
+            json!({"workflow_id": wf, "inputs": inputs}),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::ACCEPTED);
+
+    let patches: Vec<PatchSubmitted> = gw.events(1).await;
+    assert_eq!(
+        patches[0].operations_json, "",
+        "operations by reference only"
+    );
+    assert!(patches[0].operations_ref.is_some());
+    let runs: Vec<CompletionEvent> = gw.events(1).await;
+    let CompletionEvent::RunRequested(r) = &runs[0] else {
+        panic!("expected RunRequested, got {:?}", runs[0])
+    };
+    assert_eq!(r.inputs_json, None);
+    let cas = weir_runtime::cas::Cas::from_config(&gw.cfg).await.unwrap();
+    let stored: Value = cas
+        .get_json(&r.inputs_ref.as_deref().unwrap().parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(stored, inputs);
+}
