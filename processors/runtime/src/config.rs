@@ -67,6 +67,8 @@ pub struct Config {
     pub relay: RelayConfig,
     /// The patch materializer.
     pub materializer: MaterializerConfig,
+    /// The HTTP ingestion gateway.
+    pub gateway: GatewayConfig,
 }
 
 /// Kafka settings.
@@ -353,6 +355,47 @@ impl Default for MaterializerConfig {
     }
 }
 
+/// HTTP ingestion gateway settings (`weir run gateway`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// Address the API listens on (also serves /metrics, /healthz, /readyz, /openapi.json).
+    pub listen: SocketAddr,
+    /// Largest request body accepted, in bytes; larger bodies get 413.
+    pub max_body_bytes: usize,
+    /// How long a looked-up API key (or an unknown one) is trusted from memory, in ms.
+    pub key_cache_ttl_ms: u64,
+    /// Sustained requests per second allowed per workspace (token bucket refill rate).
+    pub rate_limit_per_sec: u32,
+    /// Burst size of a workspace's token bucket.
+    pub rate_limit_burst: u32,
+    /// Most requests waiting for a broker acknowledgement at once; beyond it, 503.
+    pub max_in_flight: usize,
+    /// How long to wait for the broker to acknowledge an event before answering 503, in ms.
+    pub produce_timeout_ms: u64,
+    /// Run inputs and cache results larger than this (bytes of JSON) go to the CAS and the
+    /// event carries the reference.
+    pub inline_max_bytes: usize,
+    /// Seconds a client is told to wait (Retry-After) after a 503 or 429.
+    pub retry_after_secs: u32,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body_bytes: 1024 * 1024,
+            key_cache_ttl_ms: 10_000,
+            rate_limit_per_sec: 50_000,
+            rate_limit_burst: 100_000,
+            max_in_flight: 20_000,
+            produce_timeout_ms: 10_000,
+            inline_max_bytes: 256 * 1024,
+            retry_after_secs: 1,
+        }
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -561,6 +604,15 @@ impl Config {
                     .into(),
             );
         }
+        if self.gateway.max_body_bytes < 1024 {
+            p.push("gateway.max_body_bytes: must be at least 1024".into());
+        }
+        if self.gateway.rate_limit_per_sec == 0 || self.gateway.rate_limit_burst == 0 {
+            p.push("gateway.rate_limit_per_sec/rate_limit_burst: must be at least 1".into());
+        }
+        if self.gateway.max_in_flight == 0 {
+            p.push("gateway.max_in_flight: must be at least 1".into());
+        }
         if self.s3.bucket.is_empty() {
             p.push("s3.bucket: must not be empty".into());
         }
@@ -686,6 +738,7 @@ fn field_errors(defaults: &Json, merged: &Json, problems: &mut Vec<String>) {
     check::<CasConfig>("cas", defaults, merged, problems);
     check::<RelayConfig>("relay", defaults, merged, problems);
     check::<MaterializerConfig>("materializer", defaults, merged, problems);
+    check::<GatewayConfig>("gateway", defaults, merged, problems);
 }
 
 #[cfg(test)]

@@ -61,6 +61,11 @@ enum Command {
         #[command(subcommand)]
         command: WorkflowsCommand,
     },
+    /// API keys of the HTTP gateway.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Benchmarks against the local stack (the last line printed is one JSON object).
     Bench {
         #[command(subcommand)]
@@ -74,6 +79,21 @@ enum ProcessorName {
     Materializer,
     /// Publishes the outbox to Kafka.
     Relay,
+    /// The HTTP ingestion gateway.
+    Gateway,
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create an API key and print it (once: only its hash is stored).
+    Create {
+        /// The workspace the key is confined to.
+        #[arg(long)]
+        workspace: String,
+        /// read, write or admin.
+        #[arg(long, value_parser = ["read", "write", "admin"])]
+        permission: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -130,6 +150,24 @@ enum BenchCommand {
         /// Relays running at once.
         #[arg(long, default_value_t = 3)]
         relays: usize,
+        /// Print only the JSON line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The HTTP gateway: POST patches with acks=all from many connections.
+    Gateway {
+        /// Concurrent connections.
+        #[arg(long, default_value_t = 128)]
+        connections: usize,
+        /// Seconds of the measured phase.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Workflows the patches are spread over.
+        #[arg(long, default_value_t = 64)]
+        workflows: usize,
+        /// Also drive the endpoint with wrk (Debian package `wrk`), side by side.
+        #[arg(long)]
+        wrk: bool,
         /// Print only the JSON line.
         #[arg(long)]
         json: bool,
@@ -231,6 +269,12 @@ async fn run_processors(cfg: Arc<Config>, which: &[ProcessorName]) -> anyhow::Re
                 );
                 tasks.spawn(async move { relay.run(stop).await.map_err(anyhow::Error::from) });
             }
+            ProcessorName::Gateway => {
+                let cfg = cfg.clone();
+                tasks.spawn(async move {
+                    weir_gateway::run(cfg, weir_gateway::Sources::default(), stop).await
+                });
+            }
         }
     }
     let server = tokio::spawn(telemetry::serve(
@@ -307,9 +351,40 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
             Ok(true)
         }
         Command::Dev => {
-            run_processors(cfg, &[ProcessorName::Materializer, ProcessorName::Relay]).await
+            run_processors(
+                cfg,
+                &[
+                    ProcessorName::Materializer,
+                    ProcessorName::Relay,
+                    ProcessorName::Gateway,
+                ],
+            )
+            .await
         }
         Command::Run { processor } => run_processors(cfg, &[processor]).await,
+        Command::Keys {
+            command:
+                KeysCommand::Create {
+                    workspace,
+                    permission,
+                },
+        } => {
+            let Some(permission) = weir_gateway::Permission::parse(&permission) else {
+                anyhow::bail!("--permission must be read, write or admin");
+            };
+            anyhow::ensure!(!workspace.is_empty(), "--workspace must not be empty");
+            let pool = weir_runtime::db::pool(&cfg.postgres)?;
+            let key = weir_gateway::create_key(&pool, &workspace, permission)
+                .await
+                .context("creating the key")?;
+            eprintln!(
+                "created key {} for workspace {workspace} ({}); it is shown only this once:",
+                key.key_id,
+                permission.as_str()
+            );
+            println!("{}", key.key);
+            Ok(true)
+        }
         Command::Patch {
             command:
                 PatchCommand::Apply {
@@ -412,6 +487,21 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
                     relays,
                     json,
                 } => (weir_relay::bench::bench(cfg, events, relays).await?, json),
+                BenchCommand::Gateway {
+                    connections,
+                    seconds,
+                    workflows,
+                    wrk,
+                    json,
+                } => {
+                    let params = weir_gateway::bench::Params {
+                        connections,
+                        seconds,
+                        workflows,
+                        wrk,
+                    };
+                    (weir_gateway::bench::run(cfg, params).await?, json)
+                }
             };
             if !json {
                 println!("{}", serde_json::to_string_pretty(&result)?);

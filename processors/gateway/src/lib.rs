@@ -1,0 +1,89 @@
+//! The HTTP ingestion gateway (`weir run gateway`): JSON over HTTP in, acknowledged Kafka
+//! events out, and reads of what the processors made. See docs/gateway.md and the OpenAPI
+//! document docs/openapi.json (served at /openapi.json).
+//!
+//! - [`api`]: routes and handlers; [`auth`]: API keys; [`limit`]: per-workspace rate limit;
+//! - [`produce`]: one event per request, 202 only after acks=all;
+//! - [`sources`]: run status and cache lookups, plugged in by the process wiring;
+//! - [`bench`]: `weir bench gateway`.
+
+pub mod api;
+pub mod auth;
+pub mod bench;
+pub mod limit;
+pub mod metrics;
+pub mod problem;
+pub mod produce;
+pub mod sources;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use weir_runtime::codec::Codec;
+use weir_runtime::config::Config;
+
+pub use api::{router, AppState, Sources, OPENAPI};
+pub use auth::{create_key, Caller, NewKey, Permission};
+pub use sources::{
+    CacheLookupAnswer, CacheLookupRequest, CacheLookupSource, HitKind, NodeState, RunStatus,
+    RunStatusSource, SourceError,
+};
+
+/// How often readiness (Postgres and Kafka reachable) is checked.
+const READINESS_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Builds the gateway's state from the configuration (pool, codec, producer, CAS).
+pub async fn state(cfg: Arc<Config>, sources: Sources) -> anyhow::Result<AppState> {
+    let pool = weir_runtime::db::pool(&cfg.postgres)?;
+    let codec = Arc::new(Codec::new(&cfg.schema_registry, &cfg.kafka)?);
+    let producer = produce::producer(&cfg)?;
+    let cas = weir_runtime::cas::Cas::from_config(&cfg).await?;
+    let sender = produce::Sender::new(&cfg, producer, codec);
+    Ok(AppState::new(cfg, pool, cas, sender, sources))
+}
+
+/// A running gateway: its address and the task serving it.
+pub struct Running {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Ends when the server stopped (after `shutdown` is cancelled).
+    pub task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Serves `state` on `listener` until `shutdown`, with the readiness watcher.
+pub fn spawn(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: CancellationToken,
+) -> std::io::Result<Running> {
+    let addr = listener.local_addr()?;
+    tokio::spawn(
+        state
+            .clone()
+            .watch_readiness(READINESS_INTERVAL, shutdown.clone()),
+    );
+    let app = router(state);
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
+    });
+    Ok(Running { addr, task })
+}
+
+/// `weir run gateway`: binds `gateway.listen` and serves until `shutdown`.
+pub async fn run(
+    cfg: Arc<Config>,
+    sources: Sources,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(cfg.gateway.listen).await?;
+    let state = state(cfg, sources).await?;
+    let running = spawn(listener, state, shutdown)?;
+    tracing::info!(addr = %running.addr, "gateway listening");
+    running.task.await??;
+    Ok(())
+}

@@ -1,0 +1,119 @@
+//! Read models the gateway answers from but does not own: run status (the coordinator) and
+//! synchronous cache lookups (the cache library). Each is a trait the process wiring
+//! implements; a gateway built without one answers 503 "not configured" on that route.
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// Status of one node of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeState {
+    /// Node id in the definition.
+    pub node_id: String,
+    /// Node type.
+    pub node_type: String,
+    /// Node status as the coordinator names it.
+    pub status: String,
+    /// Current attempt (1-based; 0 before the first).
+    pub attempt: i32,
+}
+
+/// Status of one run, as `GET /v1/runs/{run_id}` answers it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunStatus {
+    /// The run.
+    pub run_id: Uuid,
+    /// Its workflow.
+    pub workflow_id: String,
+    /// The pinned version.
+    pub version: i64,
+    /// Run status as the coordinator names it.
+    pub status: String,
+    /// Why it failed or was cancelled, if it did.
+    pub reason: Option<String>,
+    /// Every node's state.
+    pub nodes: Vec<NodeState>,
+}
+
+/// A read model failed; the caller answers 503 and logs `message`.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct SourceError {
+    /// What failed (logged, never sent to clients).
+    pub message: String,
+}
+
+/// Where run status comes from (the coordinator's tables).
+#[async_trait]
+pub trait RunStatusSource: Send + Sync + 'static {
+    /// The run `run_id` of `workspace_id`; `None` when there is none in that workspace.
+    async fn run_status(
+        &self,
+        workspace_id: &str,
+        run_id: Uuid,
+    ) -> Result<Option<RunStatus>, SourceError>;
+}
+
+/// A synchronous cache lookup (`POST /v1/cache/lookup`); workspace and permission come from
+/// the caller's key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheLookupRequest {
+    /// Node type whose result is looked up.
+    pub node_type: String,
+    /// Node configuration.
+    pub config: Value,
+    /// Node inputs.
+    pub inputs: Value,
+    /// Prompt text, for semantic matching.
+    #[serde(default)]
+    pub prompt: Option<String>,
+    /// Whether a semantic (similar, not identical) match may answer.
+    #[serde(default = "yes")]
+    pub semantic: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// How a hit matched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HitKind {
+    /// Same node type, config and inputs.
+    Exact,
+    /// A similar prompt.
+    Semantic,
+}
+
+/// The answer to a [`CacheLookupRequest`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CacheLookupAnswer {
+    /// Whether an entry was found.
+    pub hit: bool,
+    /// How it matched (`None` on a miss).
+    pub kind: Option<HitKind>,
+    /// Cosine similarity of a semantic hit.
+    pub similarity: Option<f64>,
+    /// CAS ref of the result.
+    pub result_ref: Option<String>,
+    /// The result itself when small.
+    pub result: Option<Value>,
+    /// Time the hit saves (the entry's recorded cost), in ms; 0 on a miss.
+    pub saved_ms: i64,
+}
+
+/// Where cache lookups go (the cache library).
+#[async_trait]
+pub trait CacheLookupSource: Send + Sync + 'static {
+    /// Looks `request` up in `workspace_id`'s cache for a caller with `permission`.
+    async fn lookup(
+        &self,
+        workspace_id: &str,
+        permission: crate::auth::Permission,
+        request: &CacheLookupRequest,
+    ) -> Result<CacheLookupAnswer, SourceError>;
+}
