@@ -66,6 +66,22 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Drive the demo workload through the gateway (with `weir dev` running): workflows,
+    /// patches, runs with simulated workers, both caches; ends with a summary.
+    Demo {
+        /// Gateway base URL; default: the configured gateway.listen.
+        #[arg(long)]
+        gateway: Option<String>,
+        /// Runs per wave (two waves with the same inputs).
+        #[arg(long, default_value_t = 24)]
+        runs: usize,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 180)]
+        timeout_secs: u64,
+        /// Also print the summary as one JSON line at the end.
+        #[arg(long)]
+        json: bool,
+    },
     /// Benchmarks against the local stack (the last line printed is one JSON object).
     Bench {
         #[command(subcommand)]
@@ -362,6 +378,32 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
             .await
         }
         Command::Run { processor } => run_processors(cfg, &[processor]).await,
+        Command::Demo {
+            gateway,
+            runs,
+            timeout_secs,
+            json,
+        } => {
+            let gateway = gateway.unwrap_or_else(|| format!("http://{}", cfg.gateway.listen));
+            let metrics_url = format!("http://{}/metrics", cfg.telemetry.listen);
+            let shutdown = CancellationToken::new();
+            let on_signal = shutdown.clone();
+            tokio::spawn(async move {
+                let _ = tokio::signal::ctrl_c().await;
+                on_signal.cancel();
+            });
+            let opts = weir_demo::Options {
+                gateway,
+                runs,
+                metrics_url,
+                timeout: std::time::Duration::from_secs(timeout_secs),
+            };
+            let summary = weir_demo::run(cfg, opts, shutdown).await?;
+            if json {
+                println!("{}", serde_json::to_string(&summary)?);
+            }
+            Ok(true)
+        }
         Command::Keys {
             command:
                 KeysCommand::Create {
