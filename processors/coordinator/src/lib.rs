@@ -9,4 +9,15 @@
 //! - [`cache`]: the dispatch-time result cache seam.
 //! - [`status`]: the run status read by the HTTP gateway.
 
+pub mod cache;
 pub mod machine;
+pub mod metrics;
+pub mod processor;
+pub mod status;
+pub mod timers;
+
+pub use cache::{CacheCandidate, CacheSeamError, CachedResult, DispatchCache};
+pub use processor::{Coordinator, GROUP};
+pub use status::{run_status, NodeStatusView, RunStatus};
+pub use timers::TimerLoop;
+pub mod bench;

@@ -96,7 +96,8 @@ impl Plan {
                     .map(|r| i32::try_from(r.max_attempts).unwrap_or(i32::MAX))
                     .unwrap_or(1),
             );
-            plan.backoff_ms.push(retry.map(|r| r.backoff_ms).unwrap_or(0));
+            plan.backoff_ms
+                .push(retry.map(|r| r.backoff_ms).unwrap_or(0));
             plan.deadline_ms.push(node.deadline_ms);
         }
         plan.ids = ids;
@@ -435,7 +436,7 @@ pub struct Env<'a> {
     /// Cap of one retry delay, ms.
     pub max_backoff_ms: u64,
     /// Jitter: a value in `0..=n` for the given `n`.
-    pub jitter: &'a mut dyn FnMut(u64) -> u64,
+    pub jitter: &'a mut (dyn FnMut(u64) -> u64 + Send),
 }
 
 /// Delay before retrying after failed attempt `failed_attempt` (1-based): `backoff_ms`
@@ -451,7 +452,13 @@ pub fn retry_delay_ms(backoff_ms: u64, failed_attempt: i32, env: &mut Env<'_>) -
 }
 
 /// Applies one input to `run`, appending what happened to `effects`.
-pub fn step(plan: &Plan, run: &mut RunRt, input: Input, env: &mut Env<'_>, effects: &mut Vec<Effect>) {
+pub fn step(
+    plan: &Plan,
+    run: &mut RunRt,
+    input: Input,
+    env: &mut Env<'_>,
+    effects: &mut Vec<Effect>,
+) {
     match input {
         Input::Start => {
             if run.phase != RunPhase::Running || run.nodes.iter().any(|n| n.phase != Phase::Waiting)
@@ -623,8 +630,10 @@ fn dispatch(
     node.hop = hop;
     node.dirty = true;
     run.progressed = true;
-    let deadline_at_ms = plan.deadline_ms[i]
-        .map(|d| env.now_ms.saturating_add(i64::try_from(d).unwrap_or(i64::MAX)));
+    let deadline_at_ms = plan.deadline_ms[i].map(|d| {
+        env.now_ms
+            .saturating_add(i64::try_from(d).unwrap_or(i64::MAX))
+    });
     effects.push(Effect::Dispatch {
         node: i,
         attempt,

@@ -74,6 +74,8 @@ enum ProcessorName {
     Materializer,
     /// Publishes the outbox to Kafka.
     Relay,
+    /// Advances workflow runs from completion events (with its timer loop).
+    Coordinator,
 }
 
 #[derive(Subcommand)]
@@ -118,6 +120,19 @@ enum BenchCommand {
         /// Patches in the naive phase.
         #[arg(long, default_value_t = 2_000)]
         naive_patches: usize,
+        /// Print only the JSON line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The coordinator on root → fan-out 8 → join → tail runs vs one transaction per
+    /// completion.
+    Coordinator {
+        /// Runs to drive.
+        #[arg(long, default_value_t = 5_000)]
+        runs: usize,
+        /// Runs on the naive path (default: a tenth of --runs).
+        #[arg(long)]
+        naive_runs: Option<usize>,
         /// Print only the JSON line.
         #[arg(long)]
         json: bool,
@@ -217,6 +232,31 @@ async fn run_processors(cfg: Arc<Config>, which: &[ProcessorName]) -> anyhow::Re
                     );
                 }
             }
+            ProcessorName::Coordinator => {
+                let cas = weir_runtime::cas::Cas::from_config(&cfg).await?;
+                let coordinator = Arc::new(weir_coordinator::Coordinator::new(
+                    cfg.clone(),
+                    s.pool.clone(),
+                    cas,
+                ));
+                for _ in 0..cfg.runtime.consumers {
+                    let consumer = weir_runtime::BatchConsumer::new(
+                        cfg.clone(),
+                        coordinator.clone(),
+                        s.pool.clone(),
+                        s.codec.clone(),
+                        s.producer.clone(),
+                        s.health.clone(),
+                    );
+                    let stop = stop.clone();
+                    tasks.spawn(
+                        async move { consumer.run(stop).await.map_err(anyhow::Error::from) },
+                    );
+                }
+                let timers =
+                    weir_coordinator::TimerLoop::new(coordinator, s.pool.clone(), s.codec.clone());
+                tasks.spawn(async move { timers.run(stop).await.map_err(anyhow::Error::from) });
+            }
             ProcessorName::Relay => {
                 let id = format!("relay-{}", std::process::id());
                 // The relay's own producer: it never expires messages, so a retry cannot
@@ -307,7 +347,15 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
             Ok(true)
         }
         Command::Dev => {
-            run_processors(cfg, &[ProcessorName::Materializer, ProcessorName::Relay]).await
+            run_processors(
+                cfg,
+                &[
+                    ProcessorName::Materializer,
+                    ProcessorName::Coordinator,
+                    ProcessorName::Relay,
+                ],
+            )
+            .await
         }
         Command::Run { processor } => run_processors(cfg, &[processor]).await,
         Command::Patch {
@@ -407,6 +455,19 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
                     };
                     (weir_materializer::bench::run(cfg, params).await?, json)
                 }
+                BenchCommand::Coordinator {
+                    runs,
+                    naive_runs,
+                    json,
+                } => (
+                    weir_coordinator::bench::run(
+                        cfg,
+                        runs,
+                        naive_runs.unwrap_or((runs / 10).max(1)),
+                    )
+                    .await?,
+                    json,
+                ),
                 BenchCommand::Relay {
                     events,
                     relays,

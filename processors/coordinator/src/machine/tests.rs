@@ -127,7 +127,10 @@ fn reference(c: &Case) -> Expected {
             continue;
         }
         let max = c.max_attempts[j] as usize;
-        match c.outcomes[j][..max].iter().position(|o| *o == Outcome::Succeed) {
+        match c.outcomes[j][..max]
+            .iter()
+            .position(|o| *o == Outcome::Succeed)
+        {
             Some(k) => succeeds_at[j] = Some(k + 1),
             None => {
                 exhausted.insert(j);
@@ -386,7 +389,13 @@ fn max_hops_fails_the_run_before_dispatching_too_deep() {
     };
     let mut fx = Vec::new();
     step(&plan, &mut run, Input::Start, &mut env, &mut fx);
-    step(&plan, &mut run, completed(&plan, 0, 1, true), &mut env, &mut fx);
+    step(
+        &plan,
+        &mut run,
+        completed(&plan, 0, 1, true),
+        &mut env,
+        &mut fx,
+    );
     assert!(fx.contains(&Effect::Dispatch {
         node: 1,
         attempt: 1,
@@ -395,7 +404,13 @@ fn max_hops_fails_the_run_before_dispatching_too_deep() {
         after: Some(0)
     }));
     fx.clear();
-    step(&plan, &mut run, completed(&plan, 1, 1, true), &mut env, &mut fx);
+    step(
+        &plan,
+        &mut run,
+        completed(&plan, 1, 1, true),
+        &mut env,
+        &mut fx,
+    );
     assert_eq!(run.phase, RunPhase::Failed);
     assert_eq!(run.failed_node, Some(2));
     assert!(run.reason.as_deref().unwrap().contains("max_hops = 2"));
