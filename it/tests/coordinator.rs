@@ -337,7 +337,7 @@ async fn runs_flow_end_to_end_through_weir_dev() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.cancel();
 
-    let s = seen.lock().unwrap();
+    let s = std::mem::take(&mut *seen.lock().unwrap());
     let completed: HashSet<String> = s
         .runs
         .iter()
@@ -483,7 +483,7 @@ async fn a_coordinator_sigkilled_mid_run_dispatches_nothing_twice() {
     .await;
     stop.cancel();
 
-    let s = seen.lock().unwrap();
+    let s = std::mem::take(&mut *seen.lock().unwrap());
     let dispatches = s.dispatches();
     assert_eq!(
         dispatches.len(),
@@ -599,7 +599,7 @@ async fn a_retry_and_a_deadline_fire_after_a_restart() {
     })
     .await;
     stop.cancel();
-    let s = seen.lock().unwrap();
+    let s = std::mem::take(&mut *seen.lock().unwrap());
     let b2 = s
         .ready
         .iter()

@@ -93,6 +93,10 @@ struct StoredRun {
     started_at: DateTime<Utc>,
 }
 
+/// A dispatch of the batch: node, attempt, hop, deadline (ms), and the completion that
+/// caused it (predecessor, event time µs).
+type Dispatch = (usize, i32, i32, Option<i64>, Option<(usize, i64)>);
+
 /// A run being advanced in this batch.
 struct Active {
     run_id: String,
@@ -103,7 +107,7 @@ struct Active {
     plan: Arc<Plan>,
     rt: RunRt,
     /// Dispatch effects with the completion that caused them (from node, event time µs).
-    dispatches: Vec<(usize, i32, i32, Option<i64>, Option<(usize, i64)>)>,
+    dispatches: Vec<Dispatch>,
     /// Retry effects: node, failed attempt, next attempt, due ms, error.
     retries: Vec<(usize, i32, i32, i64, Option<String>)>,
     /// Lifecycle effects in order (Started, Completed, Failed, Cancelled, AttemptEnded).

@@ -135,7 +135,7 @@ impl TimerLoop {
             .await?;
             tick.timers = claimed.len();
             let mut claimed = claimed;
-            claimed.sort_by(|a, b| a.due_at.cmp(&b.due_at));
+            claimed.sort_by_key(|t| t.due_at);
             let mut groups: Vec<(String, Vec<Item>)> = Vec::new();
             let mut at: HashMap<String, usize> = HashMap::new();
             for t in claimed {

@@ -345,13 +345,13 @@ proptest! {
         } else if expected.exhausted.is_empty() {
             prop_assert_eq!(d.run.phase, RunPhase::Completed);
             prop_assert_eq!(d.ended.clone(), Some(Effect::Completed));
-            for i in 0..c.n {
-                let n = &d.run.nodes[idx[i]];
+            for (i, &at) in idx.iter().enumerate() {
+                let n = &d.run.nodes[at];
                 let k = expected.succeeds_at[i].unwrap() as i32;
                 prop_assert_eq!(n.phase, Phase::Succeeded);
                 prop_assert_eq!(n.attempt, k);
-                prop_assert_eq!(d.dispatched[&idx[i]].len() as i32, k);
-                prop_assert_eq!(n.output_json.clone(), Some(format!("{{\"n\":{},\"a\":{k}}}", idx[i])));
+                prop_assert_eq!(d.dispatched[&at].len() as i32, k);
+                prop_assert_eq!(n.output_json.clone(), Some(format!("{{\"n\":{at},\"a\":{k}}}")));
             }
         } else {
             prop_assert_eq!(d.run.phase, RunPhase::Failed);
@@ -361,8 +361,8 @@ proptest! {
             prop_assert_eq!(d.dispatched[&failed].len() as i32, plan.max_attempts[failed]);
             prop_assert_eq!(d.run.nodes[failed].phase, Phase::Failed);
             // Nodes that succeed in the model and were answered are never wrongly failed.
-            for i in 0..c.n {
-                let n = &d.run.nodes[idx[i]];
+            for (i, &at) in idx.iter().enumerate() {
+                let n = &d.run.nodes[at];
                 if n.phase == Phase::Succeeded {
                     prop_assert_eq!(Some(n.attempt as usize), expected.succeeds_at[i]);
                 }
