@@ -27,8 +27,8 @@ pub struct RunStatus {
     pub run_id: Uuid,
     /// Its workflow.
     pub workflow_id: String,
-    /// The pinned version.
-    pub version: i64,
+    /// The pinned version; `None` when the run failed before one was pinned.
+    pub version: Option<i64>,
     /// Run status as the coordinator names it.
     pub status: String,
     /// Why it failed or was cancelled, if it did.
@@ -116,4 +116,48 @@ pub trait CacheLookupSource: Send + Sync + 'static {
         permission: crate::auth::Permission,
         request: &CacheLookupRequest,
     ) -> Result<CacheLookupAnswer, SourceError>;
+}
+
+/// Run status from the coordinator's tables, read with its library.
+pub struct CoordinatorRunStatus {
+    pool: sqlx::PgPool,
+}
+
+impl CoordinatorRunStatus {
+    /// Reads from `pool` (the database the coordinator writes).
+    pub fn new(pool: sqlx::PgPool) -> Self {
+        Self { pool }
+    }
+}
+
+#[async_trait]
+impl RunStatusSource for CoordinatorRunStatus {
+    async fn run_status(
+        &self,
+        workspace_id: &str,
+        run_id: Uuid,
+    ) -> Result<Option<RunStatus>, SourceError> {
+        let found = weir_coordinator::run_status(&self.pool, workspace_id, run_id)
+            .await
+            .map_err(|e| SourceError {
+                message: format!("run status from postgres: {e}"),
+            })?;
+        Ok(found.map(|r| RunStatus {
+            run_id: r.run_id,
+            workflow_id: r.workflow_id,
+            version: r.version,
+            status: r.status,
+            reason: r.reason,
+            nodes: r
+                .nodes
+                .into_iter()
+                .map(|n| NodeState {
+                    node_id: n.node_id,
+                    node_type: n.node_type,
+                    status: n.status,
+                    attempt: n.attempt,
+                })
+                .collect(),
+        }))
+    }
 }

@@ -69,6 +69,8 @@ pub struct Config {
     pub materializer: MaterializerConfig,
     /// The HTTP ingestion gateway.
     pub gateway: GatewayConfig,
+    /// The run coordinator.
+    pub coordinator: CoordinatorConfig,
 }
 
 /// Kafka settings.
@@ -396,6 +398,35 @@ impl Default for GatewayConfig {
     }
 }
 
+/// Run coordinator settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoordinatorConfig {
+    /// A running run with no attempt started or ended for this long is stalled: a RunStalled
+    /// event and the stalled metric, once per idle period. In ms.
+    pub stall_after_ms: u64,
+    /// How often the timer loop looks for due timers and stalled runs, in ms.
+    pub timer_poll_ms: u64,
+    /// Most runs whose timers one timer transaction applies.
+    pub timer_batch: i64,
+    /// Cap of one retry delay (exponential backoff stops growing here), in ms.
+    pub max_backoff_ms: u64,
+    /// Compiled definitions kept in memory (pinned versions never change).
+    pub definition_cache: usize,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            stall_after_ms: 600_000,
+            timer_poll_ms: 250,
+            timer_batch: 500,
+            max_backoff_ms: 300_000,
+            definition_cache: 10_000,
+        }
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -613,6 +644,9 @@ impl Config {
         if self.gateway.max_in_flight == 0 {
             p.push("gateway.max_in_flight: must be at least 1".into());
         }
+        if self.coordinator.timer_poll_ms == 0 || self.coordinator.timer_batch < 1 {
+            p.push("coordinator.timer_poll_ms/timer_batch: must be at least 1".into());
+        }
         if self.s3.bucket.is_empty() {
             p.push("s3.bucket: must not be empty".into());
         }
@@ -739,6 +773,7 @@ fn field_errors(defaults: &Json, merged: &Json, problems: &mut Vec<String>) {
     check::<RelayConfig>("relay", defaults, merged, problems);
     check::<MaterializerConfig>("materializer", defaults, merged, problems);
     check::<GatewayConfig>("gateway", defaults, merged, problems);
+    check::<CoordinatorConfig>("coordinator", defaults, merged, problems);
 }
 
 #[cfg(test)]

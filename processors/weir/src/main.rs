@@ -97,6 +97,8 @@ enum ProcessorName {
     Relay,
     /// The HTTP ingestion gateway.
     Gateway,
+    /// Advances workflow runs from completion events (with its timer loop).
+    Coordinator,
 }
 
 #[derive(Subcommand)]
@@ -154,6 +156,19 @@ enum BenchCommand {
         /// Patches in the naive phase.
         #[arg(long, default_value_t = 2_000)]
         naive_patches: usize,
+        /// Print only the JSON line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The coordinator on root → fan-out 8 → join → tail runs vs one transaction per
+    /// completion.
+    Coordinator {
+        /// Runs to drive.
+        #[arg(long, default_value_t = 5_000)]
+        runs: usize,
+        /// Runs on the naive path (default: a tenth of --runs).
+        #[arg(long)]
+        naive_runs: Option<usize>,
         /// Print only the JSON line.
         #[arg(long)]
         json: bool,
@@ -271,6 +286,31 @@ async fn run_processors(cfg: Arc<Config>, which: &[ProcessorName]) -> anyhow::Re
                     );
                 }
             }
+            ProcessorName::Coordinator => {
+                let cas = weir_runtime::cas::Cas::from_config(&cfg).await?;
+                let coordinator = Arc::new(weir_coordinator::Coordinator::new(
+                    cfg.clone(),
+                    s.pool.clone(),
+                    cas,
+                ));
+                for _ in 0..cfg.runtime.consumers {
+                    let consumer = weir_runtime::BatchConsumer::new(
+                        cfg.clone(),
+                        coordinator.clone(),
+                        s.pool.clone(),
+                        s.codec.clone(),
+                        s.producer.clone(),
+                        s.health.clone(),
+                    );
+                    let stop = stop.clone();
+                    tasks.spawn(
+                        async move { consumer.run(stop).await.map_err(anyhow::Error::from) },
+                    );
+                }
+                let timers =
+                    weir_coordinator::TimerLoop::new(coordinator, s.pool.clone(), s.codec.clone());
+                tasks.spawn(async move { timers.run(stop).await.map_err(anyhow::Error::from) });
+            }
             ProcessorName::Relay => {
                 let id = format!("relay-{}", std::process::id());
                 // The relay's own producer: it never expires messages, so a retry cannot
@@ -287,9 +327,13 @@ async fn run_processors(cfg: Arc<Config>, which: &[ProcessorName]) -> anyhow::Re
             }
             ProcessorName::Gateway => {
                 let cfg = cfg.clone();
-                tasks.spawn(async move {
-                    weir_gateway::run(cfg, weir_gateway::Sources::default(), stop).await
-                });
+                let sources = weir_gateway::Sources {
+                    run_status: Some(Arc::new(weir_gateway::sources::CoordinatorRunStatus::new(
+                        s.pool.clone(),
+                    ))),
+                    ..weir_gateway::Sources::default()
+                };
+                tasks.spawn(async move { weir_gateway::run(cfg, sources, stop).await });
             }
         }
     }
@@ -372,6 +416,7 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
                 &[
                     ProcessorName::Materializer,
                     ProcessorName::Relay,
+                    ProcessorName::Coordinator,
                     ProcessorName::Gateway,
                 ],
             )
@@ -524,6 +569,19 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
                     };
                     (weir_materializer::bench::run(cfg, params).await?, json)
                 }
+                BenchCommand::Coordinator {
+                    runs,
+                    naive_runs,
+                    json,
+                } => (
+                    weir_coordinator::bench::run(
+                        cfg,
+                        runs,
+                        naive_runs.unwrap_or((runs / 10).max(1)),
+                    )
+                    .await?,
+                    json,
+                ),
                 BenchCommand::Relay {
                     events,
                     relays,

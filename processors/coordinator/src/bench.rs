@@ -1,0 +1,315 @@
+//! `weir bench coordinator`: N runs of root → fan-out of 8 → join → tail (11 nodes, 11
+//! completions per run) through the coordinator's real processor path, side by side with a
+//! naive path (one transaction per completion) on the same DAG, in the same run.
+//!
+//! The loop plays the runtime and the workers: it hands batches of completion records
+//! (`runtime.max_batch`) to [`Processor::apply`] inside a transaction with the outbox flush and
+//! commits, exactly as the batch consumer does (minus Kafka). Simulated workers then take the
+//! committed NodeReady rows out of the outbox, decode them through the registry like a real
+//! worker and answer each at once with a successful NodeCompleted, which joins the queue.
+//! Every run starts at once (a backlog), so hop latency here includes queueing behind the
+//! whole population.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use serde_json::{json, Value};
+use uuid::Uuid;
+use weir_runtime::codec::Codec;
+use weir_runtime::config::Config;
+use weir_runtime::events::{
+    self, CompletionEvent, NodeCompleted, NodeReady, NodeStatus, RunRequested,
+};
+use weir_runtime::{Coordinates, Outbox, Processor, Record};
+
+use crate::processor::Coordinator;
+
+/// The benchmark DAG: root → f0..f7 → join → tail.
+pub fn dag() -> Value {
+    let mut nodes = serde_json::Map::new();
+    nodes.insert(
+        "root".into(),
+        json!({"type": "http_request", "config": {"url": "https://example.com/in"}}),
+    );
+    let mut edges = Vec::new();
+    for i in 0..8 {
+        nodes.insert(
+            format!("f{i}"),
+            json!({"type": "agent", "config": {"model": "small", "shard": i},
+                   "retry": {"max_attempts": 3, "backoff_ms": 200}}),
+        );
+        edges.push(json!({"from": "root", "to": format!("f{i}")}));
+        edges.push(json!({"from": format!("f{i}"), "to": "join"}));
+    }
+    nodes.insert("join".into(), json!({"type": "pure", "config": {}}));
+    nodes.insert(
+        "tail".into(),
+        json!({"type": "database_query", "config": {"sql": "insert into results values ($1)"}}),
+    );
+    edges.push(json!({"from": "join", "to": "tail"}));
+    json!({"nodes": nodes, "edges": edges, "settings": {"max_hops": 10}})
+}
+
+struct Phase {
+    completions: usize,
+    seconds: f64,
+    hops_ms: Vec<f64>,
+    batches: usize,
+    runs_completed: i64,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn drive(
+    cfg: &Config,
+    pool: &sqlx::PgPool,
+    codec: &Codec,
+    coordinator: &Coordinator,
+    workflow_id: &str,
+    runs: usize,
+    batch: usize,
+    tag: &str,
+) -> anyhow::Result<Phase> {
+    let topic = codec.topic::<CompletionEvent>();
+    let ready_topic = codec.topic::<NodeReady>();
+    let mut queue: VecDeque<CompletionEvent> = (0..runs)
+        .map(|_| {
+            CompletionEvent::RunRequested(RunRequested {
+                event_id: events::new_event_id(),
+                occurred_at: events::now_micros(),
+                workspace_id: "ws-bench".into(),
+                traceparent: String::new(),
+                tracestate: None,
+                run_id: format!("{tag}-{}", Uuid::now_v7()),
+                workflow_id: workflow_id.into(),
+                version: None,
+                requester: "bench".into(),
+                permission: "write".into(),
+                inputs_json: Some("{\"q\":1}".into()),
+                inputs_ref: None,
+                idempotency_key: None,
+            })
+        })
+        .collect();
+    // When each node's completion happened: (run, node) → µs.
+    let mut completed_at: HashMap<(String, String), i64> = HashMap::new();
+    let mut hops_ms = Vec::new();
+    let mut completions = 0usize;
+    let mut offset = 0i64;
+    let mut batches = 0usize;
+    let start = Instant::now();
+    while !queue.is_empty() {
+        let n = queue.len().min(batch);
+        let records: Vec<Record<CompletionEvent>> = queue
+            .drain(..n)
+            .map(|event| {
+                offset += 1;
+                Record {
+                    coords: Coordinates {
+                        topic: topic.clone(),
+                        partition: 0,
+                        offset,
+                    },
+                    key: None,
+                    timestamp_ms: None,
+                    event,
+                }
+            })
+            .collect();
+        completions += records
+            .iter()
+            .filter(|r| matches!(r.event, CompletionEvent::NodeCompleted(_)))
+            .count();
+        let mut tx = pool.begin().await?;
+        let mut outbox = Outbox::new(codec, cfg.outbox.lanes);
+        let rejected = coordinator.apply(&mut tx, &records, &mut outbox).await?;
+        anyhow::ensure!(rejected.is_empty(), "bench records rejected: {rejected:?}");
+        outbox.flush(&mut tx).await?;
+        tx.commit().await?;
+        let committed = events::now_micros();
+        batches += 1;
+
+        // The workers: take the committed NodeReady rows, answer each at once.
+        let rows: Vec<Vec<u8>> = sqlx::query_scalar!(
+            "DELETE FROM weir_outbox WHERE topic = $1 RETURNING payload",
+            ready_topic
+        )
+        .fetch_all(pool)
+        .await?;
+        for payload in rows {
+            let ready: NodeReady = codec.decode(&payload).await?;
+            if let Some(cause) = ready
+                .inputs
+                .iter()
+                .filter_map(|i| completed_at.get(&(ready.run_id.clone(), i.node_id.clone())))
+                .max()
+            {
+                hops_ms.push((committed - cause) as f64 / 1e3);
+            }
+            let now = events::now_micros();
+            completed_at.insert((ready.run_id.clone(), ready.node_id.clone()), now);
+            queue.push_back(CompletionEvent::NodeCompleted(NodeCompleted {
+                event_id: events::new_event_id(),
+                occurred_at: now,
+                workspace_id: ready.workspace_id,
+                traceparent: ready.traceparent,
+                tracestate: None,
+                run_id: ready.run_id,
+                node_id: ready.node_id,
+                attempt: ready.attempt,
+                status: NodeStatus::Succeeded,
+                output_json: Some("{\"ok\":true}".into()),
+                output_ref: None,
+                error: None,
+                duration_ms: 0,
+                worker_id: "bench-worker".into(),
+                from_cache: false,
+            }));
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let runs_completed: i64 = sqlx::query_scalar!(
+        r#"SELECT count(*) AS "n!" FROM weir_runs WHERE workflow_id = $1 AND run_id LIKE $2 AND status = 'completed'"#,
+        workflow_id,
+        format!("{tag}-%"),
+    )
+    .fetch_one(pool)
+    .await?;
+    hops_ms.sort_by(f64::total_cmp);
+    Ok(Phase {
+        completions,
+        seconds,
+        hops_ms,
+        batches,
+        runs_completed,
+    })
+}
+
+/// Runs the benchmark and returns its figures as one JSON object.
+pub async fn run(base: Arc<Config>, runs: usize, naive_runs: usize) -> anyhow::Result<Value> {
+    let id = Uuid::now_v7().simple().to_string();
+    let mut cfg = (*base).clone();
+    cfg.kafka.topic_prefix = format!("bench-{id}.");
+    let cfg = Arc::new(cfg);
+    let schemas = weir_runtime::ops::load_schemas(None).map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(
+        weir_runtime::ops::register_schemas(&cfg, &schemas).await?,
+        "registering schemas"
+    );
+    let pool = weir_runtime::db::pool(&cfg.postgres)?;
+    weir_runtime::db::MIGRATOR.run(&pool).await?;
+    for table in [
+        "weir_runs",
+        "weir_run_nodes",
+        "weir_run_timers",
+        "weir_outbox",
+    ] {
+        sqlx::query(&format!("VACUUM (ANALYZE) {table}"))
+            .execute(&pool)
+            .await?;
+    }
+    let codec = Arc::new(Codec::new(&cfg.schema_registry, &cfg.kafka)?);
+    let cas = weir_runtime::cas::Cas::from_config(&cfg).await?;
+    let workflow_id = format!("bench-{id}-wf");
+    let definition = dag();
+    let sha = weir_materializer::fold::sha256_hex(&weir_materializer::definition::canonical_json(
+        &definition,
+    ));
+    sqlx::query!(
+        "INSERT INTO weir_workflow_heads (workflow_id, workspace_id, version, definition, definition_sha256)
+         VALUES ($1, 'ws-bench', 1, $2, $3)",
+        workflow_id,
+        definition,
+        sha,
+    )
+    .execute(&pool)
+    .await
+    .context("creating the benchmark workflow")?;
+
+    let coordinator = Coordinator::new(cfg.clone(), pool.clone(), cas);
+    let batch = cfg.runtime.max_batch;
+    eprintln!("coordinating {runs} runs in batches of up to {batch} ...");
+    let fast = drive(
+        &cfg,
+        &pool,
+        &codec,
+        &coordinator,
+        &workflow_id,
+        runs,
+        batch,
+        &format!("{id}-b"),
+    )
+    .await?;
+    eprintln!("naive path: {naive_runs} runs, one transaction per completion ...");
+    let naive = drive(
+        &cfg,
+        &pool,
+        &codec,
+        &coordinator,
+        &workflow_id,
+        naive_runs,
+        1,
+        &format!("{id}-n"),
+    )
+    .await?;
+
+    // Leave nothing behind.
+    sqlx::query!("DELETE FROM weir_runs WHERE workflow_id = $1", workflow_id)
+        .execute(&pool)
+        .await?;
+    sqlx::query!(
+        "DELETE FROM weir_coordinator_definitions WHERE workflow_id = $1",
+        workflow_id
+    )
+    .execute(&pool)
+    .await?;
+    sqlx::query!(
+        "DELETE FROM weir_workflow_heads WHERE workflow_id = $1",
+        workflow_id
+    )
+    .execute(&pool)
+    .await?;
+    sqlx::query!(
+        "DELETE FROM weir_outbox WHERE topic LIKE $1",
+        format!("bench-{id}.%")
+    )
+    .execute(&pool)
+    .await?;
+
+    anyhow::ensure!(
+        fast.runs_completed == runs as i64 && naive.runs_completed == naive_runs as i64,
+        "not every run completed: {} of {runs}, naive {} of {naive_runs}",
+        fast.runs_completed,
+        naive.runs_completed
+    );
+    let cps = fast.completions as f64 / fast.seconds;
+    let naive_cps = naive.completions as f64 / naive.seconds;
+    Ok(json!({
+        "bench": "coordinator",
+        "dag": "root -> fan-out 8 -> join -> tail (11 nodes)",
+        "runs": runs,
+        "completions": fast.completions,
+        "seconds": fast.seconds,
+        "batches": fast.batches,
+        "max_batch": batch,
+        "completions_per_sec": cps,
+        "runs_per_sec": runs as f64 / fast.seconds,
+        "hop_p50_ms": percentile(&fast.hops_ms, 0.5),
+        "hop_p99_ms": percentile(&fast.hops_ms, 0.99),
+        "naive_runs": naive_runs,
+        "naive_completions": naive.completions,
+        "naive_seconds": naive.seconds,
+        "naive_completions_per_sec": naive_cps,
+        "naive_hop_p50_ms": percentile(&naive.hops_ms, 0.5),
+        "speedup_vs_naive": cps / naive_cps,
+    }))
+}

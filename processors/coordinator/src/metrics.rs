@@ -1,0 +1,34 @@
+//! Every metric the coordinator emits, in one place. The seed's names (`workflows_started_total`,
+//! `node_executions_total{type,status}`, `hop_latency_ms{from_type,to_type}`) carry the
+//! `weir_coordinator_` prefix like every weir metric.
+
+/// Runs started on a pinned version (counter).
+pub const WORKFLOWS_STARTED: &str = "weir_coordinator_workflows_started_total";
+/// Runs that ended, by `status` (completed, failed, cancelled) (counter).
+pub const RUNS_ENDED: &str = "weir_coordinator_runs_ended_total";
+/// Node attempts that ended, by `type` and `status` (succeeded, failed, deadline_exceeded,
+/// cached) (counter).
+pub const NODE_EXECUTIONS: &str = "weir_coordinator_node_executions_total";
+/// NodeReady events written, by `type` (counter).
+pub const NODES_DISPATCHED: &str = "weir_coordinator_nodes_dispatched_total";
+/// Retries scheduled (counter).
+pub const NODES_RETRIED: &str = "weir_coordinator_nodes_retried_total";
+/// A completion to its successor's NodeReady, measured when the batch that writes the
+/// NodeReady finishes (just before its commit), by `from_type` and `to_type` (histogram, ms).
+pub const HOP_LATENCY: &str = "weir_coordinator_hop_latency_ms";
+/// Inputs that changed nothing, by `reason` (duplicate, stale_attempt, run_finished,
+/// unknown_node, unknown_run, foreign_workspace, already_started, duplicate_request,
+/// stale_timer) (counter).
+pub const IGNORED: &str = "weir_coordinator_ignored_total";
+/// Runs in flight (status running), refreshed by the timer loop (gauge).
+pub const RUNS_IN_FLIGHT: &str = "weir_coordinator_runs_in_flight";
+/// Runs currently stalled, refreshed by the timer loop (gauge).
+pub const RUNS_STALLED: &str = "weir_coordinator_runs_stalled";
+/// Stalls detected (RunStalled events written) (counter).
+pub const STALLS: &str = "weir_coordinator_stalls_total";
+/// Timers applied by the timer loop, by `kind` (retry, deadline) (counter).
+pub const TIMERS_FIRED: &str = "weir_coordinator_timers_fired_total";
+/// Dispatches answered by the result cache instead of a worker (counter).
+pub const CACHE_HITS: &str = "weir_coordinator_cache_hits_total";
+/// Worker time the cache hits saved, in ms, as the cache reports it (counter).
+pub const CACHE_SAVED_MS: &str = "weir_coordinator_cache_saved_ms_total";

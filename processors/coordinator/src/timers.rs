@@ -1,0 +1,209 @@
+//! The durable timer loop: retries, deadlines and stall detection, all due times in Postgres
+//! so they survive restarts. Every `coordinator.timer_poll_ms` one transaction:
+//!
+//! 1. picks runs with due timers and locks them with `FOR UPDATE SKIP LOCKED` (a run the
+//!    consumer or another coordinator's loop holds is skipped until the next tick, so they
+//!    never race and never wait on each other),
+//! 2. deletes (claims) the due timers of the locked runs and applies them through
+//!    [`Coordinator::advance`], the consumer's own path (a timer whose node moved on is
+//!    ignored),
+//! 3. marks running runs idle for longer than `coordinator.stall_after_ms` as stalled (also
+//!    `SKIP LOCKED`) and writes one RunStalled per idle period,
+//!
+//! then commits with its outbox rows. Lock order is always runs, then timers.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+use weir_runtime::codec::Codec;
+use weir_runtime::events::{self, RunEvent, RunStalled};
+use weir_runtime::{ApplyError, Disposition, Outbox};
+
+use crate::machine::Input;
+use crate::metrics as m;
+use crate::processor::{Coordinator, Item};
+
+/// What one tick did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Tick {
+    /// Timers claimed.
+    pub timers: usize,
+    /// Runs marked stalled.
+    pub stalled: usize,
+}
+
+/// The timer loop of one coordinator process.
+pub struct TimerLoop {
+    coordinator: Arc<Coordinator>,
+    pool: sqlx::PgPool,
+    codec: Arc<Codec>,
+}
+
+impl TimerLoop {
+    /// A loop applying timers with `coordinator`.
+    pub fn new(coordinator: Arc<Coordinator>, pool: sqlx::PgPool, codec: Arc<Codec>) -> Self {
+        Self {
+            coordinator,
+            pool,
+            codec,
+        }
+    }
+
+    /// Runs until `shutdown`; a tick in progress finishes (it is one short transaction).
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ApplyError> {
+        let cfg = self.coordinator.config().clone();
+        let poll = Duration::from_millis(cfg.coordinator.timer_poll_ms);
+        let mut failures = 0u32;
+        let mut last_gauges = std::time::Instant::now() - Duration::from_secs(60);
+        loop {
+            let mut delay = poll;
+            match self.tick().await {
+                Ok(t) => {
+                    failures = 0;
+                    // A full batch means more is due: go again at once.
+                    if t.timers as i64 >= cfg.coordinator.timer_batch {
+                        delay = Duration::ZERO;
+                    }
+                }
+                Err(e) if e.disposition() == Disposition::Fatal => return Err(e),
+                Err(e) => {
+                    failures += 1;
+                    delay = cfg.runtime.backoff(failures);
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "timer tick failed");
+                }
+            }
+            if last_gauges.elapsed() >= Duration::from_secs(5) {
+                last_gauges = std::time::Instant::now();
+                if let Err(e) = self.gauges().await {
+                    tracing::warn!(error = %e, "reading run gauges failed");
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    async fn gauges(&self) -> Result<(), sqlx::Error> {
+        let r = sqlx::query!(
+            r#"SELECT count(*) AS "running!", count(*) FILTER (WHERE stalled) AS "stalled!"
+               FROM weir_runs WHERE status = 'running'"#
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        metrics::gauge!(m::RUNS_IN_FLIGHT).set(r.running as f64);
+        metrics::gauge!(m::RUNS_STALLED).set(r.stalled as f64);
+        Ok(())
+    }
+
+    /// One transaction: due timers, then stalls.
+    pub async fn tick(&self) -> Result<Tick, ApplyError> {
+        let cfg = self.coordinator.config().clone();
+        let limit = cfg.coordinator.timer_batch;
+        let now = Utc::now();
+        let mut tick = Tick::default();
+        let mut tx = self.pool.begin().await?;
+        let mut outbox = Outbox::new(&self.codec, cfg.outbox.lanes);
+
+        let due: Vec<String> = sqlx::query_scalar!(
+            r#"SELECT run_id AS "run_id!" FROM weir_run_timers WHERE due_at <= $1
+               GROUP BY run_id ORDER BY min(due_at) LIMIT $2"#,
+            now,
+            limit,
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        if !due.is_empty() {
+            let locked: Vec<String> = sqlx::query_scalar!(
+                r#"SELECT run_id FROM weir_runs WHERE run_id = ANY($1::text[])
+                   ORDER BY run_id FOR UPDATE SKIP LOCKED"#,
+                &due,
+            )
+            .fetch_all(&mut *tx)
+            .await?;
+            let claimed = sqlx::query!(
+                r#"DELETE FROM weir_run_timers WHERE run_id = ANY($1::text[]) AND due_at <= $2
+                   RETURNING run_id, node_id, kind, attempt, due_at"#,
+                &locked,
+                now,
+            )
+            .fetch_all(&mut *tx)
+            .await?;
+            tick.timers = claimed.len();
+            let mut claimed = claimed;
+            claimed.sort_by_key(|t| t.due_at);
+            let mut groups: Vec<(String, Vec<Item>)> = Vec::new();
+            let mut at: HashMap<String, usize> = HashMap::new();
+            for t in claimed {
+                metrics::counter!(m::TIMERS_FIRED, "kind" => t.kind.clone()).increment(1);
+                let input = if t.kind == "retry" {
+                    Input::RetryDue {
+                        node_id: t.node_id,
+                        attempt: t.attempt,
+                    }
+                } else {
+                    Input::DeadlineDue {
+                        node_id: t.node_id,
+                        attempt: t.attempt,
+                    }
+                };
+                let slot = *at.entry(t.run_id.clone()).or_insert_with(|| {
+                    groups.push((t.run_id.clone(), Vec::new()));
+                    groups.len() - 1
+                });
+                groups[slot].1.push(Item::Input {
+                    input,
+                    workspace_id: None,
+                    at_us: t.due_at.timestamp_micros(),
+                });
+            }
+            self.coordinator
+                .advance(&mut tx, groups, &mut outbox)
+                .await?;
+        }
+
+        let stall_before = now
+            - chrono::Duration::milliseconds(
+                i64::try_from(cfg.coordinator.stall_after_ms).unwrap_or(i64::MAX / 4),
+            );
+        let stalled = sqlx::query!(
+            r#"WITH s AS (
+                 SELECT run_id FROM weir_runs
+                 WHERE status = 'running' AND NOT stalled AND last_progress_at < $1
+                 ORDER BY last_progress_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+               UPDATE weir_runs r SET stalled = true FROM s WHERE r.run_id = s.run_id
+               RETURNING r.run_id, r.workspace_id, r.workflow_id, r.version AS "version!",
+                         r.traceparent, r.last_progress_at"#,
+            stall_before,
+            limit,
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        tick.stalled = stalled.len();
+        for s in stalled {
+            metrics::counter!(m::STALLS).increment(1);
+            tracing::warn!(run_id = %s.run_id, workflow_id = %s.workflow_id, "run stalled");
+            outbox
+                .push(&RunEvent::RunStalled(RunStalled {
+                    event_id: events::new_event_id(),
+                    occurred_at: events::now_micros(),
+                    workspace_id: s.workspace_id,
+                    traceparent: s.traceparent,
+                    tracestate: None,
+                    run_id: s.run_id,
+                    workflow_id: s.workflow_id,
+                    version: s.version,
+                    idle_ms: (now - s.last_progress_at).num_milliseconds(),
+                    last_progress_at: s.last_progress_at.timestamp_micros(),
+                }))
+                .await?;
+        }
+        outbox.flush(&mut tx).await?;
+        tx.commit().await?;
+        Ok(tick)
+    }
+}
