@@ -15,13 +15,18 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::FutureRecord;
+use rdkafka::Message;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use weir_it::{config, prepare, produce, produce_raw, random_name, weir_bin, ChildGuard};
 use weir_materializer::processor::patch_submitted;
 use weir_runtime::codec::Codec;
-use weir_runtime::events::{now_micros, PatchSubmitted};
+use weir_runtime::events::{
+    new_event_id, now_micros, CompletionEvent, NodeCompleted, NodeReady, NodeStatus,
+    PatchSubmitted, RunCancelRequested, RunRequested,
+};
 
 /// Output topics the checker reads (unprefixed); all of them, so a stray event fails the run.
 const OUTPUT_TOPICS: [&str; 5] = [
@@ -64,6 +69,9 @@ fn spawn_weir(prefix: &str, what: &str) -> ChildGuard {
         Command::new(weir_bin())
             .args(["run", what])
             .env("WEIR__KAFKA__TOPIC_PREFIX", prefix)
+            // A run left waiting is reported stalled within the test's time.
+            .env("WEIR__COORDINATOR__STALL_AFTER_MS", "1500")
+            .env("WEIR__COORDINATOR__TIMER_POLL_MS", "100")
             .env(
                 "WEIR__MATERIALIZER__INLINE_DEFINITION_MAX_BYTES",
                 INLINE_MAX.to_string(),
@@ -83,15 +91,117 @@ fn create(config: Value) -> Value {
         "settings": {"max_hops": 10}}}])
 }
 
-/// Distinct events per record type that this run produces: the materializer's two types and
-/// the consumer runtime's dead letters. NodeReady, the run lifecycle (RunStarted ...
-/// RunStalled) and CacheAnswer join when the coordinator and the cache processor run here.
+/// Distinct events per record type that this run produces: the materializer's two types,
+/// the consumer runtime's dead letters, and the coordinator's run events for the five runs
+/// below (see [`Runs`]). CacheAnswer joins when the cache processor runs here.
 fn expected_this_run() -> Value {
     json!({
-        "weir.workflows.WorkflowMaterialized": 3,
+        "weir.workflows.WorkflowMaterialized": 4,
         "weir.workflows.PatchRejected": 1,
         "weir.dlq.DeadLetter": 2,
+        // completed: a, b; retried: a, a again, b; cancelled: a; stalled: a.
+        "weir.runs.NodeReady": 7,
+        "weir.run_events.RunStarted": 4,
+        "weir.run_events.RunCompleted": 2,
+        "weir.run_events.RunFailed": 1,
+        "weir.run_events.RunCancelled": 1,
+        "weir.run_events.NodeRetried": 1,
+        "weir.run_events.RunStalled": 1,
     })
+}
+
+/// The runs of the test, one per lifecycle: completed, completed after a retry, failed
+/// (unknown workflow), cancelled, stalled (no worker answers).
+struct Runs {
+    completed: String,
+    retried: String,
+    failed: String,
+    cancelled: String,
+    stalled: String,
+}
+
+fn run_requested(run_id: &str, workflow_id: &str) -> CompletionEvent {
+    CompletionEvent::RunRequested(RunRequested {
+        event_id: new_event_id(),
+        occurred_at: now_micros(),
+        workspace_id: "ws-analytics".into(),
+        traceparent: String::new(),
+        tracestate: None,
+        run_id: run_id.into(),
+        workflow_id: workflow_id.into(),
+        version: None,
+        requester: "it".into(),
+        permission: "write".into(),
+        inputs_json: Some("{\"q\":1}".into()),
+        inputs_ref: None,
+        idempotency_key: None,
+    })
+}
+
+/// The workers of the test: answer the NodeReady of the completed and retried runs (failing
+/// the retried run's first attempt of `a`), cancel the cancelled run once its first node is
+/// dispatched, leave the others unanswered.
+async fn worker(
+    cfg: weir_runtime::config::Config,
+    codec: std::sync::Arc<Codec>,
+    runs: std::sync::Arc<Runs>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let producer = weir_runtime::kafka::producer(&cfg.kafka).unwrap();
+    let consumer: StreamConsumer =
+        weir_runtime::kafka::consumer_config(&cfg.kafka, &random_name("analytics-worker"), 0)
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .unwrap();
+    consumer.subscribe(&[&codec.topic::<NodeReady>()]).unwrap();
+    loop {
+        let msg = tokio::select! {
+            _ = stop.cancelled() => return,
+            m = consumer.recv() => m.expect("node-ready"),
+        };
+        let ready: NodeReady = codec.decode(msg.payload().unwrap()).await.unwrap();
+        if ready.run_id == runs.cancelled {
+            // Cancelled once its first node is out, so the NodeReady is certain to exist.
+            let cancel = CompletionEvent::RunCancelRequested(RunCancelRequested {
+                event_id: new_event_id(),
+                occurred_at: now_micros(),
+                workspace_id: ready.workspace_id.clone(),
+                traceparent: String::new(),
+                tracestate: None,
+                run_id: ready.run_id.clone(),
+                reason: Some("analytics test".into()),
+                requester: "it".into(),
+            });
+            produce(&producer, &codec, &cancel).await.unwrap();
+            continue;
+        }
+        if ready.run_id != runs.completed && ready.run_id != runs.retried {
+            continue;
+        }
+        let fail = ready.run_id == runs.retried && ready.node_id == "a" && ready.attempt == 1;
+        let done = CompletionEvent::NodeCompleted(NodeCompleted {
+            event_id: new_event_id(),
+            occurred_at: now_micros(),
+            workspace_id: ready.workspace_id.clone(),
+            traceparent: ready.traceparent.clone(),
+            tracestate: None,
+            run_id: ready.run_id.clone(),
+            node_id: ready.node_id.clone(),
+            attempt: ready.attempt,
+            status: if fail {
+                NodeStatus::Failed
+            } else {
+                NodeStatus::Succeeded
+            },
+            output_json: (!fail).then(|| format!("{{\"node\":\"{}\"}}", ready.node_id)),
+            output_ref: None,
+            error: fail.then(|| "simulated failure".to_string()),
+            duration_ms: 3,
+            worker_id: "analytics-worker".into(),
+            from_cache: false,
+        });
+        produce(&producer, &codec, &done).await.unwrap();
+    }
 }
 
 async fn wait_decided(pool: &PgPool, topic: &str, n: i64) -> i64 {
@@ -165,7 +275,19 @@ async fn every_output_event_decodes_with_stock_python_deserializers() {
         None,
         &create(json!({"blob": "x".repeat(INLINE_MAX * 2)})),
     );
-    for p in [&first, &second, &conflicting, &large] {
+    // The workflow the runs execute: `a` retries once (max_attempts 2), then `b`.
+    let flow = format!("{prefix}wf-runs");
+    let flow_create = patch_submitted(
+        &flow,
+        "ws-analytics",
+        "it",
+        Some(0),
+        &json!([{"op": "add", "path": "", "value": {
+            "nodes": {"a": {"type": "function", "config": {}, "retry": {"max_attempts": 2, "backoff_ms": 50}},
+                      "b": {"type": "pure", "config": {}}},
+            "edges": [{"from": "a", "to": "b"}]}}]),
+    );
+    for p in [&first, &second, &conflicting, &large, &flow_create] {
         produce(&producer, &codec, p).await.unwrap();
     }
     // Poison: a keyed record that is not Avro, and a keyless one of a single byte.
@@ -183,7 +305,36 @@ async fn every_output_event_decodes_with_stock_python_deserializers() {
 
     let mut materializer = spawn_weir(&prefix, "materializer");
     let mut relay = spawn_weir(&prefix, "relay");
-    assert_eq!(wait_decided(&pool, &patches, 4).await, 4, "patches decided");
+    assert_eq!(wait_decided(&pool, &patches, 5).await, 5, "patches decided");
+
+    // Runs through the coordinator, with this test playing the workers.
+    let id = || uuid::Uuid::now_v7().to_string();
+    let runs = std::sync::Arc::new(Runs {
+        completed: id(),
+        retried: id(),
+        failed: id(),
+        cancelled: id(),
+        stalled: id(),
+    });
+    let mut coordinator = spawn_weir(&prefix, "coordinator");
+    let stop_worker = tokio_util::sync::CancellationToken::new();
+    let worker_task = tokio::spawn(worker(
+        cfg.clone(),
+        codec.clone(),
+        runs.clone(),
+        stop_worker.clone(),
+    ));
+    for (run, workflow) in [
+        (&runs.completed, &flow),
+        (&runs.retried, &flow),
+        (&runs.failed, &format!("{prefix}wf-missing")),
+        (&runs.cancelled, &flow),
+        (&runs.stalled, &flow),
+    ] {
+        produce(&producer, &codec, &run_requested(run, workflow))
+            .await
+            .unwrap();
+    }
 
     let topics: serde_json::Map<String, Value> = OUTPUT_TOPICS
         .iter()
@@ -197,7 +348,7 @@ async fn every_output_event_decodes_with_stock_python_deserializers() {
         "expect": expected_this_run(),
         "since_micros": started_at,
         "timeout_s": 120,
-        "applied_patches": [first.patch_id, second.patch_id, large.patch_id],
+        "applied_patches": [first.patch_id, second.patch_id, large.patch_id, flow_create.patch_id],
         "rejected_patches": {conflicting.patch_id.to_string(): "version_conflict"},
         "dead_letters": [
             {"source_topic": patches, "source_offset": poison_offset,
@@ -221,8 +372,11 @@ async fn every_output_event_decodes_with_stock_python_deserializers() {
     })
     .await
     .unwrap();
+    stop_worker.cancel();
+    worker_task.await.unwrap();
     materializer.kill();
     relay.kill();
+    coordinator.kill();
 
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -241,7 +395,7 @@ async fn every_output_event_decodes_with_stock_python_deserializers() {
     assert_eq!(report["ok"], json!(true));
     assert_eq!(
         report["facts"],
-        json!({"inline_definitions": 2, "definition_refs": 1, "with_traceparent": 1,
+        json!({"inline_definitions": 3, "definition_refs": 1, "with_traceparent": 1,
                "keyless_dead_letters": 1}),
         "the run covers both claim-check forms, a traced event and a keyless poison record"
     );

@@ -760,13 +760,13 @@ async fn run_status_rate_limit_and_kafka_down() {
     let status = RunStatus {
         run_id,
         workflow_id: "wf".into(),
-        version: 1,
+        version: Some(1),
         status: "running".into(),
         reason: None,
         nodes: vec![weir_gateway::NodeState {
             node_id: "fetch".into(),
             node_type: "http_request".into(),
-            status: "ready".into(),
+            status: "running".into(),
             attempt: 1,
         }],
     };

@@ -26,7 +26,7 @@ use weir_runtime::cas::{Cas, CasRef};
 use weir_runtime::config::Config;
 use weir_runtime::events::{
     self, CompletionEvent, NodeInput, NodeReady, NodeRetried, NodeStatus, RunCancelled,
-    RunCompleted, RunEvent, RunFailed, RunRequested, RunStarted,
+    RunCompleted, RunEvent, RunFailed, RunRequested, RunStarted, TopicEvent,
 };
 use weir_runtime::{ApplyError, Disposition, Outbox, Processor, Record, Rejection};
 
@@ -879,10 +879,12 @@ impl Coordinator {
             inserted = sqlx::query_scalar!(
                 r#"INSERT INTO weir_runs (run_id, workspace_id, workflow_id, version, requester, permission,
                                           idempotency_key, status, reason, failed_node_id, inputs_json,
-                                          inputs_ref, traceparent, started_at, finished_at, last_progress_at)
+                                          inputs_ref, traceparent, started_at, finished_at, last_progress_at,
+                                          completions_topic)
                    SELECT run_id, workspace_id, workflow_id, version, requester, permission, idempotency_key,
                           status, reason, failed_node_id, inputs_json, inputs_ref, traceparent, $14::timestamptz,
-                          CASE WHEN status = 'running' THEN NULL ELSE $14::timestamptz END, $14::timestamptz
+                          CASE WHEN status = 'running' THEN NULL ELSE $14::timestamptz END, $14::timestamptz,
+                          $15::text
                    FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[],
                                $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[])
                         AS t(run_id, workspace_id, workflow_id, version, requester, permission, idempotency_key,
@@ -903,6 +905,7 @@ impl Coordinator {
                 &n_ir as &[Option<String>],
                 &n_tp,
                 now_at,
+                self.cfg.kafka.topic(CompletionEvent::TOPIC),
             )
             .fetch_all(&mut *conn)
             .await?

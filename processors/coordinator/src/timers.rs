@@ -19,7 +19,7 @@ use std::time::Duration;
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 use weir_runtime::codec::Codec;
-use weir_runtime::events::{self, RunEvent, RunStalled};
+use weir_runtime::events::{self, CompletionEvent, RunEvent, RunStalled, TopicEvent};
 use weir_runtime::{ApplyError, Disposition, Outbox};
 
 use crate::machine::Input;
@@ -104,16 +104,20 @@ impl TimerLoop {
     pub async fn tick(&self) -> Result<Tick, ApplyError> {
         let cfg = self.coordinator.config().clone();
         let limit = cfg.coordinator.timer_batch;
+        // Only the runs of this deployment's completions topic (see the migration scoping them).
+        let topic = cfg.kafka.topic(CompletionEvent::TOPIC);
         let now = Utc::now();
         let mut tick = Tick::default();
         let mut tx = self.pool.begin().await?;
         let mut outbox = Outbox::new(&self.codec, cfg.outbox.lanes);
 
         let due: Vec<String> = sqlx::query_scalar!(
-            r#"SELECT run_id AS "run_id!" FROM weir_run_timers WHERE due_at <= $1
-               GROUP BY run_id ORDER BY min(due_at) LIMIT $2"#,
+            r#"SELECT t.run_id AS "run_id!" FROM weir_run_timers t JOIN weir_runs r USING (run_id)
+               WHERE t.due_at <= $1 AND r.completions_topic = $3
+               GROUP BY t.run_id ORDER BY min(t.due_at) LIMIT $2"#,
             now,
             limit,
+            topic,
         )
         .fetch_all(&mut *tx)
         .await?;
@@ -173,13 +177,15 @@ impl TimerLoop {
         let stalled = sqlx::query!(
             r#"WITH s AS (
                  SELECT run_id FROM weir_runs
-                 WHERE status = 'running' AND NOT stalled AND last_progress_at < $1
+                 WHERE status = 'running' AND completions_topic = $3 AND NOT stalled
+                   AND last_progress_at < $1
                  ORDER BY last_progress_at LIMIT $2 FOR UPDATE SKIP LOCKED)
                UPDATE weir_runs r SET stalled = true FROM s WHERE r.run_id = s.run_id
                RETURNING r.run_id, r.workspace_id, r.workflow_id, r.version AS "version!",
                          r.traceparent, r.last_progress_at"#,
             stall_before,
             limit,
+            topic,
         )
         .fetch_all(&mut *tx)
         .await?;
