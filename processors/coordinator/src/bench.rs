@@ -89,6 +89,7 @@ async fn drive(
 ) -> anyhow::Result<Phase> {
     let topic = codec.topic::<CompletionEvent>();
     let ready_topic = codec.topic::<NodeReady>();
+    let runs_topic = codec.topic::<weir_runtime::events::RunEvent>();
     let mut queue: VecDeque<CompletionEvent> = (0..runs)
         .map(|_| {
             CompletionEvent::RunRequested(RunRequested {
@@ -150,14 +151,19 @@ async fn drive(
         batches += 1;
 
         // The workers: take the committed NodeReady rows, answer each at once.
-        let rows: Vec<Vec<u8>> = sqlx::query_scalar!(
-            "DELETE FROM weir_outbox WHERE topic = $1 RETURNING payload",
-            ready_topic
+        // Run events are taken out too: nothing of the benchmark is left for a relay, even
+        // if it is interrupted.
+        let rows = sqlx::query!(
+            "DELETE FROM weir_outbox WHERE topic = ANY($1::text[]) RETURNING topic, payload",
+            &[ready_topic.clone(), runs_topic.clone()]
         )
         .fetch_all(pool)
         .await?;
-        for payload in rows {
-            let ready: NodeReady = codec.decode(&payload).await?;
+        for row in rows {
+            if row.topic != ready_topic {
+                continue;
+            }
+            let ready: NodeReady = codec.decode(&row.payload).await?;
             if let Some(cause) = ready
                 .inputs
                 .iter()
