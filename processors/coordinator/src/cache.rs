@@ -91,4 +91,9 @@ pub trait DispatchCache: Send + Sync {
         conn: &'a mut PgConnection,
         candidates: &'a [CacheCandidate],
     ) -> BoxFuture<'a, Result<Vec<Option<CachedResult>>, CacheSeamError>>;
+
+    /// Whether a worker's successful result of `node_type` is offered to the cache (a
+    /// CacheStore event through the outbox, stored by the cache processor), so a later run
+    /// with the same node, config and inputs is served from it.
+    fn stores(&self, node_type: &str) -> bool;
 }

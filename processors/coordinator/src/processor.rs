@@ -28,10 +28,13 @@ use weir_runtime::events::{
     self, CompletionEvent, NodeInput, NodeReady, NodeRetried, NodeStatus, RunCancelled,
     RunCompleted, RunEvent, RunFailed, RunRequested, RunStarted, TopicEvent,
 };
+use weir_runtime::events::{CacheEvent, CacheStore};
 use weir_runtime::{ApplyError, Disposition, Outbox, Processor, Record, Rejection};
 
 use crate::cache::{CacheCandidate, DispatchCache};
-use crate::machine::{self, Effect, Env, Ignored, Input, NodeRt, Phase, Plan, RunPhase, RunRt};
+use crate::machine::{
+    self, AttemptEnd, Effect, Env, Ignored, Input, NodeRt, Phase, Plan, RunPhase, RunRt,
+};
 use crate::metrics as m;
 
 /// Consumer group of the coordinator.
@@ -51,6 +54,9 @@ pub enum Item {
         workspace_id: Option<String>,
         /// Event time, µs since the epoch.
         at_us: i64,
+        /// What the attempt cost the worker (NodeCompleted.duration_ms; 0 otherwise): the
+        /// saving recorded with a result offered to the cache.
+        duration_ms: i64,
     },
 }
 
@@ -245,6 +251,8 @@ impl Coordinator {
             return Ok(stats);
         }
         let mut ignored: HashMap<&'static str, u64> = HashMap::new();
+        // (run, node, attempt) → the worker's duration of a successful attempt of this batch.
+        let mut durations: HashMap<(String, String, i32), i64> = HashMap::new();
         let run_ids: Vec<String> = groups.iter().map(|(r, _)| r.clone()).collect();
 
         // 1. Lock the runs.
@@ -519,10 +527,21 @@ impl Coordinator {
                         input,
                         workspace_id,
                         at_us,
+                        duration_ms,
                     } => {
                         if workspace_id.is_some_and(|w| w != a.run.workspace_id) {
                             *ignored.entry("foreign_workspace").or_default() += 1;
                             continue;
+                        }
+                        if let Input::Completed {
+                            node_id,
+                            attempt,
+                            succeeded: true,
+                            ..
+                        } = &input
+                        {
+                            durations
+                                .insert((a.run_id.clone(), node_id.clone(), *attempt), duration_ms);
                         }
                         (input, Some(at_us))
                     }
@@ -596,8 +615,16 @@ impl Coordinator {
         }
 
         // 8. Write back.
-        self.write(conn, actives, failed_starts, now, outbox, &mut stats)
-            .await?;
+        self.write(
+            conn,
+            actives,
+            failed_starts,
+            &durations,
+            now,
+            outbox,
+            &mut stats,
+        )
+        .await?;
         for (reason, n) in ignored {
             stats.ignored += n as usize;
             metrics::counter!(m::IGNORED, "reason" => reason).increment(n);
@@ -823,6 +850,7 @@ impl Coordinator {
         conn: &mut PgConnection,
         actives: Vec<Active>,
         failed_starts: Vec<FailedStart>,
+        durations: &HashMap<(String, String, i32), i64>,
         now: i64,
         outbox: &mut Outbox<'_>,
         stats: &mut Advanced,
@@ -1063,10 +1091,45 @@ impl Coordinator {
                             }))
                             .await?;
                     }
-                    Effect::AttemptEnded { node, end, .. } => {
+                    Effect::AttemptEnded { node, end, attempt } => {
                         metrics::counter!(m::NODE_EXECUTIONS, "type" => a.plan.node_types[*node],
                             "status" => end.as_str())
                         .increment(1);
+                        // A worker's result of a cacheable node is offered to the result
+                        // cache (the cache processor stores it, or refuses it, e.g. PII).
+                        let stores = self
+                            .cache
+                            .as_ref()
+                            .is_some_and(|c| c.stores(a.plan.node_types[*node]));
+                        if *end == AttemptEnd::Succeeded && stores {
+                            let c = candidate(a, *node);
+                            let n = &a.rt.nodes[*node];
+                            let key = (a.run_id.clone(), a.plan.ids[*node].clone(), *attempt);
+                            outbox
+                                .push(&CacheEvent::CacheStore(CacheStore {
+                                    event_id: events::new_event_id(),
+                                    occurred_at,
+                                    workspace_id: c.workspace_id,
+                                    traceparent: traceparent.clone(),
+                                    tracestate: None,
+                                    request_id: format!(
+                                        "{}/{}/{attempt}",
+                                        a.run_id, a.plan.ids[*node]
+                                    ),
+                                    requester: c.requester,
+                                    permission: c.permission.clone(),
+                                    node_type: c.node_type,
+                                    config_json: c.config.to_string(),
+                                    inputs_json: c.inputs.to_string(),
+                                    result_json: n.output_json.clone(),
+                                    result_ref: n.output_ref.clone(),
+                                    prompt: None,
+                                    embedding: None,
+                                    cost_ms: durations.get(&key).copied().unwrap_or(0),
+                                    required_permission: c.permission,
+                                }))
+                                .await?;
+                        }
                     }
                     Effect::Completed => {
                         stats.ended += 1;
@@ -1353,6 +1416,7 @@ pub fn group(records: &[Record<CompletionEvent>]) -> (Vec<(String, Vec<Item>)>, 
                         },
                         workspace_id: Some(e.workspace_id.clone()),
                         at_us: e.occurred_at,
+                        duration_ms: e.duration_ms,
                     },
                 )
             }
@@ -1364,6 +1428,7 @@ pub fn group(records: &[Record<CompletionEvent>]) -> (Vec<(String, Vec<Item>)>, 
                     },
                     workspace_id: Some(e.workspace_id.clone()),
                     at_us: e.occurred_at,
+                    duration_ms: 0,
                 },
             ),
         };

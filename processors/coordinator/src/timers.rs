@@ -163,6 +163,7 @@ impl TimerLoop {
                     input,
                     workspace_id: None,
                     at_us: t.due_at.timestamp_micros(),
+                    duration_ms: 0,
                 });
             }
             self.coordinator
