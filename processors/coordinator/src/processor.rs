@@ -844,7 +844,7 @@ impl Coordinator {
         Ok((pins, failures))
     }
 
-    #[allow(clippy::too_many_lines)]
+    #[allow(clippy::too_many_lines, clippy::too_many_arguments)]
     async fn write(
         &self,
         conn: &mut PgConnection,
