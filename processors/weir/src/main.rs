@@ -61,6 +61,11 @@ enum Command {
         #[command(subcommand)]
         command: WorkflowsCommand,
     },
+    /// The result cache: explicit invalidation and upkeep.
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
     /// Benchmarks against the local stack (the last line printed is one JSON object).
     Bench {
         #[command(subcommand)]
@@ -74,6 +79,23 @@ enum ProcessorName {
     Materializer,
     /// Publishes the outbox to Kafka.
     Relay,
+    /// Answers result-cache lookups and stores results (weir.cache.v1).
+    Cache,
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// Delete every cache entry of a workspace (exact and semantic), or of one node type.
+    Purge {
+        /// Workspace whose entries go.
+        #[arg(long)]
+        workspace: String,
+        /// Only entries of this node type.
+        #[arg(long)]
+        node_type: Option<String>,
+    },
+    /// Delete expired entries now, then collect unreferenced blobs older than the grace period.
+    Sweep,
 }
 
 #[derive(Subcommand)]
@@ -130,6 +152,18 @@ enum BenchCommand {
         /// Relays running at once.
         #[arg(long, default_value_t = 3)]
         relays: usize,
+        /// Print only the JSON line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Result cache: exact and semantic lookup latency, filtered recall, embedder throughput.
+    Cache {
+        /// Entries loaded (exact and semantic each).
+        #[arg(long, default_value_t = 100_000)]
+        entries: usize,
+        /// Lookups measured per kind.
+        #[arg(long, default_value_t = 2_000)]
+        queries: usize,
         /// Print only the JSON line.
         #[arg(long)]
         json: bool,
@@ -231,6 +265,29 @@ async fn run_processors(cfg: Arc<Config>, which: &[ProcessorName]) -> anyhow::Re
                 );
                 tasks.spawn(async move { relay.run(stop).await.map_err(anyhow::Error::from) });
             }
+            ProcessorName::Cache => {
+                let cas = weir_runtime::cas::Cas::from_config(&cfg).await?;
+                let embedder = weir_cache::Embedder::from_config(&cfg.cache).await?;
+                let cache = weir_cache::Cache::new(
+                    s.pool.clone(),
+                    cas.clone(),
+                    Arc::new(cfg.cache.clone()),
+                    Some(embedder),
+                )
+                .await?;
+                for _ in 0..cfg.runtime.consumers {
+                    let consumer = s.consumer(weir_cache::CacheProcessor::new(cache.clone()));
+                    let stop = stop.clone();
+                    tasks.spawn(
+                        async move { consumer.run(stop).await.map_err(anyhow::Error::from) },
+                    );
+                }
+                let (pool, cache_cfg) = (s.pool.clone(), cfg.cache.clone());
+                tasks.spawn(async move {
+                    weir_cache::maintenance::run_upkeep(pool, cas, cache_cfg, stop).await;
+                    Ok(())
+                });
+            }
         }
     }
     let server = tokio::spawn(telemetry::serve(
@@ -307,9 +364,45 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
             Ok(true)
         }
         Command::Dev => {
-            run_processors(cfg, &[ProcessorName::Materializer, ProcessorName::Relay]).await
+            run_processors(
+                cfg,
+                &[
+                    ProcessorName::Materializer,
+                    ProcessorName::Relay,
+                    ProcessorName::Cache,
+                ],
+            )
+            .await
         }
         Command::Run { processor } => run_processors(cfg, &[processor]).await,
+        Command::Cache { command } => {
+            let pool = weir_runtime::db::pool(&cfg.postgres)?;
+            match command {
+                CacheCommand::Purge {
+                    workspace,
+                    node_type,
+                } => {
+                    let purged =
+                        weir_cache::maintenance::purge(&pool, &workspace, node_type.as_deref())
+                            .await?;
+                    println!(
+                        "purged {} exact and {} semantic entries",
+                        purged.exact, purged.semantic
+                    );
+                }
+                CacheCommand::Sweep => {
+                    let cas = weir_runtime::cas::Cas::from_config(&cfg).await?;
+                    let swept =
+                        weir_cache::maintenance::sweep_all(&pool, cfg.cache.sweep_batch).await?;
+                    let grace = std::time::Duration::from_secs(cfg.cache.gc_grace_secs);
+                    let collected =
+                        weir_cache::maintenance::gc_once(&pool, &cas, grace, cfg.cache.sweep_batch)
+                            .await?;
+                    println!("swept {swept} expired entries, collected {collected} blobs");
+                }
+            }
+            Ok(true)
+        }
         Command::Patch {
             command:
                 PatchCommand::Apply {
@@ -412,6 +505,11 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
                     relays,
                     json,
                 } => (weir_relay::bench::bench(cfg, events, relays).await?, json),
+                BenchCommand::Cache {
+                    entries,
+                    queries,
+                    json,
+                } => (weir_cache::bench::run(cfg, entries, queries).await?, json),
             };
             if !json {
                 println!("{}", serde_json::to_string_pretty(&result)?);
