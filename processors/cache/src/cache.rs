@@ -627,6 +627,12 @@ impl Cache {
     /// One synchronous lookup (the gateway's call): its own transaction.
     pub async fn lookup(&self, req: &LookupRequest) -> Result<Answer, CacheError> {
         let mut tx = self.pool.begin().await?;
+        if !self.cfg.durable_lookups {
+            // Only this transaction's commit skips the WAL flush wait (see cache.durable_lookups).
+            sqlx::query!(r#"SELECT set_config('synchronous_commit', 'off', true) AS "v!""#)
+                .fetch_one(&mut *tx)
+                .await?;
+        }
         let mut answers = self.lookup_in(&mut tx, std::slice::from_ref(req)).await?;
         tx.commit().await?;
         answers

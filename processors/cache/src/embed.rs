@@ -341,3 +341,53 @@ pub fn normalize(mut v: Vec<f32>) -> Vec<f32> {
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Needs the model files from infra/local/prereqs.
+    #[tokio::test]
+    async fn local_model_puts_paraphrases_close_and_unrelated_text_far() {
+        let cfg = CacheConfig::default();
+        let e = Embedder::from_config(&cfg)
+            .await
+            .expect("model files: run infra/local/prereqs");
+        let texts = [
+            "How do I reset my password?",
+            "What are the steps to change my password?",
+            "The cat sat on the warm windowsill in the sun.",
+            "Summarize the quarterly sales report for the board.",
+            "Give the board a summary of this quarter's sales report.",
+        ];
+        let v = e
+            .embed(texts.iter().map(|s| s.to_string()).collect())
+            .await
+            .unwrap();
+        assert_eq!(v.len(), 5);
+        for x in &v {
+            assert_eq!(x.len(), 384);
+            assert!((dot(x, x) - 1.0).abs() < 1e-4, "unit length");
+        }
+        let (para1, para2) = (dot(&v[0], &v[1]), dot(&v[3], &v[4]));
+        let (unrelated1, unrelated2) = (dot(&v[0], &v[2]), dot(&v[2], &v[3]));
+        eprintln!("paraphrases {para1:.4} {para2:.4}, unrelated {unrelated1:.4} {unrelated2:.4}");
+        assert!(para1 > 0.8 && para2 > 0.8, "paraphrases {para1} {para2}");
+        assert!(
+            unrelated1 < 0.5 && unrelated2 < 0.5,
+            "unrelated {unrelated1} {unrelated2}"
+        );
+        // Batching and padding must not change a vector: alone vs in a batch of mixed lengths.
+        let alone = e.embed(vec![texts[2].to_string()]).await.unwrap();
+        assert!(
+            dot(&alone[0], &v[2]) > 0.9999,
+            "padding changed the embedding"
+        );
+        let mut wrong = cfg.clone();
+        wrong.dimensions = 768;
+        assert!(matches!(
+            Embedder::from_config(&wrong).await,
+            Err(CacheError::Dimension(_))
+        ));
+    }
+}

@@ -112,7 +112,7 @@ mod tests {
             ("card 4111 1111 1111 1111 ok", Some(PiiKind::CardNumber)),
             ("card 4111-1111-1111-1112", None), // fails Luhn
             ("ssn 078-05-1120", Some(PiiKind::NationalId)),
-            ("nino QQ 12 34 56 C", Some(PiiKind::NationalId)),
+            ("nino AB 12 34 56 C", Some(PiiKind::NationalId)),
             ("key AKIAIOSFODNN7EXAMPLE", Some(PiiKind::Secret)),
             (
                 "sk-proj-abcdefghijklmnopqrstuvwx1234",

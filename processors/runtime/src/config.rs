@@ -403,6 +403,11 @@ pub struct CacheConfig {
     pub openai_model: String,
     /// API key for the `openai` embedder (env: WEIR__CACHE__OPENAI_API_KEY).
     pub openai_api_key: Secret<String>,
+    /// Whether a synchronous lookup ([`CacheConfig`] users: the gateway) waits for its audit
+    /// row and hit count to be flushed to disk. false: `synchronous_commit = off` for that
+    /// transaction only — a Postgres crash may lose the last ~0.6 s of audit rows, never a
+    /// served result's integrity; the processor's batches are always durable.
+    pub durable_lookups: bool,
     /// HNSW `ef_search` for semantic lookups (candidate list size; higher is slower, better recall).
     pub hnsw_ef_search: u32,
     /// Results larger than this are not cached, in bytes.
@@ -454,6 +459,7 @@ impl Default for CacheConfig {
             openai_base_url: "https://api.openai.com".into(),
             openai_model: "text-embedding-3-small".into(),
             openai_api_key: Secret::default(),
+            durable_lookups: false,
             hnsw_ef_search: 100,
             max_result_bytes: 16 * 1024 * 1024,
             sweep_interval_ms: 60_000,
