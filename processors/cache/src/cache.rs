@@ -516,6 +516,10 @@ pub(crate) fn vector_text(v: &[f32]) -> String {
 #[derive(Clone)]
 pub struct Cache {
     pool: PgPool,
+    /// Same server, sessions started with the lookup settings (iterative HNSW scans,
+    /// ef_search, and synchronous_commit = off unless `cache.durable_lookups`), so a
+    /// synchronous lookup needs no transaction and no SET round trips.
+    lookup_pool: PgPool,
     cas: Cas,
     cfg: Arc<CacheConfig>,
     embedder: Option<Embedder>,
@@ -557,8 +561,24 @@ impl Cache {
         }
         let d = cfg.dimensions;
         let semantic_sql: Arc<str> = semantic_statement(d).into();
+        let mut session = vec![
+            ("hnsw.iterative_scan", "strict_order".to_string()),
+            (
+                "hnsw.ef_search",
+                cfg.hnsw_ef_search.clamp(1, 1000).to_string(),
+            ),
+        ];
+        if !cfg.durable_lookups {
+            session.push(("synchronous_commit", "off".to_string()));
+        }
+        let options = (*pool.connect_options()).clone().options(session);
+        let lookup_pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(pool.options().get_max_connections())
+            .acquire_timeout(pool.options().get_acquire_timeout())
+            .connect_lazy_with(options);
         let cache = Cache {
             pool,
+            lookup_pool,
             cas,
             cfg,
             embedder,
@@ -625,16 +645,14 @@ impl Cache {
     }
 
     /// One synchronous lookup (the gateway's call): its own transaction.
+    ///
+    /// Runs on a session of the lookup pool, without a transaction: each statement commits
+    /// on its own (the lookup statement together with its audit rows).
     pub async fn lookup(&self, req: &LookupRequest) -> Result<Answer, CacheError> {
-        let mut tx = self.pool.begin().await?;
-        if !self.cfg.durable_lookups {
-            // Only this transaction's commit skips the WAL flush wait (see cache.durable_lookups).
-            sqlx::query!(r#"SELECT set_config('synchronous_commit', 'off', true) AS "v!""#)
-                .fetch_one(&mut *tx)
-                .await?;
-        }
-        let mut answers = self.lookup_in(&mut tx, std::slice::from_ref(req)).await?;
-        tx.commit().await?;
+        let mut conn = self.lookup_pool.acquire().await?;
+        let mut answers = self
+            .lookup_on(&mut conn, std::slice::from_ref(req), true)
+            .await?;
         answers
             .pop()
             .ok_or_else(|| CacheError::Invalid("no answer".into()))
@@ -692,6 +710,16 @@ impl Cache {
         conn: &mut PgConnection,
         reqs: &[LookupRequest],
     ) -> Result<Vec<Answer>, CacheError> {
+        self.lookup_on(conn, reqs, false).await
+    }
+
+    /// `tuned`: the session already has the lookup settings (a lookup-pool connection).
+    async fn lookup_on(
+        &self,
+        conn: &mut PgConnection,
+        reqs: &[LookupRequest],
+        tuned: bool,
+    ) -> Result<Vec<Answer>, CacheError> {
         let probes: Vec<ExactProbe> = reqs
             .iter()
             .map(|r| ExactProbe {
@@ -745,7 +773,7 @@ impl Cache {
                 .enumerate()
                 .filter_map(|(i, v)| v.map(|v| (i, v)))
                 .collect();
-            let (found, best) = self.semantic_probe(conn, reqs, &sem).await?;
+            let (found, best) = self.semantic_probe(conn, reqs, &sem, tuned).await?;
             let verified = verify(conn, &self.cas, found, "semantic").await?;
             for (f, _) in verified {
                 let r = &reqs[f.ord];
@@ -786,21 +814,10 @@ impl Cache {
             .collect())
     }
 
-    /// The best semantic match of each request in `sem` (index into `reqs`, unit vector), in
-    /// one statement; those at or above their threshold are hits (hit count bumped, audit row
-    /// written by the same statement). Returns the hits and every request's best similarity.
-    async fn semantic_probe(
-        &self,
-        conn: &mut PgConnection,
-        reqs: &[LookupRequest],
-        sem: &[(usize, Vec<f32>)],
-    ) -> Result<(Vec<Found>, Vec<(usize, f64)>), CacheError> {
-        if sem.is_empty() {
-            return Ok((Vec::new(), Vec::new()));
-        }
-        // Iterative index scans keep filtered lookups from coming back empty: the scan goes on
-        // past ef_search candidates until one passes the workspace/permission/expiry filter.
-        // set_config(.., true) is SET LOCAL: it ends with the caller's transaction.
+    /// Iterative index scans keep filtered lookups from coming back empty: the scan goes on
+    /// past ef_search candidates until one passes the workspace/permission/expiry filter.
+    /// set_config(.., true) is SET LOCAL: it ends with the caller's transaction.
+    async fn tune(&self, conn: &mut PgConnection) -> Result<(), CacheError> {
         let ef_search = self.cfg.hnsw_ef_search.clamp(1, 1000).to_string();
         sqlx::query!(
             r#"SELECT set_config('hnsw.iterative_scan', 'strict_order', true) AS "a!",
@@ -809,6 +826,54 @@ impl Cache {
         )
         .fetch_one(&mut *conn)
         .await?;
+        Ok(())
+    }
+
+    /// EXPLAIN ANALYZE of the semantic statement for one vector, on a lookup session (for
+    /// `weir bench cache`; it runs the statement, so a hit writes its audit row).
+    pub async fn explain_semantic(
+        &self,
+        workspace: &str,
+        node_type: &str,
+        v: &[f32],
+    ) -> Result<String, CacheError> {
+        let mut conn = self.lookup_pool.acquire().await?;
+        let sql = format!("EXPLAIN (ANALYZE, BUFFERS) {}", self.semantic_sql);
+        let rows: Vec<sqlx::postgres::PgRow> = sqlx::query(&sql)
+            .bind(vec![0i32])
+            .bind(vec![workspace.to_string()])
+            .bind(vec![node_type.to_string()])
+            .bind(vec![Permission::Admin.level()])
+            .bind(vec!["explain".to_string()])
+            .bind(vec!["explain".to_string()])
+            .bind(vec![Uuid::now_v7()])
+            .bind(vec![2.0f64])
+            .bind(vec![vector_text(v)])
+            .fetch_all(&mut *conn)
+            .await?;
+        let mut lines = Vec::with_capacity(rows.len());
+        for r in &rows {
+            lines.push(sqlx::Row::try_get::<String, _>(r, 0)?);
+        }
+        Ok(lines.join("\n"))
+    }
+
+    /// The best semantic match of each request in `sem` (index into `reqs`, unit vector), in
+    /// one statement; those at or above their threshold are hits (hit count bumped, audit row
+    /// written by the same statement). Returns the hits and every request's best similarity.
+    async fn semantic_probe(
+        &self,
+        conn: &mut PgConnection,
+        reqs: &[LookupRequest],
+        sem: &[(usize, Vec<f32>)],
+        tuned: bool,
+    ) -> Result<(Vec<Found>, Vec<(usize, f64)>), CacheError> {
+        if sem.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        if !tuned {
+            self.tune(conn).await?;
+        }
         let n = sem.len();
         let (
             mut ords,
@@ -1168,21 +1233,24 @@ fn semantic_entry_key(r: &StoreRequest) -> Option<[u8; 32]> {
 fn semantic_statement(d: u32) -> String {
     format!(
         r#"WITH req AS (
-               SELECT * FROM UNNEST($1::int4[], $2::text[], $3::text[], $4::int2[], $5::text[], $6::text[], $7::uuid[], $8::float8[], $9::text[])
+               -- The vector is parsed once here, not once per candidate row.
+               SELECT ord, workspace_id, node_type, perm, requester, request_id, audit_id, threshold,
+                      emb::vector({d}) AS emb
+               FROM UNNEST($1::int4[], $2::text[], $3::text[], $4::int2[], $5::text[], $6::text[], $7::uuid[], $8::float8[], $9::text[])
                    AS r(ord, workspace_id, node_type, perm, requester, request_id, audit_id, threshold, emb)
            ), best AS (
                SELECT r.ord, r.workspace_id, r.node_type, r.perm, r.requester, r.request_id, r.audit_id, r.threshold,
                       s.entry_key, s.owner, s.result_ref, s.cost_ms, (1 - s.dist)::float8 AS similarity
                FROM req r CROSS JOIN LATERAL (
                    SELECT c.entry_key, c.owner, c.result_ref, c.cost_ms,
-                          c.embedding::vector({d}) <=> r.emb::vector({d}) AS dist
+                          c.embedding::vector({d}) <=> r.emb AS dist
                    FROM cache_semantic c
                    WHERE c.dims = {d}
                      AND c.workspace_id = r.workspace_id
                      AND c.node_type = r.node_type
                      AND c.required_permission <= r.perm
                      AND c.expires_at > now()
-                   ORDER BY c.embedding::vector({d}) <=> r.emb::vector({d})
+                   ORDER BY c.embedding::vector({d}) <=> r.emb
                    LIMIT 1
                ) s
            ), hit AS (
