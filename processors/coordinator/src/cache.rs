@@ -9,13 +9,21 @@
 //! exactly one answer per candidate, in order. Which node types are cacheable is the cache's
 //! decision (answer `None` for the others).
 
+use std::sync::Arc;
+
 use futures::future::BoxFuture;
 use sqlx::PgConnection;
+use weir_runtime::cas::Cas;
+use weir_runtime::config::CacheConfig;
 use weir_runtime::Disposition;
 
 /// One attempt about to be dispatched.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CacheCandidate {
+    /// The run (for the cache's audit trail).
+    pub run_id: String,
+    /// The node (for the cache's audit trail).
+    pub node_id: String,
     /// Workspace of the run (the cache's tenant).
     pub workspace_id: String,
     /// Who requested the run.
@@ -96,4 +104,80 @@ pub trait DispatchCache: Send + Sync {
     /// CacheStore event through the outbox, stored by the cache processor), so a later run
     /// with the same node, config and inputs is served from it.
     fn stores(&self, node_type: &str) -> bool;
+}
+
+/// weir's result cache (weir-cache) as the dispatch cache: exact lookups of cacheable node
+/// types in the batch's transaction (one statement for every candidate, with the audit rows),
+/// and results of those types offered back to it.
+pub struct ResultCache {
+    cas: Cas,
+    cfg: Arc<CacheConfig>,
+}
+
+impl ResultCache {
+    /// Looks up with `cfg`'s cacheable node types; blobs are verified through `cas`.
+    pub fn new(cas: Cas, cfg: Arc<CacheConfig>) -> Self {
+        Self { cas, cfg }
+    }
+}
+
+impl DispatchCache for ResultCache {
+    fn lookup<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        candidates: &'a [CacheCandidate],
+    ) -> BoxFuture<'a, Result<Vec<Option<CachedResult>>, CacheSeamError>> {
+        Box::pin(async move {
+            let mut asked = Vec::new();
+            let mut reqs = Vec::new();
+            for (i, c) in candidates.iter().enumerate() {
+                if !weir_cache::is_cacheable(&self.cfg, &c.node_type) {
+                    continue;
+                }
+                // The run's permission was checked when it started; an unknown level asks nothing.
+                let Ok(permission) = weir_cache::Permission::parse(&c.permission) else {
+                    continue;
+                };
+                asked.push(i);
+                reqs.push(weir_cache::ExactRequest {
+                    workspace_id: c.workspace_id.clone(),
+                    permission,
+                    node_type: c.node_type.clone(),
+                    config: c.config.clone(),
+                    inputs: c.inputs.clone(),
+                    requester: format!("run:{}", c.run_id),
+                    request_id: format!("{}/{}", c.run_id, c.node_id),
+                });
+            }
+            let mut answers = vec![None; candidates.len()];
+            if reqs.is_empty() {
+                return Ok(answers);
+            }
+            let hits = weir_cache::exact_lookup_batch(conn, &self.cas, &reqs)
+                .await
+                .map_err(|e| match e {
+                    weir_cache::CacheError::Postgres(e) => CacheSeamError::Postgres(e),
+                    other => CacheSeamError::Other {
+                        retryable: other.disposition() == Disposition::Retry,
+                        message: other.to_string(),
+                    },
+                })?;
+            for (i, hit) in asked.into_iter().zip(hits) {
+                answers[i] = hit.map(|h| {
+                    let inline = h.result_json.map(|v| v.to_string());
+                    CachedResult {
+                        output_ref: inline.is_none().then(|| h.result_ref.to_string()),
+                        output_json: inline,
+                        saved_ms: h.saved_ms,
+                        entry_key: h.entry_key,
+                    }
+                });
+            }
+            Ok(answers)
+        })
+    }
+
+    fn stores(&self, node_type: &str) -> bool {
+        weir_cache::is_cacheable(&self.cfg, node_type)
+    }
 }

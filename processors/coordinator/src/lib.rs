@@ -16,7 +16,7 @@ pub mod processor;
 pub mod status;
 pub mod timers;
 
-pub use cache::{CacheCandidate, CacheSeamError, CachedResult, DispatchCache};
+pub use cache::{CacheCandidate, CacheSeamError, CachedResult, DispatchCache, ResultCache};
 pub use processor::{Coordinator, GROUP};
 pub use status::{run_status, NodeStatusView, RunStatus};
 pub use timers::TimerLoop;

@@ -1353,6 +1353,8 @@ fn candidate(a: &Active, node: usize) -> CacheCandidate {
         );
     }
     CacheCandidate {
+        run_id: a.run_id.clone(),
+        node_id: a.plan.ids[node].clone(),
         workspace_id: a.run.workspace_id.clone(),
         requester: a.run.requester.clone(),
         permission: a.run.permission.clone(),

@@ -161,3 +161,66 @@ impl RunStatusSource for CoordinatorRunStatus {
         }))
     }
 }
+
+/// Synchronous lookups in weir's result cache (weir-cache), exact then semantic.
+pub struct ResultCacheLookup {
+    cache: weir_cache::Cache,
+}
+
+impl ResultCacheLookup {
+    /// Looks up in `cache`.
+    pub fn new(cache: weir_cache::Cache) -> Self {
+        Self { cache }
+    }
+}
+
+/// Results up to this size are returned inline in the answer (else only their CAS ref).
+const INLINE_RESULT_BYTES: usize = 256 * 1024;
+
+#[async_trait]
+impl CacheLookupSource for ResultCacheLookup {
+    async fn lookup(
+        &self,
+        workspace_id: &str,
+        permission: crate::auth::Permission,
+        request: &CacheLookupRequest,
+    ) -> Result<CacheLookupAnswer, SourceError> {
+        let fail = |e: weir_cache::CacheError| SourceError {
+            message: format!("cache lookup: {e}"),
+        };
+        let req = weir_cache::LookupRequest {
+            request_id: weir_runtime::events::new_event_id().to_string(),
+            workspace_id: workspace_id.to_string(),
+            requester: format!("gateway:{workspace_id}"),
+            permission: weir_cache::Permission::parse(permission.as_str()).map_err(fail)?,
+            node_type: request.node_type.clone(),
+            config: request.config.clone(),
+            inputs: request.inputs.clone(),
+            prompt: request.prompt.clone(),
+            embedding: None,
+            semantic: request.semantic,
+        };
+        let answer = self.cache.lookup(&req).await.map_err(fail)?;
+        let mut result = None;
+        if let Some(r) = &answer.result_ref {
+            // Verified again on read: content addressing makes a stale or corrupt copy impossible.
+            let blob = self.cache.cas().get(r).await.map_err(|e| SourceError {
+                message: format!("cache result {r}: {e}"),
+            })?;
+            if blob.len() <= INLINE_RESULT_BYTES {
+                result = serde_json::from_slice(&blob).ok();
+            }
+        }
+        Ok(CacheLookupAnswer {
+            hit: answer.hit,
+            kind: answer.kind.map(|k| match k {
+                weir_runtime::events::CacheKind::Exact => HitKind::Exact,
+                weir_runtime::events::CacheKind::Semantic => HitKind::Semantic,
+            }),
+            similarity: answer.similarity,
+            result_ref: answer.result_ref.map(|r| r.to_string()),
+            result,
+            saved_ms: answer.saved_ms,
+        })
+    }
+}

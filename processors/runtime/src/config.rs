@@ -71,6 +71,8 @@ pub struct Config {
     pub gateway: GatewayConfig,
     /// The run coordinator.
     pub coordinator: CoordinatorConfig,
+    /// The result cache (exact and semantic).
+    pub cache: CacheConfig,
 }
 
 /// Kafka settings.
@@ -427,6 +429,121 @@ impl Default for CoordinatorConfig {
     }
 }
 
+/// Which embedder computes prompt embeddings for the semantic cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmbedderKind {
+    /// all-MiniLM-L6-v2 in-process (candle, CPU), 384 dimensions, from `cache.model_dir`.
+    Local,
+    /// An OpenAI-compatible `/v1/embeddings` endpoint (`cache.openai_*`).
+    Openai,
+}
+
+/// Result cache settings. Per-node-type tables (`ttl_secs`, `semantic_ttl_secs`,
+/// `cost_per_hit`, `threshold_overrides`) are set in the file; their keys are free-form.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Node types whose results may be cached (exact); any other type is never cached.
+    pub cacheable_node_types: Vec<String>,
+    /// Exact-entry time to live per node type, in seconds, fixed at store time.
+    pub ttl_secs: BTreeMap<String, u64>,
+    /// TTL of an exact entry of a cacheable node type missing from `ttl_secs`, in seconds.
+    pub default_ttl_secs: u64,
+    /// Semantic-entry (prompt embedding) time to live per node type, in seconds.
+    pub semantic_ttl_secs: BTreeMap<String, u64>,
+    /// Node types whose lookups may be answered by a semantic (prompt) match.
+    pub semantic_node_types: Vec<String>,
+    /// Default cosine similarity a semantic match needs (0..1].
+    pub similarity_threshold: f64,
+    /// Thresholds overriding the default, keyed `"<workspace>/<node_type>"`, `"<workspace>/*"`
+    /// or `"*/<node_type>"` (most specific wins).
+    pub threshold_overrides: BTreeMap<String, f64>,
+    /// Cost saved by one hit, per node type (any unit, e.g. US cents), for the saved-cost metric.
+    pub cost_per_hit: BTreeMap<String, f64>,
+    /// `local` (built-in all-MiniLM-L6-v2) or `openai`.
+    pub embedder: EmbedderKind,
+    /// Embedding dimensions of this deployment: 384 for `local`, the model's size for `openai`
+    /// (1536 for text-embedding-3-small). Stored entries and event vectors must match it.
+    pub dimensions: u32,
+    /// Directory holding model.safetensors, config.json and tokenizer.json of the local model
+    /// (`infra/local/prereqs` fills `~/.cache/weir/models/all-MiniLM-L6-v2`); "" means that one.
+    pub model_dir: String,
+    /// Most prompts embedded in one model call.
+    pub embed_batch: usize,
+    /// Base URL of the OpenAI-compatible API (the path `/v1/embeddings` is appended).
+    pub openai_base_url: String,
+    /// Embedding model name for the `openai` embedder.
+    pub openai_model: String,
+    /// API key for the `openai` embedder (env: WEIR__CACHE__OPENAI_API_KEY).
+    pub openai_api_key: Secret<String>,
+    /// Whether a synchronous lookup ([`CacheConfig`] users: the gateway) waits for its audit
+    /// row and hit count to be flushed to disk. false: `synchronous_commit = off` for that
+    /// transaction only — a Postgres crash may lose the last ~0.6 s of audit rows, never a
+    /// served result's integrity; the processor's batches are always durable.
+    pub durable_lookups: bool,
+    /// HNSW `ef_search` for semantic lookups (candidate list size; higher is slower, better recall).
+    pub hnsw_ef_search: u32,
+    /// Results larger than this are not cached, in bytes.
+    pub max_result_bytes: usize,
+    /// How often the sweeper deletes expired entries, in ms.
+    pub sweep_interval_ms: u64,
+    /// Most expired entries deleted per sweeper statement.
+    pub sweep_batch: i64,
+    /// A CAS blob the cache stored is deleted only once nothing has referenced it for this
+    /// long, in seconds (longer than any in-flight store).
+    pub gc_grace_secs: u64,
+    /// How often the CAS garbage collector runs, in ms.
+    pub gc_interval_ms: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        let s = |v: &[&str]| v.iter().map(|x| (*x).to_string()).collect::<Vec<_>>();
+        let t = |v: &[(&str, u64)]| {
+            v.iter()
+                .map(|(k, x)| ((*k).to_string(), *x))
+                .collect::<BTreeMap<_, _>>()
+        };
+        Self {
+            cacheable_node_types: s(&[
+                "function",
+                "pure",
+                "http_request",
+                "database_query",
+                "agent",
+            ]),
+            ttl_secs: t(&[
+                ("function", 7 * 86_400),
+                ("pure", 30 * 86_400),
+                ("http_request", 3_600),
+                ("database_query", 300),
+                ("agent", 7 * 86_400),
+            ]),
+            default_ttl_secs: 3_600,
+            semantic_ttl_secs: t(&[("agent", 86_400)]),
+            semantic_node_types: s(&["agent"]),
+            similarity_threshold: 0.92,
+            threshold_overrides: BTreeMap::new(),
+            cost_per_hit: BTreeMap::new(),
+            embedder: EmbedderKind::Local,
+            dimensions: 384,
+            model_dir: String::new(),
+            embed_batch: 32,
+            openai_base_url: "https://api.openai.com".into(),
+            openai_model: "text-embedding-3-small".into(),
+            openai_api_key: Secret::default(),
+            durable_lookups: false,
+            hnsw_ef_search: 100,
+            max_result_bytes: 16 * 1024 * 1024,
+            sweep_interval_ms: 60_000,
+            sweep_batch: 5_000,
+            gc_grace_secs: 86_400,
+            gc_interval_ms: 3_600_000,
+        }
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -476,6 +593,10 @@ const FREE_FORM: &[&str] = &[
     "kafka.topic_config",
     "kafka.consumer",
     "kafka.producer",
+    "cache.ttl_secs",
+    "cache.semantic_ttl_secs",
+    "cache.threshold_overrides",
+    "cache.cost_per_hit",
 ];
 
 /// Standard variables that operators already set for other tools, mapped to config keys.
@@ -647,6 +768,23 @@ impl Config {
         if self.coordinator.timer_poll_ms == 0 || self.coordinator.timer_batch < 1 {
             p.push("coordinator.timer_poll_ms/timer_batch: must be at least 1".into());
         }
+        if !(self.cache.similarity_threshold > 0.0 && self.cache.similarity_threshold <= 1.0) {
+            p.push("cache.similarity_threshold: must be in (0, 1]".into());
+        }
+        for (k, v) in &self.cache.threshold_overrides {
+            if !(*v > 0.0 && *v <= 1.0) {
+                p.push(format!("cache.threshold_overrides.{k}: must be in (0, 1]"));
+            }
+        }
+        if !(1..=16_000).contains(&self.cache.dimensions) {
+            p.push("cache.dimensions: 1 to 16000".into());
+        }
+        if self.cache.embedder == EmbedderKind::Local && self.cache.dimensions != 384 {
+            p.push("cache.dimensions: the local embedder (all-MiniLM-L6-v2) has 384".into());
+        }
+        if self.cache.embed_batch == 0 || self.cache.sweep_batch < 1 {
+            p.push("cache.embed_batch/sweep_batch: must be at least 1".into());
+        }
         if self.s3.bucket.is_empty() {
             p.push("s3.bucket: must not be empty".into());
         }
@@ -774,6 +912,7 @@ fn field_errors(defaults: &Json, merged: &Json, problems: &mut Vec<String>) {
     check::<MaterializerConfig>("materializer", defaults, merged, problems);
     check::<GatewayConfig>("gateway", defaults, merged, problems);
     check::<CoordinatorConfig>("coordinator", defaults, merged, problems);
+    check::<CacheConfig>("cache", defaults, merged, problems);
 }
 
 #[cfg(test)]

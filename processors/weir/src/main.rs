@@ -61,6 +61,11 @@ enum Command {
         #[command(subcommand)]
         command: WorkflowsCommand,
     },
+    /// The result cache: explicit invalidation and upkeep.
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
     /// API keys of the HTTP gateway.
     Keys {
         #[command(subcommand)]
@@ -99,6 +104,23 @@ enum ProcessorName {
     Gateway,
     /// Advances workflow runs from completion events (with its timer loop).
     Coordinator,
+    /// Answers result-cache lookups and stores results (weir.cache.v1).
+    Cache,
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// Delete every cache entry of a workspace (exact and semantic), or of one node type.
+    Purge {
+        /// Workspace whose entries go.
+        #[arg(long)]
+        workspace: String,
+        /// Only entries of this node type.
+        #[arg(long)]
+        node_type: Option<String>,
+    },
+    /// Delete expired entries now, then collect unreferenced blobs older than the grace period.
+    Sweep,
 }
 
 #[derive(Subcommand)]
@@ -169,6 +191,18 @@ enum BenchCommand {
         /// Runs on the naive path (default: a tenth of --runs).
         #[arg(long)]
         naive_runs: Option<usize>,
+        /// Print only the JSON line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Result cache: exact and semantic lookup latency, filtered recall, embedder throughput.
+    Cache {
+        /// Entries loaded (exact and semantic each).
+        #[arg(long, default_value_t = 100_000)]
+        entries: usize,
+        /// Lookups measured per kind.
+        #[arg(long, default_value_t = 2_000)]
+        queries: usize,
         /// Print only the JSON line.
         #[arg(long)]
         json: bool,
@@ -288,11 +322,13 @@ async fn run_processors(cfg: Arc<Config>, which: &[ProcessorName]) -> anyhow::Re
             }
             ProcessorName::Coordinator => {
                 let cas = weir_runtime::cas::Cas::from_config(&cfg).await?;
-                let coordinator = Arc::new(weir_coordinator::Coordinator::new(
-                    cfg.clone(),
-                    s.pool.clone(),
-                    cas,
-                ));
+                let coordinator = Arc::new(
+                    weir_coordinator::Coordinator::new(cfg.clone(), s.pool.clone(), cas.clone())
+                        .with_cache(Arc::new(weir_coordinator::ResultCache::new(
+                            cas,
+                            Arc::new(cfg.cache.clone()),
+                        ))),
+                );
                 for _ in 0..cfg.runtime.consumers {
                     let consumer = weir_runtime::BatchConsumer::new(
                         cfg.clone(),
@@ -311,6 +347,29 @@ async fn run_processors(cfg: Arc<Config>, which: &[ProcessorName]) -> anyhow::Re
                     weir_coordinator::TimerLoop::new(coordinator, s.pool.clone(), s.codec.clone());
                 tasks.spawn(async move { timers.run(stop).await.map_err(anyhow::Error::from) });
             }
+            ProcessorName::Cache => {
+                let cas = weir_runtime::cas::Cas::from_config(&cfg).await?;
+                let embedder = weir_cache::Embedder::from_config(&cfg.cache).await?;
+                let cache = weir_cache::Cache::new(
+                    s.pool.clone(),
+                    cas.clone(),
+                    Arc::new(cfg.cache.clone()),
+                    Some(embedder),
+                )
+                .await?;
+                for _ in 0..cfg.runtime.consumers {
+                    let consumer = s.consumer(weir_cache::CacheProcessor::new(cache.clone()));
+                    let stop = stop.clone();
+                    tasks.spawn(
+                        async move { consumer.run(stop).await.map_err(anyhow::Error::from) },
+                    );
+                }
+                let (pool, cache_cfg) = (s.pool.clone(), cfg.cache.clone());
+                tasks.spawn(async move {
+                    weir_cache::maintenance::run_upkeep(pool, cas, cache_cfg, stop).await;
+                    Ok(())
+                });
+            }
             ProcessorName::Relay => {
                 let id = format!("relay-{}", std::process::id());
                 // The relay's own producer: it never expires messages, so a retry cannot
@@ -327,11 +386,22 @@ async fn run_processors(cfg: Arc<Config>, which: &[ProcessorName]) -> anyhow::Re
             }
             ProcessorName::Gateway => {
                 let cfg = cfg.clone();
+                let cas = weir_runtime::cas::Cas::from_config(&cfg).await?;
+                let embedder = weir_cache::Embedder::from_config(&cfg.cache).await?;
+                let cache = weir_cache::Cache::new(
+                    s.pool.clone(),
+                    cas,
+                    Arc::new(cfg.cache.clone()),
+                    Some(embedder),
+                )
+                .await?;
                 let sources = weir_gateway::Sources {
                     run_status: Some(Arc::new(weir_gateway::sources::CoordinatorRunStatus::new(
                         s.pool.clone(),
                     ))),
-                    ..weir_gateway::Sources::default()
+                    cache_lookup: Some(Arc::new(weir_gateway::sources::ResultCacheLookup::new(
+                        cache,
+                    ))),
                 };
                 tasks.spawn(async move { weir_gateway::run(cfg, sources, stop).await });
             }
@@ -417,6 +487,7 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
                     ProcessorName::Materializer,
                     ProcessorName::Relay,
                     ProcessorName::Coordinator,
+                    ProcessorName::Cache,
                     ProcessorName::Gateway,
                 ],
             )
@@ -446,6 +517,34 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
             let summary = weir_demo::run(cfg, opts, shutdown).await?;
             if json {
                 println!("{}", serde_json::to_string(&summary)?);
+            }
+            Ok(true)
+        }
+        Command::Cache { command } => {
+            let pool = weir_runtime::db::pool(&cfg.postgres)?;
+            match command {
+                CacheCommand::Purge {
+                    workspace,
+                    node_type,
+                } => {
+                    let purged =
+                        weir_cache::maintenance::purge(&pool, &workspace, node_type.as_deref())
+                            .await?;
+                    println!(
+                        "purged {} exact and {} semantic entries",
+                        purged.exact, purged.semantic
+                    );
+                }
+                CacheCommand::Sweep => {
+                    let cas = weir_runtime::cas::Cas::from_config(&cfg).await?;
+                    let swept =
+                        weir_cache::maintenance::sweep_all(&pool, cfg.cache.sweep_batch).await?;
+                    let grace = std::time::Duration::from_secs(cfg.cache.gc_grace_secs);
+                    let collected =
+                        weir_cache::maintenance::gc_once(&pool, &cas, grace, cfg.cache.sweep_batch)
+                            .await?;
+                    println!("swept {swept} expired entries, collected {collected} blobs");
+                }
             }
             Ok(true)
         }
@@ -582,6 +681,11 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
                     .await?,
                     json,
                 ),
+                BenchCommand::Cache {
+                    entries,
+                    queries,
+                    json,
+                } => (weir_cache::bench::run(cfg, entries, queries).await?, json),
                 BenchCommand::Relay {
                     events,
                     relays,

@@ -1,0 +1,363 @@
+//! `weir bench cache --entries N --json`: exact and semantic lookup latency at N entries,
+//! recall@1 of the filtered semantic lookup against an exact scan, and the local embedder's
+//! throughput.
+//!
+//! 1. N exact entries and N semantic entries are loaded with set-based INSERTs (the store
+//!    path's PII scan and CAS puts are skipped: all entries share one verified blob) over 100
+//!    workspaces, so one workspace holds 1% of the rows. The vectors are SYNTHETIC: random
+//!    unit vectors around 1,000 random cluster centres (Gaussian noise), clusters shared by
+//!    all workspaces, so most of a query's global nearest neighbours belong to other
+//!    workspaces — the case where a post-filtered HNSW scan loses recall. The HNSW index is
+//!    rebuilt after the load (timed).
+//! 2. Exact: `queries` lookups of random stored keys through [`Cache::lookup`] — the
+//!    gateway's path: its own transaction, the lookup statement with its audit row, the CAS
+//!    read and verification. p50/p99 of the whole call.
+//! 3. Semantic: `queries` lookups through [`Cache::lookup`] with a vector near a random entry
+//!    of a random workspace (the exact probe misses first, then the semantic statement runs;
+//!    threshold set to -1 so that every lookup returns its best match). Recall@1: the
+//!    returned entry is the best match of an exact scan of the workspace's vectors (computed
+//!    in memory from the same data).
+//! 4. embeddings_per_sec: the real all-MiniLM-L6-v2 on 512 short sentences in batches of
+//!    `cache.embed_batch` (null when the model files are not installed).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use weir_runtime::cas::Cas;
+use weir_runtime::config::{CacheConfig, Config, EmbedderKind};
+
+use crate::cache::{hnsw_index_name, vector_text, Cache, LookupRequest};
+use crate::embed::{dot, normalize, Embedder};
+use crate::key::{entry_key, json_hash, semantic_key, Permission};
+
+/// Workspaces the entries are spread over (one holds 1%).
+pub const WORKSPACES: usize = 100;
+/// Cluster centres of the synthetic vectors.
+pub const CLUSTERS: usize = 1_000;
+const CHUNK: usize = 5_000;
+
+fn gaussian(rng: &mut StdRng) -> f32 {
+    // Box–Muller; 1 - u keeps the logarithm's argument in (0, 1].
+    let u: f64 = 1.0 - rng.random::<f64>();
+    let v: f64 = rng.random::<f64>();
+    ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
+}
+
+fn random_unit(rng: &mut StdRng, d: usize) -> Vec<f32> {
+    normalize((0..d).map(|_| gaussian(rng)).collect())
+}
+
+fn near(rng: &mut StdRng, c: &[f32], sigma: f32) -> Vec<f32> {
+    normalize(c.iter().map(|x| x + sigma * gaussian(rng)).collect())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let r = |x: f64| (x * 1000.0).round() / 1000.0;
+    (r(percentile(&v, 0.5)), r(percentile(&v, 0.99)))
+}
+
+/// Runs the benchmark; returns the JSON object described in the module docs.
+pub async fn run(
+    cfg: Arc<Config>,
+    entries: usize,
+    queries: usize,
+) -> anyhow::Result<serde_json::Value> {
+    anyhow::ensure!(
+        entries >= WORKSPACES,
+        "--entries must be at least {WORKSPACES}"
+    );
+    let pool = weir_runtime::db::pool(&cfg.postgres)?;
+    let cas = Cas::from_config(&cfg).await?;
+    let d = cfg.cache.dimensions as usize;
+    let run_id = uuid::Uuid::now_v7().simple().to_string();
+    let ws_name = |w: usize| format!("bench-{run_id}-{w:03}");
+    let node_type = "agent";
+    let mut cache_cfg: CacheConfig = cfg.cache.clone();
+    cache_cfg.similarity_threshold = -1.0; // every lookup returns its best match (see docs)
+    let cache = Cache::new(pool.clone(), cas.clone(), Arc::new(cache_cfg), None).await?;
+    let result = cas
+        .put_json(&json!({"answer": "a cached result", "tokens": 512}))
+        .await?;
+
+    // 1. Load.
+    let mut rng = StdRng::seed_from_u64(7);
+    let centres: Vec<Vec<f32>> = (0..CLUSTERS).map(|_| random_unit(&mut rng, d)).collect();
+    let mut vectors: Vec<Vec<f32>> = Vec::with_capacity(entries);
+    let mut owners: Vec<usize> = Vec::with_capacity(entries);
+    let started = Instant::now();
+    sqlx::query(&format!(
+        "DROP INDEX IF EXISTS {}",
+        hnsw_index_name(d as u32)
+    ))
+    .execute(&pool)
+    .await?;
+    for start in (0..entries).step_by(CHUNK) {
+        let end = (start + CHUNK).min(entries);
+        let (mut keys, mut skeys, mut wss, mut embs) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for i in start..end {
+            let w = i % WORKSPACES;
+            let ws = ws_name(w);
+            let c = &centres[rng.random_range(0..CLUSTERS)];
+            let v = near(&mut rng, c, 0.05);
+            keys.push(
+                entry_key(
+                    &ws,
+                    Permission::Read,
+                    node_type,
+                    &json_hash(&json!({})),
+                    &json_hash(&json!({"i": i})),
+                )
+                .to_vec(),
+            );
+            skeys.push(
+                semantic_key(&ws, Permission::Read, node_type, &format!("prompt {i}")).to_vec(),
+            );
+            embs.push(vector_text(&v));
+            wss.push(ws);
+            vectors.push(v);
+            owners.push(w);
+        }
+        sqlx::query(
+            "INSERT INTO cache_entries (entry_key, workspace_id, node_type, required_permission, owner, result_ref, cost_ms, expires_at)
+             SELECT k, ws, 'agent', 1, 'bench', $3, 1000, now() + interval '1 day' FROM UNNEST($1::bytea[], $2::text[]) AS t(k, ws)",
+        )
+        .bind(&keys)
+        .bind(&wss)
+        .bind(result.to_string())
+        .execute(&pool)
+        .await?;
+        sqlx::query(
+            "INSERT INTO cache_semantic (entry_key, workspace_id, node_type, required_permission, owner, result_ref, cost_ms, expires_at, dims, embedding)
+             SELECT k, ws, 'agent', 1, 'bench', $4, 1000, now() + interval '1 day', $5, e::vector
+             FROM UNNEST($1::bytea[], $2::text[], $3::text[]) AS t(k, ws, e)",
+        )
+        .bind(&skeys)
+        .bind(&wss)
+        .bind(&embs)
+        .bind(result.to_string())
+        .bind(d as i32)
+        .execute(&pool)
+        .await?;
+    }
+    let load_secs = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    sqlx::raw_sql("SET maintenance_work_mem = '512MB'")
+        .execute(&pool)
+        .await
+        .ok();
+    cache.prepare().await.context("rebuilding the HNSW index")?;
+    sqlx::query("ANALYZE cache_semantic").execute(&pool).await?;
+    sqlx::query("ANALYZE cache_entries").execute(&pool).await?;
+    let index_secs = started.elapsed().as_secs_f64();
+
+    let probe = near(&mut rng, &vectors[3], 0.03);
+    let plan = cache
+        .explain_semantic(&ws_name(3), node_type, &probe)
+        .await?;
+    eprintln!("semantic lookup plan (workspace holding 1% of the rows):\n{plan}");
+
+    // The CAS read + verification alone (part of every hit).
+    let mut cas_gets = Vec::with_capacity(500);
+    for _ in 0..500 {
+        let t = Instant::now();
+        cas.get(&result).await?;
+        cas_gets.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+
+    // 2. Exact lookups (all hits), after a short warm-up.
+    let mut exact = Vec::with_capacity(queries);
+    let mut exact_hits = 0;
+    for q in 0..queries + 50 {
+        let i = rng.random_range(0..entries);
+        let req = LookupRequest {
+            request_id: format!("bench-exact-{q}"),
+            workspace_id: ws_name(owners[i]),
+            requester: "bench".into(),
+            permission: Permission::Read,
+            node_type: node_type.into(),
+            config: json!({}),
+            inputs: json!({"i": i}),
+            prompt: None,
+            embedding: None,
+            semantic: false,
+        };
+        let t = Instant::now();
+        let a = cache.lookup(&req).await?;
+        if q >= 50 {
+            exact.push(t.elapsed().as_secs_f64() * 1000.0);
+            exact_hits += usize::from(a.hit);
+        }
+    }
+
+    // The coordinator's path for comparison: exact_lookup_batch of one request on a plain
+    // pooled connection (autocommit, durable commit).
+    let mut batch = Vec::with_capacity(queries / 4);
+    for q in 0..queries / 4 {
+        let i = rng.random_range(0..entries);
+        let req = crate::cache::ExactRequest {
+            workspace_id: ws_name(owners[i]),
+            permission: Permission::Read,
+            node_type: node_type.into(),
+            config: json!({}),
+            inputs: json!({"i": i}),
+            requester: "bench".into(),
+            request_id: format!("bench-batch-{q}"),
+        };
+        let mut conn = pool.acquire().await?;
+        let t = Instant::now();
+        let hit =
+            crate::cache::exact_lookup_batch(&mut conn, &cas, std::slice::from_ref(&req)).await?;
+        batch.push(t.elapsed().as_secs_f64() * 1000.0);
+        anyhow::ensure!(hit[0].is_some(), "a stored key missed");
+    }
+
+    // 3. Semantic lookups and recall@1.
+    let mut semantic = Vec::with_capacity(queries);
+    let mut correct = 0usize;
+    let mut answered = 0usize;
+    for q in 0..queries + 50 {
+        let w = rng.random_range(0..WORKSPACES);
+        let i = w + WORKSPACES * rng.random_range(0..entries / WORKSPACES);
+        let qv = near(&mut rng, &vectors[i], 0.03);
+        let req = LookupRequest {
+            request_id: format!("bench-sem-{q}"),
+            workspace_id: ws_name(w),
+            requester: "bench".into(),
+            permission: Permission::Read,
+            node_type: node_type.into(),
+            config: json!({}),
+            inputs: json!({"q": q}),
+            prompt: None,
+            embedding: Some(qv.clone()),
+            semantic: true,
+        };
+        let t = Instant::now();
+        let a = cache.lookup(&req).await?;
+        let elapsed = t.elapsed().as_secs_f64() * 1000.0;
+        if q < 50 {
+            continue;
+        }
+        semantic.push(elapsed);
+        // Exact scan of the workspace (same data, in memory).
+        let best = (w..entries)
+            .step_by(WORKSPACES)
+            .max_by(|a, b| dot(&vectors[*a], &qv).total_cmp(&dot(&vectors[*b], &qv)))
+            .map(|j| {
+                hex::encode(semantic_key(
+                    &ws_name(w),
+                    Permission::Read,
+                    node_type,
+                    &format!("prompt {j}"),
+                ))
+            });
+        if let Some(key) = a.entry_key {
+            answered += 1;
+            correct += usize::from(Some(key) == best);
+        }
+    }
+
+    // 4. The real embedder.
+    let embeddings_per_sec = match embed_rate(&cfg.cache).await {
+        Ok(r) => json!((r * 10.0).round() / 10.0),
+        Err(e) => {
+            tracing::warn!(error = %e, "embedder unavailable; embeddings_per_sec is null");
+            serde_json::Value::Null
+        }
+    };
+
+    // Clean up this run's rows (the index stays).
+    for w in 0..WORKSPACES {
+        crate::maintenance::purge(&pool, &ws_name(w), None).await?;
+    }
+    sqlx::query("DELETE FROM cache_audit WHERE workspace_id LIKE $1")
+        .bind(format!("bench-{run_id}-%"))
+        .execute(&pool)
+        .await?;
+
+    let (exact_p50, exact_p99) = ms(exact);
+    let (cas_p50, cas_p99) = ms(cas_gets);
+    let (batch_p50, batch_p99) = ms(batch);
+    let (sem_p50, sem_p99) = ms(semantic);
+    Ok(json!({
+        "entries": entries,
+        "workspaces": WORKSPACES,
+        "queries": queries,
+        "vectors": format!("synthetic: {d}-dim unit vectors around {CLUSTERS} random centres"),
+        "load_secs": (load_secs * 100.0).round() / 100.0,
+        "index_build_secs": (index_secs * 100.0).round() / 100.0,
+        "exact_p50_ms": exact_p50,
+        "exact_p99_ms": exact_p99,
+        "exact_hits": exact_hits,
+        "exact_batch1_p50_ms": batch_p50,
+        "exact_batch1_p99_ms": batch_p99,
+        "cas_get_p50_ms": cas_p50,
+        "cas_get_p99_ms": cas_p99,
+        "cas_backend": cas.backend_name(),
+        "semantic_p50_ms": sem_p50,
+        "semantic_p99_ms": sem_p99,
+        "semantic_answered": answered,
+        "recall_at_1": if answered == 0 { 0.0 } else { (correct as f64 / queries as f64 * 10_000.0).round() / 10_000.0 },
+        "embeddings_per_sec": embeddings_per_sec,
+    }))
+}
+
+/// Sentences embedded per second by the local model (512 short sentences).
+async fn embed_rate(cfg: &CacheConfig) -> anyhow::Result<f64> {
+    let mut local = cfg.clone();
+    local.embedder = EmbedderKind::Local;
+    local.dimensions = 384;
+    let e = Embedder::from_config(&local).await?;
+    let subjects = [
+        "the invoice",
+        "a customer",
+        "the weather in Paris",
+        "our quarterly report",
+        "the deployment",
+        "a new user",
+        "the database",
+        "this contract",
+    ];
+    let verbs = [
+        "summarize",
+        "translate",
+        "explain",
+        "classify",
+        "review",
+        "rewrite",
+        "check",
+        "describe",
+    ];
+    let texts: Vec<String> = (0..512)
+        .map(|i| {
+            format!(
+                "Please {} {} for ticket number {i}, briefly.",
+                verbs[i % 8],
+                subjects[(i / 8) % 8]
+            )
+        })
+        .collect();
+    e.embed(texts[..32].to_vec()).await?; // warm-up
+    let t = Instant::now();
+    let v = e.embed(texts.clone()).await?;
+    anyhow::ensure!(
+        v.len() == texts.len(),
+        "embedder returned {} vectors for {}",
+        v.len(),
+        texts.len()
+    );
+    Ok(texts.len() as f64 / t.elapsed().as_secs_f64())
+}

@@ -1,0 +1,1272 @@
+//! The cache itself: exact and semantic lookup and store, usable as a library (the gateway's
+//! synchronous lookup, the coordinator's batch lookup) and by the cache processor.
+//!
+//! Invariants:
+//! - Isolation is in the SQL: every lookup statement matches `workspace_id = <requester's>`
+//!   and `required_permission <= <requester's level>` and `expires_at > now()` in its WHERE
+//!   clause; nothing is filtered afterwards.
+//! - A hit is served only after its CAS blob was read and verified (the CAS re-hashes on
+//!   read). A missing or corrupt blob turns the hit into a miss, deletes the entry and takes
+//!   back the hit's audit row, in the caller's transaction.
+//! - Every served hit has exactly one audit row, written by the lookup statement itself.
+//! - Results matching the PII guard, of a node type that is not cacheable, or larger than
+//!   `cache.max_result_bytes` are never stored; each refusal is counted.
+//! - A store touches `cache_blobs` before it puts the blob, so the GC's grace period covers it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::join_all;
+use serde_json::Value;
+use sqlx::{FromRow as _, PgConnection, PgPool};
+use uuid::Uuid;
+use weir_runtime::cas::{Cas, CasError, CasRef};
+use weir_runtime::config::CacheConfig;
+use weir_runtime::events::CacheKind;
+
+use crate::embed::{check_dims, normalize, Embedder};
+use crate::error::CacheError;
+use crate::key::{entry_key, json_hash, semantic_key, Permission};
+use crate::metrics as m;
+use crate::pii;
+
+/// Whether results of `node_type` may be cached. Default: `function`, `pure`,
+/// `http_request`, `database_query` and `agent`; never `human` (a person's decision is not
+/// a reusable result) and never an unknown type. `cache.cacheable_node_types` overrides the
+/// list (e.g. drop `http_request` where HTTP nodes have side effects).
+pub fn is_cacheable(cfg: &CacheConfig, node_type: &str) -> bool {
+    cfg.cacheable_node_types.iter().any(|t| t == node_type)
+}
+
+/// Whether lookups of `node_type` may be answered by a semantic (prompt) match.
+pub fn is_semantic(cfg: &CacheConfig, node_type: &str) -> bool {
+    cfg.semantic_node_types.iter().any(|t| t == node_type)
+}
+
+/// TTL of an exact entry of `node_type`.
+pub fn exact_ttl(cfg: &CacheConfig, node_type: &str) -> Duration {
+    Duration::from_secs(
+        cfg.ttl_secs
+            .get(node_type)
+            .copied()
+            .unwrap_or(cfg.default_ttl_secs),
+    )
+}
+
+/// TTL of a semantic entry of `node_type` (falls back to the exact TTL).
+pub fn semantic_ttl(cfg: &CacheConfig, node_type: &str) -> Duration {
+    cfg.semantic_ttl_secs
+        .get(node_type)
+        .map_or_else(|| exact_ttl(cfg, node_type), |s| Duration::from_secs(*s))
+}
+
+/// The similarity a semantic match needs in `workspace` for `node_type`: the most specific
+/// of `cache.threshold_overrides` (`ws/type`, `ws/*`, `*/type`), else the default.
+pub fn threshold(cfg: &CacheConfig, workspace: &str, node_type: &str) -> f64 {
+    let o = &cfg.threshold_overrides;
+    o.get(&format!("{workspace}/{node_type}"))
+        .or_else(|| o.get(&format!("{workspace}/*")))
+        .or_else(|| o.get(&format!("*/{node_type}")))
+        .copied()
+        .unwrap_or(cfg.similarity_threshold)
+}
+
+/// One lookup.
+#[derive(Debug, Clone)]
+pub struct LookupRequest {
+    /// Correlates the answer.
+    pub request_id: String,
+    /// Tenant.
+    pub workspace_id: String,
+    /// Who asks (for the audit trail).
+    pub requester: String,
+    /// The requester's level.
+    pub permission: Permission,
+    /// Node type.
+    pub node_type: String,
+    /// Node config.
+    pub config: Value,
+    /// Node inputs.
+    pub inputs: Value,
+    /// Agent prompt, for a semantic lookup.
+    pub prompt: Option<String>,
+    /// The prompt's embedding, if the caller has it.
+    pub embedding: Option<Vec<f32>>,
+    /// Whether a semantic match may answer.
+    pub semantic: bool,
+}
+
+/// The answer to one lookup (the fields of a CacheAnswer).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    /// The request's id.
+    pub request_id: String,
+    /// Whether an entry was served.
+    pub hit: bool,
+    /// How it matched, on a hit.
+    pub kind: Option<CacheKind>,
+    /// Similarity of a semantic hit, or of the best near miss.
+    pub similarity: Option<f64>,
+    /// The verified result, on a hit.
+    pub result_ref: Option<CasRef>,
+    /// Work the hit saved, in ms.
+    pub saved_ms: i64,
+    /// Hex key of the entry that answered.
+    pub entry_key: Option<String>,
+}
+
+impl Answer {
+    fn miss(request_id: &str, similarity: Option<f64>) -> Answer {
+        Answer {
+            request_id: request_id.into(),
+            hit: false,
+            kind: None,
+            similarity,
+            result_ref: None,
+            saved_ms: 0,
+            entry_key: None,
+        }
+    }
+}
+
+/// The result offered to the cache.
+#[derive(Debug, Clone)]
+pub enum StoreResult {
+    /// JSON text; the cache puts it in the CAS.
+    Json(String),
+    /// Already in the CAS.
+    Ref(CasRef),
+}
+
+/// One store.
+#[derive(Debug, Clone)]
+pub struct StoreRequest {
+    /// Correlation id.
+    pub request_id: String,
+    /// Tenant.
+    pub workspace_id: String,
+    /// Who produced the result (the entry's owner, in the audit trail).
+    pub requester: String,
+    /// The producer's level (must be at least `required_permission`).
+    pub permission: Permission,
+    /// Node type.
+    pub node_type: String,
+    /// Node config.
+    pub config: Value,
+    /// Node inputs.
+    pub inputs: Value,
+    /// The result.
+    pub result: StoreResult,
+    /// Agent prompt, for a semantic entry.
+    pub prompt: Option<String>,
+    /// The prompt's embedding, if the producer has it.
+    pub embedding: Option<Vec<f32>>,
+    /// What producing the result cost, in ms.
+    pub cost_ms: i64,
+    /// The least level a requester needs to be served this entry.
+    pub required_permission: Permission,
+}
+
+/// Why a result was not stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The node type is not cacheable.
+    NotCacheable,
+    /// The result matched the PII guard.
+    Pii(pii::PiiKind),
+    /// Larger than `cache.max_result_bytes`.
+    TooLarge,
+    /// The referenced blob is missing or corrupt.
+    BadBlob,
+}
+
+/// What a store did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreOutcome {
+    /// Stored: the exact key (hex) and whether a semantic entry was written too.
+    Stored {
+        /// Hex exact key.
+        entry_key: String,
+        /// Whether a semantic entry was written.
+        semantic: bool,
+    },
+    /// Not stored.
+    Refused(Refusal),
+}
+
+/// A request of [`exact_lookup_batch`] (the coordinator's pre-dispatch check).
+#[derive(Debug, Clone)]
+pub struct ExactRequest {
+    /// Tenant.
+    pub workspace_id: String,
+    /// The requester's level.
+    pub permission: Permission,
+    /// Node type.
+    pub node_type: String,
+    /// Node config.
+    pub config: Value,
+    /// Node inputs.
+    pub inputs: Value,
+    /// Who asks, for the audit trail (e.g. `run:<run_id>`).
+    pub requester: String,
+    /// Correlation id for the audit trail (e.g. `<run_id>/<node_id>`).
+    pub request_id: String,
+}
+
+/// A verified exact hit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExactHit {
+    /// The result parsed as JSON, when it is at most [`INLINE_RESULT_BYTES`].
+    pub result_json: Option<Value>,
+    /// The result's CAS ref (always set; verified).
+    pub result_ref: CasRef,
+    /// Work the hit saved, in ms.
+    pub saved_ms: i64,
+    /// Hex key of the entry.
+    pub entry_key: String,
+}
+
+/// Results up to this size come back parsed in [`ExactHit::result_json`].
+pub const INLINE_RESULT_BYTES: usize = 256 * 1024;
+
+/// A candidate found by a lookup statement, before its blob is verified.
+#[derive(Debug, Clone)]
+struct Found {
+    ord: usize,
+    entry_key: Vec<u8>,
+    result_ref: String,
+    cost_ms: i64,
+    audit_id: Uuid,
+    similarity: Option<f64>,
+}
+
+/// Finds exact entries for `reqs` in ONE statement that also bumps hit counts and writes the
+/// audit rows; then verifies the blobs. Entries whose blob is bad are deleted (with their
+/// audit rows) and answered as misses. Runs on the caller's connection, so inside the
+/// caller's transaction if there is one.
+pub async fn exact_lookup_batch(
+    conn: &mut PgConnection,
+    cas: &Cas,
+    reqs: &[ExactRequest],
+) -> Result<Vec<Option<ExactHit>>, CacheError> {
+    let probes: Vec<ExactProbe> = reqs
+        .iter()
+        .map(|r| ExactProbe {
+            workspace_id: r.workspace_id.clone(),
+            permission: r.permission,
+            node_type: r.node_type.clone(),
+            config_hash: json_hash(&r.config),
+            inputs_hash: json_hash(&r.inputs),
+            requester: r.requester.clone(),
+            request_id: r.request_id.clone(),
+        })
+        .collect();
+    let found = exact_probe(conn, &probes).await?;
+    let verified = verify(conn, cas, found, "exact").await?;
+    let mut out = vec![None; reqs.len()];
+    for (f, bytes) in verified {
+        let r = &reqs[f.ord];
+        count_hit(&r.workspace_id, &r.node_type, "exact", f.cost_ms, None);
+        let result_json = if bytes.len() <= INLINE_RESULT_BYTES {
+            serde_json::from_slice(&bytes).ok()
+        } else {
+            None
+        };
+        out[f.ord] = Some(ExactHit {
+            result_json,
+            result_ref: parse_ref(&f.result_ref)?,
+            saved_ms: f.cost_ms,
+            entry_key: hex::encode(&f.entry_key),
+        });
+    }
+    for (r, o) in reqs.iter().zip(&out) {
+        if o.is_none() {
+            metrics::counter!(m::LOOKUPS, "workspace" => r.workspace_id.clone(), "node_type" => r.node_type.clone(), "outcome" => "miss").increment(1);
+        }
+    }
+    Ok(out)
+}
+
+struct ExactProbe {
+    workspace_id: String,
+    permission: Permission,
+    node_type: String,
+    config_hash: [u8; 32],
+    inputs_hash: [u8; 32],
+    requester: String,
+    request_id: String,
+}
+
+fn parse_ref(s: &str) -> Result<CasRef, CacheError> {
+    s.parse()
+        .map_err(|e| CacheError::Invalid(format!("stored result_ref: {e}")))
+}
+
+async fn exact_probe(
+    conn: &mut PgConnection,
+    probes: &[ExactProbe],
+) -> Result<Vec<Found>, CacheError> {
+    if probes.is_empty() {
+        return Ok(Vec::new());
+    }
+    // One row per (probe, level at or below the requester's): the key binds the level.
+    let (mut keys, mut ords, mut wss, mut perms, mut requesters, mut request_ids, mut audit_ids) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
+    for (i, p) in probes.iter().enumerate() {
+        let audit = Uuid::now_v7();
+        for level in p.permission.and_below() {
+            keys.push(
+                entry_key(
+                    &p.workspace_id,
+                    level,
+                    &p.node_type,
+                    &p.config_hash,
+                    &p.inputs_hash,
+                )
+                .to_vec(),
+            );
+            ords.push(i as i32);
+            wss.push(p.workspace_id.to_string());
+            perms.push(p.permission.level());
+            requesters.push(p.requester.to_string());
+            request_ids.push(p.request_id.to_string());
+            audit_ids.push(audit);
+        }
+    }
+    let rows = sqlx::query!(
+        r#"WITH req AS (
+               SELECT * FROM UNNEST($1::bytea[], $2::int4[], $3::text[], $4::int2[], $5::text[], $6::text[], $7::uuid[])
+                   AS r(entry_key, ord, workspace_id, perm, requester, request_id, audit_id)
+           ), hit AS (
+               SELECT DISTINCT ON (r.ord) r.ord, r.requester, r.request_id, r.perm, r.audit_id,
+                      e.entry_key, e.workspace_id, e.node_type, e.owner, e.result_ref, e.cost_ms
+               FROM req r JOIN cache_entries e ON e.entry_key = r.entry_key
+               WHERE e.workspace_id = r.workspace_id
+                 AND e.required_permission <= r.perm
+                 AND e.expires_at > now()
+               ORDER BY r.ord, e.required_permission DESC
+           ), bump AS (
+               UPDATE cache_entries e SET hit_count = e.hit_count + c.n, last_hit_at = now()
+               FROM (SELECT entry_key, count(*) AS n FROM hit GROUP BY entry_key) c
+               WHERE e.entry_key = c.entry_key
+           ), audit AS (
+               INSERT INTO cache_audit (id, workspace_id, node_type, kind, entry_key, owner, requester,
+                                        requester_permission, request_id, similarity, saved_ms)
+               SELECT audit_id, workspace_id, node_type, 'exact', entry_key, owner, requester, perm,
+                      request_id, NULL, cost_ms
+               FROM hit
+           )
+           SELECT ord AS "ord!", entry_key AS "entry_key!", result_ref AS "result_ref!",
+                  cost_ms AS "cost_ms!", audit_id AS "audit_id!"
+           FROM hit"#,
+        &keys,
+        &ords,
+        &wss,
+        &perms,
+        &requesters,
+        &request_ids,
+        &audit_ids,
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| Found {
+            ord: r.ord as usize,
+            entry_key: r.entry_key,
+            result_ref: r.result_ref,
+            cost_ms: r.cost_ms,
+            audit_id: r.audit_id,
+            similarity: None,
+        })
+        .collect())
+}
+
+/// Reads and verifies the blobs of `found` concurrently; deletes the entries (and takes back
+/// the audit rows) of those missing or corrupt. Returns the good ones with their bytes.
+async fn verify(
+    conn: &mut PgConnection,
+    cas: &Cas,
+    found: Vec<Found>,
+    kind: &'static str,
+) -> Result<Vec<(Found, Bytes)>, CacheError> {
+    let refs: Vec<Option<CasRef>> = found.iter().map(|f| f.result_ref.parse().ok()).collect();
+    let reads = read_blobs(cas, refs).await;
+    let mut good = Vec::with_capacity(found.len());
+    let (mut bad_keys, mut bad_audits) = (Vec::new(), Vec::new());
+    for (f, read) in found.into_iter().zip(reads) {
+        match read? {
+            Some(b) => good.push((f, b)),
+            None => {
+                tracing::warn!(entry_key = %hex::encode(&f.entry_key), result_ref = %f.result_ref, kind, "cache entry's blob is missing or corrupt; deleting the entry");
+                metrics::counter!(m::BAD_BLOB, "kind" => kind).increment(1);
+                bad_keys.push(f.entry_key);
+                bad_audits.push(f.audit_id);
+            }
+        }
+    }
+    if !bad_keys.is_empty() {
+        sqlx::query!(
+            r#"WITH a AS (DELETE FROM cache_audit WHERE id = ANY($1::uuid[])),
+                    e AS (DELETE FROM cache_entries WHERE entry_key = ANY($2::bytea[]))
+               DELETE FROM cache_semantic WHERE entry_key = ANY($2::bytea[])"#,
+            &bad_audits,
+            &bad_keys,
+        )
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(good)
+}
+
+/// Reads and verifies blobs concurrently: `Ok(None)` for an unparsable ref, a missing or a
+/// corrupt blob; other CAS errors as they are.
+async fn read_blobs(cas: &Cas, refs: Vec<Option<CasRef>>) -> Vec<Result<Option<Bytes>, CasError>> {
+    let tasks: Vec<_> = refs
+        .into_iter()
+        .map(|r| {
+            let cas = cas.clone();
+            tokio::spawn(async move {
+                let Some(r) = r else { return Ok(None) };
+                match cas.get(&r).await {
+                    Ok(b) => Ok(Some(b)),
+                    Err(CasError::NotFound(_) | CasError::Corrupt { .. }) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in join_all(tasks).await {
+        out.push(t.unwrap_or_else(|e| Err(CasError::Task(e.to_string()))));
+    }
+    out
+}
+
+/// Puts blobs concurrently.
+async fn put_blobs(cas: &Cas, blobs: Vec<Bytes>) -> Vec<Result<CasRef, CasError>> {
+    let tasks: Vec<_> = blobs
+        .into_iter()
+        .map(|b| {
+            let cas = cas.clone();
+            tokio::spawn(async move { cas.put(b).await })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in join_all(tasks).await {
+        out.push(t.unwrap_or_else(|e| Err(CasError::Task(e.to_string()))));
+    }
+    out
+}
+
+fn count_hit(
+    workspace: &str,
+    node_type: &str,
+    outcome: &'static str,
+    cost_ms: i64,
+    cost: Option<f64>,
+) {
+    let (ws, nt) = (workspace.to_string(), node_type.to_string());
+    metrics::counter!(m::LOOKUPS, "workspace" => ws.clone(), "node_type" => nt.clone(), "outcome" => outcome).increment(1);
+    metrics::counter!(m::SAVED_MS, "workspace" => ws.clone(), "node_type" => nt.clone())
+        .increment(cost_ms.max(0) as u64);
+    if let Some(c) = cost {
+        // Counters are integers: cost is counted in thousandths of the configured unit.
+        metrics::counter!(m::SAVED_COST, "workspace" => ws, "node_type" => nt)
+            .increment((c * 1000.0).round().max(0.0) as u64);
+    }
+}
+
+/// One row of the semantic lookup statement.
+#[derive(sqlx::FromRow)]
+struct SemanticRow {
+    ord: i32,
+    #[sqlx(rename = "entry_key")]
+    key: Vec<u8>,
+    result_ref: String,
+    cost_ms: i64,
+    similarity: f64,
+    hit: bool,
+    audit_id: Uuid,
+}
+
+/// Text form of a vector for a `::vector` cast.
+pub(crate) fn vector_text(v: &[f32]) -> String {
+    let mut s = String::with_capacity(v.len() * 10 + 2);
+    s.push('[');
+    for (i, x) in v.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(&x.to_string());
+    }
+    s.push(']');
+    s
+}
+
+/// The result cache: a pool, the CAS, the settings and (for semantic entries) an embedder.
+#[derive(Clone)]
+pub struct Cache {
+    pool: PgPool,
+    /// Same server, sessions started with the lookup settings (iterative HNSW scans,
+    /// ef_search, and synchronous_commit = off unless `cache.durable_lookups`), so a
+    /// synchronous lookup needs no transaction and no SET round trips.
+    lookup_pool: PgPool,
+    cas: Cas,
+    cfg: Arc<CacheConfig>,
+    embedder: Option<Embedder>,
+    semantic_sql: Arc<str>,
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache")
+            .field("dimensions", &self.cfg.dimensions)
+            .field("embedder", &self.embedder)
+            .finish()
+    }
+}
+
+/// Postgres identifier of the HNSW index for dimension `d`.
+pub fn hnsw_index_name(d: u32) -> String {
+    format!("cache_semantic_hnsw_{d}")
+}
+
+impl Cache {
+    /// Builds the cache and prepares the database for `cfg.dimensions` ([`Cache::prepare`]).
+    /// Without an embedder, semantic lookups and stores need events that carry vectors.
+    pub async fn new(
+        pool: PgPool,
+        cas: Cas,
+        cfg: Arc<CacheConfig>,
+        embedder: Option<Embedder>,
+    ) -> Result<Cache, CacheError> {
+        if let Some(e) = &embedder {
+            if e.dimensions() != cfg.dimensions as usize {
+                return Err(CacheError::Dimension(format!(
+                    "cache.dimensions is {} but the {} embedder produces {}",
+                    cfg.dimensions,
+                    e.name(),
+                    e.dimensions()
+                )));
+            }
+        }
+        let d = cfg.dimensions;
+        let semantic_sql: Arc<str> = semantic_statement(d).into();
+        let mut session = vec![
+            ("hnsw.iterative_scan", "strict_order".to_string()),
+            (
+                "hnsw.ef_search",
+                cfg.hnsw_ef_search.clamp(1, 1000).to_string(),
+            ),
+        ];
+        if !cfg.durable_lookups {
+            session.push(("synchronous_commit", "off".to_string()));
+        }
+        let options = (*pool.connect_options()).clone().options(session);
+        let lookup_pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(pool.options().get_max_connections())
+            .acquire_timeout(pool.options().get_acquire_timeout())
+            .connect_lazy_with(options);
+        let cache = Cache {
+            pool,
+            lookup_pool,
+            cas,
+            cfg,
+            embedder,
+            semantic_sql,
+        };
+        cache.prepare().await?;
+        Ok(cache)
+    }
+
+    /// Pins the deployment's embedding space (refusing a different dimension than the one
+    /// already stored) and creates the HNSW expression index for it if missing.
+    pub async fn prepare(&self) -> Result<(), CacheError> {
+        let d = self.cfg.dimensions as i32;
+        let embedder = self.embedder.as_ref().map_or("none", |e| e.name());
+        let mut conn = self.pool.acquire().await?;
+        sqlx::query!(
+            "INSERT INTO cache_embedding_space (dims, embedder) VALUES ($1, $2) ON CONFLICT (singleton) DO NOTHING",
+            d,
+            embedder
+        )
+        .execute(&mut *conn)
+        .await?;
+        let stored = sqlx::query_scalar!("SELECT dims FROM cache_embedding_space")
+            .fetch_one(&mut *conn)
+            .await?;
+        let other = sqlx::query_scalar!("SELECT count(*) AS \"n!\" FROM (SELECT 1 FROM cache_semantic WHERE dims <> $1 LIMIT 1) x", d)
+            .fetch_one(&mut *conn)
+            .await?;
+        if stored != d || other > 0 {
+            return Err(CacheError::Dimension(format!(
+                "the cache's semantic table holds {stored}-dimension embeddings but cache.dimensions is {d}; \
+                 keep the dimension, or purge the semantic entries (weir cache purge --semantic-all) \
+                 and reset it (DELETE FROM cache_embedding_space)"
+            )));
+        }
+        // A migration cannot know the dimension, so the index is created here (idempotent).
+        let ddl = format!(
+            "CREATE INDEX IF NOT EXISTS {} ON cache_semantic USING hnsw ((embedding::vector({d})) vector_cosine_ops) \
+             WITH (m = 16, ef_construction = 64) WHERE dims = {d}",
+            hnsw_index_name(d as u32)
+        );
+        sqlx::raw_sql(&ddl).execute(&mut *conn).await?;
+        Ok(())
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &CacheConfig {
+        &self.cfg
+    }
+
+    /// The CAS.
+    pub fn cas(&self) -> &Cas {
+        &self.cas
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The embedder, if any.
+    pub fn embedder(&self) -> Option<&Embedder> {
+        self.embedder.as_ref()
+    }
+
+    /// One synchronous lookup (the gateway's call): its own transaction.
+    ///
+    /// Runs on a session of the lookup pool, without a transaction: each statement commits
+    /// on its own (the lookup statement together with its audit rows).
+    pub async fn lookup(&self, req: &LookupRequest) -> Result<Answer, CacheError> {
+        let mut conn = self.lookup_pool.acquire().await?;
+        let mut answers = self
+            .lookup_on(&mut conn, std::slice::from_ref(req), true)
+            .await?;
+        answers
+            .pop()
+            .ok_or_else(|| CacheError::Invalid("no answer".into()))
+    }
+
+    /// One synchronous store: its own transaction.
+    pub async fn store(&self, req: &StoreRequest) -> Result<StoreOutcome, CacheError> {
+        let mut tx = self.pool.begin().await?;
+        let mut out = self.store_in(&mut tx, std::slice::from_ref(req)).await?;
+        tx.commit().await?;
+        out.pop()
+            .ok_or_else(|| CacheError::Invalid("no outcome".into()))
+    }
+
+    /// Fills in missing embeddings of the requests that need one (semantic node types with a
+    /// prompt), in one batched embedder call; checks given ones against the dimension.
+    async fn embeddings(
+        &self,
+        items: Vec<(Option<String>, Option<Vec<f32>>, bool)>,
+    ) -> Result<Vec<Option<Vec<f32>>>, CacheError> {
+        let dims = self.cfg.dimensions as usize;
+        let mut out: Vec<Option<Vec<f32>>> = vec![None; items.len()];
+        let mut todo = Vec::new();
+        for (i, (prompt, given, wanted)) in items.into_iter().enumerate() {
+            if !wanted {
+                continue;
+            }
+            match (given, prompt) {
+                (Some(v), _) => out[i] = Some(normalize(check_dims(v, dims)?)),
+                (None, Some(p)) => todo.push((i, p)),
+                (None, None) => {}
+            }
+        }
+        if !todo.is_empty() {
+            let Some(embedder) = &self.embedder else {
+                return Err(CacheError::Embed {
+                    message: "a prompt needs embedding but no embedder is configured".into(),
+                    retry: false,
+                });
+            };
+            let vectors = embedder
+                .embed(todo.iter().map(|(_, p)| p.clone()).collect())
+                .await?;
+            for ((i, _), v) in todo.into_iter().zip(vectors) {
+                out[i] = Some(check_dims(v, dims)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Answers `reqs` on `conn` (inside the caller's transaction): all exact lookups in one
+    /// statement, then the semantic ones that missed in one statement.
+    pub async fn lookup_in(
+        &self,
+        conn: &mut PgConnection,
+        reqs: &[LookupRequest],
+    ) -> Result<Vec<Answer>, CacheError> {
+        self.lookup_on(conn, reqs, false).await
+    }
+
+    /// `tuned`: the session already has the lookup settings (a lookup-pool connection).
+    async fn lookup_on(
+        &self,
+        conn: &mut PgConnection,
+        reqs: &[LookupRequest],
+        tuned: bool,
+    ) -> Result<Vec<Answer>, CacheError> {
+        let probes: Vec<ExactProbe> = reqs
+            .iter()
+            .map(|r| ExactProbe {
+                workspace_id: r.workspace_id.clone(),
+                permission: r.permission,
+                node_type: r.node_type.clone(),
+                config_hash: json_hash(&r.config),
+                inputs_hash: json_hash(&r.inputs),
+                requester: r.requester.clone(),
+                request_id: r.request_id.clone(),
+            })
+            .collect();
+        let found = exact_probe(conn, &probes).await?;
+        let verified = verify(conn, &self.cas, found, "exact").await?;
+        let mut answers: Vec<Option<Answer>> = vec![None; reqs.len()];
+        for (f, _) in verified {
+            let r = &reqs[f.ord];
+            count_hit(
+                &r.workspace_id,
+                &r.node_type,
+                "exact",
+                f.cost_ms,
+                self.cfg.cost_per_hit.get(&r.node_type).copied(),
+            );
+            answers[f.ord] = Some(Answer {
+                request_id: r.request_id.clone(),
+                hit: true,
+                kind: Some(CacheKind::Exact),
+                similarity: None,
+                result_ref: Some(parse_ref(&f.result_ref)?),
+                saved_ms: f.cost_ms,
+                entry_key: Some(hex::encode(&f.entry_key)),
+            });
+        }
+        // Semantic lookups for the misses that allow one.
+        let wanted: Vec<bool> = reqs
+            .iter()
+            .zip(&answers)
+            .map(|(r, a)| {
+                a.is_none()
+                    && r.semantic
+                    && is_semantic(&self.cfg, &r.node_type)
+                    && (r.prompt.is_some() || r.embedding.is_some())
+            })
+            .collect();
+        if wanted.iter().any(|w| *w) {
+            let items = embedding_items(reqs.iter().map(|r| (&r.prompt, &r.embedding)), &wanted);
+            let vectors = self.embeddings(items).await?;
+            let sem: Vec<(usize, Vec<f32>)> = vectors
+                .into_iter()
+                .enumerate()
+                .filter_map(|(i, v)| v.map(|v| (i, v)))
+                .collect();
+            let (found, best) = self.semantic_probe(conn, reqs, &sem, tuned).await?;
+            let verified = verify(conn, &self.cas, found, "semantic").await?;
+            for (f, _) in verified {
+                let r = &reqs[f.ord];
+                count_hit(
+                    &r.workspace_id,
+                    &r.node_type,
+                    "semantic",
+                    f.cost_ms,
+                    self.cfg.cost_per_hit.get(&r.node_type).copied(),
+                );
+                answers[f.ord] = Some(Answer {
+                    request_id: r.request_id.clone(),
+                    hit: true,
+                    kind: Some(CacheKind::Semantic),
+                    similarity: f.similarity,
+                    result_ref: Some(parse_ref(&f.result_ref)?),
+                    saved_ms: f.cost_ms,
+                    entry_key: Some(hex::encode(&f.entry_key)),
+                });
+            }
+            for (i, sim) in best {
+                if answers[i].is_none() {
+                    let r = &reqs[i];
+                    metrics::histogram!(m::NEAR_MISS_SIMILARITY, "workspace" => r.workspace_id.clone(), "node_type" => r.node_type.clone()).record(sim);
+                    answers[i] = Some(Answer::miss(&r.request_id, Some(sim)));
+                }
+            }
+        }
+        Ok(reqs
+            .iter()
+            .zip(answers)
+            .map(|(r, a)| {
+                a.unwrap_or_else(|| {
+                    metrics::counter!(m::LOOKUPS, "workspace" => r.workspace_id.clone(), "node_type" => r.node_type.clone(), "outcome" => "miss").increment(1);
+                    Answer::miss(&r.request_id, None)
+                })
+            })
+            .collect())
+    }
+
+    /// Iterative index scans keep filtered lookups from coming back empty: the scan goes on
+    /// past ef_search candidates until one passes the workspace/permission/expiry filter.
+    /// set_config(.., true) is SET LOCAL: it ends with the caller's transaction.
+    async fn tune(&self, conn: &mut PgConnection) -> Result<(), CacheError> {
+        let ef_search = self.cfg.hnsw_ef_search.clamp(1, 1000).to_string();
+        sqlx::query!(
+            r#"SELECT set_config('hnsw.iterative_scan', 'strict_order', true) AS "a!",
+                      set_config('hnsw.ef_search', $1, true) AS "b!""#,
+            ef_search
+        )
+        .fetch_one(&mut *conn)
+        .await?;
+        Ok(())
+    }
+
+    /// EXPLAIN ANALYZE of the semantic statement for one vector, on a lookup session (for
+    /// `weir bench cache`; it runs the statement, so a hit writes its audit row).
+    pub async fn explain_semantic(
+        &self,
+        workspace: &str,
+        node_type: &str,
+        v: &[f32],
+    ) -> Result<String, CacheError> {
+        let mut conn = self.lookup_pool.acquire().await?;
+        let sql = format!("EXPLAIN (ANALYZE, BUFFERS) {}", self.semantic_sql);
+        let rows: Vec<sqlx::postgres::PgRow> = sqlx::query(&sql)
+            .bind(vec![0i32])
+            .bind(vec![workspace.to_string()])
+            .bind(vec![node_type.to_string()])
+            .bind(vec![Permission::Admin.level()])
+            .bind(vec!["explain".to_string()])
+            .bind(vec!["explain".to_string()])
+            .bind(vec![Uuid::now_v7()])
+            .bind(vec![2.0f64])
+            .bind(vec![vector_text(v)])
+            .fetch_all(&mut *conn)
+            .await?;
+        let mut lines = Vec::with_capacity(rows.len());
+        for r in &rows {
+            lines.push(sqlx::Row::try_get::<String, _>(r, 0)?);
+        }
+        Ok(lines.join("\n"))
+    }
+
+    /// The best semantic match of each request in `sem` (index into `reqs`, unit vector), in
+    /// one statement; those at or above their threshold are hits (hit count bumped, audit row
+    /// written by the same statement). Returns the hits and every request's best similarity.
+    async fn semantic_probe(
+        &self,
+        conn: &mut PgConnection,
+        reqs: &[LookupRequest],
+        sem: &[(usize, Vec<f32>)],
+        tuned: bool,
+    ) -> Result<(Vec<Found>, Vec<(usize, f64)>), CacheError> {
+        if sem.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        if !tuned {
+            self.tune(conn).await?;
+        }
+        let n = sem.len();
+        let (
+            mut ords,
+            mut wss,
+            mut types,
+            mut perms,
+            mut requesters,
+            mut request_ids,
+            mut audits,
+            mut thresholds,
+            mut embs,
+        ) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for (i, v) in sem {
+            let r = &reqs[*i];
+            ords.push(*i as i32);
+            wss.push(r.workspace_id.clone());
+            types.push(r.node_type.clone());
+            perms.push(r.permission.level());
+            requesters.push(r.requester.clone());
+            request_ids.push(r.request_id.clone());
+            audits.push(Uuid::now_v7());
+            thresholds.push(threshold(&self.cfg, &r.workspace_id, &r.node_type));
+            embs.push(vector_text(v));
+        }
+        // The dimension is part of the statement text (the index is an expression index on
+        // embedding::vector(D)), so this one statement is built at start, not checked by sqlx.
+        let sql: Arc<str> = self.semantic_sql.clone();
+        let query = sqlx::query(&sql)
+            .bind(ords)
+            .bind(wss)
+            .bind(types)
+            .bind(perms)
+            .bind(requesters)
+            .bind(request_ids)
+            .bind(audits)
+            .bind(thresholds)
+            .bind(embs);
+        let rows: Vec<sqlx::postgres::PgRow> = query.fetch_all(&mut *conn).await?;
+        let rows = rows
+            .iter()
+            .map(SemanticRow::from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut found = Vec::new();
+        let mut best = Vec::new();
+        for SemanticRow {
+            ord,
+            key,
+            result_ref,
+            cost_ms,
+            similarity,
+            hit,
+            audit_id,
+        } in rows
+        {
+            best.push((ord as usize, similarity));
+            if hit {
+                found.push(Found {
+                    ord: ord as usize,
+                    entry_key: key,
+                    result_ref,
+                    cost_ms,
+                    audit_id,
+                    similarity: Some(similarity),
+                });
+            }
+        }
+        Ok((found, best))
+    }
+
+    /// Stores `reqs` on `conn` (inside the caller's transaction): refusals first (node type,
+    /// size, PII), then the blobs, then all exact entries in one statement and all semantic
+    /// entries in one statement.
+    pub async fn store_in(
+        &self,
+        conn: &mut PgConnection,
+        reqs: &[StoreRequest],
+    ) -> Result<Vec<StoreOutcome>, CacheError> {
+        let mut outcomes: Vec<Option<StoreOutcome>> = vec![None; reqs.len()];
+        // Result bytes: inline JSON as given, referenced blobs read (and verified) for the guard.
+        let given: Vec<Option<CasRef>> = reqs
+            .iter()
+            .map(|r| {
+                if let StoreResult::Ref(rf) = &r.result {
+                    Some(*rf)
+                } else {
+                    None
+                }
+            })
+            .collect();
+        let blobs = read_blobs(&self.cas, given).await;
+        let contents: Vec<Result<Option<Bytes>, CacheError>> = reqs
+            .iter()
+            .zip(blobs)
+            .map(|(r, b)| match &r.result {
+                StoreResult::Json(text) => Ok(Some(Bytes::from(text.clone()))),
+                StoreResult::Ref(_) => b.map_err(CacheError::from),
+            })
+            .collect();
+        let mut owned_puts = Vec::new();
+        let mut refs: Vec<Option<CasRef>> = vec![None; reqs.len()];
+        for (i, (r, content)) in reqs.iter().zip(contents).enumerate() {
+            if r.required_permission > r.permission {
+                return Err(CacheError::Invalid(format!(
+                    "a {} requester cannot store an entry requiring {}",
+                    r.permission.as_str(),
+                    r.required_permission.as_str()
+                )));
+            }
+            let refusal = if !is_cacheable(&self.cfg, &r.node_type) {
+                Some(Refusal::NotCacheable)
+            } else {
+                match content? {
+                    None => Some(Refusal::BadBlob),
+                    Some(b) if b.len() > self.cfg.max_result_bytes => Some(Refusal::TooLarge),
+                    Some(b) => match pii::scan(&String::from_utf8_lossy(&b)) {
+                        Some(kind) => Some(Refusal::Pii(kind)),
+                        None => {
+                            match &r.result {
+                                StoreResult::Json(_) => {
+                                    refs[i] = Some(CasRef::of(&b));
+                                    owned_puts.push(b);
+                                }
+                                StoreResult::Ref(rf) => refs[i] = Some(*rf),
+                            }
+                            None
+                        }
+                    },
+                }
+            };
+            if let Some(refusal) = refusal {
+                let labels = (r.workspace_id.clone(), r.node_type.clone());
+                match refusal {
+                    Refusal::Pii(kind) => metrics::counter!(m::PII_REFUSED, "workspace" => labels.0, "node_type" => labels.1, "pattern" => kind.as_str()).increment(1),
+                    Refusal::NotCacheable => metrics::counter!(m::REFUSED, "reason" => "not_cacheable").increment(1),
+                    Refusal::TooLarge => metrics::counter!(m::REFUSED, "reason" => "too_large").increment(1),
+                    Refusal::BadBlob => metrics::counter!(m::REFUSED, "reason" => "bad_blob").increment(1),
+                }
+                outcomes[i] = Some(StoreOutcome::Refused(refusal));
+            }
+        }
+        // Touch before put: the GC's grace period then covers the window until commit.
+        if !owned_puts.is_empty() {
+            let owned: Vec<String> = owned_puts
+                .iter()
+                .map(|b| CasRef::of(b).to_string())
+                .collect();
+            sqlx::query!(
+                r#"INSERT INTO cache_blobs (result_ref)
+                   SELECT DISTINCT r FROM UNNEST($1::text[]) AS t(r) ORDER BY r
+                   ON CONFLICT (result_ref) DO UPDATE SET last_referenced_at = now()"#,
+                &owned
+            )
+            .execute(&mut *conn)
+            .await?;
+            for res in put_blobs(&self.cas, owned_puts).await {
+                res?;
+            }
+        }
+        // Embeddings of the semantic entries.
+        let wanted: Vec<bool> = reqs
+            .iter()
+            .zip(&outcomes)
+            .map(|(r, o)| {
+                o.is_none()
+                    && is_semantic(&self.cfg, &r.node_type)
+                    && (r.prompt.is_some() || r.embedding.is_some())
+            })
+            .collect();
+        let items = embedding_items(reqs.iter().map(|r| (&r.prompt, &r.embedding)), &wanted);
+        let vectors = self.embeddings(items).await?;
+
+        let (
+            mut keys,
+            mut wss,
+            mut types,
+            mut levels,
+            mut owners,
+            mut result_refs,
+            mut costs,
+            mut ttls,
+        ) = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
+        let (
+            mut s_keys,
+            mut s_wss,
+            mut s_types,
+            mut s_levels,
+            mut s_owners,
+            mut s_refs,
+            mut s_costs,
+            mut s_ttls,
+            mut s_embs,
+        ) = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
+        for (i, r) in reqs.iter().enumerate() {
+            let Some(rf) = refs[i] else { continue };
+            let key = entry_key(
+                &r.workspace_id,
+                r.required_permission,
+                &r.node_type,
+                &json_hash(&r.config),
+                &json_hash(&r.inputs),
+            );
+            keys.push(key.to_vec());
+            wss.push(r.workspace_id.clone());
+            types.push(r.node_type.clone());
+            levels.push(r.required_permission.level());
+            owners.push(r.requester.clone());
+            result_refs.push(rf.to_string());
+            costs.push(r.cost_ms.max(0));
+            ttls.push(exact_ttl(&self.cfg, &r.node_type).as_secs_f64());
+            let mut semantic = false;
+            if let (Some(v), Some(prompt_key)) = (&vectors[i], semantic_entry_key(r)) {
+                s_keys.push(prompt_key.to_vec());
+                s_wss.push(r.workspace_id.clone());
+                s_types.push(r.node_type.clone());
+                s_levels.push(r.required_permission.level());
+                s_owners.push(r.requester.clone());
+                s_refs.push(rf.to_string());
+                s_costs.push(r.cost_ms.max(0));
+                s_ttls.push(semantic_ttl(&self.cfg, &r.node_type).as_secs_f64());
+                s_embs.push(vector_text(v));
+                semantic = true;
+            }
+            outcomes[i] = Some(StoreOutcome::Stored {
+                entry_key: hex::encode(key),
+                semantic,
+            });
+        }
+        if !keys.is_empty() {
+            // A later store of the same key replaces the entry (and its expiry); the last row
+            // of a batch wins, hence DISTINCT ON over the reversed order.
+            sqlx::query!(
+                r#"INSERT INTO cache_entries (entry_key, workspace_id, node_type, required_permission, owner,
+                                              result_ref, cost_ms, expires_at)
+                   SELECT DISTINCT ON (k) k, ws, nt, lvl, own, rf, cost, now() + ttl * interval '1 second'
+                   FROM UNNEST($1::bytea[], $2::text[], $3::text[], $4::int2[], $5::text[], $6::text[], $7::int8[], $8::float8[])
+                        WITH ORDINALITY AS t(k, ws, nt, lvl, own, rf, cost, ttl, ord)
+                   ORDER BY k, ord DESC
+                   ON CONFLICT (entry_key) DO UPDATE SET
+                       owner = EXCLUDED.owner, result_ref = EXCLUDED.result_ref, cost_ms = EXCLUDED.cost_ms,
+                       created_at = now(), expires_at = EXCLUDED.expires_at"#,
+                &keys,
+                &wss,
+                &types,
+                &levels,
+                &owners,
+                &result_refs,
+                &costs,
+                &ttls,
+            )
+            .execute(&mut *conn)
+            .await?;
+            for t in &types {
+                metrics::counter!(m::STORED, "node_type" => t.clone(), "kind" => "exact")
+                    .increment(1);
+            }
+        }
+        if !s_keys.is_empty() {
+            sqlx::query!(
+                r#"INSERT INTO cache_semantic (entry_key, workspace_id, node_type, required_permission, owner,
+                                               result_ref, cost_ms, expires_at, dims, embedding)
+                   SELECT DISTINCT ON (k) k, ws, nt, lvl, own, rf, cost, now() + ttl * interval '1 second',
+                          vector_dims(emb::vector), emb::vector
+                   FROM UNNEST($1::bytea[], $2::text[], $3::text[], $4::int2[], $5::text[], $6::text[], $7::int8[], $8::float8[], $9::text[])
+                        WITH ORDINALITY AS t(k, ws, nt, lvl, own, rf, cost, ttl, emb, ord)
+                   ORDER BY k, ord DESC
+                   ON CONFLICT (entry_key) DO UPDATE SET
+                       owner = EXCLUDED.owner, result_ref = EXCLUDED.result_ref, cost_ms = EXCLUDED.cost_ms,
+                       created_at = now(), expires_at = EXCLUDED.expires_at, dims = EXCLUDED.dims,
+                       embedding = EXCLUDED.embedding"#,
+                &s_keys,
+                &s_wss,
+                &s_types,
+                &s_levels,
+                &s_owners,
+                &s_refs,
+                &s_costs,
+                &s_ttls,
+                &s_embs,
+            )
+            .execute(&mut *conn)
+            .await?;
+            for t in &s_types {
+                metrics::counter!(m::STORED, "node_type" => t.clone(), "kind" => "semantic")
+                    .increment(1);
+            }
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or(StoreOutcome::Refused(Refusal::NotCacheable)))
+            .collect())
+    }
+}
+
+/// (prompt, given vector, wanted) per request, owned, for [`Cache::embeddings`].
+fn embedding_items<'a>(
+    reqs: impl Iterator<Item = (&'a Option<String>, &'a Option<Vec<f32>>)>,
+    wanted: &[bool],
+) -> Vec<(Option<String>, Option<Vec<f32>>, bool)> {
+    reqs.zip(wanted)
+        .map(|((p, e), w)| {
+            if *w {
+                (p.clone(), e.clone(), true)
+            } else {
+                (None, None, false)
+            }
+        })
+        .collect()
+}
+
+fn semantic_entry_key(r: &StoreRequest) -> Option<[u8; 32]> {
+    // Keyed by the prompt; a producer that sent only a vector is keyed by the exact key's
+    // inputs instead (same inputs, same entry).
+    let basis = match &r.prompt {
+        Some(p) => p.clone(),
+        None => crate::key::canonical_json(&r.inputs),
+    };
+    Some(semantic_key(
+        &r.workspace_id,
+        r.required_permission,
+        &r.node_type,
+        &basis,
+    ))
+}
+
+/// The semantic lookup statement for dimension `d`: per request, the nearest unexpired entry
+/// of its workspace and node type that its level may see, with hit = similarity >= threshold;
+/// hits bump hit_count and get their audit row in the same statement.
+fn semantic_statement(d: u32) -> String {
+    format!(
+        r#"WITH req AS (
+               -- The vector is parsed once here, not once per candidate row.
+               SELECT ord, workspace_id, node_type, perm, requester, request_id, audit_id, threshold,
+                      emb::vector({d}) AS emb
+               FROM UNNEST($1::int4[], $2::text[], $3::text[], $4::int2[], $5::text[], $6::text[], $7::uuid[], $8::float8[], $9::text[])
+                   AS r(ord, workspace_id, node_type, perm, requester, request_id, audit_id, threshold, emb)
+           ), best AS (
+               SELECT r.ord, r.workspace_id, r.node_type, r.perm, r.requester, r.request_id, r.audit_id, r.threshold,
+                      s.entry_key, s.owner, s.result_ref, s.cost_ms, (1 - s.dist)::float8 AS similarity
+               FROM req r CROSS JOIN LATERAL (
+                   SELECT c.entry_key, c.owner, c.result_ref, c.cost_ms,
+                          c.embedding::vector({d}) <=> r.emb AS dist
+                   FROM cache_semantic c
+                   WHERE c.dims = {d}
+                     AND c.workspace_id = r.workspace_id
+                     AND c.node_type = r.node_type
+                     AND c.required_permission <= r.perm
+                     AND c.expires_at > now()
+                   ORDER BY c.embedding::vector({d}) <=> r.emb
+                   LIMIT 1
+               ) s
+           ), hit AS (
+               SELECT * FROM best WHERE similarity >= threshold
+           ), bump AS (
+               UPDATE cache_semantic c SET hit_count = c.hit_count + h.n, last_hit_at = now()
+               FROM (SELECT entry_key, count(*) AS n FROM hit GROUP BY entry_key) h
+               WHERE c.entry_key = h.entry_key
+           ), audit AS (
+               INSERT INTO cache_audit (id, workspace_id, node_type, kind, entry_key, owner, requester,
+                                        requester_permission, request_id, similarity, saved_ms)
+               SELECT audit_id, workspace_id, node_type, 'semantic', entry_key, owner, requester, perm,
+                      request_id, similarity, cost_ms
+               FROM hit
+           )
+           SELECT ord, entry_key, result_ref, cost_ms, similarity, similarity >= threshold AS hit, audit_id
+           FROM best"#
+    )
+}

@@ -1,0 +1,34 @@
+//! weir-cache: the result cache. People in one workspace reuse each other's node results, so
+//! an expensive HTTP or LLM call runs once instead of ten times.
+//!
+//! - [`cache`]: exact lookup/store (key = sha256 of workspace, permission level, node type,
+//!   config hash, inputs hash over canonical JSON) and semantic lookup/store (prompt
+//!   embeddings in pgvector, HNSW with iterative index scans), as a library ([`Cache`],
+//!   [`exact_lookup_batch`], [`is_cacheable`]);
+//! - [`processor`]: the weir.cache.v1 processor answering on weir.cache-answers.v1;
+//! - [`embed`]: the built-in all-MiniLM-L6-v2 (candle) and the OpenAI-compatible embedder;
+//! - [`pii`]: the guard that keeps personal data and secrets out of the cache;
+//! - [`maintenance`]: sweeper, purge, CAS garbage collection; [`bench`]: `weir bench cache`.
+//!
+//! Invariants (see docs/cache.md): a result never crosses a workspace or goes to a requester
+//! below the entry's required permission (enforced in SQL); expired entries are never
+//! served; a hit is served only if its CAS blob exists and verifies.
+
+pub mod bench;
+pub mod cache;
+pub mod embed;
+pub mod error;
+pub mod key;
+pub mod maintenance;
+pub mod metrics;
+pub mod pii;
+pub mod processor;
+
+pub use cache::{
+    exact_lookup_batch, is_cacheable, Answer, Cache, ExactHit, ExactRequest, LookupRequest,
+    Refusal, StoreOutcome, StoreRequest, StoreResult,
+};
+pub use embed::Embedder;
+pub use error::CacheError;
+pub use key::Permission;
+pub use processor::CacheProcessor;

@@ -1,0 +1,151 @@
+//! Upkeep: the sweeper (expired entries, in batches), explicit purges, and the CAS garbage
+//! collector for the blobs the cache stored.
+//!
+//! Invariants: expired entries are never served whether or not the sweeper has run (every
+//! lookup checks `expires_at`); the sweeper only deletes rows already expired; the GC deletes
+//! a blob only if no cache entry, no workflow head and no patch references it and it has not
+//! been (re)referenced for `cache.gc_grace_secs` — the row lock on `cache_blobs` orders it
+//! against a store touching the same blob.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use weir_runtime::cas::{Cas, CasRef};
+use weir_runtime::config::CacheConfig;
+
+use crate::error::CacheError;
+use crate::metrics as m;
+
+/// Deletes up to `batch` expired exact and semantic entries; returns how many went.
+pub async fn sweep_once(pool: &PgPool, batch: i64) -> Result<u64, CacheError> {
+    let n = sqlx::query_scalar!(
+        r#"WITH e AS (
+               DELETE FROM cache_entries WHERE entry_key IN (
+                   SELECT entry_key FROM cache_entries WHERE expires_at <= now()
+                   ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+               RETURNING 1
+           ), s AS (
+               DELETE FROM cache_semantic WHERE entry_key IN (
+                   SELECT entry_key FROM cache_semantic WHERE expires_at <= now()
+                   ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+               RETURNING 1
+           )
+           SELECT (SELECT count(*) FROM e) + (SELECT count(*) FROM s) AS "n!""#,
+        batch
+    )
+    .fetch_one(pool)
+    .await?;
+    metrics::counter!(m::SWEPT).increment(n as u64);
+    Ok(n as u64)
+}
+
+/// Sweeps until nothing expired is left (in batches of `batch`).
+pub async fn sweep_all(pool: &PgPool, batch: i64) -> Result<u64, CacheError> {
+    let mut total = 0;
+    loop {
+        let n = sweep_once(pool, batch).await?;
+        total += n;
+        if n < batch as u64 {
+            return Ok(total);
+        }
+    }
+}
+
+/// What a purge removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Purged {
+    /// Exact entries deleted.
+    pub exact: u64,
+    /// Semantic entries deleted.
+    pub semantic: u64,
+}
+
+/// Deletes every entry of `workspace` (of `node_type` only, if given), exact and semantic.
+pub async fn purge(
+    pool: &PgPool,
+    workspace: &str,
+    node_type: Option<&str>,
+) -> Result<Purged, CacheError> {
+    if workspace.is_empty() {
+        return Err(CacheError::Invalid("purge needs a workspace".into()));
+    }
+    let row = sqlx::query!(
+        r#"WITH e AS (
+               DELETE FROM cache_entries WHERE workspace_id = $1 AND ($2::text IS NULL OR node_type = $2)
+               RETURNING 1
+           ), s AS (
+               DELETE FROM cache_semantic WHERE workspace_id = $1 AND ($2::text IS NULL OR node_type = $2)
+               RETURNING 1
+           )
+           SELECT (SELECT count(*) FROM e) AS "exact!", (SELECT count(*) FROM s) AS "semantic!""#,
+        workspace,
+        node_type
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(Purged {
+        exact: row.exact as u64,
+        semantic: row.semantic as u64,
+    })
+}
+
+/// One GC pass: deletes up to `batch` unreferenced blobs older than `grace` from the CAS.
+/// The rows are deleted and locked first; the blobs go before the commit, so a store that
+/// touches one of them waits and then finds the blob absent and puts it again.
+pub async fn gc_once(
+    pool: &PgPool,
+    cas: &Cas,
+    grace: Duration,
+    batch: i64,
+) -> Result<u64, CacheError> {
+    let mut tx = pool.begin().await?;
+    let refs = sqlx::query_scalar!(
+        r#"DELETE FROM cache_blobs b WHERE b.result_ref IN (
+               SELECT result_ref FROM cache_blobs
+               WHERE last_referenced_at < now() - $1 * interval '1 second'
+               ORDER BY last_referenced_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+             AND NOT EXISTS (SELECT 1 FROM cache_entries e WHERE e.result_ref = b.result_ref)
+             AND NOT EXISTS (SELECT 1 FROM cache_semantic s WHERE s.result_ref = b.result_ref)
+             AND NOT EXISTS (SELECT 1 FROM weir_workflow_heads h WHERE h.definition_ref = b.result_ref)
+             AND NOT EXISTS (SELECT 1 FROM weir_workflow_patches p WHERE p.operations_ref = b.result_ref)
+           RETURNING b.result_ref"#,
+        grace.as_secs_f64(),
+        batch
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    for r in &refs {
+        let r: CasRef = r
+            .parse()
+            .map_err(|e| CacheError::Invalid(format!("cache_blobs: {e}")))?;
+        cas.delete(&r).await?;
+    }
+    tx.commit().await?;
+    metrics::counter!(m::GC_DELETED).increment(refs.len() as u64);
+    Ok(refs.len() as u64)
+}
+
+/// Runs the sweeper and the GC on their intervals until `cancel`.
+pub async fn run_upkeep(pool: PgPool, cas: Cas, cfg: CacheConfig, cancel: CancellationToken) {
+    let mut sweep = tokio::time::interval(Duration::from_millis(cfg.sweep_interval_ms.max(10)));
+    let mut gc = tokio::time::interval(Duration::from_millis(cfg.gc_interval_ms.max(10)));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let grace = Duration::from_secs(cfg.gc_grace_secs);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = sweep.tick() => match sweep_all(&pool, cfg.sweep_batch).await {
+                Ok(n) if n > 0 => tracing::info!(deleted = n, "swept expired cache entries"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cache sweep failed; next interval retries"),
+            },
+            _ = gc.tick() => match gc_once(&pool, &cas, grace, cfg.sweep_batch).await {
+                Ok(n) if n > 0 => tracing::info!(deleted = n, "collected unreferenced cache blobs"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cache blob collection failed; next interval retries"),
+            },
+        }
+    }
+}
