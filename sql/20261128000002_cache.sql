@@ -19,7 +19,9 @@ CREATE TABLE cache_entries (
     expires_at          timestamptz NOT NULL,
     hit_count           bigint      NOT NULL DEFAULT 0,
     last_hit_at         timestamptz
-);
+) WITH (fillfactor = 80);
+-- fillfactor < 100 leaves room on each page so that a hit's UPDATE of hit_count/last_hit_at
+-- (columns no index covers) is a HOT update: no new index entries per hit.
 CREATE INDEX cache_entries_expires ON cache_entries (expires_at);
 CREATE INDEX cache_entries_workspace ON cache_entries (workspace_id, node_type);
 CREATE INDEX cache_entries_ref ON cache_entries (result_ref);
@@ -44,7 +46,8 @@ CREATE TABLE cache_semantic (
     last_hit_at         timestamptz,
     dims                integer     NOT NULL CHECK (dims > 0),
     embedding           vector      NOT NULL CHECK (vector_dims(embedding) = dims)
-);
+) WITH (fillfactor = 70);
+-- As above, and more so here: a non-HOT update would insert the row into the HNSW graph again.
 CREATE INDEX cache_semantic_expires ON cache_semantic (expires_at);
 CREATE INDEX cache_semantic_workspace ON cache_semantic (workspace_id, node_type);
 CREATE INDEX cache_semantic_ref ON cache_semantic (result_ref);
