@@ -24,8 +24,8 @@ use weir_it::{config, prepare, produce, produce_raw, random_name, weir_bin, Chil
 use weir_materializer::processor::patch_submitted;
 use weir_runtime::codec::Codec;
 use weir_runtime::events::{
-    new_event_id, now_micros, CompletionEvent, NodeCompleted, NodeReady, NodeStatus,
-    PatchSubmitted, RunCancelRequested, RunRequested,
+    new_event_id, now_micros, CacheEvent, CacheLookup, CacheStore, CompletionEvent, NodeCompleted,
+    NodeReady, NodeStatus, PatchSubmitted, RunCancelRequested, RunRequested,
 };
 
 /// Output topics the checker reads (unprefixed); all of them, so a stray event fails the run.
@@ -93,7 +93,7 @@ fn create(config: Value) -> Value {
 
 /// Distinct events per record type that this run produces: the materializer's two types,
 /// the consumer runtime's dead letters, and the coordinator's run events for the five runs
-/// below (see [`Runs`]). CacheAnswer joins when the cache processor runs here.
+/// below (see [`Runs`]), and the cache processor's answers to two lookups (a hit, a miss).
 fn expected_this_run() -> Value {
     json!({
         "weir.workflows.WorkflowMaterialized": 4,
@@ -107,6 +107,7 @@ fn expected_this_run() -> Value {
         "weir.run_events.RunCancelled": 1,
         "weir.run_events.NodeRetried": 1,
         "weir.run_events.RunStalled": 1,
+        "weir.cache.CacheAnswer": 2,
     })
 }
 
@@ -120,7 +121,7 @@ struct Runs {
     stalled: String,
 }
 
-fn run_requested(run_id: &str, workflow_id: &str) -> CompletionEvent {
+fn run_requested(run_id: &str, workflow_id: &str, n: usize) -> CompletionEvent {
     CompletionEvent::RunRequested(RunRequested {
         event_id: new_event_id(),
         occurred_at: now_micros(),
@@ -132,7 +133,8 @@ fn run_requested(run_id: &str, workflow_id: &str) -> CompletionEvent {
         version: None,
         requester: "it".into(),
         permission: "write".into(),
-        inputs_json: Some("{\"q\":1}".into()),
+        // Distinct inputs per run: no run is served from another's cached results.
+        inputs_json: Some(format!("{{\"q\":{n}}}")),
         inputs_ref: None,
         idempotency_key: None,
     })
@@ -324,16 +326,79 @@ async fn every_output_event_decodes_with_stock_python_deserializers() {
         runs.clone(),
         stop_worker.clone(),
     ));
-    for (run, workflow) in [
+    let missing = format!("{prefix}wf-missing");
+    for (n, (run, workflow)) in [
         (&runs.completed, &flow),
         (&runs.retried, &flow),
-        (&runs.failed, &format!("{prefix}wf-missing")),
+        (&runs.failed, &missing),
         (&runs.cancelled, &flow),
         (&runs.stalled, &flow),
-    ] {
-        produce(&producer, &codec, &run_requested(run, workflow))
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        produce(&producer, &codec, &run_requested(run, workflow, n))
             .await
             .unwrap();
+    }
+
+    // The cache processor: a stored result, then an exact lookup that hits and one that misses
+    // (one workspace, so one partition: the store is applied before the lookups).
+    let mut cache = spawn_weir(&prefix, "cache");
+    let cache_event = |request_id: &str, inputs: &str, store: bool| {
+        let (event_id, occurred_at) = (new_event_id(), now_micros());
+        let (workspace_id, traceparent) = ("ws-analytics".to_string(), String::new());
+        let (requester, permission) = ("it".to_string(), "write".to_string());
+        let (node_type, config_json) = (
+            "http_request".to_string(),
+            "{\"url\":\"https://example.invalid\"}".to_string(),
+        );
+        if store {
+            CacheEvent::CacheStore(CacheStore {
+                event_id,
+                occurred_at,
+                workspace_id,
+                traceparent,
+                tracestate: None,
+                request_id: request_id.into(),
+                requester,
+                permission,
+                node_type,
+                config_json,
+                inputs_json: inputs.into(),
+                result_json: Some("{\"rate\":1.08}".into()),
+                result_ref: None,
+                prompt: None,
+                embedding: None,
+                cost_ms: 850,
+                required_permission: "read".into(),
+            })
+        } else {
+            CacheEvent::CacheLookup(CacheLookup {
+                event_id,
+                occurred_at,
+                workspace_id,
+                traceparent,
+                tracestate: None,
+                request_id: request_id.into(),
+                requester,
+                permission,
+                node_type,
+                config_json,
+                inputs_json: inputs.into(),
+                prompt: None,
+                embedding: None,
+                semantic: false,
+            })
+        }
+    };
+    let (hit, miss) = (id(), id());
+    for e in [
+        cache_event(&id(), "{\"currency\":\"EUR\"}", true),
+        cache_event(&hit, "{\"currency\": \"EUR\"}", false),
+        cache_event(&miss, "{\"currency\":\"USD\"}", false),
+    ] {
+        produce(&producer, &codec, &e).await.unwrap();
     }
 
     let topics: serde_json::Map<String, Value> = OUTPUT_TOPICS
@@ -350,6 +415,7 @@ async fn every_output_event_decodes_with_stock_python_deserializers() {
         "timeout_s": 120,
         "applied_patches": [first.patch_id, second.patch_id, large.patch_id, flow_create.patch_id],
         "rejected_patches": {conflicting.patch_id.to_string(): "version_conflict"},
+        "cache_answers": {hit.clone(): {"hit": true, "kind": "exact"}, miss.clone(): {"hit": false, "kind": null}},
         "dead_letters": [
             {"source_topic": patches, "source_offset": poison_offset,
              "original_value_hex": hex(b"not avro"), "original_key": small, "error_class": "framing"},
@@ -377,6 +443,7 @@ async fn every_output_event_decodes_with_stock_python_deserializers() {
     materializer.kill();
     relay.kill();
     coordinator.kill();
+    cache.kill();
 
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -895,6 +895,31 @@ async fn run_status_rate_limit_and_kafka_down() {
     );
 }
 
+/// The read models `weir run gateway` uses: run status from the coordinator's tables and
+/// lookups in the result cache (with the built-in embedder).
+async fn real_sources() -> Sources {
+    let cfg = config("");
+    let pool = weir_runtime::db::pool(&cfg.postgres).unwrap();
+    let cas = weir_runtime::cas::Cas::from_config(&cfg).await.unwrap();
+    let embedder = weir_cache::Embedder::from_config(&cfg.cache).await.unwrap();
+    let cache = weir_cache::Cache::new(
+        pool.clone(),
+        cas,
+        std::sync::Arc::new(cfg.cache.clone()),
+        Some(embedder),
+    )
+    .await
+    .unwrap();
+    Sources {
+        run_status: Some(std::sync::Arc::new(
+            weir_gateway::sources::CoordinatorRunStatus::new(pool),
+        )),
+        cache_lookup: Some(std::sync::Arc::new(
+            weir_gateway::sources::ResultCacheLookup::new(cache),
+        )),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemathesis_finds_no_5xx_and_no_response_outside_the_document() {
     let venv = std::env::var("WEIR_CACHE_DIR")
@@ -908,7 +933,7 @@ async fn schemathesis_finds_no_5xx_and_no_response_outside_the_document() {
         "{} missing: run infra/local/prereqs",
         venv.display()
     );
-    let gw = start(|_| {}, Sources::default(), true).await;
+    let gw = start(|_| {}, real_sources().await, true).await;
     let ws = random_name("ws");
     let key = gw.key(&ws, Permission::Write).await;
     // One workflow that exists, so that patch and run operations also reach their 202 path.
@@ -932,10 +957,6 @@ async fn schemathesis_finds_no_5xx_and_no_response_outside_the_document() {
         Command::new(venv)
             .args(["run", doc, "--url", &base, "--header", &format!("Authorization: Bearer {key}")])
             .args(["--checks", "not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance"])
-            // Run status and cache lookups answer 503 "not configured" until the coordinator
-            // and the cache are wired into the gateway; schemathesis counts any 503 as a
-            // server error, so they are left out here (and covered by the tests above).
-            .args(["--exclude-operation-id", "getRun", "--exclude-operation-id", "cacheLookup"])
             // One worker: hypothesis's source introspection is not thread-safe on Python 3.11.
             .args(["--max-examples", "40", "--seed", "7", "--workers", "1", "--no-color"])
             .env("SCHEMATHESIS_HOOKS", "")
