@@ -172,6 +172,61 @@ fn definitions() -> Vec<(&'static str, Value)> {
     ]
 }
 
+/// The consumer groups of the processors the demo drives.
+const GROUPS: [&str; 3] = ["weir-materializer", "weir-coordinator", "weir-cache"];
+
+/// Whether every processor's consumer group is stable with members (owns its partitions), so
+/// events produced now are processed at once rather than after a rebalance.
+fn groups_stable(cfg: &Config) -> anyhow::Result<bool> {
+    let consumer: BaseConsumer =
+        weir_runtime::kafka::consumer_config(&cfg.kafka, "weir-demo-watermarks", 0).create()?;
+    for group in GROUPS {
+        let list = consumer.fetch_group_list(Some(group), Duration::from_secs(10))?;
+        let stable = list
+            .groups()
+            .iter()
+            .any(|g| g.state() == "Stable" && !g.members().is_empty());
+        if !stable {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Records of `topic` (all partitions) the `group` has applied, from its positions in
+/// Postgres (moved in the same transaction as the effects), and the topic's high watermarks.
+async fn applied_and_produced(
+    cfg: &Config,
+    pool: &sqlx::PgPool,
+    group: &str,
+    topic: &str,
+) -> anyhow::Result<(i64, i64)> {
+    let applied: Option<i64> = sqlx::query_scalar(
+        "SELECT sum(next_offset)::bigint FROM weir_consumer_positions WHERE consumer_group = $1 AND topic = $2",
+    )
+    .bind(group)
+    .bind(topic)
+    .fetch_one(pool)
+    .await?;
+    let (cfg, topic) = (cfg.clone(), topic.to_string());
+    let produced = tokio::task::spawn_blocking(move || -> anyhow::Result<i64> {
+        let c: BaseConsumer =
+            weir_runtime::kafka::consumer_config(&cfg.kafka, "weir-demo-watermarks", 0).create()?;
+        let meta = c.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+        let mut sum = 0;
+        for t in meta.topics() {
+            for p in t.partitions() {
+                sum += c
+                    .fetch_watermarks(&topic, p.id(), Duration::from_secs(10))?
+                    .1;
+            }
+        }
+        Ok(sum)
+    })
+    .await??;
+    Ok((applied.unwrap_or(0), produced))
+}
+
 /// Sum of the high watermarks of every weir topic (events ever appended).
 fn watermarks(cfg: &Config) -> anyhow::Result<BTreeMap<String, i64>> {
     let consumer: BaseConsumer =
@@ -338,6 +393,26 @@ pub async fn run(
         )
         .await?;
     }
+    let mut waited = false;
+    loop {
+        let c = cfg.clone();
+        if tokio::task::spawn_blocking(move || groups_stable(&c)).await?? {
+            break;
+        }
+        if !waited {
+            say(
+                started,
+                "waiting for the processors to own their partitions (consumer groups stable)",
+            );
+            waited = true;
+        }
+        wait_tick(
+            started + Duration::from_secs(120),
+            &shutdown,
+            "the processors' consumer groups",
+        )
+        .await?;
+    }
 
     let before = {
         let cfg = cfg.clone();
@@ -377,6 +452,8 @@ pub async fn run(
     ));
 
     let result = drive(
+        &cfg,
+        &pool,
         &api,
         &read_api,
         &opts,
@@ -410,6 +487,8 @@ pub async fn run(
 
 #[allow(clippy::too_many_arguments)]
 async fn drive(
+    cfg: &Config,
+    pool: &sqlx::PgPool,
     api: &Api,
     read_api: &Api,
     opts: &Options,
@@ -593,6 +672,23 @@ async fn drive(
                 dispatched - failed
             ),
         );
+        if wave == 1 {
+            // The coordinator offered wave 1's results to the cache (CacheStore events): let
+            // the cache processor apply them before wave 2 asks for the same work.
+            let topic = cfg.kafka.topic("weir.cache.v1");
+            loop {
+                let (applied, produced) =
+                    applied_and_produced(cfg, pool, "weir-cache", &topic).await?;
+                if applied >= produced {
+                    say(
+                        started,
+                        format!("the cache processor has applied all {produced} events of {topic}"),
+                    );
+                    break;
+                }
+                wait_tick(deadline, shutdown, "the cache processor").await?;
+            }
+        }
     }
 
     // 3. The caches, directly: an exact entry and a semantic (agent prompt) entry.
@@ -617,7 +713,7 @@ async fn drive(
         (
             "semantic, paraphrased prompt",
             json!({"node_type": "agent", "config": {"model": "small"}, "inputs": {"x": 1},
-            "prompt": "Give me a summary of the EMEA region's quarterly sales report", "semantic": true}),
+            "prompt": "Summarize the EMEA region's quarterly sales report", "semantic": true}),
         ),
         (
             "semantic, unrelated prompt",
