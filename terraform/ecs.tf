@@ -54,10 +54,13 @@ locals {
   processor_environment = {
     gateway = { WEIR__GATEWAY__LISTEN = "0.0.0.0:${local.gateway_port}" }
   }
+  # The cache processor and the gateway (semantic lookups) both embed prompts.
+  embedder_secrets = var.embedder_api_key_secret_arn == "" ? [] : [
+    { name = "WEIR__CACHE__OPENAI_API_KEY", valueFrom = var.embedder_api_key_secret_arn },
+  ]
   processor_secrets = {
-    cache = var.embedder_api_key_secret_arn == "" ? [] : [
-      { name = "WEIR__CACHE__EMBEDDER_API_KEY", valueFrom = var.embedder_api_key_secret_arn },
-    ]
+    cache   = local.embedder_secrets
+    gateway = local.embedder_secrets
   }
 }
 

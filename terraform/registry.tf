@@ -1,6 +1,6 @@
 # The schema registry, when no existing one is given: Apicurio Registry with its
 # Confluent-compatible API (/apis/ccompat/v7), stored in the weir database (its tables do not
-# share names with weir's, which all start with weir_). Reached as registry.<name>.internal.
+# share names with weir's, which start with weir_ or cache_). Reached as registry.<name>.internal.
 
 resource "aws_service_discovery_service" "registry" {
   count = local.run_registry ? 1 : 0

@@ -160,7 +160,7 @@ variable "extra_environment" {
 }
 
 variable "embedder_api_key_secret_arn" {
-  description = "Secrets Manager ARN of the OpenAI-compatible embeddings API key, injected as WEIR__CACHE__EMBEDDER_API_KEY into the cache tasks (empty: none)."
+  description = "Secrets Manager ARN of the OpenAI-compatible embeddings API key, injected as WEIR__CACHE__OPENAI_API_KEY into the cache and gateway tasks (empty: none; the image's built-in all-MiniLM-L6-v2 is the default embedder)."
   type        = string
   default     = ""
 }
