@@ -778,6 +778,52 @@ async fn wait_tick(
     }
 }
 
+/// What a healthy system shows after the demo; each unmet expectation is one line (used by
+/// `weir demo --check`, which the test suite runs).
+pub fn unmet_expectations(s: &Summary, opts: &Options) -> Vec<String> {
+    let mut unmet = Vec::new();
+    let mut expect = |ok: bool, what: String| {
+        if !ok {
+            unmet.push(what);
+        }
+    };
+    expect(
+        s.patches_applied == 5 && s.patches_rejected == 2,
+        format!(
+            "5 patches applied and 2 rejected, not {} and {}",
+            s.patches_applied, s.patches_rejected
+        ),
+    );
+    let runs = 2 * opts.runs as u64;
+    expect(
+        s.runs_completed == runs && s.runs_failed == 0 && s.runs_cancelled == 0,
+        format!(
+            "{runs} runs completed, not {} ({} failed, {} cancelled)",
+            s.runs_completed, s.runs_failed, s.runs_cancelled
+        ),
+    );
+    expect(
+        s.nodes_failed_on_purpose > 0,
+        "failed first attempts retried".into(),
+    );
+    expect(
+        s.nodes_from_cache > 0,
+        "the second wave served from the cache".into(),
+    );
+    expect(
+        s.cache_lookups == 3 && s.cache_hits == 2,
+        format!(
+            "2 of 3 cache lookups hit (exact, semantic), not {} of {}",
+            s.cache_hits, s.cache_lookups
+        ),
+    );
+    expect(
+        s.semantic_similarity.is_some_and(|x| x >= 0.92),
+        "the paraphrased prompt hits semantically".into(),
+    );
+    unmet
+}
+
 fn print_summary(s: &Summary, opts: &Options) {
     println!();
     println!(

@@ -86,6 +86,9 @@ enum Command {
         /// Also print the summary as one JSON line at the end.
         #[arg(long)]
         json: bool,
+        /// Exit 1 unless the summary shows what a healthy system does (for the test suite).
+        #[arg(long)]
+        check: bool,
     },
     /// Benchmarks against the local stack (the last line printed is one JSON object).
     Bench {
@@ -499,6 +502,7 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
             runs,
             timeout_secs,
             json,
+            check,
         } => {
             let gateway = gateway.unwrap_or_else(|| format!("http://{}", cfg.gateway.listen));
             let metrics_url = format!("http://{}/metrics", cfg.telemetry.listen);
@@ -514,9 +518,16 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
                 metrics_url,
                 timeout: std::time::Duration::from_secs(timeout_secs),
             };
-            let summary = weir_demo::run(cfg, opts, shutdown).await?;
+            let summary = weir_demo::run(cfg, opts.clone(), shutdown).await?;
             if json {
                 println!("{}", serde_json::to_string(&summary)?);
+            }
+            if check {
+                let unmet = weir_demo::unmet_expectations(&summary, &opts);
+                for u in &unmet {
+                    eprintln!("demo check failed: expected {u}");
+                }
+                return Ok(unmet.is_empty());
             }
             Ok(true)
         }
