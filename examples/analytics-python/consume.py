@@ -42,7 +42,8 @@ def main() -> None:
     ap.add_argument("topics", nargs="*", default=OUTPUT_TOPICS)
     args = ap.parse_args()
 
-    registry = SchemaRegistryClient({"url": args.registry})
+    # Bound every registry request (seconds): a registry that never answers fails the read.
+    registry = SchemaRegistryClient({"url": args.registry, "timeout": 10})
     consumer = DeserializingConsumer(
         {
             "bootstrap.servers": args.bootstrap,

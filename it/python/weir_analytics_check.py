@@ -456,7 +456,9 @@ def read(spec: dict, report: dict) -> list[Event]:
     from confluent_kafka.schema_registry.avro import AvroDeserializer
     from confluent_kafka.serialization import MessageField, SerializationContext
 
-    registry = SchemaRegistryClient({"url": spec["schema_registry_url"]})
+    # A bounded wait per registry request (retried by the client): a request the registry
+    # never answers must fail the check, not hang it.
+    registry = SchemaRegistryClient({"url": spec["schema_registry_url"], "timeout": 10})
     # Stock deserializer; return_record_name tells which union branch the writer used.
     deserializer = AvroDeserializer(registry, return_record_name=True)
     consumer = Consumer(
