@@ -535,6 +535,9 @@ impl std::fmt::Debug for Cache {
     }
 }
 
+/// Advisory lock key serializing [`Cache::prepare`] across processes ("weircach" in ASCII).
+const PREPARE_LOCK: i64 = 0x7765_6972_6361_6368;
+
 /// Postgres identifier of the HNSW index for dimension `d`.
 pub fn hnsw_index_name(d: u32) -> String {
     format!("cache_semantic_hnsw_{d}")
@@ -610,7 +613,7 @@ impl Cache {
         if stored != d || other > 0 {
             return Err(CacheError::Dimension(format!(
                 "the cache's semantic table holds {stored}-dimension embeddings but cache.dimensions is {d}; \
-                 keep the dimension, or purge the semantic entries (weir cache purge --semantic-all) \
+                 keep the dimension, or delete the semantic entries (DELETE FROM cache_semantic) \
                  and reset it (DELETE FROM cache_embedding_space)"
             )));
         }
@@ -620,7 +623,16 @@ impl Cache {
              WITH (m = 16, ef_construction = 64) WHERE dims = {d}",
             hnsw_index_name(d as u32)
         );
-        sqlx::raw_sql(&ddl).execute(&mut *conn).await?;
+        // Several processes (the cache processor and the gateway of one `weir dev`, or replicas)
+        // may prepare at once: concurrent CREATE INDEX IF NOT EXISTS can still collide, so they
+        // take turns under a transaction-scoped advisory lock.
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(PREPARE_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::raw_sql(&ddl).execute(&mut *tx).await?;
+        tx.commit().await?;
         Ok(())
     }
 
