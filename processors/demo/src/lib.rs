@@ -209,46 +209,41 @@ async fn applied_and_produced(
     .fetch_one(pool)
     .await?;
     let (cfg, topic) = (cfg.clone(), topic.to_string());
-    let produced = tokio::task::spawn_blocking(move || -> anyhow::Result<i64> {
-        let c: BaseConsumer =
-            weir_runtime::kafka::consumer_config(&cfg.kafka, "weir-demo-watermarks", 0).create()?;
-        let meta = c.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
-        let mut sum = 0;
-        for t in meta.topics() {
-            for p in t.partitions() {
-                sum += c
-                    .fetch_watermarks(&topic, p.id(), Duration::from_secs(10))?
-                    .1;
-            }
-        }
-        Ok(sum)
-    })
-    .await??;
+    let produced = tokio::task::spawn_blocking(move || high_watermarks(&cfg, &topic))
+        .await??
+        .values()
+        .sum();
     Ok((applied.unwrap_or(0), produced))
 }
 
-/// Sum of the high watermarks of every weir topic (events ever appended).
-fn watermarks(cfg: &Config) -> anyhow::Result<BTreeMap<String, i64>> {
+/// The high watermark (next offset) of every partition of `topic`.
+fn high_watermarks(cfg: &Config, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> {
     let consumer: BaseConsumer =
         weir_runtime::kafka::consumer_config(&cfg.kafka, "weir-demo-watermarks", 0)
             .create()
             .context("kafka consumer")?;
     let meta = consumer
-        .fetch_metadata(None, Duration::from_secs(10))
-        .context("kafka metadata")?;
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .with_context(|| format!("metadata of {topic}"))?;
     let mut out = BTreeMap::new();
-    for (topic, _) in ALL_TOPICS {
-        let name = format!("{}{topic}", cfg.kafka.topic_prefix);
-        let Some(t) = meta.topics().iter().find(|t| t.name() == name) else {
-            continue;
-        };
-        let mut sum = 0;
+    for t in meta.topics() {
         for p in t.partitions() {
             let (_, high) = consumer
-                .fetch_watermarks(&name, p.id(), Duration::from_secs(10))
-                .with_context(|| format!("watermarks of {name}"))?;
-            sum += high;
+                .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+                .with_context(|| format!("watermarks of {topic}"))?;
+            out.insert(p.id(), high);
         }
+    }
+    Ok(out)
+}
+
+/// Sum of the high watermarks of every weir topic (events ever appended).
+fn watermarks(cfg: &Config) -> anyhow::Result<BTreeMap<String, i64>> {
+    let mut out = BTreeMap::new();
+    for (topic, _) in ALL_TOPICS {
+        let sum = high_watermarks(cfg, &cfg.kafka.topic(topic))?
+            .values()
+            .sum();
         out.insert(topic.to_string(), sum);
     }
     Ok(out)
@@ -420,25 +415,8 @@ pub async fn run(
     };
     let node_ready_start = {
         let cfg = cfg.clone();
-        tokio::task::spawn_blocking(move || -> anyhow::Result<BTreeMap<i32, i64>> {
-            let c: BaseConsumer =
-                weir_runtime::kafka::consumer_config(&cfg.kafka, "weir-demo-workers", 0)
-                    .create()?;
-            let topic = format!("{}weir.node-ready.v1", cfg.kafka.topic_prefix);
-            let meta = c.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
-            let mut out = BTreeMap::new();
-            for t in meta.topics() {
-                for p in t.partitions() {
-                    out.insert(
-                        p.id(),
-                        c.fetch_watermarks(&topic, p.id(), Duration::from_secs(10))?
-                            .1,
-                    );
-                }
-            }
-            Ok(out)
-        })
-        .await??
+        let topic = cfg.kafka.topic("weir.node-ready.v1");
+        tokio::task::spawn_blocking(move || high_watermarks(&cfg, &topic)).await??
     };
     let stats = Arc::new(WorkerStats::default());
     let stop_workers = shutdown.child_token();

@@ -305,13 +305,31 @@ async fn run_processors(cfg: Arc<Config>, which: &[ProcessorName]) -> anyhow::Re
     let shutdown = CancellationToken::new();
     telemetry::cancel_on_signals(shutdown.clone());
     let services = weir_runtime::app::Services::new(cfg.clone())?;
+    // One CAS client, and one result cache (one embedding model in memory) shared by the
+    // cache processor and the gateway when both run in this process (`weir dev`).
+    let cas = weir_runtime::cas::Cas::from_config(&cfg).await?;
+    let cache = if which
+        .iter()
+        .any(|p| matches!(p, ProcessorName::Cache | ProcessorName::Gateway))
+    {
+        let embedder = weir_cache::Embedder::from_config(&cfg.cache).await?;
+        let cache = weir_cache::Cache::new(
+            services.pool.clone(),
+            cas.clone(),
+            Arc::new(cfg.cache.clone()),
+            Some(embedder),
+        )
+        .await?;
+        Some(cache)
+    } else {
+        None
+    };
     let mut tasks = tokio::task::JoinSet::new();
     for p in which {
         let s = services.clone();
         let stop = shutdown.clone();
         match p {
             ProcessorName::Materializer => {
-                let cas = weir_runtime::cas::Cas::from_config(&cfg).await?;
                 for _ in 0..cfg.runtime.consumers {
                     let consumer = s.consumer(weir_materializer::Materializer::new(
                         cfg.clone(),
@@ -324,11 +342,10 @@ async fn run_processors(cfg: Arc<Config>, which: &[ProcessorName]) -> anyhow::Re
                 }
             }
             ProcessorName::Coordinator => {
-                let cas = weir_runtime::cas::Cas::from_config(&cfg).await?;
                 let coordinator = Arc::new(
                     weir_coordinator::Coordinator::new(cfg.clone(), s.pool.clone(), cas.clone())
                         .with_cache(Arc::new(weir_coordinator::ResultCache::new(
-                            cas,
+                            cas.clone(),
                             Arc::new(cfg.cache.clone()),
                         ))),
                 );
@@ -351,15 +368,9 @@ async fn run_processors(cfg: Arc<Config>, which: &[ProcessorName]) -> anyhow::Re
                 tasks.spawn(async move { timers.run(stop).await.map_err(anyhow::Error::from) });
             }
             ProcessorName::Cache => {
-                let cas = weir_runtime::cas::Cas::from_config(&cfg).await?;
-                let embedder = weir_cache::Embedder::from_config(&cfg.cache).await?;
-                let cache = weir_cache::Cache::new(
-                    s.pool.clone(),
-                    cas.clone(),
-                    Arc::new(cfg.cache.clone()),
-                    Some(embedder),
-                )
-                .await?;
+                let cache = cache
+                    .clone()
+                    .context("the result cache is built for this processor")?;
                 for _ in 0..cfg.runtime.consumers {
                     let consumer = s.consumer(weir_cache::CacheProcessor::new(cache.clone()));
                     let stop = stop.clone();
@@ -367,7 +378,7 @@ async fn run_processors(cfg: Arc<Config>, which: &[ProcessorName]) -> anyhow::Re
                         async move { consumer.run(stop).await.map_err(anyhow::Error::from) },
                     );
                 }
-                let (pool, cache_cfg) = (s.pool.clone(), cfg.cache.clone());
+                let (pool, cache_cfg, cas) = (s.pool.clone(), cfg.cache.clone(), cas.clone());
                 tasks.spawn(async move {
                     weir_cache::maintenance::run_upkeep(pool, cas, cache_cfg, stop).await;
                     Ok(())
@@ -389,15 +400,9 @@ async fn run_processors(cfg: Arc<Config>, which: &[ProcessorName]) -> anyhow::Re
             }
             ProcessorName::Gateway => {
                 let cfg = cfg.clone();
-                let cas = weir_runtime::cas::Cas::from_config(&cfg).await?;
-                let embedder = weir_cache::Embedder::from_config(&cfg.cache).await?;
-                let cache = weir_cache::Cache::new(
-                    s.pool.clone(),
-                    cas,
-                    Arc::new(cfg.cache.clone()),
-                    Some(embedder),
-                )
-                .await?;
+                let cache = cache
+                    .clone()
+                    .context("the result cache is built for the gateway")?;
                 let sources = weir_gateway::Sources {
                     run_status: Some(Arc::new(weir_gateway::sources::CoordinatorRunStatus::new(
                         s.pool.clone(),
