@@ -175,7 +175,9 @@ fn run_requested(run_id: &str, workflow_id: &str, ws: &str, key: Option<&str>) -
         version: None,
         requester: "it".into(),
         permission: "write".into(),
-        inputs_json: Some("{\"q\":42}".into()),
+        // Inputs unique to the run: these tests count dispatches, so no node may be served
+        // from the result cache with another run's output.
+        inputs_json: Some(format!("{{\"q\":42,\"run\":\"{run_id}\"}}")),
         inputs_ref: None,
         idempotency_key: key.map(String::from),
     })
@@ -392,7 +394,10 @@ async fn runs_flow_end_to_end_through_weir_dev() {
         .clone();
     assert_eq!(join.inputs.len(), 4);
     assert_eq!(join.hop, 3);
-    assert_eq!(join.run_inputs_json.as_deref(), Some("{\"q\":42}"));
+    assert_eq!(
+        join.run_inputs_json,
+        Some(format!("{{\"q\":42,\"run\":\"{}\"}}", join.run_id))
+    );
     drop(s);
 
     let status = weir_coordinator::run_status(&pool, &ws, runs[0].parse().unwrap())
