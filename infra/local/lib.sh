@@ -22,7 +22,8 @@ KAFKA_VERSION="4.1.2"          # org.apache.kafka:kafka_2.13 on Maven Central
 # /usr/lib/jvm); without one, `up` falls back to 3.0.9, the newest 3.x that runs on Java 17.
 APICURIO_VERSION="3.3.3"
 APICURIO_JAVA17_VERSION="3.0.9"
-S3S_FS_VERSION="^0.14"         # crates.io s3s-fs (S3 API over a directory), Apache-2.0
+# S3: infra/local/s3-server, s3s-fs 0.14.1 (crates.io, Apache-2.0) with TCP_NODELAY; pinned
+# in its own Cargo.toml/Cargo.lock.
 PG_MAJOR="15"                  # Debian bookworm's postgresql-15
 PGVECTOR_SRC_SUITE="trixie"    # Debian suite whose *source* package gives pgvector 0.8
 
@@ -79,7 +80,8 @@ PG_BIN="/usr/lib/postgresql/$PG_MAJOR/bin"
 PG_SOCKET_DIR="/var/run/postgresql"
 KAFKA_HOME="$CACHE/kafka-$KAFKA_VERSION"
 TOOLS="$CACHE/tools"
-S3S_FS_BIN="$TOOLS/bin/s3s-fs"
+S3_SERVER_SRC="$WEIR_ROOT/infra/local/s3-server"
+S3_SERVER_BIN="$TOOLS/bin/weir-local-s3"
 
 # Postgres refuses to run as root, so its data dir must belong to (and be reachable by) the
 # `postgres` OS user. Normally that is .stack/pg. If some parent of the repo is not
