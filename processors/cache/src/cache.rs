@@ -241,8 +241,8 @@ struct Found {
     similarity: Option<f64>,
 }
 
-/// Finds exact entries for `reqs` in ONE statement that also bumps hit counts and writes the
-/// audit rows; then verifies the blobs. Entries whose blob is bad are deleted (with their
+/// Finds exact entries for `reqs` in one statement; then verifies the blobs while one more
+/// statement bumps hit counts and writes the audit rows. Entries whose blob is bad are deleted (with their
 /// audit rows) and answered as misses. Runs on the caller's connection, so inside the
 /// caller's transaction if there is one.
 pub async fn exact_lookup_batch(
@@ -262,8 +262,7 @@ pub async fn exact_lookup_batch(
             request_id: r.request_id.clone(),
         })
         .collect();
-    let found = exact_probe(conn, &probes).await?;
-    let verified = verify(conn, cas, found, "exact").await?;
+    let verified = exact_find_verify(conn, cas, &probes).await?;
     let mut out = vec![None; reqs.len()];
     for (f, bytes) in verified {
         let r = &reqs[f.ord];
@@ -303,25 +302,49 @@ fn parse_ref(s: &str) -> Result<CasRef, CacheError> {
         .map_err(|e| CacheError::Invalid(format!("stored result_ref: {e}")))
 }
 
+/// One exact candidate with what its audit row needs.
+struct ExactFound {
+    found: Found,
+    workspace_id: String,
+    node_type: String,
+    owner: String,
+    requester: String,
+    request_id: String,
+    perm: i16,
+}
+
+/// The exact path: one read-only statement finds the candidates, then the blob reads and the
+/// hit bookkeeping (hit counts, audit rows: one statement) run at the same time, so a hit
+/// costs one statement plus the slower of a CAS read and a write, not their sum. Entries
+/// whose blob is bad are deleted with their audit rows afterwards, as in [`verify`].
+async fn exact_find_verify(
+    conn: &mut PgConnection,
+    cas: &Cas,
+    probes: &[ExactProbe],
+) -> Result<Vec<(Found, Bytes)>, CacheError> {
+    let found = exact_probe(conn, probes).await?;
+    if found.is_empty() {
+        return Ok(Vec::new());
+    }
+    let refs: Vec<Option<CasRef>> = found
+        .iter()
+        .map(|f| f.found.result_ref.parse().ok())
+        .collect();
+    let (recorded, reads) = tokio::join!(record_exact_hits(conn, &found), read_blobs(cas, refs));
+    recorded?;
+    settle(conn, found.into_iter().map(|f| f.found).collect(), reads, "exact").await
+}
+
 async fn exact_probe(
     conn: &mut PgConnection,
     probes: &[ExactProbe],
-) -> Result<Vec<Found>, CacheError> {
+) -> Result<Vec<ExactFound>, CacheError> {
     if probes.is_empty() {
         return Ok(Vec::new());
     }
     // One row per (probe, level at or below the requester's): the key binds the level.
-    let (mut keys, mut ords, mut wss, mut perms, mut requesters, mut request_ids, mut audit_ids) = (
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-    );
+    let (mut keys, mut ords, mut wss, mut perms) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (i, p) in probes.iter().enumerate() {
-        let audit = Uuid::now_v7();
         for level in p.permission.and_below() {
             keys.push(
                 entry_key(
@@ -336,58 +359,88 @@ async fn exact_probe(
             ords.push(i as i32);
             wss.push(p.workspace_id.to_string());
             perms.push(p.permission.level());
-            requesters.push(p.requester.to_string());
-            request_ids.push(p.request_id.to_string());
-            audit_ids.push(audit);
         }
     }
     let rows = sqlx::query!(
-        r#"WITH req AS (
-               SELECT * FROM UNNEST($1::bytea[], $2::int4[], $3::text[], $4::int2[], $5::text[], $6::text[], $7::uuid[])
-                   AS r(entry_key, ord, workspace_id, perm, requester, request_id, audit_id)
-           ), hit AS (
-               SELECT DISTINCT ON (r.ord) r.ord, r.requester, r.request_id, r.perm, r.audit_id,
-                      e.entry_key, e.workspace_id, e.node_type, e.owner, e.result_ref, e.cost_ms
-               FROM req r JOIN cache_entries e ON e.entry_key = r.entry_key
-               WHERE e.workspace_id = r.workspace_id
-                 AND e.required_permission <= r.perm
-                 AND e.expires_at > now()
-               ORDER BY r.ord, e.required_permission DESC
-           ), bump AS (
-               UPDATE cache_entries e SET hit_count = e.hit_count + c.n, last_hit_at = now()
-               FROM (SELECT entry_key, count(*) AS n FROM hit GROUP BY entry_key) c
-               WHERE e.entry_key = c.entry_key
-           ), audit AS (
-               INSERT INTO cache_audit (id, workspace_id, node_type, kind, entry_key, owner, requester,
-                                        requester_permission, request_id, similarity, saved_ms)
-               SELECT audit_id, workspace_id, node_type, 'exact', entry_key, owner, requester, perm,
-                      request_id, NULL, cost_ms
-               FROM hit
-           )
-           SELECT ord AS "ord!", entry_key AS "entry_key!", result_ref AS "result_ref!",
-                  cost_ms AS "cost_ms!", audit_id AS "audit_id!"
-           FROM hit"#,
+        r#"SELECT DISTINCT ON (r.ord) r.ord AS "ord!", e.entry_key, e.workspace_id, e.node_type,
+                  e.owner, e.result_ref, e.cost_ms
+           FROM UNNEST($1::bytea[], $2::int4[], $3::text[], $4::int2[])
+                    AS r(entry_key, ord, workspace_id, perm)
+           JOIN cache_entries e ON e.entry_key = r.entry_key
+           WHERE e.workspace_id = r.workspace_id
+             AND e.required_permission <= r.perm
+             AND e.expires_at > now()
+           ORDER BY r.ord, e.required_permission DESC"#,
         &keys,
         &ords,
         &wss,
         &perms,
-        &requesters,
-        &request_ids,
-        &audit_ids,
     )
     .fetch_all(&mut *conn)
     .await?;
     Ok(rows
         .into_iter()
-        .map(|r| Found {
-            ord: r.ord as usize,
-            entry_key: r.entry_key,
-            result_ref: r.result_ref,
-            cost_ms: r.cost_ms,
-            audit_id: r.audit_id,
-            similarity: None,
+        .map(|r| {
+            let p = &probes[r.ord as usize];
+            ExactFound {
+                found: Found {
+                    ord: r.ord as usize,
+                    entry_key: r.entry_key,
+                    result_ref: r.result_ref,
+                    cost_ms: r.cost_ms,
+                    audit_id: Uuid::now_v7(),
+                    similarity: None,
+                },
+                workspace_id: r.workspace_id,
+                node_type: r.node_type,
+                owner: r.owner,
+                requester: p.requester.clone(),
+                request_id: p.request_id.clone(),
+                perm: p.permission.level(),
+            }
         })
         .collect())
+}
+
+/// Hit counts and audit rows of exact hits, in one statement.
+async fn record_exact_hits(
+    conn: &mut PgConnection,
+    found: &[ExactFound],
+) -> Result<(), CacheError> {
+    let col = |f: fn(&ExactFound) -> String| found.iter().map(f).collect::<Vec<String>>();
+    let keys: Vec<Vec<u8>> = found.iter().map(|f| f.found.entry_key.clone()).collect();
+    let ids: Vec<Uuid> = found.iter().map(|f| f.found.audit_id).collect();
+    let perms: Vec<i16> = found.iter().map(|f| f.perm).collect();
+    let costs: Vec<i64> = found.iter().map(|f| f.found.cost_ms).collect();
+    sqlx::query!(
+        r#"WITH h AS (
+               SELECT * FROM UNNEST($1::bytea[], $2::uuid[], $3::text[], $4::text[], $5::text[],
+                                    $6::text[], $7::int2[], $8::text[], $9::int8[])
+                   AS h(entry_key, audit_id, workspace_id, node_type, owner, requester, perm,
+                        request_id, cost_ms)
+           ), bump AS (
+               UPDATE cache_entries e SET hit_count = e.hit_count + c.n, last_hit_at = now()
+               FROM (SELECT entry_key, count(*) AS n FROM h GROUP BY entry_key) c
+               WHERE e.entry_key = c.entry_key
+           )
+           INSERT INTO cache_audit (id, workspace_id, node_type, kind, entry_key, owner, requester,
+                                    requester_permission, request_id, similarity, saved_ms)
+           SELECT audit_id, workspace_id, node_type, 'exact', entry_key, owner, requester, perm,
+                  request_id, NULL, cost_ms
+           FROM h"#,
+        &keys,
+        &ids,
+        &col(|f| f.workspace_id.clone()),
+        &col(|f| f.node_type.clone()),
+        &col(|f| f.owner.clone()),
+        &col(|f| f.requester.clone()),
+        &perms,
+        &col(|f| f.request_id.clone()),
+        &costs,
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// Reads and verifies the blobs of `found` concurrently; deletes the entries (and takes back
@@ -400,6 +453,17 @@ async fn verify(
 ) -> Result<Vec<(Found, Bytes)>, CacheError> {
     let refs: Vec<Option<CasRef>> = found.iter().map(|f| f.result_ref.parse().ok()).collect();
     let reads = read_blobs(cas, refs).await;
+    settle(conn, found, reads, kind).await
+}
+
+/// Pairs candidates with their blob reads; deletes the entries (and their audit rows) whose
+/// blob is missing or corrupt.
+async fn settle(
+    conn: &mut PgConnection,
+    found: Vec<Found>,
+    reads: Vec<Result<Option<Bytes>, CasError>>,
+    kind: &'static str,
+) -> Result<Vec<(Found, Bytes)>, CacheError> {
     let mut good = Vec::with_capacity(found.len());
     let (mut bad_keys, mut bad_audits) = (Vec::new(), Vec::new());
     for (f, read) in found.into_iter().zip(reads) {
@@ -430,18 +494,25 @@ async fn verify(
 /// Reads and verifies blobs concurrently: `Ok(None)` for an unparsable ref, a missing or a
 /// corrupt blob; other CAS errors as they are.
 async fn read_blobs(cas: &Cas, refs: Vec<Option<CasRef>>) -> Vec<Result<Option<Bytes>, CasError>> {
+    async fn read(cas: &Cas, r: Option<CasRef>) -> Result<Option<Bytes>, CasError> {
+        let Some(r) = r else { return Ok(None) };
+        match cas.get(&r).await {
+            Ok(b) => Ok(Some(b)),
+            Err(CasError::NotFound(_) | CasError::Corrupt { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+    // A single read (a synchronous lookup) stays on this task: a spawn would add a wake-up
+    // on another worker thread to the latency of every hit.
+    if refs.len() == 1 {
+        let r = refs.into_iter().next().flatten();
+        return vec![read(cas, r).await];
+    }
     let tasks: Vec<_> = refs
         .into_iter()
         .map(|r| {
             let cas = cas.clone();
-            tokio::spawn(async move {
-                let Some(r) = r else { return Ok(None) };
-                match cas.get(&r).await {
-                    Ok(b) => Ok(Some(b)),
-                    Err(CasError::NotFound(_) | CasError::Corrupt { .. }) => Ok(None),
-                    Err(e) => Err(e),
-                }
-            })
+            tokio::spawn(async move { read(&cas, r).await })
         })
         .collect();
     let mut out = Vec::with_capacity(tasks.len());
@@ -578,6 +649,9 @@ impl Cache {
         let lookup_pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(pool.options().get_max_connections())
             .acquire_timeout(pool.options().get_acquire_timeout())
+            // No ping before each use: it is a round trip on every lookup. A connection that
+            // broke meanwhile fails that one lookup and is then discarded by the pool.
+            .test_before_acquire(false)
             .connect_lazy_with(options);
         let cache = Cache {
             pool,
@@ -744,8 +818,7 @@ impl Cache {
                 request_id: r.request_id.clone(),
             })
             .collect();
-        let found = exact_probe(conn, &probes).await?;
-        let verified = verify(conn, &self.cas, found, "exact").await?;
+        let verified = exact_find_verify(conn, &self.cas, &probes).await?;
         let mut answers: Vec<Option<Answer>> = vec![None; reqs.len()];
         for (f, _) in verified {
             let r = &reqs[f.ord];

@@ -1070,8 +1070,36 @@ async fn decode_verified(r: CasRef, compressed: Bytes) -> Result<Bytes, CasError
     off_worker(len.max(compressed.len()), move || verify(r, &compressed)).await?
 }
 
+/// Frames that declare a content size up to this are decoded in one call with a reused
+/// per-thread context (creating a zstd context costs more than decoding a small result);
+/// others, and frames without a declared size, are streamed.
+const BULK_DECODE_MAX: u64 = 8 << 20;
+
+thread_local! {
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn decompress(compressed: &[u8]) -> std::io::Result<Vec<u8>> {
+    let declared = zstd::zstd_safe::get_frame_content_size(compressed)
+        .ok()
+        .flatten();
+    match declared {
+        Some(n) if n <= BULK_DECODE_MAX => DECOMPRESSOR.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            let d = match slot.as_mut() {
+                Some(d) => d,
+                None => slot.insert(zstd::bulk::Decompressor::new()?),
+            };
+            // n <= BULK_DECODE_MAX, so the cast cannot truncate.
+            d.decompress(compressed, n as usize)
+        }),
+        _ => zstd::stream::decode_all(compressed),
+    }
+}
+
 fn verify(expected: CasRef, compressed: &[u8]) -> Result<Bytes, CasError> {
-    let content = zstd::stream::decode_all(compressed).map_err(|e| CasError::Corrupt {
+    let content = decompress(compressed).map_err(|e| CasError::Corrupt {
         expected,
         actual: format!("undecodable zstd frame ({e})"),
     })?;

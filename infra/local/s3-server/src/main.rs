@@ -41,7 +41,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_ansi(false)
         .init();
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(opt))
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(run(opt))
 }
 
 async fn run(opt: Opt) -> Result<(), Box<dyn std::error::Error>> {
