@@ -17,6 +17,22 @@ use weir_runtime::config::CacheConfig;
 use crate::error::CacheError;
 use crate::metrics as m;
 
+/// Deleted rows after which `cache_semantic` is vacuumed. pgvector's filtered (iterative)
+/// HNSW scans walk dead index entries until VACUUM removes them, and stop after
+/// `hnsw.max_scan_tuples`: after a mass delete a lookup in a small workspace could end before
+/// reaching its best live match. Autovacuum gets there too, but later.
+pub const VACUUM_AFTER_DELETES: u64 = 5_000;
+
+/// VACUUM (ANALYZE) of the semantic table: removes dead entries from the HNSW index.
+pub async fn vacuum_semantic(pool: &PgPool) -> Result<(), CacheError> {
+    // Simple protocol: VACUUM cannot run inside the implicit transaction of a prepared
+    // statement.
+    sqlx::raw_sql("VACUUM (ANALYZE) cache_semantic")
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
 /// Deletes up to `batch` expired exact and semantic entries; returns how many went.
 pub async fn sweep_once(pool: &PgPool, batch: i64) -> Result<u64, CacheError> {
     let n = sqlx::query_scalar!(
@@ -133,11 +149,21 @@ pub async fn run_upkeep(pool: PgPool, cas: Cas, cfg: CacheConfig, cancel: Cancel
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let grace = Duration::from_secs(cfg.gc_grace_secs);
+    let mut since_vacuum = 0u64;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = sweep.tick() => match sweep_all(&pool, cfg.sweep_batch).await {
-                Ok(n) if n > 0 => tracing::info!(deleted = n, "swept expired cache entries"),
+                Ok(n) if n > 0 => {
+                    tracing::info!(deleted = n, "swept expired cache entries");
+                    since_vacuum += n;
+                    if since_vacuum >= VACUUM_AFTER_DELETES {
+                        match vacuum_semantic(&pool).await {
+                            Ok(()) => since_vacuum = 0,
+                            Err(e) => tracing::warn!(error = %e, "vacuum of cache_semantic failed; next sweep retries"),
+                        }
+                    }
+                }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "cache sweep failed; next interval retries"),
             },

@@ -74,6 +74,16 @@ pub struct Materializer {
     cfg: Arc<Config>,
     cas: Cas,
     limits: Limits,
+    /// Heads this process wrote, by workflow id: a batch takes the ones it needs out and puts
+    /// back what it committed. Used only when the stored version and sha256 match.
+    heads: std::sync::Mutex<HashMap<String, CachedHead>>,
+}
+
+/// A head as this process last wrote it.
+struct CachedHead {
+    version: i64,
+    sha256: String,
+    definition: Value,
 }
 
 impl Materializer {
@@ -85,7 +95,30 @@ impl Materializer {
             max_nodes: m.max_nodes,
             max_edges: m.max_edges,
         };
-        Self { cfg, cas, limits }
+        Self {
+            cfg,
+            cas,
+            limits,
+            heads: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn cached_heads(&self) -> std::sync::MutexGuard<'_, HashMap<String, CachedHead>> {
+        // The map holds plain data; a panic elsewhere cannot leave it inconsistent.
+        self.heads.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Remembers the heads a batch committed (all or nothing at the cap: full, it restarts).
+    fn remember(&self, fresh: Vec<(String, CachedHead)>) {
+        let cap = self.cfg.materializer.head_cache_entries;
+        if cap == 0 || fresh.is_empty() {
+            return;
+        }
+        let mut heads = self.cached_heads();
+        if heads.len() + fresh.len() > cap {
+            heads.clear();
+        }
+        heads.extend(fresh.into_iter().take(cap));
     }
 }
 
@@ -95,6 +128,8 @@ struct StoredHead {
     version: i64,
     definition: Option<Value>,
     definition_ref: Option<String>,
+    /// The cached copy matches (same version and sha256): the definition was not sent.
+    cached: bool,
 }
 
 /// One workflow's work in a batch.
@@ -193,11 +228,36 @@ impl Processor for Materializer {
             return Ok(Vec::new());
         }
 
-        // Current heads, one query.
+        // Cached heads of this batch's workflows, taken out: on success the batch puts back
+        // what it committed; on failure they are simply gone and get loaded again.
+        let mut cached: HashMap<String, CachedHead> = {
+            let mut heads = self.cached_heads();
+            order
+                .iter()
+                .filter_map(|id| heads.remove(id).map(|h| (id.clone(), h)))
+                .collect()
+        };
+        let (c_ids, (c_versions, c_shas)): (Vec<String>, (Vec<i64>, Vec<String>)) = cached
+            .iter()
+            .map(|(id, h)| (id.clone(), (h.version, h.sha256.clone())))
+            .unzip();
+
+        // Current heads, one query; the definition only where the cached copy is not current.
         let stored: HashMap<String, StoredHead> = sqlx::query!(
-            r#"SELECT workflow_id, workspace_id, version, definition, definition_ref
-               FROM weir_workflow_heads WHERE workflow_id = ANY($1::text[])"#,
+            r#"SELECT h.workflow_id, h.workspace_id, h.version, h.definition_ref,
+                      (c.sha IS NOT NULL AND c.sha = h.definition_sha256 AND c.version = h.version)
+                          AS "cached!",
+                      CASE WHEN c.sha IS NOT NULL AND c.sha = h.definition_sha256
+                                AND c.version = h.version
+                           THEN NULL ELSE h.definition END AS definition
+               FROM weir_workflow_heads h
+               LEFT JOIN UNNEST($2::text[], $3::bigint[], $4::text[]) AS c(workflow_id, version, sha)
+                 ON c.workflow_id = h.workflow_id
+               WHERE h.workflow_id = ANY($1::text[])"#,
             &order,
+            &c_ids,
+            &c_versions,
+            &c_shas,
         )
         .fetch_all(&mut *conn)
         .await?
@@ -210,6 +270,7 @@ impl Processor for Materializer {
                     version: r.version,
                     definition: r.definition,
                     definition_ref: r.definition_ref,
+                    cached: r.cached,
                 },
             )
         })
@@ -219,6 +280,7 @@ impl Processor for Materializer {
         let mut blobs: HashMap<String, bytes::Bytes> = HashMap::new();
         let refs = stored
             .values()
+            .filter(|h| !h.cached)
             .filter_map(|h| h.definition_ref.clone())
             .chain(
                 records
@@ -245,17 +307,36 @@ impl Processor for Materializer {
             let head = match stored.get(&workflow_id) {
                 None => Head::empty(&first.workspace_id),
                 Some(h) => {
-                    let definition = match (&h.definition, &h.definition_ref) {
-                        (Some(d), _) => d.clone(),
-                        (None, Some(r)) => {
-                            serde_json::from_slice(&blobs[r]).map_err(|e| ApplyError::Other {
+                    let from_cache = if h.cached {
+                        cached.remove(&workflow_id).map(|c| c.definition)
+                    } else {
+                        None
+                    };
+                    let definition = match (from_cache, &h.definition, &h.definition_ref) {
+                        (Some(d), _, _) => d,
+                        (None, Some(d), _) => d.clone(),
+                        (None, None, Some(r)) => {
+                            let blob = blobs.get(r).ok_or_else(|| ApplyError::Other {
+                                message: format!(
+                                    "head of {workflow_id} is marked cached but no copy is held"
+                                ),
+                                disposition: Disposition::Retry,
+                            })?;
+                            serde_json::from_slice(blob).map_err(|e| ApplyError::Other {
                                 message: format!(
                                     "head of {workflow_id} in the CAS is not JSON: {e}"
                                 ),
                                 disposition: Disposition::Fatal,
                             })?
                         }
-                        (None, None) => Value::Null,
+                        // The table's CHECK rules out neither; `cached` without a copy
+                        // cannot happen either (the flag comes from the copies sent).
+                        (None, None, None) => {
+                            return Err(ApplyError::Other {
+                                message: format!("head of {workflow_id}: no definition to load"),
+                                disposition: Disposition::Retry,
+                            })
+                        }
                     };
                     Head {
                         workspace_id: h.workspace_id.clone(),
@@ -315,7 +396,10 @@ impl Processor for Materializer {
         })?;
 
         let folded = started.elapsed();
-        self.write(conn, records, &mut batches, outbox).await?;
+        let fresh = self.write(conn, records, &mut batches, outbox).await?;
+        // Not committed yet: if the commit fails, the next attempt finds the stored sha256
+        // different (or the version behind) and loads the stored head instead.
+        self.remember(fresh);
         tracing::debug!(
             patches = records.len(),
             workflows = batches.len(),
@@ -335,14 +419,16 @@ impl Materializer {
         records: &[Record<PatchSubmitted>],
         batches: &mut [WorkflowBatch],
         outbox: &mut Outbox<'_>,
-    ) -> Result<(), ApplyError> {
+    ) -> Result<Vec<(String, CachedHead)>, ApplyError> {
         let inline_max = self.cfg.materializer.inline_definition_max_bytes;
+        let mut fresh = Vec::new();
         let mut heads = HeadRows::default();
         let mut log = PatchRows::default();
         let (mut applied, mut rejected) = (0u64, HashMap::<&'static str, u64>::new());
 
         for b in batches.iter_mut() {
-            let mut last_applied: Option<(i64, String, String)> = None;
+            // (version, sha256, CAS ref or "", canonical text when inline)
+            let mut last_applied: Option<(i64, String, String, Option<String>)> = None;
             let operations = std::mem::take(&mut b.operations);
             for ((&i, decision), json) in b.records.iter().zip(&b.decisions).zip(operations) {
                 let r = &records[i];
@@ -362,7 +448,8 @@ impl Materializer {
                         sha256,
                     } => {
                         applied += 1;
-                        let (definition_json, definition_ref) = if canonical.len() > inline_max {
+                        let inline = canonical.len() <= inline_max;
+                        let (definition_json, definition_ref) = if !inline {
                             metrics::counter!(names::DEFINITIONS_IN_CAS).increment(1);
                             let r = self
                                 .cas
@@ -398,8 +485,12 @@ impl Materializer {
                             version - 1,
                             submitted_at,
                         );
-                        last_applied =
-                            Some((*version, sha256.clone(), definition_ref.unwrap_or_default()));
+                        last_applied = Some((
+                            *version,
+                            sha256.clone(),
+                            definition_ref.unwrap_or_default(),
+                            inline.then(|| canonical.clone()),
+                        ));
                     }
                     Decision::Rejected {
                         head_version,
@@ -435,20 +526,23 @@ impl Materializer {
                     }
                 }
             }
-            if let Some((version, sha256, definition_ref)) = last_applied {
-                let inline = definition_ref.is_empty();
+            if let Some((version, sha256, definition_ref, canonical)) = last_applied {
                 heads.workflow_ids.push(b.workflow_id.clone());
                 heads.workspace_ids.push(b.head.workspace_id.clone());
                 heads.versions.push(version);
-                heads.definitions.push(if inline {
-                    Some(std::mem::take(&mut b.head.definition))
-                } else {
-                    None
-                });
                 heads
                     .refs
-                    .push(if inline { None } else { Some(definition_ref) });
-                heads.shas.push(sha256);
+                    .push((!definition_ref.is_empty()).then_some(definition_ref));
+                heads.definitions.push(canonical);
+                heads.shas.push(sha256.clone());
+                fresh.push((
+                    b.workflow_id.clone(),
+                    CachedHead {
+                        version,
+                        sha256,
+                        definition: std::mem::take(&mut b.head.definition),
+                    },
+                ));
             }
         }
 
@@ -457,8 +551,8 @@ impl Materializer {
             sqlx::query!(
                 r#"INSERT INTO weir_workflow_heads
                      (workflow_id, workspace_id, version, definition, definition_ref, definition_sha256, updated_at)
-                   SELECT workflow_id, workspace_id, version, definition, definition_ref, definition_sha256, now()
-                   FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::jsonb[], $5::text[], $6::text[])
+                   SELECT workflow_id, workspace_id, version, definition::jsonb, definition_ref, definition_sha256, now()
+                   FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[])
                         AS t(workflow_id, workspace_id, version, definition, definition_ref, definition_sha256)
                    ON CONFLICT (workflow_id) DO UPDATE SET
                      version = EXCLUDED.version,
@@ -469,7 +563,7 @@ impl Materializer {
                 &heads.workflow_ids,
                 &heads.workspace_ids,
                 &heads.versions,
-                &heads.definitions as &[Option<Value>],
+                &heads.definitions as &[Option<String>],
                 &heads.refs as &[Option<String>],
                 &heads.shas,
             )
@@ -488,7 +582,7 @@ impl Materializer {
         for (code, n) in rejected {
             metrics::counter!(names::PATCHES_REJECTED, "reason" => code).increment(n);
         }
-        Ok(())
+        Ok(fresh)
     }
 }
 
@@ -497,7 +591,8 @@ struct HeadRows {
     workflow_ids: Vec<String>,
     workspace_ids: Vec<String>,
     versions: Vec<i64>,
-    definitions: Vec<Option<Value>>,
+    /// Canonical JSON text of inline definitions (Postgres parses it into jsonb).
+    definitions: Vec<Option<String>>,
     refs: Vec<Option<String>>,
     shas: Vec<String>,
 }

@@ -346,6 +346,10 @@ pub struct MaterializerConfig {
     pub max_nodes: usize,
     /// Most edges in a definition.
     pub max_edges: usize,
+    /// Heads kept in memory between batches (0: none). A cached head is used only when its
+    /// version and definition sha256 equal the stored head's, so it saves loading and
+    /// parsing the definition, never correctness. Full: the cache starts over.
+    pub head_cache_entries: usize,
 }
 
 impl Default for MaterializerConfig {
@@ -355,6 +359,7 @@ impl Default for MaterializerConfig {
             max_definition_bytes: 4 * 1024 * 1024,
             max_nodes: 1_000,
             max_edges: 10_000,
+            head_cache_entries: 100_000,
         }
     }
 }

@@ -550,6 +550,10 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
                         "purged {} exact and {} semantic entries",
                         purged.exact, purged.semantic
                     );
+                    if purged.semantic >= weir_cache::maintenance::VACUUM_AFTER_DELETES {
+                        weir_cache::maintenance::vacuum_semantic(&pool).await?;
+                        println!("vacuumed cache_semantic");
+                    }
                 }
                 CacheCommand::Sweep => {
                     let cas = weir_runtime::cas::Cas::from_config(&cfg).await?;
