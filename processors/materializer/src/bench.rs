@@ -140,6 +140,38 @@ async fn wait_decided(
     Ok(())
 }
 
+/// Waits until the materializer's consumer group is stable with `members` members.
+async fn wait_group_stable(cfg: &Config, members: usize, timeout: Duration) -> anyhow::Result<()> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let probe: Arc<BaseConsumer> = Arc::new(
+        weir_runtime::kafka::consumer_config(&cfg.kafka, "weir-bench-probe", 0).create()?,
+    );
+    let start = Instant::now();
+    loop {
+        let p = probe.clone();
+        let state = tokio::task::spawn_blocking(move || {
+            p.fetch_group_list(Some(crate::processor::GROUP), Duration::from_secs(5))
+                .map(|list| {
+                    list.groups()
+                        .first()
+                        .map(|g| (g.state().to_string(), g.members().len()))
+                })
+        })
+        .await??;
+        if let Some((s, n)) = &state {
+            if s == "Stable" && *n == members {
+                return Ok(());
+            }
+        }
+        anyhow::ensure!(
+            start.elapsed() < timeout,
+            "consumer group {} not stable with {members} members: {state:?}",
+            crate::processor::GROUP
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Runs the benchmark and returns its figures as one JSON object.
 pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
     let run_id = Uuid::now_v7().simple().to_string();
@@ -172,17 +204,12 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
     let cas = weir_runtime::cas::Cas::from_config(&cfg).await?;
     let topic = codec.topic::<PatchSubmitted>();
 
-    // Phase 1: throughput on a backlog.
-    let backlog = stream(&format!("{run_id}-t-"), params.patches, params.workflows);
-    eprintln!(
-        "producing {} patches over {} workflows ...",
-        params.patches, params.workflows
-    );
-    let t = Instant::now();
-    weir_runtime::kafka::produce_in_order(&producer, &codec, &backlog).await?;
-    let produce_secs = t.elapsed().as_secs_f64();
-    drop(backlog);
-
+    // Phase 1: throughput on a backlog. The consumers start first and the backlog is
+    // produced once their group is stable with every member assigned: otherwise the first
+    // consumer to join takes all partitions and the second one's join revokes them a few
+    // seconds into the run (the local broker forms groups without the initial rebalance
+    // delay), and the figure measures group formation instead of the materializer. Producing
+    // (~200,000 patches/s) stays ahead of consuming, so the consumers never starve.
     let shutdown = CancellationToken::new();
     let mut tasks = Vec::new();
     for _ in 0..cfg.runtime.consumers {
@@ -196,6 +223,17 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
         );
         tasks.push(tokio::spawn(consumer.run(shutdown.clone())));
     }
+    wait_group_stable(&cfg, cfg.runtime.consumers, Duration::from_secs(60)).await?;
+    let backlog = stream(&format!("{run_id}-t-"), params.patches, params.workflows);
+    eprintln!(
+        "producing {} patches over {} workflows ...",
+        params.patches, params.workflows
+    );
+    let t = Instant::now();
+    weir_runtime::kafka::produce_in_order(&producer, &codec, &backlog).await?;
+    let produce_secs = t.elapsed().as_secs_f64();
+    drop(backlog);
+
     eprintln!("materializing ...");
     wait_decided(&pool, &topic, params.patches, Duration::from_secs(900)).await?;
     let (first, last): (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>) = sqlx::query_as(
