@@ -189,10 +189,16 @@ impl Processor for Materializer {
             .iter()
             .map(|r| (r.event.workflow_id.clone(), r.event.patch_id))
             .unzip();
+        // One primary-key probe per patch, whatever the statistics say: the LIMIT keeps the
+        // planner from turning this into a hash join over the whole log, which it does while
+        // the table's statistics still describe it as small (a fresh or fast-growing log).
         let known: HashSet<(String, Uuid)> = sqlx::query!(
-            r#"SELECT p.workflow_id, p.patch_id FROM weir_workflow_patches p
-               JOIN UNNEST($1::text[], $2::uuid[]) AS b(workflow_id, patch_id)
-                 ON p.workflow_id = b.workflow_id AND p.patch_id = b.patch_id"#,
+            r#"SELECT b.workflow_id AS "workflow_id!", b.patch_id AS "patch_id!"
+               FROM UNNEST($1::text[], $2::uuid[]) AS b(workflow_id, patch_id)
+               CROSS JOIN LATERAL (
+                   SELECT 1 FROM weir_workflow_patches p
+                   WHERE p.workflow_id = b.workflow_id AND p.patch_id = b.patch_id
+                   LIMIT 1) AS hit"#,
             &wf_ids,
             &patch_ids,
         )
@@ -202,6 +208,7 @@ impl Processor for Materializer {
         .map(|r| (r.workflow_id, r.patch_id))
         .collect();
 
+        let known_at = started.elapsed();
         // Group by workflow, keeping partition order; drop duplicates (also within the batch).
         let mut order: Vec<String> = Vec::new();
         let mut groups: HashMap<String, Vec<usize>> = HashMap::new();
@@ -242,18 +249,21 @@ impl Processor for Materializer {
             .map(|(id, h)| (id.clone(), (h.version, h.sha256.clone())))
             .unzip();
 
-        // Current heads, one query; the definition only where the cached copy is not current.
+        // Current heads, one query (a key probe each, as above); the definition only where the
+        // cached copy is not current.
         let stored: HashMap<String, StoredHead> = sqlx::query!(
-            r#"SELECT h.workflow_id, h.workspace_id, h.version, h.definition_ref,
+            r#"SELECT h.workflow_id AS "workflow_id!", h.workspace_id AS "workspace_id!",
+                      h.version AS "version!", h.definition_ref,
                       (c.sha IS NOT NULL AND c.sha = h.definition_sha256 AND c.version = h.version)
                           AS "cached!",
                       CASE WHEN c.sha IS NOT NULL AND c.sha = h.definition_sha256
                                 AND c.version = h.version
                            THEN NULL ELSE h.definition END AS definition
-               FROM weir_workflow_heads h
+               FROM UNNEST($1::text[]) AS w(workflow_id)
+               CROSS JOIN LATERAL (
+                   SELECT * FROM weir_workflow_heads h WHERE h.workflow_id = w.workflow_id LIMIT 1) AS h
                LEFT JOIN UNNEST($2::text[], $3::bigint[], $4::text[]) AS c(workflow_id, version, sha)
-                 ON c.workflow_id = h.workflow_id
-               WHERE h.workflow_id = ANY($1::text[])"#,
+                 ON c.workflow_id = h.workflow_id"#,
             &order,
             &c_ids,
             &c_versions,
@@ -403,6 +413,7 @@ impl Processor for Materializer {
         tracing::debug!(
             patches = records.len(),
             workflows = batches.len(),
+            known_ms = known_at.as_secs_f64() * 1e3,
             load_ms = loaded.as_secs_f64() * 1e3,
             fold_ms = (folded - loaded).as_secs_f64() * 1e3,
             write_ms = (started.elapsed() - folded).as_secs_f64() * 1e3,
