@@ -114,7 +114,22 @@ pub fn step(head: &mut Head, patch: &Submitted, limits: &Limits) -> Decision {
         Ok(undo) => undo,
         Err(e) => return reject(head, e.code(), e.to_string()),
     };
-    if let Err(e) = definition::check(&head.definition, limits) {
+    // The canonical text is needed for an applied patch anyway, and its length is exactly
+    // what the size limit counts: check the size on it, then the rest without re-measuring
+    // (same order, so the same error, as `definition::check`).
+    let canonical = canonical_json(&head.definition);
+    let checked = if canonical.len() > limits.max_bytes {
+        Err(definition::DefinitionError::TooLarge {
+            max_bytes: limits.max_bytes,
+        })
+    } else {
+        let measured = Limits {
+            max_bytes: usize::MAX,
+            ..*limits
+        };
+        definition::check(&head.definition, &measured)
+    };
+    if let Err(e) = checked {
         if undo.revert(&mut head.definition).is_err() {
             // The undo log replays what this very call recorded, so this is unreachable; if
             // it ever happened, the head could not be trusted: rebuild it from scratch.
@@ -127,7 +142,6 @@ pub fn step(head: &mut Head, patch: &Submitted, limits: &Limits) -> Decision {
         head.workspace_id = patch.workspace_id.clone();
     }
     head.version += 1;
-    let canonical = canonical_json(&head.definition);
     let sha256 = sha256_hex(&canonical);
     Decision::Applied {
         version: head.version,

@@ -139,8 +139,8 @@ struct WorkflowBatch {
     /// Indices into the batch's records, in partition order.
     records: Vec<usize>,
     patches: Vec<Submitted>,
-    /// The parsed operations of each patch, when they are valid JSON.
-    operations: Vec<Option<Value>>,
+    /// Whether each patch's operations are valid JSON (the log then stores their text).
+    operations: Vec<bool>,
     decisions: Vec<Decision>,
 }
 
@@ -151,17 +151,13 @@ fn cas_error(e: weir_runtime::cas::CasError) -> ApplyError {
     }
 }
 
-/// Parses a patch's operations (inline JSON text or a CAS blob).
-/// Parses a patch's operations (inline JSON text or a CAS blob); also returns the parsed
-/// JSON, which the patch log stores.
-fn parse_operations(text: &[u8]) -> (Option<Value>, Result<Patch, PatchError>) {
+/// Parses a patch's operations (inline JSON text or a CAS blob); also says whether the text
+/// is valid JSON, which decides how the patch log stores it.
+fn parse_operations(text: &[u8]) -> (bool, Result<Patch, PatchError>) {
     match crate::patch::parse_json_strict(&String::from_utf8_lossy(text)) {
-        Ok(v) => {
-            let patch = Patch::from_value(&v);
-            (Some(v), patch)
-        }
+        Ok(v) => (true, Patch::from_value(&v)),
         Err(e) => (
-            None,
+            false,
             Err(PatchError::InvalidJson {
                 message: e.to_string(),
             }),
@@ -444,11 +440,14 @@ impl Materializer {
             for ((&i, decision), json) in b.records.iter().zip(&b.decisions).zip(operations) {
                 let r = &records[i];
                 let e = &r.event;
-                // Blob-held operations stay in the CAS; the log keeps the ref.
-                let ops = if e.operations_ref.is_some() {
-                    None
-                } else {
-                    json
+                // Blob-held operations stay in the CAS; the log keeps the ref. Inline ones are
+                // logged as sent (Postgres parses the text into jsonb; serializing the parsed
+                // value again would only cost time); text that is not JSON is logged as a
+                // JSON string so the log shows what was sent.
+                let ops = match (&e.operations_ref, json) {
+                    (Some(_), _) => None,
+                    (None, true) => Some(e.operations_json.clone()),
+                    (None, false) => Some(Value::String(e.operations_json.clone()).to_string()),
                 };
                 let submitted_at = chrono::DateTime::from_timestamp_micros(e.occurred_at)
                     .unwrap_or_else(chrono::Utc::now);
@@ -620,7 +619,8 @@ struct PatchRows {
     statuses: Vec<String>,
     versions: Vec<Option<i64>>,
     shas: Vec<Option<String>>,
-    operations: Vec<Option<Value>>,
+    /// JSON text of the operations (None when they are in the CAS).
+    operations: Vec<Option<String>>,
     operation_refs: Vec<Option<String>>,
     reason_codes: Vec<Option<String>>,
     reasons: Vec<Option<String>>,
@@ -635,7 +635,7 @@ impl PatchRows {
     fn push(
         &mut self,
         r: &Record<PatchSubmitted>,
-        operations: Option<Value>,
+        operations: Option<String>,
         status: &str,
         version: Option<i64>,
         sha: Option<String>,
@@ -653,12 +653,7 @@ impl PatchRows {
         self.statuses.push(status.to_string());
         self.versions.push(version);
         self.shas.push(sha);
-        // Unparseable operations are kept as a JSON string so the log shows what was sent.
-        self.operations.push(operations.or_else(|| {
-            e.operations_ref
-                .is_none()
-                .then(|| Value::String(e.operations_json.clone()))
-        }));
+        self.operations.push(operations);
         self.operation_refs.push(e.operations_ref.clone());
         let (code, text) = match reason {
             Some((c, t)) => (Some(c.to_string()), Some(t)),
@@ -688,7 +683,7 @@ impl PatchRows {
                 .text(&self.statuses[i])
                 .opt_int8(self.versions[i])
                 .opt_text(self.shas[i].as_deref())
-                .opt_jsonb_value(self.operations[i].as_ref())
+                .opt_jsonb(self.operations[i].as_deref())
                 .opt_text(self.operation_refs[i].as_deref())
                 .opt_text(self.reason_codes[i].as_deref())
                 .opt_text(self.reasons[i].as_deref())

@@ -120,13 +120,14 @@ impl CopyRows {
         self
     }
 
-    /// A nullable `jsonb` from a value.
-    pub fn opt_jsonb_value(&mut self, v: Option<&serde_json::Value>) -> &mut Self {
-        match v {
-            Some(v) => self.jsonb(&v.to_string()),
+    /// A nullable `jsonb` from JSON text.
+    pub fn opt_jsonb(&mut self, json: Option<&str>) -> &mut Self {
+        match json {
+            Some(j) => self.jsonb(j),
             None => self.null(),
         }
     }
+
 
     /// A `uuid`.
     pub fn uuid(&mut self, v: &Uuid) -> &mut Self {
