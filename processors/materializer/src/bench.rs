@@ -2,13 +2,14 @@
 //! naive path (one transaction per patch, as a synchronous design would do it) and with the
 //! raw write limit of Postgres (COPY of as many rows), all in the same run.
 //!
-//! Phases, each on its own random topic prefix and workflow ids:
-//! 1. throughput: N patches over W workflows are produced first, then the materializer
-//!    drains them; patches_per_sec = N / (first batch start .. last decision).
-//! 2. latency: patches are produced at a steady 80 % of the measured throughput while the
-//!    materializer runs; p50/p99 are patch produced (event time) → its decision committed.
-//! 3. naive: a sample of patches applied one transaction each, reading and writing the head,
-//!    the patch log and the outbox per patch.
+//! Phases, on a random topic prefix and workflow ids:
+//! 1. throughput: the consumers join their group, then N patches over W workflows are
+//!    produced as a backlog and drained; patches_per_sec = N / (first decision .. last).
+//! 2. latency: the stream goes on over the same workflows (the next rounds of changes),
+//!    produced at a steady 80 % of the measured throughput while the materializer runs;
+//!    p50/p99 are patch produced (event time) → its decision committed.
+//! 3. naive: patches of the same mix (the same share of creates) applied one transaction
+//!    each, reading and writing the head, the patch log and the outbox per patch.
 //! 4. limit: COPY of N rows shaped like the patch log into a scratch table.
 
 use std::sync::Arc;
@@ -71,10 +72,11 @@ fn change_ops(round: usize, i: usize) -> Value {
     }
 }
 
-/// The patch stream: one create per workflow first, then changes round-robin.
-fn stream(prefix: &str, patches: usize, workflows: usize) -> Vec<PatchSubmitted> {
-    let workflows = workflows.max(1).min(patches.max(1));
-    (0..patches)
+/// Patches `from..from + count` of the stream over `workflows` workflows: one create per
+/// workflow first, then changes round-robin (so 1 in `patches / workflows` is a create).
+fn stream(prefix: &str, from: usize, count: usize, workflows: usize) -> Vec<PatchSubmitted> {
+    let workflows = workflows.max(1);
+    (from..from + count)
         .map(|i| {
             let w = i % workflows;
             let round = i / workflows;
@@ -224,7 +226,8 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
         tasks.push(tokio::spawn(consumer.run(shutdown.clone())));
     }
     wait_group_stable(&cfg, cfg.runtime.consumers, Duration::from_secs(60)).await?;
-    let backlog = stream(&format!("{run_id}-t-"), params.patches, params.workflows);
+    let workflows = params.workflows.clamp(1, params.patches.max(1));
+    let backlog = stream(&format!("{run_id}-t-"), 0, params.patches, workflows);
     eprintln!(
         "producing {} patches over {} workflows ...",
         params.patches, params.workflows
@@ -253,13 +256,16 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
     .fetch_one(&pool)
     .await?;
 
-    // Phase 2: latency at a steady 80 % of the measured capacity.
+    // Phase 2: latency at a steady 80 % of the measured capacity, on the same workload: the
+    // stream goes on over the same workflows (the next rounds of changes).
     let rate = (patches_per_sec * 0.8).max(100.0);
     let latency_events = stream(
-        &format!("{run_id}-l-"),
+        &format!("{run_id}-t-"),
+        params.patches,
         params.latency_patches,
-        params.workflows,
+        workflows,
     );
+    let latency_start = chrono::Utc::now();
     eprintln!(
         "latency phase: {} patches at {:.0}/s ...",
         latency_events.len(),
@@ -291,10 +297,10 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
     let (p50, p99): (f64, f64) = sqlx::query_as(
         r#"SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)
            FROM (SELECT extract(epoch FROM decided_at - submitted_at) * 1000 AS ms
-                 FROM weir_workflow_patches WHERE source_topic = $1 AND workflow_id LIKE $2) t"#,
+                 FROM weir_workflow_patches WHERE source_topic = $1 AND submitted_at >= $2) t"#,
     )
     .bind(&topic)
-    .bind(format!("{run_id}-l-%"))
+    .bind(latency_start)
     .fetch_one(&pool)
     .await?;
     shutdown.cancel();
@@ -302,11 +308,13 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
         task.await??;
     }
 
-    // Phase 3: the naive path.
+    // Phase 3: the naive path, on the same mix (the same share of creates).
+    let naive_workflows = (params.naive_patches * workflows / params.patches.max(1)).max(1);
     let naive = stream(
         &format!("{run_id}-n-"),
+        0,
         params.naive_patches,
-        params.workflows.min(params.naive_patches),
+        naive_workflows,
     );
     let limits = Limits::default();
     let t = Instant::now();
