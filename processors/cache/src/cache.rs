@@ -332,7 +332,13 @@ async fn exact_find_verify(
         .collect();
     let (recorded, reads) = tokio::join!(record_exact_hits(conn, &found), read_blobs(cas, refs));
     recorded?;
-    settle(conn, found.into_iter().map(|f| f.found).collect(), reads, "exact").await
+    settle(
+        conn,
+        found.into_iter().map(|f| f.found).collect(),
+        reads,
+        "exact",
+    )
+    .await
 }
 
 async fn exact_probe(

@@ -145,9 +145,8 @@ async fn wait_decided(
 /// Waits until the materializer's consumer group is stable with `members` members.
 async fn wait_group_stable(cfg: &Config, members: usize, timeout: Duration) -> anyhow::Result<()> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    let probe: Arc<BaseConsumer> = Arc::new(
-        weir_runtime::kafka::consumer_config(&cfg.kafka, "weir-bench-probe", 0).create()?,
-    );
+    let probe: Arc<BaseConsumer> =
+        Arc::new(weir_runtime::kafka::consumer_config(&cfg.kafka, "weir-bench-probe", 0).create()?);
     let start = Instant::now();
     loop {
         let p = probe.clone();

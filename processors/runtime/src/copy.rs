@@ -128,7 +128,6 @@ impl CopyRows {
         }
     }
 
-
     /// A `uuid`.
     pub fn uuid(&mut self, v: &Uuid) -> &mut Self {
         self.field(v.as_bytes())

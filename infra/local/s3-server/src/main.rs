@@ -17,7 +17,10 @@ use tokio::net::TcpListener;
 use tracing::info;
 
 #[derive(Debug, Parser)]
-#[command(version, about = "S3 API over a local directory (the local stack's S3 server)")]
+#[command(
+    version,
+    about = "S3 API over a local directory (the local stack's S3 server)"
+)]
 struct Opt {
     /// Host name to listen on.
     #[arg(long, default_value = "127.0.0.1")]
@@ -41,7 +44,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_ansi(false)
         .init();
-    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(run(opt))
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(opt))
 }
 
 async fn run(opt: Opt) -> Result<(), Box<dyn std::error::Error>> {
