@@ -133,8 +133,9 @@ fn run_requested(run_id: &str, workflow_id: &str, n: usize) -> CompletionEvent {
         version: None,
         requester: "it".into(),
         permission: "write".into(),
-        // Distinct inputs per run: no run is served from another's cached results.
-        inputs_json: Some(format!("{{\"q\":{n}}}")),
+        // Distinct inputs per run, also across test runs on one database (the run id is
+        // random): no run is served from another's cached results.
+        inputs_json: Some(format!("{{\"q\":{n},\"run\":\"{run_id}\"}}")),
         inputs_ref: None,
         idempotency_key: None,
     })
