@@ -216,7 +216,8 @@ pub struct RuntimeConfig {
     pub dead_letter: bool,
     /// Consumers per processor in one process. Each is a member of the group, so partitions
     /// spread over them and their batches run concurrently: one batch's folding overlaps
-    /// another's Postgres work.
+    /// another's Postgres work. The default, 2, suits the 2-core machines weir is sized for
+    /// (one batch computing while the other waits on Postgres); 1 on a single core.
     pub consumers: usize,
 }
 
@@ -229,7 +230,7 @@ impl Default for RuntimeConfig {
             retry_max_ms: 10_000,
             shutdown_deadline_ms: 15_000,
             dead_letter: true,
-            consumers: 1,
+            consumers: 2,
         }
     }
 }

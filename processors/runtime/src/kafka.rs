@@ -43,6 +43,9 @@ pub fn consumer_config(cfg: &KafkaConfig, group: &str, stats_interval_ms: u64) -
         // Bounded prefetch: backpressure reaches Kafka instead of growing memory.
         .set("queued.max.messages.kbytes", "16384")
         .set("fetch.wait.max.ms", "10")
+        // A member learns of a rebalance at its next heartbeat: with the default 3 s, a second
+        // consumer joining the group (runtime.consumers > 1) stalls the first for up to 3 s.
+        .set("heartbeat.interval.ms", "1000")
         .set("statistics.interval.ms", stats_interval_ms.to_string());
     overlay(&mut c, &cfg.consumer);
     c
