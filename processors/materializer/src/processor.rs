@@ -76,7 +76,14 @@ pub struct Materializer {
     limits: Limits,
     /// Heads this process wrote, by workflow id: a batch takes the ones it needs out and puts
     /// back what it committed. Used only when the stored version and sha256 match.
-    heads: std::sync::Mutex<HashMap<String, CachedHead>>,
+    heads: std::sync::Mutex<HeadCache>,
+}
+
+/// Heads as this process last wrote them, with their total canonical size.
+#[derive(Default)]
+struct HeadCache {
+    map: HashMap<String, CachedHead>,
+    bytes: usize,
 }
 
 /// A head as this process last wrote it.
@@ -84,6 +91,8 @@ struct CachedHead {
     version: i64,
     sha256: String,
     definition: Value,
+    /// Length of its canonical JSON.
+    bytes: usize,
 }
 
 impl Materializer {
@@ -99,26 +108,46 @@ impl Materializer {
             cfg,
             cas,
             limits,
-            heads: std::sync::Mutex::new(HashMap::new()),
+            heads: std::sync::Mutex::new(HeadCache::default()),
         }
     }
 
-    fn cached_heads(&self) -> std::sync::MutexGuard<'_, HashMap<String, CachedHead>> {
-        // The map holds plain data; a panic elsewhere cannot leave it inconsistent.
+    fn cached_heads(&self) -> std::sync::MutexGuard<'_, HeadCache> {
+        // The cache holds plain data; a panic elsewhere cannot leave it inconsistent.
         self.heads.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Remembers the heads a batch committed (all or nothing at the cap: full, it restarts).
+    /// Takes the cached heads of `ids` out of the cache.
+    fn take_heads(&self, ids: &[String]) -> HashMap<String, CachedHead> {
+        let mut cache = self.cached_heads();
+        let mut out = HashMap::new();
+        for id in ids {
+            if let Some(h) = cache.map.remove(id) {
+                cache.bytes = cache.bytes.saturating_sub(h.bytes);
+                out.insert(id.clone(), h);
+            }
+        }
+        out
+    }
+
+    /// Remembers the heads a batch wrote, within `materializer.head_cache_bytes`: when they
+    /// do not fit, the cache starts over.
     fn remember(&self, fresh: Vec<(String, CachedHead)>) {
-        let cap = self.cfg.materializer.head_cache_entries;
-        if cap == 0 || fresh.is_empty() {
-            return;
+        let cap = self.cfg.materializer.head_cache_bytes;
+        let mut cache = self.cached_heads();
+        for (id, h) in fresh {
+            if h.bytes > cap / 8 {
+                continue;
+            }
+            if cache.bytes + h.bytes > cap {
+                cache.map.clear();
+                cache.bytes = 0;
+            }
+            cache.bytes += h.bytes;
+            if let Some(old) = cache.map.insert(id, h) {
+                cache.bytes = cache.bytes.saturating_sub(old.bytes);
+            }
         }
-        let mut heads = self.cached_heads();
-        if heads.len() + fresh.len() > cap {
-            heads.clear();
-        }
-        heads.extend(fresh.into_iter().take(cap));
     }
 }
 
@@ -233,13 +262,7 @@ impl Processor for Materializer {
 
         // Cached heads of this batch's workflows, taken out: on success the batch puts back
         // what it committed; on failure they are simply gone and get loaded again.
-        let mut cached: HashMap<String, CachedHead> = {
-            let mut heads = self.cached_heads();
-            order
-                .iter()
-                .filter_map(|id| heads.remove(id).map(|h| (id.clone(), h)))
-                .collect()
-        };
+        let mut cached = self.take_heads(&order);
         let (c_ids, (c_versions, c_shas)): (Vec<String>, (Vec<i64>, Vec<String>)) = cached
             .iter()
             .map(|(id, h)| (id.clone(), (h.version, h.sha256.clone())))
@@ -434,8 +457,8 @@ impl Materializer {
         let (mut applied, mut rejected) = (0u64, HashMap::<&'static str, u64>::new());
 
         for b in batches.iter_mut() {
-            // (version, sha256, CAS ref or "", canonical text when inline)
-            let mut last_applied: Option<(i64, String, String, Option<String>)> = None;
+            // (version, sha256, CAS ref or "", canonical text when inline, its length)
+            let mut last_applied: Option<(i64, String, String, Option<String>, usize)> = None;
             let operations = std::mem::take(&mut b.operations);
             for ((&i, decision), json) in b.records.iter().zip(&b.decisions).zip(operations) {
                 let r = &records[i];
@@ -500,6 +523,7 @@ impl Materializer {
                             sha256.clone(),
                             definition_ref.unwrap_or_default(),
                             inline.then(|| canonical.clone()),
+                            canonical.len(),
                         ));
                     }
                     Decision::Rejected {
@@ -536,7 +560,7 @@ impl Materializer {
                     }
                 }
             }
-            if let Some((version, sha256, definition_ref, canonical)) = last_applied {
+            if let Some((version, sha256, definition_ref, canonical, bytes)) = last_applied {
                 heads.workflow_ids.push(b.workflow_id.clone());
                 heads.workspace_ids.push(b.head.workspace_id.clone());
                 heads.versions.push(version);
@@ -551,6 +575,7 @@ impl Materializer {
                         version,
                         sha256,
                         definition: std::mem::take(&mut b.head.definition),
+                        bytes,
                     },
                 ));
             }

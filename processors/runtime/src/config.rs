@@ -347,10 +347,12 @@ pub struct MaterializerConfig {
     pub max_nodes: usize,
     /// Most edges in a definition.
     pub max_edges: usize,
-    /// Heads kept in memory between batches (0: none). A cached head is used only when its
-    /// version and definition sha256 equal the stored head's, so it saves loading and
-    /// parsing the definition, never correctness. Full: the cache starts over.
-    pub head_cache_entries: usize,
+    /// Memory for heads kept between batches, counted as their canonical JSON bytes (the
+    /// parsed form takes a few times that); 0 keeps none. A cached head is used only when its
+    /// version and definition sha256 equal the stored head's, so it saves loading and parsing
+    /// the definition, never correctness. Full: the cache starts over. A head larger than an
+    /// eighth of this is not kept.
+    pub head_cache_bytes: usize,
 }
 
 impl Default for MaterializerConfig {
@@ -360,7 +362,7 @@ impl Default for MaterializerConfig {
             max_definition_bytes: 4 * 1024 * 1024,
             max_nodes: 1_000,
             max_edges: 10_000,
-            head_cache_entries: 100_000,
+            head_cache_bytes: 64 * 1024 * 1024,
         }
     }
 }
