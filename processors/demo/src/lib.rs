@@ -178,15 +178,9 @@ const GROUPS: [&str; 3] = ["weir-materializer", "weir-coordinator", "weir-cache"
 /// Whether every processor's consumer group is stable with members (owns its partitions), so
 /// events produced now are processed at once rather than after a rebalance.
 fn groups_stable(cfg: &Config) -> anyhow::Result<bool> {
-    let consumer: BaseConsumer =
-        weir_runtime::kafka::consumer_config(&cfg.kafka, "weir-demo-watermarks", 0).create()?;
     for group in GROUPS {
-        let list = consumer.fetch_group_list(Some(group), Duration::from_secs(10))?;
-        let stable = list
-            .groups()
-            .iter()
-            .any(|g| g.state() == "Stable" && !g.members().is_empty());
-        if !stable {
+        let state = weir_runtime::kafka::group_state(&cfg.kafka, group, Duration::from_secs(10))?;
+        if !matches!(state, Some((s, n)) if s == "Stable" && n > 0) {
             return Ok(false);
         }
     }
@@ -201,19 +195,13 @@ async fn applied_and_produced(
     group: &str,
     topic: &str,
 ) -> anyhow::Result<(i64, i64)> {
-    let applied: Option<i64> = sqlx::query_scalar(
-        "SELECT sum(next_offset)::bigint FROM weir_consumer_positions WHERE consumer_group = $1 AND topic = $2",
-    )
-    .bind(group)
-    .bind(topic)
-    .fetch_one(pool)
-    .await?;
+    let applied = weir_runtime::consumer::applied_records(pool, group, topic).await?;
     let (cfg, topic) = (cfg.clone(), topic.to_string());
     let produced = tokio::task::spawn_blocking(move || high_watermarks(&cfg, &topic))
         .await??
         .values()
         .sum();
-    Ok((applied.unwrap_or(0), produced))
+    Ok((applied, produced))
 }
 
 /// The high watermark (next offset) of every partition of `topic`.

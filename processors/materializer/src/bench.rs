@@ -106,20 +106,6 @@ async fn decided(pool: &sqlx::PgPool, topic: &str) -> anyhow::Result<i64> {
     .await?)
 }
 
-/// Records of `topic` the materializer has committed (decided or dead-lettered): the sum of
-/// its stored next offsets, a few rows. Polling `decided` instead would scan the patch log
-/// every poll and take CPU from the Postgres being measured.
-async fn consumed(pool: &sqlx::PgPool, topic: &str) -> anyhow::Result<i64> {
-    Ok(sqlx::query_scalar!(
-        r#"SELECT coalesce(sum(next_offset), 0)::int8 AS "n!" FROM weir_consumer_positions
-           WHERE consumer_group = $1 AND topic = $2"#,
-        crate::processor::GROUP,
-        topic
-    )
-    .fetch_one(pool)
-    .await?)
-}
-
 /// Waits until `n` records of `topic` are committed, then checks that each has its decision.
 async fn wait_decided(
     pool: &sqlx::PgPool,
@@ -128,7 +114,11 @@ async fn wait_decided(
     timeout: Duration,
 ) -> anyhow::Result<()> {
     let start = Instant::now();
-    while consumed(pool, topic).await? < n as i64 {
+    // Committed offsets, not the patch log: counting decisions would scan the log every poll
+    // and take CPU from the Postgres being measured.
+    while weir_runtime::consumer::applied_records(pool, crate::processor::GROUP, topic).await?
+        < n as i64
+    {
         anyhow::ensure!(
             start.elapsed() < timeout,
             "timed out waiting for {n} decisions on {topic}"
@@ -145,25 +135,19 @@ async fn wait_decided(
 
 /// Waits until the materializer's consumer group is stable with `members` members.
 async fn wait_group_stable(cfg: &Config, members: usize, timeout: Duration) -> anyhow::Result<()> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let probe: Arc<BaseConsumer> =
-        Arc::new(weir_runtime::kafka::consumer_config(&cfg.kafka, "weir-bench-probe", 0).create()?);
     let start = Instant::now();
     loop {
-        let p = probe.clone();
+        let kafka = cfg.kafka.clone();
         let state = tokio::task::spawn_blocking(move || {
-            p.fetch_group_list(Some(crate::processor::GROUP), Duration::from_secs(5))
-                .map(|list| {
-                    list.groups()
-                        .first()
-                        .map(|g| (g.state().to_string(), g.members().len()))
-                })
+            weir_runtime::kafka::group_state(
+                &kafka,
+                crate::processor::GROUP,
+                Duration::from_secs(5),
+            )
         })
         .await??;
-        if let Some((s, n)) = &state {
-            if s == "Stable" && *n == members {
-                return Ok(());
-            }
+        if matches!(&state, Some((s, n)) if s == "Stable" && *n == members) {
+            return Ok(());
         }
         anyhow::ensure!(
             start.elapsed() < timeout,

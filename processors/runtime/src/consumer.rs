@@ -191,6 +191,19 @@ pub struct BatchConsumer<P: Processor> {
     dlq_topic: String,
 }
 
+/// Records of `topic` that `group` has applied (or dead-lettered): the sum of its stored next
+/// offsets, which move in the same transaction as the effects. A few rows, cheap to poll.
+pub async fn applied_records(pool: &PgPool, group: &str, topic: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"SELECT coalesce(sum(next_offset), 0)::int8 AS "n!" FROM weir_consumer_positions
+           WHERE consumer_group = $1 AND topic = $2"#,
+        group,
+        topic
+    )
+    .fetch_one(pool)
+    .await
+}
+
 impl<P: Processor> BatchConsumer<P> {
     /// Prepares a consumer; nothing connects until [`BatchConsumer::run`].
     pub fn new(

@@ -51,6 +51,23 @@ pub fn consumer_config(cfg: &KafkaConfig, group: &str, stats_interval_ms: u64) -
     c
 }
 
+/// State of consumer group `group` as the broker reports it ("Stable", "PreparingRebalance",
+/// ...) and its number of members; `None` if the broker does not know the group. Blocking: a
+/// broker round trip, bounded by `timeout`.
+pub fn group_state(
+    cfg: &KafkaConfig,
+    group: &str,
+    timeout: Duration,
+) -> Result<Option<(String, usize)>, KafkaError> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let probe: BaseConsumer = consumer_config(cfg, "weir-group-probe", 0).create()?;
+    let list = probe.fetch_group_list(Some(group), timeout)?;
+    Ok(list
+        .groups()
+        .first()
+        .map(|g| (g.state().to_string(), g.members().len())))
+}
+
 /// Producer settings: idempotent, acks=all, so an acknowledged event is durable and
 /// retries never duplicate or reorder within a partition.
 pub fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
