@@ -40,6 +40,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::fmt::{self, Write as _};
+use std::sync::LazyLock;
 
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -930,6 +931,28 @@ fn escape(b: u8) -> Escape {
 /// RFC 8785 (JCS), which orders keys by UTF-16 code units and prints numbers the ECMAScript
 /// way.
 pub fn canonical_json(v: &Value) -> String {
+    // serde_json's own printer gives exactly these bytes when its maps iterate in key order
+    // (a BTreeMap, unless some crate turns on its `preserve_order` feature), and is about
+    // twice as fast as the writer below, which stays as the fallback and the reference.
+    if *MAPS_ITERATE_SORTED {
+        if let Ok(text) = serde_json::to_string(v) {
+            return text;
+        }
+    }
+    canonical_json_by_hand(v)
+}
+
+/// Whether `serde_json::Map` iterates in key order in this build.
+static MAPS_ITERATE_SORTED: LazyLock<bool> = LazyLock::new(|| {
+    let mut m = Map::new();
+    m.insert("b".into(), Value::Null);
+    m.insert("a".into(), Value::Null);
+    m.keys().map(String::as_str).eq(["a", "b"])
+});
+
+/// [`canonical_json`] written member by member, sorting any object whose keys are not in
+/// order.
+fn canonical_json_by_hand(v: &Value) -> String {
     let mut out = String::new();
     write_canonical(&mut out, v);
     out
@@ -1409,6 +1432,7 @@ mod tests {
     #[test]
     fn canonical_json_sorts_and_escapes() {
         let v = json!({"b": [1, 1.0, -2.5e-7, null, true], "a": {"z": "\"\\\n\u{1}\u{7f}é😀", "y": {}}, "": []});
+        assert_eq!(canonical_json(&v), canonical_json_by_hand(&v));
         assert_eq!(
             canonical_json(&v),
             "{\"\":[],\"a\":{\"y\":{},\"z\":\"\\\"\\\\\\n\\u0001\u{7f}é😀\"},\"b\":[1,1.0,-2.5e-7,null,true]}"
@@ -1500,8 +1524,9 @@ mod tests {
     proptest! {
         #[test]
         fn canonical_json_matches_serde_json_on_sorted_values(v in arb_json()) {
-            let c = canonical_json(&v);
+            let c = canonical_json_by_hand(&v);
             prop_assert_eq!(&c, &serde_json::to_string(&sorted(&v)).unwrap());
+            prop_assert_eq!(&c, &canonical_json(&v), "the fast path gives the same text");
             // The size check counts exactly the compact serialization's bytes.
             prop_assert!(fits_in(&v, c.len()));
             prop_assert!(!fits_in(&v, c.len() - 1));

@@ -126,12 +126,21 @@ impl Operation {
 
     /// Parses one operation object; `index` is its position in the patch, used in errors.
     pub fn from_value(index: usize, v: &Value) -> Result<Self, PatchError> {
+        Self::from_owned(index, v.clone())
+    }
+
+    /// Like [`Operation::from_value`], taking the object apart instead of copying its
+    /// `value` member (which may be a whole definition).
+    pub fn from_owned(index: usize, v: Value) -> Result<Self, PatchError> {
         let invalid = |message: String| PatchError::InvalidOperation { index, message };
-        let Value::Object(obj) = v else {
-            return Err(invalid(format!(
-                "an operation must be a JSON object, got {}",
-                json_kind(v)
-            )));
+        let mut obj = match v {
+            Value::Object(obj) => obj,
+            other => {
+                return Err(invalid(format!(
+                    "an operation must be a JSON object, got {}",
+                    json_kind(&other)
+                )))
+            }
         };
         let op = match obj.get("op") {
             None => return Err(invalid("missing member \"op\"".into())),
@@ -172,30 +181,28 @@ impl Operation {
                 ))),
             }
         };
-        let value = || -> Result<Value, PatchError> {
-            obj.get("value")
-                .cloned()
+        let path = pointer("path")?;
+        let from = match name {
+            "move" | "copy" => Some(pointer("from")?),
+            _ => None,
+        };
+        let mut value = || -> Result<Value, PatchError> {
+            obj.remove("value")
                 .ok_or_else(|| invalid("missing member \"value\"".into()))
         };
-        let path = pointer("path")?;
-        Ok(match name {
-            "add" => Operation::Add {
+        Ok(match (name, from) {
+            ("add", _) => Operation::Add {
                 path,
                 value: value()?,
             },
-            "remove" => Operation::Remove { path },
-            "replace" => Operation::Replace {
+            ("remove", _) => Operation::Remove { path },
+            ("replace", _) => Operation::Replace {
                 path,
                 value: value()?,
             },
-            "move" => Operation::Move {
-                from: pointer("from")?,
-                path,
-            },
-            "copy" => Operation::Copy {
-                from: pointer("from")?,
-                path,
-            },
+            ("move", Some(from)) => Operation::Move { from, path },
+            ("copy", Some(from)) => Operation::Copy { from, path },
+            // `name` is one of the six and `from` is set for move and copy: this is "test".
             _ => Operation::Test {
                 path,
                 value: value()?,
@@ -318,15 +325,24 @@ impl Patch {
     /// Parses a patch from a JSON value: an array of operation objects. The first malformed
     /// operation is reported with its index.
     pub fn from_value(v: &Value) -> Result<Self, PatchError> {
-        let Value::Array(items) = v else {
-            return Err(PatchError::NotAnArray {
-                found: json_kind(v),
-            });
+        Self::from_owned(v.clone())
+    }
+
+    /// Like [`Patch::from_value`], moving the operations' values out of `v` instead of
+    /// copying them.
+    pub fn from_owned(v: Value) -> Result<Self, PatchError> {
+        let items = match v {
+            Value::Array(items) => items,
+            other => {
+                return Err(PatchError::NotAnArray {
+                    found: json_kind(&other),
+                })
+            }
         };
         items
-            .iter()
+            .into_iter()
             .enumerate()
-            .map(|(i, item)| Operation::from_value(i, item))
+            .map(|(i, item)| Operation::from_owned(i, item))
             .collect::<Result<Vec<_>, _>>()
             .map(Self)
     }
@@ -337,7 +353,7 @@ impl Patch {
         let v = parse_json_strict(text).map_err(|e| PatchError::InvalidJson {
             message: e.to_string(),
         })?;
-        Self::from_value(&v)
+        Self::from_owned(v)
     }
 
     /// The operations, in order.

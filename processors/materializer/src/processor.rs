@@ -184,7 +184,7 @@ fn cas_error(e: weir_runtime::cas::CasError) -> ApplyError {
 /// is valid JSON, which decides how the patch log stores it.
 fn parse_operations(text: &[u8]) -> (bool, Result<Patch, PatchError>) {
     match crate::patch::parse_json_strict(&String::from_utf8_lossy(text)) {
-        Ok(v) => (true, Patch::from_value(&v)),
+        Ok(v) => (true, Patch::from_owned(v)),
         Err(e) => (
             false,
             Err(PatchError::InvalidJson {
@@ -460,7 +460,8 @@ impl Materializer {
             // (version, sha256, CAS ref or "", canonical text when inline, its length)
             let mut last_applied: Option<(i64, String, String, Option<String>, usize)> = None;
             let operations = std::mem::take(&mut b.operations);
-            for ((&i, decision), json) in b.records.iter().zip(&b.decisions).zip(operations) {
+            let decisions = std::mem::take(&mut b.decisions);
+            for ((&i, decision), json) in b.records.iter().zip(decisions).zip(operations) {
                 let r = &records[i];
                 let e = &r.event;
                 // Blob-held operations stay in the CAS; the log keeps the ref. Inline ones are
@@ -481,49 +482,56 @@ impl Materializer {
                         sha256,
                     } => {
                         applied += 1;
-                        let inline = canonical.len() <= inline_max;
-                        let (definition_json, definition_ref) = if !inline {
+                        let bytes = canonical.len();
+                        let (definition_json, definition_ref) = if bytes > inline_max {
                             metrics::counter!(names::DEFINITIONS_IN_CAS).increment(1);
                             let r = self
                                 .cas
-                                .put(bytes::Bytes::copy_from_slice(canonical.as_bytes()))
+                                .put(bytes::Bytes::from(canonical))
                                 .await
                                 .map_err(cas_error)?;
                             (None, Some(r.to_string()))
                         } else {
-                            (Some(canonical.clone()), None)
+                            (Some(canonical), None)
                         };
-                        outbox
-                            .push(&WorkflowEvent::WorkflowMaterialized(WorkflowMaterialized {
-                                event_id: events::new_event_id(),
-                                occurred_at: events::now_micros(),
-                                workspace_id: b.head.workspace_id.clone(),
-                                traceparent: e.traceparent.clone(),
-                                tracestate: e.tracestate.clone(),
-                                workflow_id: b.workflow_id.clone(),
-                                version: *version,
-                                definition_json,
-                                definition_ref: definition_ref.clone(),
-                                patch_ids: vec![e.patch_id],
-                                definition_sha256: sha256.clone(),
-                            }))
-                            .await?;
+                        let event = WorkflowEvent::WorkflowMaterialized(WorkflowMaterialized {
+                            event_id: events::new_event_id(),
+                            occurred_at: events::now_micros(),
+                            workspace_id: b.head.workspace_id.clone(),
+                            traceparent: e.traceparent.clone(),
+                            tracestate: e.tracestate.clone(),
+                            workflow_id: b.workflow_id.clone(),
+                            version,
+                            definition_json,
+                            definition_ref,
+                            patch_ids: vec![e.patch_id],
+                            definition_sha256: sha256,
+                        });
+                        outbox.push(&event).await?;
+                        // The event is encoded; its text and hash move on to the log and head.
+                        let WorkflowEvent::WorkflowMaterialized(m) = event else {
+                            // Built as WorkflowMaterialized just above; an error, not a panic.
+                            return Err(ApplyError::Other {
+                                message: "materialized event changed kind".into(),
+                                disposition: Disposition::Fatal,
+                            });
+                        };
                         log.push(
                             r,
                             ops,
                             "applied",
-                            Some(*version),
-                            Some(sha256.clone()),
+                            Some(version),
+                            Some(m.definition_sha256.clone()),
                             None,
                             version - 1,
                             submitted_at,
                         );
                         last_applied = Some((
-                            *version,
-                            sha256.clone(),
-                            definition_ref.unwrap_or_default(),
-                            inline.then(|| canonical.clone()),
-                            canonical.len(),
+                            version,
+                            m.definition_sha256,
+                            m.definition_ref.unwrap_or_default(),
+                            m.definition_json,
+                            bytes,
                         ));
                     }
                     Decision::Rejected {
@@ -542,8 +550,8 @@ impl Materializer {
                                 workflow_id: b.workflow_id.clone(),
                                 patch_id: e.patch_id,
                                 base_version: e.base_version,
-                                head_version: *head_version,
-                                reason_code: (*code).to_string(),
+                                head_version,
+                                reason_code: code.to_string(),
                                 reason: reason.clone(),
                             }))
                             .await?;
@@ -553,8 +561,8 @@ impl Materializer {
                             "rejected",
                             None,
                             None,
-                            Some((code, reason.clone())),
-                            *head_version,
+                            Some((code, reason)),
+                            head_version,
                             submitted_at,
                         );
                     }

@@ -89,14 +89,15 @@ impl Codec {
     /// Encodes an event in Confluent wire format for its topic.
     pub async fn encode<E: TopicEvent>(&self, event: &E) -> Result<Vec<u8>, EncodeError> {
         let id = self.schema_id::<E>().await?;
-        let datum = events::encode(event).map_err(|e| EncodeError::Schema {
-            topic: self.topic::<E>(),
-            message: e.to_string(),
-        })?;
-        let mut out = Vec::with_capacity(datum.len() + 5);
+        let mut out = Vec::with_capacity(256);
         out.push(0);
         out.extend_from_slice(&id.to_be_bytes());
-        out.extend_from_slice(&datum);
+        event
+            .write_datum(&mut out)
+            .map_err(|e| EncodeError::Schema {
+                topic: self.topic::<E>(),
+                message: e.to_string(),
+            })?;
         Ok(out)
     }
 

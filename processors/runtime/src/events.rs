@@ -52,6 +52,10 @@ pub trait TopicEvent: Sized + Send + Sync + 'static {
     /// union), resolved against that record's schema: ready for `GenericDatumWriter` once wrapped
     /// with [`TopicSchema::wrap`].
     fn to_record(&self) -> Result<(&'static str, Value), EventError>;
+    /// Appends the Avro binary datum of this event (union index first for a union topic),
+    /// serialized straight from the struct against its record schema: the same bytes as
+    /// writing [`to_record`](Self::to_record)'s value, without building and resolving it.
+    fn write_datum(&self, out: &mut Vec<u8>) -> Result<(), EventError>;
     /// The Kafka key: workflow_id for patches/workflows, run_id for
     /// completions/node-ready/run-events, workspace_id for cache topics; for the DLQ the caller
     /// uses the original key, this returns the source topic.
@@ -537,6 +541,36 @@ fn record_to_value<R: Record>(
     Ok((R::FULL_NAME, value))
 }
 
+/// Appends the datum of `record` as the topic value of `topic`: for a union schema the
+/// branch index (an Avro long), chosen by record name, then the record.
+fn write_record<R: Record>(
+    topic: &'static str,
+    record: &R,
+    out: &mut Vec<u8>,
+) -> Result<(), EventError> {
+    let ts = topic_schema(topic)?;
+    let i = ts
+        .branches
+        .iter()
+        .position(|b| b == R::FULL_NAME)
+        .ok_or_else(|| EventError::UnknownRecord(R::FULL_NAME.to_owned(), topic))?;
+    if ts.is_union() {
+        write_long(i as i64, out);
+    }
+    record_writer(topic, i)?.write_ser(out, record)?;
+    Ok(())
+}
+
+/// Avro's long encoding: zigzag, then a little-endian base-128 varint.
+fn write_long(n: i64, out: &mut Vec<u8>) {
+    let mut z = ((n << 1) ^ (n >> 63)) as u64;
+    while z >= 0x80 {
+        out.push((z as u8) | 0x80);
+        z >>= 7;
+    }
+    out.push(z as u8);
+}
+
 fn record_from_value<R: Record>(value: Value) -> Result<R, EventError> {
     Ok(apache_avro::from_value::<R>(&value)?)
 }
@@ -582,6 +616,12 @@ macro_rules! union_topic {
                 }
             }
 
+            fn write_datum(&self, out: &mut Vec<u8>) -> Result<(), EventError> {
+                match self {
+                    $( Self::$variant(e) => write_record(Self::TOPIC, e, out), )+
+                }
+            }
+
             fn key(&self) -> &str {
                 match self {
                     $( Self::$variant(e) => &e.$key, )+
@@ -621,6 +661,10 @@ macro_rules! record_topic {
 
             fn to_record(&self) -> Result<(&'static str, Value), EventError> {
                 record_to_value(Self::TOPIC, self)
+            }
+
+            fn write_datum(&self, out: &mut Vec<u8>) -> Result<(), EventError> {
+                write_record(Self::TOPIC, self, out)
             }
 
             fn key(&self) -> &str {
@@ -862,6 +906,49 @@ static WRITERS: LazyLock<Vec<(&'static str, Result<GenericDatumWriter<'static>, 
             .collect()
     });
 
+type RecordWriters = Result<Vec<GenericDatumWriter<'static>>, String>;
+
+// One schema-aware writer per record of each topic (in branch order), for `write_datum`.
+// Each resolves references against the names of the whole topic schema, since a record may
+// use a named type that another branch defines.
+static RECORD_WRITERS: LazyLock<Vec<(&'static str, RecordWriters)>> = LazyLock::new(|| {
+    TOPIC_SCHEMAS
+        .iter()
+        .map(|(topic, ts)| {
+            let writers = ts.as_ref().map_err(Clone::clone).and_then(|ts| {
+                ts.branches
+                    .iter()
+                    .map(|b| {
+                        let schema = ts
+                            .record_schema(b)
+                            .ok_or_else(|| format!("record {b} is not in the schema"))?;
+                        let names =
+                            ResolvedSchema::try_from(ts.schema()).map_err(|e| e.to_string())?;
+                        GenericDatumWriter::builder(schema)
+                            .resolved_schemata(names)
+                            .build()
+                            .map_err(|e| e.to_string())
+                    })
+                    .collect()
+            });
+            (*topic, writers)
+        })
+        .collect()
+});
+
+fn record_writer(
+    topic: &str,
+    branch: usize,
+) -> Result<&'static GenericDatumWriter<'static>, EventError> {
+    match RECORD_WRITERS.iter().find(|(t, _)| *t == topic) {
+        Some((_, Ok(w))) => w
+            .get(branch)
+            .ok_or_else(|| EventError::Avro(format!("{topic}: no record writer {branch}"))),
+        Some((_, Err(e))) => Err(EventError::Avro(format!("schema of {topic}: {e}"))),
+        None => Err(EventError::Avro(format!("no schema for topic {topic}"))),
+    }
+}
+
 static READERS: LazyLock<Vec<(&'static str, Result<GenericDatumReader<'static>, String>)>> =
     LazyLock::new(|| {
         TOPIC_SCHEMAS
@@ -901,6 +988,15 @@ pub fn to_topic_value<E: TopicEvent>(event: &E) -> Result<Value, EventError> {
 
 /// Avro binary datum of the event with this build's schema (no Confluent framing).
 pub fn encode<E: TopicEvent>(event: &E) -> Result<Vec<u8>, EventError> {
+    let mut out = Vec::with_capacity(256);
+    event.write_datum(&mut out)?;
+    Ok(out)
+}
+
+/// The same datum as [`encode`], built the generic way: the event's Avro value, resolved
+/// against its record schema, union-wrapped by name and written. Slower; kept as the
+/// reference `encode` is tested against.
+pub fn encode_via_value<E: TopicEvent>(event: &E) -> Result<Vec<u8>, EventError> {
     let value = to_topic_value(event)?;
     let writer = datum_writer(E::TOPIC)?;
     Ok(writer.write_value_to_vec(value)?)
@@ -1191,6 +1287,11 @@ mod tests {
         assert_eq!(&back, event, "{name}: round trip");
         // The library helpers agree with the explicit path.
         assert_eq!(encode(event).unwrap(), bytes, "{name}: encode");
+        assert_eq!(
+            encode_via_value(event).unwrap(),
+            bytes,
+            "{name}: the generic path"
+        );
         assert_eq!(&decode::<E>(&bytes, None).unwrap(), event, "{name}: decode");
         name.to_owned()
     }
@@ -1550,5 +1651,52 @@ mod tests {
         // Event ids are v7 and increase with time.
         let (a, b) = (new_event_id(), new_event_id());
         assert!(a < b && a.get_version_num() == 7);
+    }
+
+    proptest::proptest! {
+        /// The direct serializer writes exactly the generic path's bytes for the hot output
+        /// events, whatever their strings, numbers and optional fields hold.
+        #[test]
+        fn direct_encoding_equals_the_generic_path(
+            text in ".{0,40}",
+            version in proptest::num::i64::ANY,
+            definition in proptest::option::of(".{0,200}"),
+            ids in 0usize..4,
+            base in proptest::option::of(proptest::num::i64::ANY),
+        ) {
+            let m: WorkflowEvent = WorkflowMaterialized {
+                event_id: new_event_id(),
+                occurred_at: version,
+                workspace_id: text.clone(),
+                traceparent: text.clone(),
+                tracestate: definition.clone(),
+                workflow_id: text.clone(),
+                version,
+                definition_ref: definition.is_none().then(|| format!("sha256:{text}")),
+                definition_json: definition,
+                patch_ids: (0..ids).map(|_| new_event_id()).collect(),
+                definition_sha256: text.clone(),
+            }
+            .into();
+            let r: WorkflowEvent = PatchRejected {
+                event_id: new_event_id(),
+                occurred_at: -version,
+                workspace_id: text.clone(),
+                traceparent: String::new(),
+                tracestate: None,
+                workflow_id: text.clone(),
+                patch_id: new_event_id(),
+                base_version: base,
+                head_version: version,
+                reason_code: "test_failed".into(),
+                reason: text,
+            }
+            .into();
+            for e in [m, r] {
+                let bytes = encode(&e).unwrap();
+                proptest::prop_assert_eq!(&bytes, &encode_via_value(&e).unwrap());
+                proptest::prop_assert_eq!(decode::<WorkflowEvent>(&bytes, None).unwrap(), e);
+            }
+        }
     }
 }

@@ -7,6 +7,7 @@
 //! relay that publishes each lane in id order keeps per-key order.
 
 use sqlx::PgConnection;
+use uuid::Uuid;
 
 use crate::codec::Codec;
 use crate::copy::CopyRows;
@@ -22,8 +23,8 @@ pub struct OutboxRow {
     pub key: Vec<u8>,
     /// Confluent wire-format value.
     pub payload: Vec<u8>,
-    /// Kafka headers as a JSON object of strings.
-    pub headers: serde_json::Value,
+    /// Kafka headers as the text of a JSON object of strings.
+    pub headers: String,
     /// Ordering lane.
     pub lane: i32,
 }
@@ -36,6 +37,24 @@ pub fn lane_of(key: &[u8], lanes: i32) -> i32 {
         h = h.wrapping_mul(0x0100_0193);
     }
     (h % lanes.max(1) as u32) as i32
+}
+
+/// The outbox headers of an event: `{"event_id": ..., "workspace_id": ...}` as JSON text.
+/// Written directly rather than through a `serde_json::Value`: one small object per event,
+/// and building the map costs more than the text.
+fn headers_json(event_id: Uuid, workspace_id: &str) -> String {
+    let mut headers = String::with_capacity(80 + workspace_id.len());
+    headers.push_str("{\"event_id\":\"");
+    headers.push_str(
+        event_id
+            .hyphenated()
+            .encode_lower(&mut Uuid::encode_buffer()),
+    );
+    headers.push_str("\",\"workspace_id\":");
+    // A JSON string literal, escaped by serde_json.
+    headers.push_str(&serde_json::Value::from(workspace_id).to_string());
+    headers.push('}');
+    headers
 }
 
 /// Output events of one batch.
@@ -59,10 +78,7 @@ impl<'a> Outbox<'a> {
     pub async fn push<E: TopicEvent>(&mut self, event: &E) -> Result<(), EncodeError> {
         let payload = self.codec.encode(event).await?;
         let key = event.key().as_bytes().to_vec();
-        let headers = serde_json::json!({
-            "event_id": event.event_id().to_string(),
-            "workspace_id": event.workspace_id(),
-        });
+        let headers = headers_json(event.event_id(), event.workspace_id());
         self.rows.push(OutboxRow {
             topic: self.codec.topic::<E>(),
             lane: lane_of(&key, self.lanes),
@@ -98,7 +114,7 @@ impl<'a> Outbox<'a> {
                 .text(&r.topic)
                 .bytea(&r.key)
                 .bytea(&r.payload)
-                .jsonb(&r.headers.to_string());
+                .jsonb(&r.headers);
         }
         // COPY appends in stream order, so the identity ids keep push order.
         let done = copy
@@ -114,7 +130,20 @@ impl<'a> Outbox<'a> {
 
 #[cfg(test)]
 mod tests {
-    use super::lane_of;
+    use super::{headers_json, lane_of};
+
+    #[test]
+    fn headers_are_a_json_object_of_strings() {
+        let id = uuid::Uuid::now_v7();
+        for ws in ["ws-1", "", "quote\" back\\ nl\n ü \u{1}"] {
+            let v: serde_json::Value = serde_json::from_str(&headers_json(id, ws)).unwrap();
+            assert_eq!(
+                v,
+                serde_json::json!({"event_id": id.to_string(), "workspace_id": ws}),
+                "{ws:?}"
+            );
+        }
+    }
 
     #[test]
     fn lanes_are_stable_and_in_range() {
