@@ -353,6 +353,11 @@ pub struct MaterializerConfig {
     /// the definition, never correctness. Full: the cache starts over. A head larger than an
     /// eighth of this is not kept.
     pub head_cache_bytes: usize,
+    /// Most patches in one materializer batch; replaces `runtime.max_batch` for this
+    /// processor. Batches fill only while the consumer is behind (caught up, a batch is what
+    /// arrived during the previous one), so a larger cap buys throughput on a backlog; each
+    /// batch commits as one transaction, so it also bounds the latency under full load.
+    pub max_batch: usize,
 }
 
 impl Default for MaterializerConfig {
@@ -363,6 +368,7 @@ impl Default for MaterializerConfig {
             max_nodes: 1_000,
             max_edges: 10_000,
             head_cache_bytes: 64 * 1024 * 1024,
+            max_batch: 3_000,
         }
     }
 }
@@ -731,6 +737,9 @@ impl Config {
         }
         if self.runtime.max_batch == 0 {
             p.push("runtime.max_batch: must be at least 1".into());
+        }
+        if self.materializer.max_batch == 0 {
+            p.push("materializer.max_batch: must be at least 1".into());
         }
         if self.runtime.retry_initial_ms == 0
             || self.runtime.retry_max_ms < self.runtime.retry_initial_ms

@@ -33,6 +33,17 @@ fn overlay(c: &mut ClientConfig, extra: &BTreeMap<String, String>) {
 /// report them (lag only); reading from the earliest record is safe because positions in
 /// Postgres filter what was applied.
 pub fn consumer_config(cfg: &KafkaConfig, group: &str, stats_interval_ms: u64) -> ClientConfig {
+    consumer_config_with(cfg, group, stats_interval_ms, &[])
+}
+
+/// [`consumer_config`] with a caller's own defaults on top of weir's (a processor's, see
+/// `Processor::consumer_defaults`); `kafka.consumer` from the configuration still wins.
+pub fn consumer_config_with(
+    cfg: &KafkaConfig,
+    group: &str,
+    stats_interval_ms: u64,
+    defaults: &[(&str, &str)],
+) -> ClientConfig {
     let mut c = base(cfg);
     c.set("group.id", group)
         .set("enable.auto.commit", "true")
@@ -47,6 +58,9 @@ pub fn consumer_config(cfg: &KafkaConfig, group: &str, stats_interval_ms: u64) -
         // consumer joining the group (runtime.consumers > 1) stalls the first for up to 3 s.
         .set("heartbeat.interval.ms", "1000")
         .set("statistics.interval.ms", stats_interval_ms.to_string());
+    for (k, v) in defaults {
+        c.set(*k, *v);
+    }
     overlay(&mut c, &cfg.consumer);
     c
 }

@@ -184,8 +184,9 @@ enum BenchCommand {
         /// Workflows they are spread over.
         #[arg(long, default_value_t = 10_000)]
         workflows: usize,
-        /// Patches in the latency phase.
-        #[arg(long, default_value_t = 20_000)]
+        /// Patches in the latency phase (at 80 % of the measured throughput: about three
+        /// seconds, long enough for a steady state).
+        #[arg(long, default_value_t = 60_000)]
         latency_patches: usize,
         /// Patches in the naive phase.
         #[arg(long, default_value_t = 2_000)]
