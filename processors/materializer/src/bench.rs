@@ -200,7 +200,14 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
         "decided_at"
     };
     let codec = Arc::new(Codec::new(&cfg.schema_registry, &cfg.kafka)?);
-    let producer = weir_runtime::kafka::producer(&cfg.kafka)?;
+    // Patches reach weir.patches.v1 through the gateway, whose producer does not compress
+    // (small batches; see weir_gateway::produce): produce them the same way, unless the
+    // configuration says otherwise.
+    let mut producer_config = weir_runtime::kafka::producer_config(&cfg.kafka);
+    if !cfg.kafka.producer.contains_key("compression.type") {
+        producer_config.set("compression.type", "none");
+    }
+    let producer: rdkafka::producer::FutureProducer = producer_config.create()?;
     let cas = weir_runtime::cas::Cas::from_config(&cfg).await?;
     let topic = codec.topic::<PatchSubmitted>();
 
