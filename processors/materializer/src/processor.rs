@@ -214,6 +214,10 @@ impl Processor for Materializer {
         Some(self.cfg.materializer.max_batch)
     }
 
+    fn max_wait_ms(&self) -> Option<u64> {
+        Some(self.cfg.materializer.max_wait_ms)
+    }
+
     async fn apply(
         &self,
         conn: &mut PgConnection,

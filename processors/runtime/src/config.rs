@@ -358,6 +358,12 @@ pub struct MaterializerConfig {
     /// arrived during the previous one), so a larger cap buys throughput on a backlog; each
     /// batch commits as one transaction, so it also bounds the latency under full load.
     pub max_batch: usize,
+    /// How long a materializer batch waits for more patches once it has its first, in ms;
+    /// replaces `runtime.max_wait_ms` for this processor. 0 takes what has already been
+    /// fetched: under load, patches pile up while the previous batch commits, so batches
+    /// grow with the load by themselves, and a patch arriving at an idle materializer is
+    /// applied at once instead of waiting for company.
+    pub max_wait_ms: u64,
 }
 
 impl Default for MaterializerConfig {
@@ -369,6 +375,7 @@ impl Default for MaterializerConfig {
             max_edges: 10_000,
             head_cache_bytes: 64 * 1024 * 1024,
             max_batch: 3_000,
+            max_wait_ms: 0,
         }
     }
 }

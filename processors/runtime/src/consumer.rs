@@ -97,6 +97,12 @@ pub trait Processor: Send + Sync + 'static {
     fn max_batch(&self) -> Option<usize> {
         None
     }
+
+    /// This processor's own wait for more records once a batch has its first, in ms, if it
+    /// has one; else `runtime.max_wait_ms`.
+    fn max_wait_ms(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// A record as read from Kafka, before decoding.
@@ -376,8 +382,11 @@ impl<P: Processor> BatchConsumer<P> {
                         generation,
                     });
                     deadline.get_or_insert_with(|| {
-                        tokio::time::Instant::now()
-                            + Duration::from_millis(self.cfg.runtime.max_wait_ms)
+                        let wait = self
+                            .processor
+                            .max_wait_ms()
+                            .unwrap_or(self.cfg.runtime.max_wait_ms);
+                        tokio::time::Instant::now() + Duration::from_millis(wait)
                     });
                 }
                 Err(e) => {
