@@ -1014,9 +1014,35 @@ mod tests {
             assert!(text.contains(needle), "missing {needle} in:\n{text}");
         }
         // Semantic checks run once the shape is right.
-        let err = Config::load_from(None, env(&[("WEIR__KAFKA__PARTITIONS", "0")])).unwrap_err();
-        assert!(err
-            .to_string()
-            .contains("kafka.partitions: must be at least 1"));
+        let err = Config::load_from(
+            None,
+            env(&[
+                ("WEIR__KAFKA__PARTITIONS", "0"),
+                ("WEIR__MATERIALIZER__MAX_BATCH", "0"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("kafka.partitions: must be at least 1"),
+            "{err}"
+        );
+        assert!(
+            err.contains("materializer.max_batch: must be at least 1"),
+            "{err}"
+        );
+        // The materializer's own batching settings parse from the environment.
+        let cfg = Config::load_from(
+            None,
+            env(&[
+                ("WEIR__MATERIALIZER__MAX_BATCH", "500"),
+                ("WEIR__MATERIALIZER__MAX_WAIT_MS", "3"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            (cfg.materializer.max_batch, cfg.materializer.max_wait_ms),
+            (500, 3)
+        );
     }
 }
