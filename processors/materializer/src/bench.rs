@@ -3,6 +3,7 @@
 //! raw write limit of Postgres (COPY of as many rows), all in the same run.
 //!
 //! Phases, on a random topic prefix and workflow ids:
+//! 0. warm-up (not measured): a drain of the same mix on workflows of its own.
 //! 1. throughput: the consumers join their group, then N patches over W workflows are
 //!    produced as a backlog and drained; patches_per_sec = N / (first record produced ..
 //!    last decision committed).
@@ -32,6 +33,8 @@ use crate::patch::Patch;
 /// Benchmark parameters.
 #[derive(Debug, Clone)]
 pub struct Params {
+    /// Patches drained before the measured phases, on workflows of their own (not measured).
+    pub warmup_patches: usize,
     /// Patches in the throughput phase.
     pub patches: usize,
     /// Workflows they are spread over.
@@ -232,6 +235,18 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
     }
     wait_group_stable(&cfg, cfg.runtime.consumers, Duration::from_secs(60)).await?;
     let workflows = params.workflows.clamp(1, params.patches.max(1));
+
+    // Phase 0, not measured: a drain of the same mix on workflows of its own, so the figures
+    // describe the stack at work rather than its first seconds (a freshly started broker's
+    // JIT compiler, empty buffer caches, the first batches' query plans).
+    let warmup = params.warmup_patches;
+    if warmup > 0 {
+        let warmup_workflows = (warmup * workflows / params.patches.max(1)).max(1);
+        let events = stream(&format!("{run_id}-w-"), 0, warmup, warmup_workflows);
+        eprintln!("warming up with {warmup} patches ...");
+        weir_runtime::kafka::produce_in_order(&producer, &codec, &events).await?;
+        wait_decided(&pool, &topic, warmup, Duration::from_secs(300)).await?;
+    }
     let backlog = stream(&format!("{run_id}-t-"), 0, params.patches, workflows);
     eprintln!(
         "producing {} patches over {} workflows ...",
@@ -244,7 +259,13 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
     drop(backlog);
 
     eprintln!("materializing ...");
-    wait_decided(&pool, &topic, params.patches, Duration::from_secs(900)).await?;
+    wait_decided(
+        &pool,
+        &topic,
+        warmup + params.patches,
+        Duration::from_secs(900),
+    )
+    .await?;
     let last: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(&format!(
         "SELECT max({end}) FROM weir_workflow_patches WHERE source_topic = $1"
     ))
@@ -256,9 +277,11 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
     let drain_secs = (last - drain_start).as_seconds_f64().max(1e-3);
     let patches_per_sec = params.patches as f64 / drain_secs;
     let applied: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM weir_workflow_patches WHERE source_topic = $1 AND status = 'applied'",
+        "SELECT count(*) FROM weir_workflow_patches
+         WHERE source_topic = $1 AND status = 'applied' AND workflow_id LIKE $2",
     )
     .bind(&topic)
+    .bind(format!("{run_id}-t-%"))
     .fetch_one(&pool)
     .await?;
 
@@ -296,7 +319,7 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
     wait_decided(
         &pool,
         &topic,
-        params.patches + latency_events.len(),
+        warmup + params.patches + latency_events.len(),
         Duration::from_secs(600),
     )
     .await?;
@@ -347,6 +370,7 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
         .await?;
 
     Ok(json!({
+        "warmup_patches": warmup,
         "patches": params.patches,
         "workflows": params.workflows,
         "consumers": cfg.runtime.consumers,

@@ -178,6 +178,9 @@ enum WorkflowsCommand {
 enum BenchCommand {
     /// The materializer vs a naive path vs Postgres COPY.
     Materialize {
+        /// Patches drained first, on workflows of their own, and not measured.
+        #[arg(long, default_value_t = 20_000)]
+        warmup_patches: usize,
         /// Patches in the throughput phase.
         #[arg(long, default_value_t = 100_000)]
         patches: usize,
@@ -684,6 +687,7 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
         Command::Bench { command } => {
             let (result, json) = match command {
                 BenchCommand::Materialize {
+                    warmup_patches,
                     patches,
                     workflows,
                     latency_patches,
@@ -691,6 +695,7 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
                     json,
                 } => {
                     let params = weir_materializer::bench::Params {
+                        warmup_patches,
                         patches,
                         workflows,
                         latency_patches,
