@@ -368,6 +368,11 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
         .bind(format!("{}%", cfg.kafka.topic_prefix))
         .execute(&pool)
         .await?;
+    let topics: Vec<String> = weir_runtime::kafka::planned_topics(&cfg.kafka)
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    weir_runtime::kafka::delete_topics(&cfg.kafka, &topics).await?;
 
     Ok(json!({
         "warmup_patches": warmup,

@@ -160,6 +160,7 @@ pub async fn bench(
     stop_consumer.cancel();
     consumer.await.context("bench consumer task")??;
     let check = check.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    weir_runtime::kafka::delete_topics(&cfg.kafka, std::slice::from_ref(&topic)).await?;
 
     Ok(serde_json::json!({
         "events": events,

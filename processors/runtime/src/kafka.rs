@@ -168,6 +168,29 @@ pub async fn create_topics(cfg: &KafkaConfig) -> Result<Vec<(String, TopicOutcom
     Ok(out)
 }
 
+/// Deletes `topics`, ignoring ones that do not exist. For tools and benchmarks that create
+/// topics of their own (a random prefix): every partition left behind costs the broker
+/// housekeeping for as long as it lives, and minutes of log loading at each start.
+pub async fn delete_topics(cfg: &KafkaConfig, topics: &[String]) -> Result<(), KafkaError> {
+    if topics.is_empty() {
+        return Ok(());
+    }
+    let admin = admin(cfg)?;
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for r in admin.delete_topics(&names, &opts).await? {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+            Err((name, code)) => {
+                return Err(KafkaError::AdminOp(code)).inspect_err(
+                    |_| tracing::error!(topic = %name, ?code, "deleting topic failed"),
+                )
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Producing a list of events failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ProduceError {
