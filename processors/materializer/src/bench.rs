@@ -3,7 +3,9 @@
 //! raw write limit of Postgres (COPY of as many rows), all in the same run.
 //!
 //! Phases, on a random topic prefix and workflow ids:
-//! 0. warm-up (not measured): a drain of the same mix on workflows of its own.
+//! 0. warm-up (not measured), on workflows of its own: a drain of the same mix, then steady
+//!    rounds of about two seconds until a round's p99 is within a quarter of the previous
+//!    round's (at most `warmup_time`).
 //! 1. throughput: the consumers join their group, then N patches over W workflows are
 //!    produced as a backlog and drained; patches_per_sec = N / (first record produced ..
 //!    last decision committed).
@@ -35,6 +37,8 @@ use crate::patch::Patch;
 pub struct Params {
     /// Patches drained before the measured phases, on workflows of their own (not measured).
     pub warmup_patches: usize,
+    /// Longest time the warm-up's steady rounds may take.
+    pub warmup_time: Duration,
     /// Patches in the throughput phase.
     pub patches: usize,
     /// Workflows they are spread over.
@@ -134,6 +138,56 @@ async fn wait_decided(
         "{n} records of {topic} committed but {d} decisions recorded"
     );
     Ok(())
+}
+
+/// Produces `events` at a steady `rate` per second (in 10 ms ticks), each stamped with the
+/// time it is produced; returns when the first was stamped.
+async fn steady(
+    producer: &rdkafka::producer::FutureProducer,
+    codec: &Codec,
+    events: &[PatchSubmitted],
+    rate: f64,
+) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
+    let start = chrono::Utc::now();
+    let tick = Duration::from_millis(10);
+    let per_tick = ((rate * tick.as_secs_f64()).ceil() as usize).max(1);
+    let mut interval = tokio::time::interval(tick);
+    for chunk in events.chunks(per_tick) {
+        interval.tick().await;
+        let now = events::now_micros();
+        let chunk: Vec<PatchSubmitted> = chunk
+            .iter()
+            .cloned()
+            .map(|mut e| {
+                e.occurred_at = now;
+                e
+            })
+            .collect();
+        weir_runtime::kafka::produce_in_order(producer, codec, &chunk).await?;
+    }
+    Ok(start)
+}
+
+/// p50 and p99 in ms of patch produced → `end` (its decision, see `run`) over the patches of
+/// workflows matching `workflows` (a LIKE pattern) submitted since `since`.
+async fn percentiles(
+    pool: &sqlx::PgPool,
+    topic: &str,
+    end: &str,
+    workflows: &str,
+    since: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<(f64, f64)> {
+    Ok(sqlx::query_as(&format!(
+        r#"SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)
+           FROM (SELECT extract(epoch FROM {end} - submitted_at) * 1000 AS ms
+                 FROM weir_workflow_patches
+                 WHERE source_topic = $1 AND workflow_id LIKE $2 AND submitted_at >= $3) t"#
+    ))
+    .bind(topic)
+    .bind(workflows)
+    .bind(since)
+    .fetch_one(pool)
+    .await?)
 }
 
 /// Waits until the materializer's consumer group is stable with `members` members.
@@ -240,13 +294,38 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
     // describe the stack at work rather than its first seconds (a freshly started broker's
     // JIT compiler, empty buffer caches, the first batches' query plans).
     let warmup = params.warmup_patches;
+    let warmup_started = Instant::now();
+    let mut done = 0usize;
     if warmup > 0 {
         let warmup_workflows = (warmup * workflows / params.patches.max(1)).max(1);
         let events = stream(&format!("{run_id}-w-"), 0, warmup, warmup_workflows);
         eprintln!("warming up with {warmup} patches ...");
+        let t = Instant::now();
         weir_runtime::kafka::produce_in_order(&producer, &codec, &events).await?;
         wait_decided(&pool, &topic, warmup, Duration::from_secs(300)).await?;
+        done = warmup;
+        // Then a steady stream in rounds of about two seconds, until the p99 of a round is
+        // within a quarter of the previous one's (or `warmup_seconds` pass): a freshly
+        // started broker answers the latency phase's small requests several times slower for
+        // its first minute or so.
+        let rate = (warmup as f64 / t.elapsed().as_secs_f64() * 0.8).max(100.0);
+        let round = (rate * 2.0) as usize;
+        let mut previous: Option<f64> = None;
+        while round > 0 && warmup_started.elapsed() < params.warmup_time {
+            let events = stream(&format!("{run_id}-w-"), done, round, warmup_workflows);
+            let since = steady(&producer, &codec, &events, rate).await?;
+            done += round;
+            wait_decided(&pool, &topic, done, Duration::from_secs(300)).await?;
+            let (_, p99) = percentiles(&pool, &topic, end, &format!("{run_id}-w-%"), since).await?;
+            eprintln!("warm-up round at {rate:.0}/s: p99 {p99:.1} ms");
+            if previous.is_some_and(|p| (p99 - p).abs() <= 0.25 * p) {
+                break;
+            }
+            previous = Some(p99);
+        }
     }
+    let warmup_secs = warmup_started.elapsed().as_secs_f64();
+    let warmup_total = done;
     let backlog = stream(&format!("{run_id}-t-"), 0, params.patches, workflows);
     eprintln!(
         "producing {} patches over {} workflows ...",
@@ -259,13 +338,8 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
     drop(backlog);
 
     eprintln!("materializing ...");
-    wait_decided(
-        &pool,
-        &topic,
-        warmup + params.patches,
-        Duration::from_secs(900),
-    )
-    .await?;
+    done += params.patches;
+    wait_decided(&pool, &topic, done, Duration::from_secs(900)).await?;
     let last: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(&format!(
         "SELECT max({end}) FROM weir_workflow_patches WHERE source_topic = $1"
     ))
@@ -294,44 +368,21 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
         params.latency_patches,
         workflows,
     );
-    let latency_start = chrono::Utc::now();
     eprintln!(
         "latency phase: {} patches at {:.0}/s ...",
         latency_events.len(),
         rate
     );
-    let tick = Duration::from_millis(10);
-    let per_tick = ((rate * tick.as_secs_f64()).ceil() as usize).max(1);
-    let mut interval = tokio::time::interval(tick);
-    for chunk in latency_events.chunks(per_tick) {
-        interval.tick().await;
-        let now = events::now_micros();
-        let chunk: Vec<PatchSubmitted> = chunk
-            .iter()
-            .cloned()
-            .map(|mut e| {
-                e.occurred_at = now;
-                e
-            })
-            .collect();
-        weir_runtime::kafka::produce_in_order(&producer, &codec, &chunk).await?;
-    }
+    let latency_start = steady(&producer, &codec, &latency_events, rate).await?;
     wait_decided(
         &pool,
         &topic,
-        warmup + params.patches + latency_events.len(),
+        done + latency_events.len(),
         Duration::from_secs(600),
     )
     .await?;
-    let (p50, p99): (f64, f64) = sqlx::query_as(&format!(
-        r#"SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)
-           FROM (SELECT extract(epoch FROM {end} - submitted_at) * 1000 AS ms
-                 FROM weir_workflow_patches WHERE source_topic = $1 AND submitted_at >= $2) t"#
-    ))
-    .bind(&topic)
-    .bind(latency_start)
-    .fetch_one(&pool)
-    .await?;
+    let (p50, p99) =
+        percentiles(&pool, &topic, end, &format!("{run_id}-t-%"), latency_start).await?;
     shutdown.cancel();
     for task in tasks {
         task.await??;
@@ -375,7 +426,8 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
     weir_runtime::kafka::delete_topics(&cfg.kafka, &topics).await?;
 
     Ok(json!({
-        "warmup_patches": warmup,
+        "warmup_patches": warmup_total,
+        "warmup_seconds": (warmup_secs * 10.0).round() / 10.0,
         "patches": params.patches,
         "workflows": params.workflows,
         "consumers": cfg.runtime.consumers,

@@ -181,6 +181,10 @@ enum BenchCommand {
         /// Patches drained first, on workflows of their own, and not measured.
         #[arg(long, default_value_t = 20_000)]
         warmup_patches: usize,
+        /// Longest time for the warm-up's steady rounds, which stop once the latency settles
+        /// (0 skips them).
+        #[arg(long, default_value_t = 60)]
+        warmup_seconds: u64,
         /// Patches in the throughput phase.
         #[arg(long, default_value_t = 100_000)]
         patches: usize,
@@ -688,6 +692,7 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
             let (result, json) = match command {
                 BenchCommand::Materialize {
                     warmup_patches,
+                    warmup_seconds,
                     patches,
                     workflows,
                     latency_patches,
@@ -696,6 +701,7 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
                 } => {
                     let params = weir_materializer::bench::Params {
                         warmup_patches,
+                        warmup_time: std::time::Duration::from_secs(warmup_seconds),
                         patches,
                         workflows,
                         latency_patches,
