@@ -1,9 +1,10 @@
 //! The batch consumer: the one way every weir processor reads Kafka.
 //!
-//! A batch is up to `runtime.max_batch` records (or the processor's own cap), gathered for at
-//! most `runtime.max_wait_ms` after the first one arrives. Each batch is applied in ONE Postgres transaction that also
-//! (a) locks and advances the consumer positions of its partitions and (b) writes the
-//! processor's outbox rows. Invariants:
+//! A batch is up to `runtime.max_batch` records, gathered for at most `runtime.max_wait_ms`
+//! after the first one arrives (a processor may set its own, see [`Processor::max_batch`]).
+//! Each batch is applied in ONE Postgres transaction that also (a) locks and advances the
+//! consumer positions of its partitions and (b) writes the processor's outbox rows.
+//! Invariants:
 //!
 //! - Effectively once: a record whose offset is below the stored position was applied
 //!   already and is skipped; positions move only in the transaction that applied the records.
