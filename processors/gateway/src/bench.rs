@@ -346,11 +346,7 @@ pub async fn run(cfg: Arc<Config>, params: Params) -> anyhow::Result<Value> {
     };
     shutdown.cancel();
     let _ = running.task.await;
-    let topics: Vec<String> = weir_runtime::kafka::planned_topics(&cfg.kafka)
-        .into_iter()
-        .map(|(name, _)| name)
-        .collect();
-    weir_runtime::kafka::delete_topics(&cfg.kafka, &topics).await?;
+    weir_runtime::kafka::delete_planned_topics(&cfg.kafka).await?;
     let linger = cfg
         .kafka
         .producer

@@ -419,11 +419,7 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
         .bind(format!("{}%", cfg.kafka.topic_prefix))
         .execute(&pool)
         .await?;
-    let topics: Vec<String> = weir_runtime::kafka::planned_topics(&cfg.kafka)
-        .into_iter()
-        .map(|(name, _)| name)
-        .collect();
-    weir_runtime::kafka::delete_topics(&cfg.kafka, &topics).await?;
+    weir_runtime::kafka::delete_planned_topics(&cfg.kafka).await?;
 
     Ok(json!({
         "warmup_patches": warmup_total,

@@ -286,7 +286,7 @@ impl Processor for Materializer {
 
         // Current heads, one query (a key probe each, as above); the definition only where the
         // cached copy is not current.
-        let stored: HashMap<String, StoredHead> = sqlx::query!(
+        let mut stored: HashMap<String, StoredHead> = sqlx::query!(
             r#"SELECT h.workflow_id AS "workflow_id!", h.workspace_id AS "workspace_id!",
                       h.version AS "version!", h.definition_ref,
                       (c.sha IS NOT NULL AND c.sha = h.definition_sha256 AND c.version = h.version)
@@ -349,7 +349,8 @@ impl Processor for Materializer {
         for workflow_id in order {
             let indices = groups.remove(&workflow_id).unwrap_or_default();
             let first = &records[indices[0]].event;
-            let head = match stored.get(&workflow_id) {
+            // Each workflow's stored head is taken out, so its definition moves into the fold.
+            let head = match stored.remove(&workflow_id) {
                 None => Head::empty(&first.workspace_id),
                 Some(h) => {
                     let from_cache = if h.cached {
@@ -357,9 +358,8 @@ impl Processor for Materializer {
                     } else {
                         None
                     };
-                    let definition = match (from_cache, &h.definition, &h.definition_ref) {
-                        (Some(d), _, _) => d,
-                        (None, Some(d), _) => d.clone(),
+                    let definition = match (from_cache, h.definition, &h.definition_ref) {
+                        (Some(d), _, _) | (None, Some(d), _) => d,
                         (None, None, Some(r)) => {
                             let blob = blobs.get(r).ok_or_else(|| ApplyError::Other {
                                 message: format!(
@@ -384,7 +384,7 @@ impl Processor for Materializer {
                         }
                     };
                     Head {
-                        workspace_id: h.workspace_id.clone(),
+                        workspace_id: h.workspace_id,
                         version: h.version,
                         definition,
                     }
@@ -473,8 +473,7 @@ impl Materializer {
         let (mut applied, mut rejected) = (0u64, HashMap::<&'static str, u64>::new());
 
         for b in batches.iter_mut() {
-            // (version, sha256, CAS ref or "", canonical text when inline, its length)
-            let mut last_applied: Option<(i64, String, String, Option<String>, usize)> = None;
+            let mut last_applied: Option<LastApplied> = None;
             let operations = std::mem::take(&mut b.operations);
             let decisions = std::mem::take(&mut b.decisions);
             for ((&i, decision), json) in b.records.iter().zip(decisions).zip(operations) {
@@ -542,13 +541,13 @@ impl Materializer {
                             version - 1,
                             submitted_at,
                         );
-                        last_applied = Some((
+                        last_applied = Some(LastApplied {
                             version,
-                            m.definition_sha256,
-                            m.definition_ref.unwrap_or_default(),
-                            m.definition_json,
+                            sha256: m.definition_sha256,
+                            definition_ref: m.definition_ref,
+                            canonical: m.definition_json,
                             bytes,
-                        ));
+                        });
                     }
                     Decision::Rejected {
                         head_version,
@@ -584,13 +583,18 @@ impl Materializer {
                     }
                 }
             }
-            if let Some((version, sha256, definition_ref, canonical, bytes)) = last_applied {
+            if let Some(LastApplied {
+                version,
+                sha256,
+                definition_ref,
+                canonical,
+                bytes,
+            }) = last_applied
+            {
                 heads.workflow_ids.push(b.workflow_id.clone());
                 heads.workspace_ids.push(b.head.workspace_id.clone());
                 heads.versions.push(version);
-                heads
-                    .refs
-                    .push((!definition_ref.is_empty()).then_some(definition_ref));
+                heads.refs.push(definition_ref);
                 heads.definitions.push(canonical);
                 heads.shas.push(sha256.clone());
                 fresh.push((
@@ -643,6 +647,18 @@ impl Materializer {
         }
         Ok(fresh)
     }
+}
+
+/// The newest version a batch made of one workflow: what its head row and cache entry get.
+struct LastApplied {
+    version: i64,
+    sha256: String,
+    /// CAS ref of the definition when it is too large to keep inline.
+    definition_ref: Option<String>,
+    /// Canonical JSON text of the definition when inline.
+    canonical: Option<String>,
+    /// Length of its canonical JSON.
+    bytes: usize,
 }
 
 #[derive(Default)]

@@ -191,6 +191,16 @@ pub async fn delete_topics(cfg: &KafkaConfig, topics: &[String]) -> Result<(), K
     Ok(())
 }
 
+/// Deletes the topics [`create_topics`] creates for `cfg` (its prefix), for a tool or
+/// benchmark that made them under a prefix of its own.
+pub async fn delete_planned_topics(cfg: &KafkaConfig) -> Result<(), KafkaError> {
+    let names: Vec<String> = planned_topics(cfg)
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    delete_topics(cfg, &names).await
+}
+
 /// Producing a list of events failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ProduceError {
