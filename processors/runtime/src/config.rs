@@ -75,8 +75,9 @@ pub struct Config {
     pub cache: CacheConfig,
 }
 
-/// Kafka settings.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Kafka settings. Its `Debug` output (`weir config`, logs) hides the value of every
+/// secret-looking key of the librdkafka maps ([`is_secret_key`]).
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaConfig {
     /// Comma-separated bootstrap servers (env: KAFKA_BOOTSTRAP_SERVERS).
@@ -112,6 +113,59 @@ impl Default for KafkaConfig {
     }
 }
 
+/// Whether a librdkafka (or topic) option holds a secret: `sasl.password`,
+/// `ssl.key.password`, `ssl.keystore.password`, `sasl.oauthbearer.client.secret`,
+/// `ssl.key.pem`, `sasl.jaas.config`, ... Errs on the side of hiding: any key naming a
+/// password, secret, token, credential or private key, or ending in `key`/`pem`.
+pub fn is_secret_key(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    [
+        "password",
+        "passwd",
+        "secret",
+        "token",
+        "credential",
+        "jaas",
+        "private",
+        "sasl.oauthbearer.config",
+        "sasl.kerberos.keytab",
+    ]
+    .iter()
+    .any(|w| k.contains(w))
+        || k.ends_with("key")
+        || k.ends_with(".pem")
+        || k.ends_with("key.pem")
+}
+
+/// A librdkafka map as `Debug` prints it: secret-looking values replaced by `***`.
+struct RedactedMap<'a>(&'a BTreeMap<String, String>);
+
+impl fmt::Debug for RedactedMap<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.0.iter().map(|(k, v)| {
+                let shown: &str = if is_secret_key(k) { "***" } else { v };
+                (k, shown)
+            }))
+            .finish()
+    }
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaConfig")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("topic_prefix", &self.topic_prefix)
+            .field("partitions", &self.partitions)
+            .field("topic_partitions", &self.topic_partitions)
+            .field("replication_factor", &self.replication_factor)
+            .field("topic_config", &RedactedMap(&self.topic_config))
+            .field("consumer", &RedactedMap(&self.consumer))
+            .field("producer", &RedactedMap(&self.producer))
+            .finish()
+    }
+}
+
 impl KafkaConfig {
     /// The full topic name of a default topic name, with the environment prefix.
     pub fn topic(&self, name: &str) -> String {
@@ -141,33 +195,105 @@ impl Default for PostgresConfig {
     }
 }
 
+/// Which kind of object store the `s3` section talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum S3Profile {
+    /// Amazon S3 (or any store configured explicitly): no endpoint means AWS, no region or
+    /// key means the AWS SDK's default chains (environment, profile, container or instance
+    /// role), and the local stack's development credentials are refused.
+    Aws,
+    /// The local stack (`infra/local/env` sets it): endpoint `http://127.0.0.1:9000`,
+    /// region `us-east-1` and path-style addressing unless set, development credentials
+    /// allowed.
+    Local,
+}
+
+/// The local stack's S3 secret key (infra/local/lib.sh, infra/docker-compose.yml): refused
+/// outside `s3.profile = "local"`, so a deployment cannot run on it by accident.
+pub const LOCAL_DEV_S3_SECRET: &str = "weir-secret-key";
+
 /// S3 settings for the content-addressed store.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct S3Config {
-    /// Endpoint of an S3-compatible server (env: S3_ENDPOINT_URL); empty means AWS itself.
+    /// `aws` (default) or `local` (env: WEIR__S3__PROFILE; `infra/local/env` sets `local`).
+    pub profile: S3Profile,
+    /// Endpoint of an S3-compatible server (env: S3_ENDPOINT_URL); empty means AWS itself
+    /// (or the local stack's server under the `local` profile).
     pub endpoint_url: String,
     /// Bucket name (env: S3_BUCKET).
     pub bucket: String,
-    /// Region (env: AWS_REGION).
+    /// Region (env: AWS_REGION); empty means the AWS SDK's region chain (`us-east-1` under
+    /// the `local` profile).
     pub region: String,
     /// Access key id (env: AWS_ACCESS_KEY_ID); empty means the default AWS credential chain.
     pub access_key_id: String,
     /// Secret access key (env: AWS_SECRET_ACCESS_KEY).
     pub secret_access_key: Secret<String>,
-    /// Path-style addressing (`endpoint/bucket/key`), needed by most local S3 servers.
+    /// Path-style addressing (`endpoint/bucket/key`), needed by most S3-compatible servers;
+    /// always on under the `local` profile.
     pub force_path_style: bool,
 }
 
 impl Default for S3Config {
     fn default() -> Self {
         Self {
-            endpoint_url: "http://127.0.0.1:9000".into(),
+            profile: S3Profile::Aws,
+            endpoint_url: String::new(),
             bucket: "weir-cas".into(),
-            region: "us-east-1".into(),
-            access_key_id: "weir".into(),
-            secret_access_key: Secret::new("weir-secret-key".into()),
-            force_path_style: true,
+            region: String::new(),
+            access_key_id: String::new(),
+            secret_access_key: Secret::default(),
+            force_path_style: false,
+        }
+    }
+}
+
+impl S3Config {
+    /// The endpoint to use, if not AWS's own.
+    pub fn effective_endpoint(&self) -> Option<&str> {
+        match (self.endpoint_url.as_str(), self.profile) {
+            ("", S3Profile::Local) => Some("http://127.0.0.1:9000"),
+            ("", S3Profile::Aws) => None,
+            (url, _) => Some(url),
+        }
+    }
+
+    /// The region to use; `None` leaves it to the AWS SDK's chain.
+    pub fn effective_region(&self) -> Option<&str> {
+        match (self.region.as_str(), self.profile) {
+            ("", S3Profile::Local) => Some("us-east-1"),
+            ("", S3Profile::Aws) => None,
+            (region, _) => Some(region),
+        }
+    }
+
+    /// Whether to address buckets by path.
+    pub fn path_style(&self) -> bool {
+        self.force_path_style || self.profile == S3Profile::Local
+    }
+
+    fn problems(&self, p: &mut Vec<String>) {
+        if !self.endpoint_url.is_empty() && !self.endpoint_url.starts_with("http") {
+            p.push("s3.endpoint_url: must be an http(s) URL or empty".into());
+        }
+        if self.profile != S3Profile::Local
+            && self.secret_access_key.expose() == LOCAL_DEV_S3_SECRET
+        {
+            p.push(
+                "s3.secret_access_key: the local stack's development credentials are refused \
+                 outside s3.profile = \"local\" (infra/local/env sets WEIR__S3__PROFILE=local); \
+                 use real credentials or leave them empty for the AWS default chain"
+                    .into(),
+            );
+        }
+        if self.access_key_id.is_empty() != self.secret_access_key.expose().is_empty() {
+            p.push(
+                "s3.access_key_id/secret_access_key: set both, or neither for the AWS default \
+                 credential chain"
+                    .into(),
+            );
         }
     }
 }
@@ -214,6 +340,12 @@ pub struct RuntimeConfig {
     pub shutdown_deadline_ms: u64,
     /// Whether undecodable or rejected records go to the dead-letter topic (else the batch stops).
     pub dead_letter: bool,
+    /// How often a batch is retried on an error that only looks transient (an unknown or
+    /// internal SQLSTATE, a statement timeout, out of memory) before it is bisected like a
+    /// data error, so a record whose content causes it ends in the dead-letter topic instead
+    /// of stopping its partitions. Clearly environmental errors (connections, deadlocks,
+    /// failovers) are retried for as long as they last.
+    pub suspect_retries: u32,
     /// Consumers per processor in one process. Each is a member of the group, so partitions
     /// spread over them and their batches run concurrently: one batch's folding overlaps
     /// another's Postgres work. The default, 2, suits the 2-core machines weir is sized for
@@ -230,6 +362,7 @@ impl Default for RuntimeConfig {
             retry_max_ms: 10_000,
             shutdown_deadline_ms: 15_000,
             dead_letter: true,
+            suspect_retries: 5,
             consumers: 2,
         }
     }
@@ -364,6 +497,27 @@ pub struct MaterializerConfig {
     /// grow with the load by themselves, and a patch arriving at an idle materializer is
     /// applied at once instead of waiting for company.
     pub max_wait_ms: u64,
+    /// Most operations in one patch; more is rejected (`budget_ops`; 422 at the gateway).
+    pub patch_max_operations: usize,
+    /// Most bytes (compact JSON) one patch may produce or compare: every `add`, `replace`
+    /// and `test` value, every value a `copy` duplicates (`copy` from `""` doubles the
+    /// document), every value a `move` nests deeper. Checked before each operation
+    /// allocates; more is rejected (`budget_bytes`). At least `max_definition_bytes`, so a
+    /// workflow of the largest size can be created in one operation.
+    pub patch_max_bytes: usize,
+    /// Deepest nesting, counted from the document root, of any value a patch places (and
+    /// of `test` values), and most reference tokens in a pointer; deeper is rejected
+    /// (`budget_depth`, `budget_pointer`). Bounds every recursion over a stored definition
+    /// (copy, compare, serialize, validate, drop). 4 to 100: serde_json parses at most 128
+    /// levels, and a stored definition is parsed again wherever it is read.
+    pub patch_max_depth: usize,
+    /// Longest pointer (`path`, `from`) in a patch, in bytes; longer is rejected
+    /// (`budget_pointer`). Pointers end up in rejection reasons and the patch log.
+    pub patch_max_pointer_bytes: usize,
+    /// Most array elements one patch may shift by inserting into or removing from the
+    /// middle of an array (each shift is a memory move; appending shifts none); more is
+    /// rejected (`budget_work`).
+    pub patch_max_array_shifts: usize,
 }
 
 impl Default for MaterializerConfig {
@@ -376,6 +530,11 @@ impl Default for MaterializerConfig {
             head_cache_bytes: 64 * 1024 * 1024,
             max_batch: 3_000,
             max_wait_ms: 0,
+            patch_max_operations: 10_000,
+            patch_max_bytes: 4 * 1024 * 1024,
+            patch_max_depth: 64,
+            patch_max_pointer_bytes: 4096,
+            patch_max_array_shifts: 4 * 1024 * 1024,
         }
     }
 }
@@ -384,12 +543,48 @@ impl Default for MaterializerConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewayConfig {
-    /// Address the API listens on (also serves /metrics, /healthz, /readyz, /openapi.json).
+    /// Address the API listens on (also serves /healthz, /readyz, /openapi.json; /metrics is
+    /// only on `telemetry.listen`).
     pub listen: SocketAddr,
     /// Largest request body accepted, in bytes; larger bodies get 413.
     pub max_body_bytes: usize,
-    /// How long a looked-up API key (or an unknown one) is trusted from memory, in ms.
+    /// How long a found API key is trusted from memory, in ms: a revoked key keeps working
+    /// at most this long.
     pub key_cache_ttl_ms: u64,
+    /// How long a key Postgres does not know is answered 401 from memory, in ms: a key
+    /// created after it was tried works at most this long later.
+    pub negative_key_cache_ttl_ms: u64,
+    /// Most unknown keys remembered (a separate map from found keys: never evicts them).
+    pub max_negative_keys: usize,
+    /// Key lookups finding no key allowed per second per client address (sustained); beyond
+    /// it, keys not already known are answered 429 without a lookup.
+    pub unknown_key_rate_per_sec: u32,
+    /// Burst of the per-client budget of lookups finding no key.
+    pub unknown_key_burst: u32,
+    /// Requests per second allowed per client address before authentication (sustained).
+    pub client_rate_limit_per_sec: u32,
+    /// Burst of the per-client request bucket.
+    pub client_rate_limit_burst: u32,
+    /// Take the client address from the last `X-Forwarded-For` entry (the one the load
+    /// balancer in front appended) instead of the TCP peer. Only behind a trusted proxy.
+    pub client_ip_from_forwarded_for: bool,
+    /// Most open client connections; beyond it new connections are closed at once.
+    pub max_connections: usize,
+    /// Most open connections per client address (TCP peer).
+    pub max_connections_per_client: usize,
+    /// Time a client has to send a request's headers once it started sending them, in ms;
+    /// then the connection is closed (slow-header clients).
+    pub header_read_timeout_ms: u64,
+    /// Time a connection may stay open with no request, in ms (keep it above the idle
+    /// timeout of a load balancer in front, 60 s on an ALB).
+    pub idle_timeout_ms: u64,
+    /// Time a client has to send a request's body once its headers arrived, in ms; then 408.
+    pub body_read_timeout_ms: u64,
+    /// Largest request head (request line and headers), in bytes; larger: 431. At least 8192.
+    pub max_header_bytes: usize,
+    /// How long an Idempotency-Key (and the hash of the body it was first used with) is
+    /// remembered, in seconds.
+    pub idempotency_ttl_secs: u64,
     /// Sustained requests per second allowed per workspace (token bucket refill rate).
     pub rate_limit_per_sec: u32,
     /// Burst size of a workspace's token bucket.
@@ -411,6 +606,20 @@ impl Default for GatewayConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_body_bytes: 1024 * 1024,
             key_cache_ttl_ms: 10_000,
+            negative_key_cache_ttl_ms: 2_000,
+            max_negative_keys: 100_000,
+            unknown_key_rate_per_sec: 5,
+            unknown_key_burst: 50,
+            client_rate_limit_per_sec: 50_000,
+            client_rate_limit_burst: 100_000,
+            client_ip_from_forwarded_for: false,
+            max_connections: 10_000,
+            max_connections_per_client: 1_000,
+            header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 75_000,
+            body_read_timeout_ms: 30_000,
+            max_header_bytes: 16 * 1024,
+            idempotency_ttl_secs: 86_400,
             rate_limit_per_sec: 50_000,
             rate_limit_burst: 100_000,
             max_in_flight: 20_000,
@@ -498,11 +707,9 @@ pub struct CacheConfig {
     pub openai_model: String,
     /// API key for the `openai` embedder (env: WEIR__CACHE__OPENAI_API_KEY).
     pub openai_api_key: Secret<String>,
-    /// Whether a synchronous lookup ([`CacheConfig`] users: the gateway) waits for its audit
-    /// row and hit count to be flushed to disk. false: `synchronous_commit = off` for that
-    /// transaction only — a Postgres crash may lose the last ~0.6 s of audit rows, never a
-    /// served result's integrity; the processor's batches are always durable.
-    pub durable_lookups: bool,
+    /// Longest prompt accepted, in bytes (UTF-8). A longer prompt is refused before it is
+    /// hashed or embedded: a dead letter on weir.cache.v1, 422 at the gateway.
+    pub max_prompt_bytes: usize,
     /// HNSW `ef_search` for semantic lookups (candidate list size; higher is slower, better recall).
     pub hnsw_ef_search: u32,
     /// Results larger than this are not cached, in bytes.
@@ -554,7 +761,7 @@ impl Default for CacheConfig {
             openai_base_url: "https://api.openai.com".into(),
             openai_model: "text-embedding-3-small".into(),
             openai_api_key: Secret::default(),
-            durable_lookups: false,
+            max_prompt_bytes: 32 * 1024,
             hnsw_ef_search: 100,
             max_result_bytes: 16 * 1024 * 1024,
             sweep_interval_ms: 60_000,
@@ -759,9 +966,7 @@ impl Config {
         if !self.schema_registry.url.starts_with("http") {
             p.push("schema_registry.url: must be an http(s) URL".into());
         }
-        if !self.s3.endpoint_url.is_empty() && !self.s3.endpoint_url.starts_with("http") {
-            p.push("s3.endpoint_url: must be an http(s) URL or empty".into());
-        }
+        self.s3.problems(&mut p);
         if self.cas.multipart_part_bytes < 5 * 1024 * 1024 {
             p.push("cas.multipart_part_bytes: S3 needs at least 5 MiB".into());
         }
@@ -773,6 +978,19 @@ impl Config {
         }
         if self.relay.batch_size == 0 {
             p.push("relay.batch_size: must be at least 1".into());
+        }
+        let m = &self.materializer;
+        if m.patch_max_operations == 0 {
+            p.push("materializer.patch_max_operations: must be at least 1".into());
+        }
+        if m.patch_max_bytes < m.max_definition_bytes {
+            p.push("materializer.patch_max_bytes: must be at least max_definition_bytes".into());
+        }
+        if !(4..=100).contains(&m.patch_max_depth) {
+            p.push("materializer.patch_max_depth: 4 to 100".into());
+        }
+        if m.patch_max_pointer_bytes < 256 {
+            p.push("materializer.patch_max_pointer_bytes: must be at least 256".into());
         }
         if self.materializer.inline_definition_max_bytes > self.materializer.max_definition_bytes {
             p.push(
@@ -788,6 +1006,32 @@ impl Config {
         }
         if self.gateway.max_in_flight == 0 {
             p.push("gateway.max_in_flight: must be at least 1".into());
+        }
+        let g = &self.gateway;
+        if g.client_rate_limit_per_sec == 0
+            || g.client_rate_limit_burst == 0
+            || g.unknown_key_rate_per_sec == 0
+            || g.unknown_key_burst == 0
+        {
+            p.push(
+                "gateway.client_rate_limit_*/unknown_key_*: rates and bursts must be at least 1"
+                    .into(),
+            );
+        }
+        if g.max_connections == 0 || g.max_connections_per_client == 0 || g.max_negative_keys == 0 {
+            p.push(
+                "gateway.max_connections/max_connections_per_client/max_negative_keys: must be at least 1"
+                    .into(),
+            );
+        }
+        if g.header_read_timeout_ms == 0 || g.idle_timeout_ms == 0 || g.body_read_timeout_ms == 0 {
+            p.push(
+                "gateway.header_read_timeout_ms/idle_timeout_ms/body_read_timeout_ms: must be at least 1"
+                    .into(),
+            );
+        }
+        if g.max_header_bytes < 8192 {
+            p.push("gateway.max_header_bytes: must be at least 8192".into());
         }
         if self.coordinator.timer_poll_ms == 0 || self.coordinator.timer_batch < 1 {
             p.push("coordinator.timer_poll_ms/timer_batch: must be at least 1".into());
@@ -805,6 +1049,9 @@ impl Config {
         }
         if self.cache.embedder == EmbedderKind::Local && self.cache.dimensions != 384 {
             p.push("cache.dimensions: the local embedder (all-MiniLM-L6-v2) has 384".into());
+        }
+        if !(1..=1 << 20).contains(&self.cache.max_prompt_bytes) {
+            p.push("cache.max_prompt_bytes: 1 to 1048576".into());
         }
         if self.cache.embed_batch == 0 || self.cache.sweep_batch < 1 {
             p.push("cache.embed_batch/sweep_batch: must be at least 1".into());
@@ -985,6 +1232,114 @@ mod tests {
             !shown.contains("weir-secret-key"),
             "the S3 secret must not print"
         );
+    }
+
+    #[test]
+    fn s3_defaults_are_aws_and_dev_credentials_need_the_local_profile() {
+        let cfg = Config::load_from(None, env(&[])).unwrap();
+        assert_eq!(cfg.s3.profile, S3Profile::Aws);
+        assert_eq!(cfg.s3.effective_endpoint(), None, "no endpoint: AWS itself");
+        assert_eq!(
+            cfg.s3.effective_region(),
+            None,
+            "no region: the SDK's chain"
+        );
+        assert!(cfg.s3.access_key_id.is_empty(), "no key: the SDK's chain");
+        assert!(!cfg.s3.path_style());
+
+        // What infra/local/env prints, without the profile: refused.
+        let local = [
+            ("S3_ENDPOINT_URL", "http://127.0.0.1:9000"),
+            ("AWS_ACCESS_KEY_ID", "weir"),
+            ("AWS_SECRET_ACCESS_KEY", LOCAL_DEV_S3_SECRET),
+            ("AWS_REGION", "us-east-1"),
+        ];
+        let err = Config::load_from(None, env(&local))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("development credentials are refused"), "{err}");
+        assert!(
+            !err.contains(LOCAL_DEV_S3_SECRET),
+            "the secret must not print: {err}"
+        );
+
+        // With it: accepted, path-style.
+        let mut with_profile = local.to_vec();
+        with_profile.push(("WEIR__S3__PROFILE", "local"));
+        let cfg = Config::load_from(None, env(&with_profile)).unwrap();
+        assert_eq!(cfg.s3.profile, S3Profile::Local);
+        assert!(cfg.s3.path_style());
+        assert_eq!(cfg.s3.effective_endpoint(), Some("http://127.0.0.1:9000"));
+
+        // The local profile alone fills in the local server.
+        let cfg = Config::load_from(None, env(&[("WEIR__S3__PROFILE", "local")])).unwrap();
+        assert_eq!(cfg.s3.effective_endpoint(), Some("http://127.0.0.1:9000"));
+        assert_eq!(cfg.s3.effective_region(), Some("us-east-1"));
+
+        // Half a key pair is a mistake.
+        let err = Config::load_from(None, env(&[("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("set both"), "{err}");
+    }
+
+    #[test]
+    fn kafka_secrets_are_redacted_in_debug_output() {
+        let cfg = Config::load_from(
+            None,
+            env(&[
+                ("WEIR__KAFKA__CONSUMER__SASL__PASSWORD", "hunter2-consumer"),
+                ("WEIR__KAFKA__PRODUCER__SASL__PASSWORD", "hunter2-producer"),
+                ("WEIR__KAFKA__PRODUCER__SSL__KEY__PASSWORD", "keypass-1"),
+                ("WEIR__KAFKA__CONSUMER__SASL__USERNAME", "weir-user"),
+                ("WEIR__KAFKA__CONSUMER__FETCH__WAIT__MAX__MS", "20"),
+            ]),
+        )
+        .unwrap();
+        let mut cfg = cfg;
+        for (k, v) in [
+            ("ssl.keystore.password", "keystore-2"),
+            ("sasl.oauthbearer.client.secret", "oauth-3"),
+            ("ssl.key.pem", "-----BEGIN PRIVATE KEY-----4"),
+            ("sasl.jaas.config", "jaas-5"),
+            ("ssl.truststore.password", "trust-6"),
+            ("sasl.oauthbearer.config", "principal=x secret-7"),
+        ] {
+            cfg.kafka.consumer.insert(k.into(), v.into());
+        }
+        let shown = format!("{cfg:#?}");
+        for secret in [
+            "hunter2-consumer",
+            "hunter2-producer",
+            "keypass-1",
+            "keystore-2",
+            "oauth-3",
+            "PRIVATE KEY",
+            "jaas-5",
+            "trust-6",
+            "secret-7",
+        ] {
+            assert!(!shown.contains(secret), "{secret} printed:\n{shown}");
+        }
+        assert!(shown.contains("weir-user"), "non-secrets still print");
+        assert!(shown.contains("\"20\""), "non-secrets still print");
+        for k in [
+            "sasl.password",
+            "ssl.key.password",
+            "ssl.ca.pem",
+            "my.api.key",
+            "x.token",
+        ] {
+            assert!(is_secret_key(k), "{k}");
+        }
+        for k in [
+            "sasl.username",
+            "fetch.wait.max.ms",
+            "security.protocol",
+            "ssl.ca.location",
+        ] {
+            assert!(!is_secret_key(k), "{k}");
+        }
     }
 
     #[test]

@@ -10,18 +10,27 @@
 //!   already and is skipped; positions move only in the transaction that applied the records.
 //!   Two consumers that both believe they own a partition serialize on the position row lock,
 //!   and the second one sees the advanced position.
+//! - Positions are the truth: a newly assigned partition is paused until it has been sought
+//!   to the next offset stored in Postgres (the beginning if none is stored), so a database
+//!   restored behind Kafka re-applies what it lost instead of skipping it, and a Kafka
+//!   committed offset behind Postgres costs no redelivery.
 //! - Kafka offsets are stored only after the commit and only report lag.
 //! - Per-partition order: records are handed to the processor in offset order per partition.
 //! - Poison records (undecodable, unknown schema, rejected by the processor, or a record that
 //!   makes the batch fail with a data error) go to the dead-letter topic with their original
 //!   bytes; the batch carries on. Dead letters are acknowledged by the broker before the
 //!   transaction commits (at least once into the DLQ; its headers carry the coordinates).
+//! - One bad record costs one record: a batch that fails on a data error is bisected (halves
+//!   tried in offset order, recursively), so the good records still commit in batches and k
+//!   poison records in n cost O(k log n) transactions, not n ([`Bisection`]).
 //! - Transient failures roll the batch back and retry it with capped exponential backoff;
-//!   nothing new is read meanwhile, which is the backpressure.
+//!   nothing new is read meanwhile, which is the backpressure. A failure that only looks
+//!   transient ([`ApplyError::is_suspect`]) is retried `runtime.suspect_retries` times and
+//!   then bisected like a data error, so no record can stop its partitions forever.
 //! - No batch straddles a revoke: records of a partition revoked while a batch was being
 //!   gathered are dropped from it before it is applied.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,6 +43,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use sqlx::{PgConnection, PgPool};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
@@ -121,8 +131,11 @@ struct Raw {
 #[derive(Default)]
 struct RebalanceLog {
     generation: u64,
-    /// Partition → generation of its latest revoke.
-    revoked_at: HashMap<i32, u64>,
+    /// Partition → generation of its latest revoke, assignment or seek: records of the
+    /// partition received before it are stale and dropped from a batch.
+    fenced_at: HashMap<i32, u64>,
+    /// Partitions assigned and paused, not yet sought to their position in Postgres.
+    unpositioned: BTreeSet<i32>,
     assigned: usize,
 }
 
@@ -130,6 +143,9 @@ struct RebalanceLog {
 struct Ctx {
     group: String,
     log: Arc<Mutex<RebalanceLog>>,
+    /// Wakes the loop out of a wait for records when partitions were assigned: they are
+    /// paused until the loop seeks them, and may be all it has.
+    wake: Arc<Notify>,
 }
 
 impl Ctx {
@@ -159,19 +175,32 @@ impl ConsumerContext for Ctx {
         let generation = log.generation;
         if let Rebalance::Revoke(tpl) = rebalance {
             for e in tpl.elements() {
-                log.revoked_at.insert(e.partition(), generation);
+                log.fenced_at.insert(e.partition(), generation);
+                log.unpositioned.remove(&e.partition());
             }
             log.assigned = log.assigned.saturating_sub(tpl.count());
             info!(group = %self.group, partitions = tpl.count(), "partitions revoked");
         }
     }
 
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let mut log = self.lock();
         log.generation += 1;
+        let generation = log.generation;
         match rebalance {
             Rebalance::Assign(tpl) => {
                 log.assigned += tpl.count();
+                // Kafka starts the partitions at its committed offsets; Postgres decides.
+                // SQL cannot run in this callback, so the loop seeks them (seek_to_positions)
+                // and resumes them; until then nothing is fetched from them.
+                if let Err(e) = consumer.pause(tpl) {
+                    warn!(group = %self.group, error = %e, "pausing assigned partitions");
+                }
+                for e in tpl.elements() {
+                    log.fenced_at.insert(e.partition(), generation);
+                    log.unpositioned.insert(e.partition());
+                }
+                self.wake.notify_one();
                 info!(group = %self.group, partitions = tpl.count(), "partitions assigned");
             }
             Rebalance::Error(e) => warn!(group = %self.group, error = %e, "rebalance error"),
@@ -255,9 +284,11 @@ impl<P: Processor> BatchConsumer<P> {
     /// leaves its group.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), RuntimeError> {
         let log = Arc::new(Mutex::new(RebalanceLog::default()));
+        let wake = Arc::new(Notify::new());
         let ctx = Ctx {
             group: self.group.clone(),
             log: log.clone(),
+            wake: wake.clone(),
         };
         let consumer: StreamConsumer<Ctx> = crate::kafka::consumer_config_with(
             &self.cfg.kafka,
@@ -274,9 +305,10 @@ impl<P: Processor> BatchConsumer<P> {
         info!(group = %self.group, topic = %self.topic, "consuming");
 
         while !shutdown.is_cancelled() {
+            self.seek_to_positions(&consumer, &log, &shutdown).await;
             let batch = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                b = self.gather(&consumer, &log) => b,
+                b = self.gather(&consumer, &log, &wake) => b,
             };
             if batch.is_empty() {
                 continue;
@@ -334,12 +366,100 @@ impl<P: Processor> BatchConsumer<P> {
         self.cfg.runtime.backoff(attempt)
     }
 
+    /// Seeks every newly assigned (paused) partition to the next offset stored in Postgres,
+    /// or to the beginning when none is stored, and resumes it. Returns when none is left
+    /// unpositioned or on shutdown. A partition whose fetcher has not started yet (librdkafka
+    /// answers the seek with a state error until it has looked up the committed offset) is
+    /// tried again shortly; Postgres being down is waited out with backoff.
+    async fn seek_to_positions(
+        &self,
+        consumer: &StreamConsumer<Ctx>,
+        log: &Arc<Mutex<RebalanceLog>>,
+        shutdown: &CancellationToken,
+    ) {
+        let mut attempt = 0u32;
+        loop {
+            let pending: Vec<i32> = {
+                let log = log.lock().unwrap_or_else(|p| p.into_inner());
+                log.unpositioned.iter().copied().collect()
+            };
+            if pending.is_empty() || shutdown.is_cancelled() {
+                return;
+            }
+            let stored = sqlx::query!(
+                r#"SELECT partition, next_offset FROM weir_consumer_positions
+                   WHERE consumer_group = $1 AND topic = $2 AND partition = ANY($3::int[])"#,
+                &self.group,
+                &self.topic,
+                &pending,
+            )
+            .fetch_all(&self.pool)
+            .await;
+            let delay = match stored {
+                Err(e) => {
+                    attempt += 1;
+                    warn!(group = %self.group, error = %e, attempt,
+                        "reading consumer positions; assigned partitions stay paused");
+                    self.backoff(attempt)
+                }
+                Ok(rows) => {
+                    let stored: HashMap<i32, i64> = rows
+                        .into_iter()
+                        .map(|r| (r.partition, r.next_offset))
+                        .collect();
+                    let mut positioned = TopicPartitionList::new();
+                    let mut left = 0usize;
+                    for p in pending {
+                        let offset = stored
+                            .get(&p)
+                            .map_or(Offset::Beginning, |n| Offset::Offset(*n));
+                        match consumer.seek(&self.topic, p, offset, Duration::from_secs(5)) {
+                            Ok(()) => {
+                                debug!(group = %self.group, partition = p, ?offset,
+                                    "partition positioned from Postgres");
+                                positioned.add_partition(&self.topic, p);
+                            }
+                            Err(e) => {
+                                debug!(group = %self.group, partition = p, error = %e,
+                                    "seek not possible yet");
+                                left += 1;
+                            }
+                        }
+                    }
+                    {
+                        let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+                        log.generation += 1;
+                        let generation = log.generation;
+                        for e in positioned.elements() {
+                            log.unpositioned.remove(&e.partition());
+                            log.fenced_at.insert(e.partition(), generation);
+                        }
+                    }
+                    if positioned.count() > 0 {
+                        if let Err(e) = consumer.resume(&positioned) {
+                            warn!(group = %self.group, error = %e, "resuming partitions");
+                        }
+                    }
+                    if left == 0 {
+                        return;
+                    }
+                    Duration::from_millis(50)
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+
     /// Gathers one batch: waits for the first record, then takes more for at most
     /// `max_wait_ms` or until `max_batch`. Drops records of partitions revoked meanwhile.
     async fn gather(
         &self,
         consumer: &StreamConsumer<Ctx>,
         log: &Arc<Mutex<RebalanceLog>>,
+        wake: &Notify,
     ) -> Vec<Raw> {
         let max = self
             .processor
@@ -349,11 +469,16 @@ impl<P: Processor> BatchConsumer<P> {
         let mut batch = Vec::new();
         let mut deadline = None;
         while batch.len() < max {
+            // An assignment ends the gathering: its partitions wait paused for their seek.
             let received = match deadline {
-                None => consumer.recv().await,
+                None => tokio::select! {
+                    r = consumer.recv() => r,
+                    _ = wake.notified() => break,
+                },
                 Some(d) => tokio::select! {
                     biased;
                     r = consumer.recv() => r,
+                    _ = wake.notified() => break,
                     _ = tokio::time::sleep_until(d) => break,
                 },
             };
@@ -402,75 +527,90 @@ impl<P: Processor> BatchConsumer<P> {
         }
         let log = log.lock().unwrap_or_else(|p| p.into_inner());
         batch.retain(|r| {
-            log.revoked_at
-                .get(&r.coords.partition)
-                .is_none_or(|revoked| r.generation >= *revoked)
+            !log.unpositioned.contains(&r.coords.partition)
+                && log
+                    .fenced_at
+                    .get(&r.coords.partition)
+                    .is_none_or(|fenced| r.generation >= *fenced)
         });
         batch
     }
 
-    /// Applies a batch, retrying transient failures, splitting it when one record breaks it.
+    /// Applies a batch, retrying transient failures, bisecting it when a record breaks it.
     async fn process(
         &self,
         consumer: &StreamConsumer<Ctx>,
         batch: Vec<Raw>,
         shutdown: &CancellationToken,
     ) -> Result<(), RuntimeError> {
-        let mut queue: Vec<(Vec<Raw>, Option<String>)> = vec![(batch, None)];
-        while let Some((batch, forced)) = queue.pop() {
+        let mut plan = Bisection::new(batch.len());
+        while let Some(piece) = plan.next_piece() {
+            let part = &batch[piece.start..piece.end];
             let mut attempt = 0u32;
+            let mut suspect = 0u32;
             loop {
-                let first = &batch[0].coords;
+                let first = &part[0].coords;
                 let span = info_span!("batch",
                     messaging.system = "kafka",
                     messaging.consumer.group.name = %self.group,
                     messaging.destination.name = %first.topic,
                     messaging.destination.partition.id = first.partition,
                     messaging.kafka.offset = first.offset,
-                    messaging.batch.message_count = batch.len());
+                    messaging.batch.message_count = part.len());
                 let deadline = Duration::from_millis(self.cfg.runtime.shutdown_deadline_ms);
                 let attempt_result = tokio::select! {
-                    r = self.try_batch(&batch, forced.as_deref()).instrument(span) => r,
+                    r = self.try_batch(part, piece.forced.as_deref()).instrument(span) => r,
                     _ = async { shutdown.cancelled().await; tokio::time::sleep(deadline).await } => {
                         warn!(group = %self.group, "shutdown deadline passed; batch rolled back");
                         return Ok(());
                     }
                 };
-                match attempt_result {
+                let e = match attempt_result {
                     Ok(outcome) => {
                         self.after_commit(consumer, outcome);
                         break;
                     }
-                    Err(e) => match e.disposition() {
-                        Disposition::Retry => {
-                            attempt += 1;
-                            metrics::counter!(m::BATCH_RETRIES, "group" => self.group.clone())
+                    Err(e) => e,
+                };
+                let mut disposition = e.disposition();
+                if disposition == Disposition::Retry && e.is_suspect() {
+                    suspect += 1;
+                    if suspect > self.cfg.runtime.suspect_retries {
+                        warn!(group = %self.group, first = %first, error = %e, suspect,
+                            "batch keeps failing on an error its content may cause; bisecting it");
+                        disposition = Disposition::DeadLetter;
+                    }
+                }
+                match disposition {
+                    Disposition::Retry => {
+                        attempt += 1;
+                        metrics::counter!(m::BATCH_RETRIES, "group" => self.group.clone())
+                            .increment(1);
+                        warn!(group = %self.group, first = %first, error = %e, attempt, "batch failed; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(self.backoff(attempt)) => {}
+                            _ = shutdown.cancelled() => return Ok(()),
+                        }
+                    }
+                    Disposition::DeadLetter if piece.forced.is_none() => {
+                        if part.len() > 1 {
+                            metrics::counter!(m::BATCH_SPLITS, "group" => self.group.clone())
                                 .increment(1);
-                            warn!(group = %self.group, first = %first, error = %e, attempt, "batch failed; retrying");
-                            tokio::select! {
-                                _ = tokio::time::sleep(self.backoff(attempt)) => {}
-                                _ = shutdown.cancelled() => return Ok(()),
-                            }
+                            warn!(group = %self.group, first = %first, records = part.len(), error = %e,
+                                "batch failed on a data error; bisecting it");
                         }
-                        Disposition::DeadLetter if batch.len() > 1 => {
-                            warn!(group = %self.group, first = %first, error = %e,
-                                "batch failed on a data error; applying its records one by one");
-                            // Reverse, because the queue pops from the end: keep offset order.
-                            queue.extend(batch.into_iter().rev().map(|r| (vec![r], None)));
-                            break;
-                        }
-                        Disposition::DeadLetter => {
-                            queue.push((batch, Some(e.to_string())));
-                            break;
-                        }
-                        Disposition::Fatal => {
-                            error!(group = %self.group, first = %first, error = %e, "batch failed fatally");
-                            return Err(RuntimeError::FatalBatch {
-                                first: first.clone(),
-                                source: e,
-                            });
-                        }
-                    },
+                        plan.failed(piece, e.to_string());
+                        break;
+                    }
+                    // A dead-lettering attempt applies nothing of the processor's; failing
+                    // on data there is weir's bug.
+                    Disposition::DeadLetter | Disposition::Fatal => {
+                        error!(group = %self.group, first = %first, error = %e, "batch failed fatally");
+                        return Err(RuntimeError::FatalBatch {
+                            first: first.clone(),
+                            source: e,
+                        });
+                    }
                 }
             }
         }
@@ -740,10 +880,128 @@ impl<P: Processor> BatchConsumer<P> {
     }
 }
 
+/// A contiguous part of a batch still to be applied (indices `start..end`), and, for a
+/// single record that failed on its own, the reason to dead-letter it with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Piece {
+    start: usize,
+    end: usize,
+    forced: Option<String>,
+}
+
+/// The order in which the parts of a batch are tried. The whole batch first; a part that
+/// fails on a data error is split into halves, tried in offset order (the first half commits
+/// before the second is tried, so per-partition order holds); a single record that still
+/// fails is dead-lettered with the error as its reason. Every good record is applied exactly
+/// once, in order, and k poison records among n cost at most about 3k·log2(n) attempts,
+/// each of which commits a whole part of good records.
+#[derive(Debug)]
+struct Bisection {
+    /// Parts left, the next on top.
+    stack: Vec<Piece>,
+}
+
+impl Bisection {
+    fn new(len: usize) -> Self {
+        let stack = if len == 0 {
+            Vec::new()
+        } else {
+            vec![Piece {
+                start: 0,
+                end: len,
+                forced: None,
+            }]
+        };
+        Self { stack }
+    }
+
+    fn next_piece(&mut self) -> Option<Piece> {
+        self.stack.pop()
+    }
+
+    /// `piece` failed on a data error described by `reason`.
+    fn failed(&mut self, piece: Piece, reason: String) {
+        if piece.end - piece.start > 1 {
+            let mid = piece.start + (piece.end - piece.start) / 2;
+            // Pushed second half first: the stack pops the first half next.
+            self.stack.push(Piece {
+                start: mid,
+                end: piece.end,
+                forced: None,
+            });
+            self.stack.push(Piece {
+                start: piece.start,
+                end: mid,
+                forced: None,
+            });
+        } else {
+            self.stack.push(Piece {
+                forced: Some(reason),
+                ..piece
+            });
+        }
+    }
+}
+
 fn header_str(headers: &[(String, Option<Vec<u8>>)], name: &str) -> Option<String> {
     headers
         .iter()
         .find(|(k, _)| k == name)
         .and_then(|(_, v)| v.as_ref())
         .and_then(|v| String::from_utf8(v.clone()).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Drives a [`Bisection`] against records of which `poison` break any part holding them;
+    /// returns (what happened to each record in order: true applied, false dead-lettered,
+    /// attempts made).
+    fn simulate(n: usize, poison: &BTreeSet<usize>) -> (Vec<(usize, bool)>, usize) {
+        let mut plan = Bisection::new(n);
+        let mut done = Vec::new();
+        let mut attempts = 0;
+        while let Some(piece) = plan.next_piece() {
+            attempts += 1;
+            assert!(attempts <= 10 * n + 10, "the bisection does not end");
+            if piece.forced.is_some() {
+                done.extend((piece.start..piece.end).map(|i| (i, false)));
+            } else if (piece.start..piece.end).any(|i| poison.contains(&i)) {
+                plan.failed(piece, "poison".into());
+            } else {
+                done.extend((piece.start..piece.end).map(|i| (i, true)));
+            }
+        }
+        (done, attempts)
+    }
+
+    #[test]
+    fn one_poison_record_in_three_thousand_costs_a_few_dozen_attempts() {
+        let poison = BTreeSet::from([1_234]);
+        let (done, attempts) = simulate(3_000, &poison);
+        assert_eq!(done.len(), 3_000);
+        assert!(attempts <= 30, "{attempts} attempts");
+        assert_eq!(done.iter().filter(|(_, ok)| !ok).count(), 1);
+    }
+
+    proptest! {
+        #[test]
+        fn every_good_record_applies_once_in_order_and_every_poison_is_dead_lettered(
+            n in 1usize..3_000,
+            picks in proptest::collection::vec(any::<prop::sample::Index>(), 0..12),
+        ) {
+            let poison: BTreeSet<usize> = picks.iter().map(|i| i.index(n)).collect();
+            let (done, attempts) = simulate(n, &poison);
+            let order: Vec<usize> = done.iter().map(|(i, _)| *i).collect();
+            prop_assert_eq!(order, (0..n).collect::<Vec<_>>(), "each record once, in offset order");
+            for (i, applied) in &done {
+                prop_assert_eq!(*applied, !poison.contains(i), "record {}", i);
+            }
+            let k = poison.len();
+            let depth = (usize::BITS - n.leading_zeros()) as usize + 1;
+            prop_assert!(attempts <= 1 + 3 * k * depth, "{} attempts for k={} n={}", attempts, k, n);
+        }
+    }
 }

@@ -139,9 +139,9 @@ pub enum ApplyError {
 }
 
 impl ApplyError {
-    /// Transient database problems (connection lost, serialization failure, deadlock,
-    /// too many connections, shutdown) are retried. Data errors (SQLSTATE class 22, 23)
-    /// come from a bad record and are dead-lettered after the batch is split to find it.
+    /// What the consumer loop does with it. Postgres errors are classified by SQLSTATE
+    /// class ([`postgres_class`]): environmental ones are retried, content-caused ones are
+    /// dead-lettered after the batch is bisected to find the record, bugs are fatal.
     pub fn disposition(&self) -> Disposition {
         match self {
             ApplyError::Postgres(e) => postgres_disposition(e),
@@ -149,27 +149,87 @@ impl ApplyError {
             ApplyError::Other { disposition, .. } => *disposition,
         }
     }
+
+    /// A `Retry` that may well be the batch's own fault (an unknown SQLSTATE, an internal
+    /// error, a statement timeout, out of memory): the consumer retries it only
+    /// `runtime.suspect_retries` times, then treats it as a data error and bisects, so that a
+    /// record whose content triggers it cannot stop its partitions forever. Errors a
+    /// processor raises itself with `Retry` (a CAS outage, ...) are taken at their word.
+    pub fn is_suspect(&self) -> bool {
+        matches!(self, ApplyError::Postgres(e) if postgres_class(e) == PgClass::Suspect)
+    }
 }
 
-/// Classifies a sqlx error.
-pub fn postgres_disposition(e: &sqlx::Error) -> Disposition {
+/// What a Postgres error says about its cause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PgClass {
+    /// The database or the network, not the batch: retried for as long as it lasts
+    /// (connections, serialization failures and deadlocks, resources, shutdowns, auth while
+    /// a password rotates, a read-only replica after a failover).
+    Transient,
+    /// Probably transient, possibly caused by the batch's content: retried a bounded number
+    /// of times, then bisected like a data error.
+    Suspect,
+    /// The content of a record: data exceptions (22), integrity violations (23), program
+    /// limits (54: an index row too big, too many columns, a statement too complex),
+    /// cardinality (21: an upsert touching a row twice), routine and trigger exceptions
+    /// (2F, 38, 39, 27, 09, 20, 44, P0), features not supported for a value (0A).
+    Content,
+    /// weir's own bug or its deployment: syntax and undefined objects (42, 3F: a missing
+    /// migration), invalid transaction or cursor state, configuration.
+    Bug,
+}
+
+/// Classifies a sqlx error by the SQLSTATE class of a database error, or by its kind.
+pub fn postgres_class(e: &sqlx::Error) -> PgClass {
     match e {
-        sqlx::Error::Database(db) => match db.code().as_deref() {
-            Some(code) if code.starts_with("22") || code.starts_with("23") => {
-                Disposition::DeadLetter
-            }
-            // 42: syntax or undefined object: a bug or a missing migration.
-            Some(code) if code.starts_with("42") => Disposition::Fatal,
-            _ => Disposition::Retry,
-        },
+        sqlx::Error::Database(db) => db
+            .code()
+            .map_or(PgClass::Suspect, |code| sqlstate_class(&code)),
         sqlx::Error::Io(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::Tls(_)
         | sqlx::Error::Protocol(_)
-        | sqlx::Error::WorkerCrashed => Disposition::Retry,
-        sqlx::Error::Configuration(_) => Disposition::Fatal,
-        _ => Disposition::Retry,
+        | sqlx::Error::WorkerCrashed => PgClass::Transient,
+        sqlx::Error::Configuration(_)
+        | sqlx::Error::TypeNotFound { .. }
+        | sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::ColumnIndexOutOfBounds { .. }
+        | sqlx::Error::Migrate(_) => PgClass::Bug,
+        // Decoding a stored value, a row a processor expected, an encode of a bound value:
+        // possibly the content; bounded retries, then bisection.
+        _ => PgClass::Suspect,
+    }
+}
+
+/// Classifies a SQLSTATE (five characters; its first two are the class).
+pub fn sqlstate_class(code: &str) -> PgClass {
+    match code {
+        // Specific codes first where their class says otherwise.
+        "53200" => PgClass::Suspect, // out_of_memory: a huge value may cause it
+        "57014" => PgClass::Suspect, // query_canceled: statement_timeout on a batch
+        "55P03" | "55006" => PgClass::Transient, // lock_not_available, object_in_use
+        "25006" | "25P03" => PgClass::Transient, // read-only (failover), idle-in-tx timeout
+        "42P01" | "42703" | "42883" | "42P07" => PgClass::Bug,
+        _ => match code.get(..2).unwrap_or("") {
+            "08" | "40" | "53" | "57" | "58" | "28" | "72" | "25" => PgClass::Transient,
+            "0A" | "09" | "20" | "21" | "22" | "23" | "27" | "2F" | "38" | "39" | "44" | "54"
+            | "P0" => PgClass::Content,
+            "03" | "0B" | "0F" | "0L" | "0P" | "0Z" | "24" | "26" | "2B" | "2D" | "34" | "3B"
+            | "3D" | "3F" | "42" | "F0" => PgClass::Bug,
+            // XX (internal, corruption), 55 (prerequisite state), HV, anything unknown.
+            _ => PgClass::Suspect,
+        },
+    }
+}
+
+/// What the consumer loop does with a sqlx error (see [`PgClass`]).
+pub fn postgres_disposition(e: &sqlx::Error) -> Disposition {
+    match postgres_class(e) {
+        PgClass::Transient | PgClass::Suspect => Disposition::Retry,
+        PgClass::Content => Disposition::DeadLetter,
+        PgClass::Bug => Disposition::Fatal,
     }
 }
 
@@ -194,4 +254,101 @@ pub enum RuntimeError {
     /// Anything else, described.
     #[error("{0}")]
     Other(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_sqlstate_class_has_the_intended_disposition() {
+        use PgClass::*;
+        let cases = [
+            // Connections, rollbacks, resources, shutdowns, system, auth: environmental.
+            ("08006", Transient),
+            ("08001", Transient),
+            ("40001", Transient),
+            ("40P01", Transient),
+            ("53300", Transient),
+            ("53100", Transient),
+            ("57P01", Transient),
+            ("57P03", Transient),
+            ("58030", Transient),
+            ("28P01", Transient),
+            ("25006", Transient),
+            ("55P03", Transient),
+            // Content: data, integrity, program limits, cardinality, raised by triggers.
+            ("22001", Content),
+            ("22P02", Content),
+            ("22P05", Content),
+            ("2200N", Content),
+            ("23505", Content),
+            ("23514", Content),
+            ("54000", Content),
+            ("54001", Content),
+            ("54011", Content),
+            ("54023", Content),
+            ("21000", Content),
+            ("0A000", Content),
+            ("P0001", Content),
+            ("2F005", Content),
+            ("38001", Content),
+            ("44000", Content),
+            // Bugs and deployment: syntax, undefined objects, missing schema.
+            ("42601", Bug),
+            ("42P01", Bug),
+            ("42703", Bug),
+            ("42501", Bug),
+            ("3F000", Bug),
+            ("3D000", Bug),
+            ("25P02", Transient),
+            ("0B000", Bug),
+            ("F0000", Bug),
+            // Unknown or ambiguous: bounded retries, then bisection.
+            ("XX000", Suspect),
+            ("XX001", Suspect),
+            ("55000", Suspect),
+            ("53200", Suspect),
+            ("57014", Suspect),
+            ("HV000", Suspect),
+            ("ZZ999", Suspect),
+            ("", Suspect),
+        ];
+        for (code, want) in cases {
+            assert_eq!(sqlstate_class(code), want, "SQLSTATE {code:?}");
+        }
+    }
+
+    #[test]
+    fn non_database_errors_are_classified_by_kind() {
+        assert_eq!(
+            postgres_class(&sqlx::Error::PoolTimedOut),
+            PgClass::Transient
+        );
+        assert_eq!(
+            postgres_disposition(&sqlx::Error::PoolTimedOut),
+            Disposition::Retry
+        );
+        assert_eq!(postgres_class(&sqlx::Error::RowNotFound), PgClass::Suspect);
+        let suspect = ApplyError::Postgres(sqlx::Error::RowNotFound);
+        assert_eq!(suspect.disposition(), Disposition::Retry);
+        assert!(suspect.is_suspect());
+        assert_eq!(
+            postgres_disposition(&sqlx::Error::ColumnNotFound("x".into())),
+            Disposition::Fatal
+        );
+        let io = ApplyError::Postgres(sqlx::Error::Io(std::io::Error::other("reset")));
+        assert!(
+            !io.is_suspect(),
+            "a lost connection is retried without a cap"
+        );
+        let own = ApplyError::Other {
+            message: "cas down".into(),
+            disposition: Disposition::Retry,
+        };
+        assert!(
+            !own.is_suspect(),
+            "a processor's own Retry is taken at its word"
+        );
+    }
 }

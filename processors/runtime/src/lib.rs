@@ -5,6 +5,7 @@
 //! - [`registry`] and [`codec`]: the schema registry and the Confluent wire format.
 //! - [`consumer`]: the batch consumer, with positions committed in Postgres (effectively once).
 //! - [`outbox`]: output events written in the same transaction as the effect.
+//! - [`dlq`]: listing and redriving dead letters (`weir dlq`).
 //! - [`kafka`], [`db`], [`telemetry`], [`metrics`], [`error`]: the plumbing around them.
 
 pub mod app;
@@ -14,6 +15,7 @@ pub mod config;
 pub mod consumer;
 pub mod copy;
 pub mod db;
+pub mod dlq;
 pub mod error;
 pub mod events;
 pub mod kafka;

@@ -9,6 +9,8 @@ pub const RECORDS_DUPLICATE: &str = "weir_records_duplicate_total";
 pub const RECORDS_DEAD_LETTERED: &str = "weir_records_dead_lettered_total";
 /// Batches committed (counter).
 pub const BATCHES_COMMITTED: &str = "weir_batches_committed_total";
+/// Batch parts split in halves after a data error, to isolate the poison record (counter).
+pub const BATCH_SPLITS: &str = "weir_batch_splits_total";
 /// Batch attempts that failed transiently and were retried (counter).
 pub const BATCH_RETRIES: &str = "weir_batch_retries_total";
 /// Records per committed batch (histogram).
