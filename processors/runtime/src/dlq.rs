@@ -119,6 +119,8 @@ pub struct Entry {
     pub error_message: String,
     /// When it was dead-lettered, µs since the epoch.
     pub occurred_at: i64,
+    /// The same, RFC 3339 in UTC.
+    pub time: String,
     /// Original key (lossy UTF-8).
     pub original_key: Option<String>,
     /// Original value size in bytes (absent for a tombstone).
@@ -144,6 +146,9 @@ impl Entry {
             error_class: letter.error_class.clone(),
             error_message: letter.error_message.clone(),
             occurred_at: letter.occurred_at,
+            time: chrono::DateTime::from_timestamp_micros(letter.occurred_at)
+                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+                .unwrap_or_else(|| letter.occurred_at.to_string()),
             original_key: letter.original_key.as_deref().map(lossy),
             original_value_bytes: letter.original_value.as_ref().map(Vec::len),
             original_headers: letter
