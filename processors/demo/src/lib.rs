@@ -838,7 +838,7 @@ fn print_summary(s: &Summary, opts: &Options) {
             .join(" · ")
     );
     println!(
-        "metrics        {} (processors) and {}/metrics (gateway); API document {}/openapi.json",
-        opts.metrics_url, opts.gateway, opts.gateway
+        "metrics        {} (processors and gateway); API document {}/openapi.json",
+        opts.metrics_url, opts.gateway
     );
 }

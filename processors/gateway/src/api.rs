@@ -21,7 +21,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
-use metrics_exporter_prometheus::PrometheusHandle;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -38,11 +37,14 @@ use weir_runtime::events::{
     RunCancelRequested, RunRequested,
 };
 
-use crate::auth::{Caller, KeyStore, Permission};
-use crate::limit::RateLimiter;
+use crate::auth::{Caller, KeyStore, KeyStoreLimits, Permission, Resolved};
+use crate::guard;
+use crate::idempotency::{self, Claim};
+use crate::limit::{ClientId, RateLimiter};
 use crate::metrics;
 use crate::problem::Problem;
 use crate::produce::Sender;
+use crate::server::{is_body_timeout, PeerAddr};
 use crate::sources::{CacheLookupRequest, CacheLookupSource, RunStatusSource};
 
 /// The OpenAPI 3.1 document, served at /openapi.json; the file is docs/openapi.json.
@@ -80,12 +82,13 @@ struct Inner {
     cas: Cas,
     keys: KeyStore,
     limiter: RateLimiter,
+    /// Requests per client address, checked before authentication.
+    clients: RateLimiter<ClientId>,
     sender: Sender,
     owners: RwLock<HashMap<String, Owner>>,
     limits: Limits,
     sources: Sources,
     ready: AtomicBool,
-    metrics: PrometheusHandle,
 }
 
 /// The gateway's shared state.
@@ -98,8 +101,18 @@ impl AppState {
         let g = &cfg.gateway;
         let m = &cfg.materializer;
         Self(Arc::new(Inner {
-            keys: KeyStore::new(pool.clone(), Duration::from_millis(g.key_cache_ttl_ms)),
+            keys: KeyStore::new(
+                pool.clone(),
+                KeyStoreLimits {
+                    ttl: Duration::from_millis(g.key_cache_ttl_ms),
+                    negative_ttl: Duration::from_millis(g.negative_key_cache_ttl_ms),
+                    max_negative: g.max_negative_keys,
+                    unknown_per_sec: g.unknown_key_rate_per_sec,
+                    unknown_burst: g.unknown_key_burst,
+                },
+            ),
             limiter: RateLimiter::new(g.rate_limit_per_sec, g.rate_limit_burst),
+            clients: RateLimiter::new(g.client_rate_limit_per_sec, g.client_rate_limit_burst),
             limits: Limits {
                 max_bytes: m.max_definition_bytes,
                 max_nodes: m.max_nodes,
@@ -107,13 +120,17 @@ impl AppState {
             },
             owners: RwLock::new(HashMap::new()),
             ready: AtomicBool::new(false),
-            metrics: weir_runtime::telemetry::metrics_handle(),
             cfg,
             pool,
             cas,
             sender,
             sources,
         }))
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.0.cfg
     }
 
     fn retry_after(&self) -> u32 {
@@ -216,6 +233,64 @@ impl AppState {
         }
     }
 
+    /// Runs `send` under the Idempotency-Key `key` of `scope` (see [`idempotency`]): 422
+    /// when the key was used with another body; the claim is released when `send` fails.
+    async fn once<T>(
+        &self,
+        caller: &Caller,
+        scope: &str,
+        key: Option<&str>,
+        body: &[u8],
+        send: impl std::future::Future<Output = Result<T, Problem>>,
+    ) -> Result<T, Problem> {
+        let Some(key) = key else {
+            return send.await;
+        };
+        let hash = idempotency::body_hash(body);
+        let ttl = Duration::from_secs(self.0.cfg.gateway.idempotency_ttl_secs);
+        let ws = &caller.workspace_id;
+        let claim = idempotency::claim(&self.0.pool, ws, scope, key, &hash, ttl)
+            .await
+            .map_err(|e| self.db_unavailable(&e))?;
+        match claim {
+            Claim::Conflict => {
+                ::metrics::counter!(metrics::IDEMPOTENCY_CONFLICTS).increment(1);
+                Err(Problem::unprocessable(
+                    "this Idempotency-Key was already used with a different body; use a new \
+                     key for a new request",
+                )
+                .with_code("idempotency_key_reused"))
+            }
+            Claim::Retry => send.await,
+            Claim::New => {
+                let sent = send.await;
+                if sent.is_err() {
+                    if let Err(e) = idempotency::release(&self.0.pool, ws, scope, key, &hash).await
+                    {
+                        tracing::warn!(error = %e, "releasing an idempotency key failed");
+                    }
+                }
+                sent
+            }
+        }
+    }
+
+    /// Deletes expired idempotency records every minute until `shutdown`.
+    pub async fn sweep_idempotency(self, shutdown: CancellationToken) {
+        let ttl = Duration::from_secs(self.0.cfg.gateway.idempotency_ttl_secs);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+            }
+            match idempotency::sweep(&self.0.pool, ttl, 10_000).await {
+                Ok(n) if n > 0 => tracing::debug!(deleted = n, "expired idempotency records"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "sweeping idempotency records failed"),
+            }
+        }
+    }
+
     /// Whether the last readiness check passed.
     pub fn is_ready(&self) -> bool {
         self.0.ready.load(Ordering::Relaxed)
@@ -272,16 +347,21 @@ impl FromRequestParts<AppState> for Caller {
             .ok_or_else(|| {
                 Problem::unauthorized("the Authorization header must be `Bearer <key>`")
             })?;
-        let caller = state
-            .0
-            .keys
-            .resolve(key)
-            .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "API key lookup failed");
-                Problem::unavailable("the key store is unavailable", state.retry_after())
-            })?
-            .ok_or_else(|| Problem::unauthorized("unknown or revoked API key"))?;
+        let client = parts.extensions.get::<ClientId>().copied();
+        let resolved = state.0.keys.resolve(key, client).await.map_err(|e| {
+            tracing::error!(error = %e, "API key lookup failed");
+            Problem::unavailable("the key store is unavailable", state.retry_after())
+        })?;
+        let caller = match resolved {
+            Resolved::Known(caller) => caller,
+            Resolved::Unknown => return Err(Problem::unauthorized("unknown or revoked API key")),
+            Resolved::Throttled => {
+                return Err(Problem::client_limited(
+                    "too many unknown API keys from this address; retry later",
+                    state.retry_after(),
+                ))
+            }
+        };
         if !state.0.limiter.allow(&caller.workspace_id, Instant::now()) {
             ::metrics::counter!(metrics::RATE_LIMITED).increment(1);
             return Err(Problem::rate_limited(state.retry_after()));
@@ -302,15 +382,23 @@ fn require(caller: &Caller, needed: Permission) -> Result<(), Problem> {
     }
 }
 
-/// The request body, or a problem (413 over the limit).
+/// The request body, or a problem: 413 over the limit, 408 too slow, 400 when it holds
+/// `\u0000` (see [`guard`]).
 fn body(state: &AppState, b: Result<Bytes, BytesRejection>) -> Result<Bytes, Problem> {
-    b.map_err(|e| {
+    let b = b.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             Problem::too_large(state.0.cfg.gateway.max_body_bytes)
+        } else if is_body_timeout(&e) {
+            Problem::request_timeout(format!(
+                "the body did not arrive within {} ms",
+                state.0.cfg.gateway.body_read_timeout_ms
+            ))
         } else {
             Problem::bad_request(format!("cannot read the body: {e}"))
         }
-    })
+    })?;
+    guard::reject_nul(&b)?;
+    Ok(b)
 }
 
 fn json_error(e: serde_json::Error) -> Problem {
@@ -440,7 +528,6 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/cache/lookup", post(cache_lookup))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
         .route("/openapi.json", get(openapi))
         .fallback(|| async { Problem::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
@@ -451,9 +538,53 @@ pub fn router(state: AppState) -> Router {
                 "this route does not accept that method",
             )
         })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            client_gate,
+        ))
         .layer(axum::middleware::from_fn(track))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
+}
+
+/// Who sent a request, for the per-client limits: the TCP peer, or with
+/// `gateway.client_ip_from_forwarded_for` the last `X-Forwarded-For` entry (the one the load
+/// balancer appended; entries before it are whatever the client claimed).
+fn client_of(req: &Request, forwarded_for: bool) -> Option<ClientId> {
+    if forwarded_for {
+        let last = req
+            .headers()
+            .get_all("x-forwarded-for")
+            .iter()
+            .next_back()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next())
+            .and_then(|ip| ip.trim().parse::<std::net::IpAddr>().ok());
+        if let Some(ip) = last {
+            return Some(ClientId::new(ip));
+        }
+    }
+    req.extensions()
+        .get::<PeerAddr>()
+        .map(|p| ClientId::new(p.0.ip()))
+}
+
+/// The per-client request limit, before authentication (and before the body is read): a
+/// client over it costs one map lookup. Requests that did not come through
+/// [`crate::server`] (in-process tests) have no client and are not limited here.
+async fn client_gate(State(s): State<AppState>, mut req: Request, next: Next) -> Response {
+    if let Some(client) = client_of(&req, s.0.cfg.gateway.client_ip_from_forwarded_for) {
+        if !s.0.clients.allow(&client, Instant::now()) {
+            ::metrics::counter!(metrics::CLIENT_LIMITED, "reason" => "requests").increment(1);
+            return Problem::client_limited(
+                "this address is over its request rate; retry later",
+                s.retry_after(),
+            )
+            .into_response();
+        }
+        req.extensions_mut().insert(client);
+    }
+    next.run(req).await
 }
 
 /// Counts and times every request by route.
@@ -474,10 +605,6 @@ async fn readyz(State(s): State<AppState>) -> Response {
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
     }
-}
-
-async fn metrics_text(State(s): State<AppState>) -> String {
-    s.0.metrics.render()
 }
 
 async fn openapi() -> Response {
@@ -577,7 +704,15 @@ async fn put_workflow(
     // (`null` for a workflow that does not exist yet).
     let operations = format!(r#"[{{"op":"add","path":"","value":{text}}}]"#);
     let patch_id = new_id(&caller, &format!("put:{workflow_id}"), key.as_deref());
-    submit_patch(&s, &caller, &workflow_id, base, operations, patch_id).await?;
+    let send = submit_patch(&s, &caller, &workflow_id, base, operations, patch_id);
+    s.once(
+        &caller,
+        &format!("put:{workflow_id}"),
+        key.as_deref(),
+        &b,
+        send,
+    )
+    .await?;
     if owner.is_none() {
         s.remember_owner(
             &workflow_id,
@@ -620,7 +755,15 @@ async fn post_patches(
         }
     }
     let patch_id = new_id(&caller, &format!("patch:{workflow_id}"), key.as_deref());
-    submit_patch(&s, &caller, &workflow_id, base, text.to_string(), patch_id).await?;
+    let send = submit_patch(&s, &caller, &workflow_id, base, text.to_string(), patch_id);
+    s.once(
+        &caller,
+        &format!("patch:{workflow_id}"),
+        key.as_deref(),
+        &b,
+        send,
+    )
+    .await?;
     Ok(accepted(json!({ "patch_id": patch_id })))
 }
 
@@ -779,9 +922,10 @@ async fn post_run(
         permission: caller.permission.as_str().to_string(),
         inputs_json,
         inputs_ref,
-        idempotency_key: key,
+        idempotency_key: key.clone(),
     });
-    s.0.sender.send(&event).await?;
+    s.once(&caller, "run", key.as_deref(), &b, s.0.sender.send(&event))
+        .await?;
     Ok(accepted(json!({ "run_id": run_id })))
 }
 
@@ -827,8 +971,8 @@ async fn cancel_run(
 ) -> Result<Response, Problem> {
     require(&caller, Permission::Write)?;
     let run_id = check_uuid("run id", &path(p)?)?;
-    // Cancelling twice is cancelling once: the header is only checked.
-    idempotency_key(&headers)?;
+    // Cancelling twice is cancelling once: the key derives nothing, it only guards the body.
+    let key = idempotency_key(&headers)?;
     let b = body(&s, b)?;
     let cancel: CancelBody = if b.iter().all(u8::is_ascii_whitespace) {
         CancelBody::default()
@@ -846,7 +990,9 @@ async fn cancel_run(
         reason: cancel.reason,
         requester: caller.key_id.clone(),
     });
-    s.0.sender.send(&event).await?;
+    let scope = format!("cancel:{run_id}");
+    s.once(&caller, &scope, key.as_deref(), &b, s.0.sender.send(&event))
+        .await?;
     Ok(accepted(json!({ "run_id": run_id })))
 }
 
@@ -878,8 +1024,9 @@ async fn post_completion(
     let (run_id, node_id) = path(p)?;
     let run_id = check_uuid("run id", &run_id)?;
     check_id("node id", &node_id, false)?;
-    // The coordinator takes one outcome per (run, node, attempt): the header is only checked.
-    idempotency_key(&headers)?;
+    // The coordinator takes one outcome per (run, node, attempt): the key derives nothing, it
+    // only guards the body.
+    let key = idempotency_key(&headers)?;
     let b = body(&s, b)?;
     let c: CompletionBody = parse_body(&b)?;
     if c.attempt < 1 {
@@ -919,7 +1066,9 @@ async fn post_completion(
         worker_id: c.worker_id.unwrap_or_else(|| caller.key_id.clone()),
         from_cache: false,
     });
-    s.0.sender.send(&event).await?;
+    let scope = format!("completion:{run_id}:{node_id}");
+    s.once(&caller, &scope, key.as_deref(), &b, s.0.sender.send(&event))
+        .await?;
     Ok(accepted(
         json!({ "run_id": run_id, "node_id": node_id, "attempt": c.attempt }),
     ))
@@ -964,6 +1113,16 @@ async fn post_cache_entry(
     if e.cost_ms < 0 {
         return Err(Problem::unprocessable("cost_ms must not be negative"));
     }
+    let required_permission = e.required_permission.unwrap_or(caller.permission);
+    if required_permission > caller.permission {
+        return Err(Problem::forbidden(format!(
+            "required_permission {} is above this key's permission {}: an entry cannot be \
+             hidden from its own writer",
+            required_permission.as_str(),
+            caller.permission.as_str()
+        ))
+        .with_code("permission_above_caller"));
+    }
     let (result_json, result_ref) = match (&e.result, e.result_ref) {
         (Some(_), Some(_)) | (None, None) => {
             return Err(Problem::unprocessable(
@@ -1003,13 +1162,16 @@ async fn post_cache_entry(
         prompt: e.prompt,
         embedding: e.embedding,
         cost_ms: e.cost_ms,
-        required_permission: e
-            .required_permission
-            .unwrap_or(caller.permission)
-            .as_str()
-            .to_string(),
+        required_permission: required_permission.as_str().to_string(),
     });
-    s.0.sender.send(&event).await?;
+    s.once(
+        &caller,
+        "cache-entry",
+        key.as_deref(),
+        &b,
+        s.0.sender.send(&event),
+    )
+    .await?;
     Ok(accepted(json!({ "request_id": request_id })))
 }
 

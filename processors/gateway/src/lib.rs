@@ -2,7 +2,11 @@
 //! events out, and reads of what the processors made. See docs/gateway.md and the OpenAPI
 //! document docs/openapi.json (served at /openapi.json).
 //!
-//! - [`api`]: routes and handlers; [`auth`]: API keys; [`limit`]: per-workspace rate limit;
+//! - [`api`]: routes and handlers; [`auth`]: API keys (with the negative cache and the
+//!   per-client budget of unknown keys); [`limit`]: token buckets per workspace and per
+//!   client address;
+//! - [`server`]: the HTTP/1.1 server with connection caps and header, idle and body timeouts;
+//! - [`guard`]: checks every body gets (`\u0000`); [`idempotency`]: Idempotency-Key records;
 //! - [`produce`]: one event per request, 202 only after acks=all;
 //! - [`sources`]: run status and cache lookups, plugged in by the process wiring;
 //! - [`bench`]: `weir bench gateway`.
@@ -10,10 +14,13 @@
 pub mod api;
 pub mod auth;
 pub mod bench;
+pub mod guard;
+pub mod idempotency;
 pub mod limit;
 pub mod metrics;
 pub mod problem;
 pub mod produce;
+pub mod server;
 pub mod sources;
 
 use std::net::SocketAddr;
@@ -53,7 +60,9 @@ pub struct Running {
     pub task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
-/// Serves `state` on `listener` until `shutdown`, with the readiness watcher.
+/// Serves `state` on `listener` until `shutdown`, with the readiness watcher and the sweep
+/// of expired idempotency records. `/metrics` is not served here: it is on the process's
+/// telemetry listener (`telemetry.listen`), which is not meant to face clients.
 pub fn spawn(
     listener: TcpListener,
     state: AppState,
@@ -65,12 +74,10 @@ pub fn spawn(
             .clone()
             .watch_readiness(READINESS_INTERVAL, shutdown.clone()),
     );
+    tokio::spawn(state.clone().sweep_idempotency(shutdown.clone()));
+    let limits = server::ServerLimits::from_config(&state.config().gateway);
     let app = router(state);
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await
-    });
+    let task = tokio::spawn(server::serve(listener, app, limits, shutdown));
     Ok(Running { addr, task })
 }
 

@@ -97,6 +97,27 @@ impl Problem {
             format!("the request body is larger than the limit of {limit} bytes"),
         )
     }
+    /// 413: the event this request makes is larger than Kafka takes (the producer's or the
+    /// broker's `message.max.bytes`).
+    pub fn event_too_large() -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload-too-large",
+            "Event too large",
+            "the event this request makes is larger than Kafka accepts; send large values \
+             by reference (a CAS ref) or split them",
+        )
+        .with_code("event_too_large")
+    }
+    /// 408: the body did not arrive within `gateway.body_read_timeout_ms`.
+    pub fn request_timeout(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request-timeout",
+            "Request body too slow",
+            detail,
+        )
+    }
     /// 422: valid JSON that is not an acceptable request.
     pub fn unprocessable(detail: impl Into<String>) -> Self {
         Self::new(
@@ -113,6 +134,18 @@ impl Problem {
             "rate-limited",
             "Rate limit exceeded",
             "the workspace is over its request rate; retry later",
+        );
+        p.retry_after = Some(retry_after);
+        p
+    }
+    /// 429: the client address is over its request rate, or sent too many unknown keys;
+    /// refused before the key was looked up.
+    pub fn client_limited(detail: impl Into<String>, retry_after: u32) -> Self {
+        let mut p = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate-limited",
+            "Rate limit exceeded",
+            detail,
         );
         p.retry_after = Some(retry_after);
         p

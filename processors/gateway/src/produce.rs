@@ -3,7 +3,8 @@
 //!
 //! Bounded: at most `gateway.max_in_flight` requests wait for acknowledgements and
 //! librdkafka's queue is bounded too; either being full answers 503 with Retry-After at once
-//! instead of queueing without limit. Each request is one event, so nothing is half accepted;
+//! instead of queueing without limit. An event larger than Kafka takes (`message.max.bytes`
+//! of the producer, or the broker's limit) is the client's doing: 413, never 503. Each request is one event, so nothing is half accepted;
 //! an event whose acknowledgement timed out may still land, which is why clients retry with
 //! an Idempotency-Key (see docs/gateway.md).
 
@@ -45,6 +46,14 @@ pub fn producer(cfg: &Config) -> Result<FutureProducer, KafkaError> {
         }
     }
     c.create()
+}
+
+/// 413 for an event Kafka refuses for its size: the client's request made it, so retrying
+/// cannot help (a 503 would invite retries forever).
+fn too_large(bytes: usize) -> Problem {
+    ::metrics::counter!(metrics::PRODUCE_REFUSED, "reason" => "too_large").increment(1);
+    tracing::info!(bytes, "an event is larger than Kafka accepts");
+    Problem::event_too_large()
 }
 
 /// Sends events and awaits their acknowledgement.
@@ -100,6 +109,9 @@ impl Sender {
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                 return Err(self.refused("queue_full", "the Kafka producer queue is full"));
             }
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _)) => {
+                return Err(too_large(bytes.len()));
+            }
             Err((e, _)) => {
                 tracing::error!(error = %e, %topic, "producing failed");
                 return Err(self.refused("kafka", "Kafka refused the event"));
@@ -118,6 +130,13 @@ impl Sender {
                     "event acknowledged"
                 );
                 Ok(())
+            }
+            Ok(Ok(Err((
+                KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+                _,
+            )))) => {
+                // The broker's (or the topic's) max.message.bytes is below the producer's.
+                Err(too_large(bytes.len()))
             }
             Ok(Ok(Err((e, _)))) => {
                 tracing::warn!(error = %e, %topic, messaging.system = "kafka", "the broker did not acknowledge an event");

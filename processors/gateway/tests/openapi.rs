@@ -117,6 +117,14 @@ async fn the_document_is_served_and_matches_the_routes() {
                             op["responses"]["503"].is_object(),
                             "{name} {path} documents 503"
                         );
+                        if name == "put" || name == "post" {
+                            for code in ["408", "413", "429"] {
+                                assert!(
+                                    op["responses"][code].is_object(),
+                                    "{name} {path} documents {code}"
+                                );
+                            }
+                        }
                     } else {
                         assert!(
                             status == StatusCode::OK || status == StatusCode::SERVICE_UNAVAILABLE,
@@ -136,7 +144,11 @@ async fn the_document_is_served_and_matches_the_routes() {
             }
         }
     }
-    assert_eq!(checked, 14, "14 operations");
+    assert_eq!(checked, 13, "13 operations");
+    // Metrics are on the telemetry listener only, never on the API port.
+    assert!(paths.get("/metrics").is_none());
+    let (status, _, _) = call(&router, Method::GET, "/metrics").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "/metrics is not served here");
     let (status, _, ct) = call(&router, Method::GET, "/v1/nothing").await;
     assert_eq!(
         (status, ct.as_str()),

@@ -1,6 +1,8 @@
 //! Logs, metrics and the health server that every weir process runs.
 //!
-//! `/metrics` serves Prometheus text; `/healthz` answers while the process runs;
+//! `/metrics` serves Prometheus text (only here: the gateway's client-facing port does not
+//! serve it, so metrics need not be exposed to tenants); `/healthz` answers while the
+//! process runs;
 //! `/readyz` answers 200 only once every registered component reported ready (for a
 //! consumer: Postgres reachable and partitions assigned).
 
@@ -91,12 +93,24 @@ struct ServerState {
     health: Health,
 }
 
-/// Serves /metrics, /healthz and /readyz until `shutdown` is cancelled.
+/// Serves /metrics, /healthz and /readyz on `listen` until `shutdown` is cancelled.
 pub async fn serve(
     listen: SocketAddr,
     health: Health,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    serve_listener(listener, health, shutdown).await
+}
+
+/// Serves /metrics, /healthz and /readyz on a bound `listener` until `shutdown` (tests bind
+/// port 0 and read the address back).
+pub async fn serve_listener(
+    listener: tokio::net::TcpListener,
+    health: Health,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let listen = listener.local_addr()?;
     let state = ServerState {
         metrics: metrics_handle(),
         health,
@@ -119,7 +133,6 @@ pub async fn serve(
             }),
         )
         .with_state(state);
-    let listener = tokio::net::TcpListener::bind(listen).await?;
     tracing::info!(%listen, "serving /metrics, /healthz, /readyz");
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })

@@ -146,6 +146,21 @@ enum KeysCommand {
         #[arg(long, value_parser = ["read", "write", "admin"])]
         permission: String,
     },
+    /// List keys (id, workspace, permission, created, revoked); never a key or its hash.
+    List {
+        /// Only the keys of this workspace.
+        #[arg(long)]
+        workspace: Option<String>,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key by its id (the part after `weir_`). Gateways refuse it within
+    /// `gateway.key_cache_ttl_ms` (10 s by default).
+    Revoke {
+        /// The key's id, as `weir keys list` shows it.
+        key_id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -607,6 +622,58 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
             );
             println!("{}", key.key);
             Ok(true)
+        }
+        Command::Keys {
+            command: KeysCommand::List { workspace, json },
+        } => {
+            let pool = weir_runtime::db::pool(&cfg.postgres)?;
+            let keys = weir_gateway::auth::list_keys(&pool, workspace.as_deref())
+                .await
+                .context("listing keys")?;
+            if json {
+                for k in &keys {
+                    println!("{}", serde_json::to_string(k)?);
+                }
+            } else {
+                println!(
+                    "{:<14} {:<24} {:<10} {:<21} REVOKED",
+                    "KEY_ID", "WORKSPACE", "PERMISSION", "CREATED"
+                );
+                for k in &keys {
+                    println!(
+                        "{:<14} {:<24} {:<10} {:<21} {}",
+                        k.key_id,
+                        k.workspace_id,
+                        k.permission,
+                        k.created_at,
+                        k.revoked_at.as_deref().unwrap_or("-")
+                    );
+                }
+            }
+            Ok(true)
+        }
+        Command::Keys {
+            command: KeysCommand::Revoke { key_id },
+        } => {
+            let pool = weir_runtime::db::pool(&cfg.postgres)?;
+            let ttl_ms = cfg.gateway.key_cache_ttl_ms;
+            match weir_gateway::auth::revoke_key(&pool, &key_id)
+                .await
+                .context("revoking the key")?
+            {
+                weir_gateway::auth::Revoked::Now => {
+                    eprintln!("revoked key {key_id}; gateways refuse it within {ttl_ms} ms");
+                    Ok(true)
+                }
+                weir_gateway::auth::Revoked::Already => {
+                    eprintln!("key {key_id} was already revoked");
+                    Ok(true)
+                }
+                weir_gateway::auth::Revoked::Unknown => {
+                    eprintln!("no key {key_id}");
+                    Ok(false)
+                }
+            }
         }
         Command::Patch {
             command:
