@@ -844,37 +844,68 @@ fn wrong_type(location: &str, expected: &str, got: &Value) -> DefinitionError {
 /// Whether the compact serialization of `v` is at most `max` bytes, computed without
 /// building it and stopping as soon as the limit is passed.
 fn fits_in(v: &Value, max: usize) -> bool {
-    let mut budget = max;
-    fits(v, &mut budget)
+    measure(v, max, usize::MAX).bytes <= max
 }
 
-/// Subtracts the compact serialized length of `v` from `budget`; false once it runs out.
-fn fits(v: &Value, budget: &mut usize) -> bool {
-    fn take(budget: &mut usize, n: usize) -> bool {
-        match budget.checked_sub(n) {
-            Some(left) => {
-                *budget = left;
-                true
+/// The compact JSON size and nesting depth of a value, as [`measure`] finds them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Measure {
+    /// Bytes of the compact serialization (the length of [`canonical_json`]); only a lower
+    /// bound once it passed the walk's `max_bytes`.
+    pub bytes: usize,
+    /// Nesting depth: 0 for a scalar, 1 + the deepest member's depth for an array or an
+    /// object (`[]` is 1, `{"a": [1]}` is 2); only a lower bound once it passed the walk's
+    /// `max_depth`.
+    pub depth: usize,
+}
+
+/// Measures `v` without building its text and without recursion: an explicit stack, so a
+/// value nested deeper than the thread's stack (built in memory, or grown by patches) is
+/// measured safely. The walk stops as soon as the size passes `max_bytes` or the depth
+/// passes `max_depth`, so it visits at most about `max_bytes` values whatever the size of
+/// `v`: callers measure *before* copying or checking anything that recurses.
+pub fn measure(v: &Value, max_bytes: usize, max_depth: usize) -> Measure {
+    let mut m = Measure::default();
+    // (value, the depth it has if it is a container)
+    let mut stack: Vec<(&Value, usize)> = vec![(v, 1)];
+    let over = |m: &Measure| m.bytes > max_bytes || m.depth > max_depth;
+    while let Some((v, level)) = stack.pop() {
+        match v {
+            Value::Null => m.bytes = m.bytes.saturating_add(4),
+            Value::Bool(b) => m.bytes = m.bytes.saturating_add(if *b { 4 } else { 5 }),
+            Value::Number(n) => m.bytes = m.bytes.saturating_add(number_len(n)),
+            Value::String(s) => m.bytes = m.bytes.saturating_add(string_len(s)),
+            // Brackets plus one comma between items.
+            Value::Array(a) => {
+                m.depth = m.depth.max(level);
+                m.bytes = m.bytes.saturating_add(2 + a.len().saturating_sub(1));
+                if over(&m) {
+                    return m;
+                }
+                // At most one entry per byte already counted: the stack stays within the
+                // limit too.
+                stack.extend(a.iter().map(|x| (x, level + 1)));
             }
-            None => false,
+            // Braces, a colon per member, commas between members, and the keys.
+            Value::Object(o) => {
+                m.depth = m.depth.max(level);
+                m.bytes = m
+                    .bytes
+                    .saturating_add(2 + o.len() + o.len().saturating_sub(1));
+                for (k, x) in o {
+                    if over(&m) {
+                        return m;
+                    }
+                    m.bytes = m.bytes.saturating_add(string_len(k));
+                    stack.push((x, level + 1));
+                }
+            }
+        }
+        if over(&m) {
+            return m;
         }
     }
-    match v {
-        Value::Null => take(budget, 4),
-        Value::Bool(b) => take(budget, if *b { 4 } else { 5 }),
-        Value::Number(n) => take(budget, number_len(n)),
-        Value::String(s) => take(budget, string_len(s)),
-        // Brackets plus one comma between items.
-        Value::Array(a) => {
-            take(budget, 2 + a.len().saturating_sub(1)) && a.iter().all(|x| fits(x, budget))
-        }
-        // Braces, a colon per member, commas between members.
-        Value::Object(m) => {
-            take(budget, 2 + m.len() + m.len().saturating_sub(1))
-                && m.iter()
-                    .all(|(k, x)| take(budget, string_len(k)) && fits(x, budget))
-        }
-    }
+    m
 }
 
 /// Length of a number as serde_json prints it.

@@ -10,7 +10,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::definition::{self, canonical_json, Limits};
-use crate::patch::{Patch, PatchError};
+use crate::patch::{Budget, Patch, PatchError};
 
 /// The state of one workflow between patches.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,7 +63,10 @@ pub enum Decision {
         head_version: i64,
         /// Machine-readable reason: `invalid_operation`, `path_not_found`, `test_failed`,
         /// `invalid_pointer`, `invalid_index`, `move_into_child`, `invalid_definition`,
-        /// `version_conflict`, `workspace_mismatch`.
+        /// `version_conflict`, `workspace_mismatch`; over the [`Budget`]: `budget_ops`,
+        /// `budget_bytes`, `budget_depth`, `budget_pointer`, `budget_work`; and from the
+        /// processor, when what the patch refers to cannot be read: `blob_missing`,
+        /// `blob_corrupt`, `head_unavailable`.
         code: &'static str,
         /// Human-readable reason.
         reason: String,
@@ -75,13 +78,38 @@ pub fn sha256_hex(text: &str) -> String {
     hex::encode(Sha256::digest(text.as_bytes()))
 }
 
-/// Applies `patches` in order to `head`, returning one decision per patch.
-pub fn fold(head: &mut Head, patches: &[Submitted], limits: &Limits) -> Vec<Decision> {
-    patches.iter().map(|p| step(head, p, limits)).collect()
+/// Applies `patches` in order to `head`, each within `budget`, returning one decision per
+/// patch.
+pub fn fold(
+    head: &mut Head,
+    patches: &[Submitted],
+    limits: &Limits,
+    budget: &Budget,
+) -> Vec<Decision> {
+    patches
+        .iter()
+        .map(|p| step_with(head, p, limits, budget))
+        .collect()
 }
 
-/// Applies one patch to `head`.
+/// Applies one patch to `head` within [`default_budget`]`(limits)`.
 pub fn step(head: &mut Head, patch: &Submitted, limits: &Limits) -> Decision {
+    step_with(head, patch, limits, &default_budget(limits))
+}
+
+/// The default [`Budget`], with room for creating a workflow of `limits.max_bytes` in one
+/// operation.
+pub fn default_budget(limits: &Limits) -> Budget {
+    let budget = Budget::default();
+    Budget {
+        max_bytes: budget.max_bytes.max(limits.max_bytes),
+        ..budget
+    }
+}
+
+/// Applies one patch to `head` within `budget`. A patch over the budget is rejected with its
+/// `budget_*` code, like any other failing patch.
+pub fn step_with(head: &mut Head, patch: &Submitted, limits: &Limits, budget: &Budget) -> Decision {
     let reject = |head: &Head, code: &'static str, reason: String| Decision::Rejected {
         head_version: head.version,
         code,
@@ -110,7 +138,7 @@ pub fn step(head: &mut Head, patch: &Submitted, limits: &Limits) -> Decision {
         Ok(ops) => ops,
         Err(e) => return reject(head, e.code(), e.to_string()),
     };
-    let undo = match ops.apply_reversible(&mut head.definition) {
+    let undo = match ops.apply_reversible_with(&mut head.definition, budget) {
         Ok(undo) => undo,
         Err(e) => return reject(head, e.code(), e.to_string()),
     };
@@ -215,7 +243,7 @@ mod tests {
                 json!([{"op": "replace", "path": "/nodes/fetch/config/url", "value": "https://y"}]),
             ),
         ];
-        let decisions = fold(&mut head, &patches, &limits);
+        let decisions = fold(&mut head, &patches, &limits, &Budget::default());
         let summary: Vec<String> = decisions
             .iter()
             .map(|d| match d {

@@ -27,6 +27,12 @@
 //!   (`1 == 1.0`), objects unordered, arrays ordered, strings by code points.
 //! - No panics: the undo replay cannot fail by construction (see [`Patch::apply`]); the
 //!   only assertions are `debug_assert!`s of that invariant, active in debug builds only.
+//! - **Bounded work.** Every application runs within a [`Budget`] (operation count, bytes
+//!   produced, nesting depth, pointer size, array shifts), checked *while* applying: each
+//!   operation is measured before it allocates, so a patch that would exceed the budget
+//!   is rejected ([`PatchError::OverBudget`], codes `budget_*`) before memory or the stack
+//!   run out, and the document is restored as for any other failure. The undo log holds at
+//!   most one entry per operation and only values moved out of the document.
 //!
 //! # Interpretations of the RFCs (the RFC is silent or leaves a choice)
 //!
@@ -51,6 +57,7 @@ use std::fmt;
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Number, Value};
 
+use crate::definition::measure;
 use crate::pointer::{json_kind, JsonPointer, PointerError};
 
 /// One JSON Patch operation (RFC 6902 §4).
@@ -284,13 +291,25 @@ pub enum PatchError {
         /// The `path` location.
         path: String,
     },
+    /// Applying the patch would exceed its [`Budget`]; nothing was changed.
+    #[error("{}over budget ({}): {message}", index.map(|i| format!("operation {i}: ")).unwrap_or_default(), limit.code())]
+    OverBudget {
+        /// Index of the operation that would exceed it; `None` for the operation count.
+        index: Option<usize>,
+        /// Which limit.
+        limit: BudgetLimit,
+        /// What it would have cost, and the limit.
+        message: String,
+    },
 }
 
 impl PatchError {
     /// A stable machine-readable code: `"invalid_operation"`, `"path_not_found"`,
-    /// `"test_failed"`, `"invalid_pointer"`, `"invalid_index"` or `"move_into_child"`.
+    /// `"test_failed"`, `"invalid_pointer"`, `"invalid_index"`, `"move_into_child"`, or for
+    /// a budget [`BudgetLimit::code`] (`"budget_ops"`, `"budget_bytes"`, ...).
     pub fn code(&self) -> &'static str {
         match self {
+            PatchError::OverBudget { limit, .. } => limit.code(),
             PatchError::NotAnArray { .. }
             | PatchError::InvalidJson { .. }
             | PatchError::InvalidOperation { .. } => "invalid_operation",
@@ -308,8 +327,125 @@ impl PatchError {
             | PatchError::Pointer { index, .. }
             | PatchError::TestFailed { index, .. }
             | PatchError::MoveIntoChild { index, .. } => Some(*index),
+            PatchError::OverBudget { index, .. } => *index,
         }
     }
+
+    /// Whether this is a budget rejection (the patch may be fine, only too costly).
+    pub fn is_over_budget(&self) -> bool {
+        matches!(self, PatchError::OverBudget { .. })
+    }
+}
+
+/// Which [`Budget`] limit a patch would exceed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BudgetLimit {
+    /// [`Budget::max_operations`].
+    Operations,
+    /// [`Budget::max_bytes`].
+    Bytes,
+    /// [`Budget::max_depth`].
+    Depth,
+    /// [`Budget::max_pointer_bytes`], or a pointer with more tokens than
+    /// [`Budget::max_depth`].
+    Pointer,
+    /// [`Budget::max_array_shifts`].
+    Work,
+}
+
+impl BudgetLimit {
+    /// The rejection code: `budget_ops`, `budget_bytes`, `budget_depth`, `budget_pointer`
+    /// or `budget_work`.
+    pub fn code(self) -> &'static str {
+        match self {
+            BudgetLimit::Operations => "budget_ops",
+            BudgetLimit::Bytes => "budget_bytes",
+            BudgetLimit::Depth => "budget_depth",
+            BudgetLimit::Pointer => "budget_pointer",
+            BudgetLimit::Work => "budget_work",
+        }
+    }
+}
+
+/// The work one patch may cause, checked *while* it is applied, before each operation
+/// allocates anything: a patch of a few bytes can otherwise ask for an exponential amount of
+/// memory (`copy` from `""` doubles the document) or a document nested past the stack.
+///
+/// What each limit bounds, and why that is enough:
+///
+/// - **Time**: at most [`max_operations`](Self::max_operations) operations, each resolving
+///   at most two pointers of at most [`max_depth`](Self::max_depth) tokens and
+///   [`max_pointer_bytes`](Self::max_pointer_bytes) bytes; every value copied, inserted,
+///   compared or measured counts against [`max_bytes`](Self::max_bytes); array elements
+///   moved by inserting or removing in the middle of an array count against
+///   [`max_array_shifts`](Self::max_array_shifts). Reverting costs what applying did.
+/// - **Memory**: the document grows by at most `max_bytes` (compact JSON) during one patch.
+///   The undo log has at most one entry per operation, and holds only values moved *out*
+///   of the document (never copies), so it adds no more than that.
+/// - **Stack**: every value the patch places ends at most `max_depth` levels below the
+///   root, so cloning, comparing, serializing, validating and dropping the result (all
+///   recursive in serde_json) stay within `max_depth` frames. Measuring is iterative
+///   ([`crate::definition::measure`]).
+///
+/// Checked statically (before anything is applied, see [`check_static`]): the operation
+/// count, the pointers, and the size and depth of every `value`; at run time: what `copy`
+/// duplicates, what `move` nests deeper, and array shifts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// Most operations in one patch.
+    pub max_operations: usize,
+    /// Most bytes (compact JSON) a patch may produce or compare: every `add`, `replace` and
+    /// `test` value, every value a `copy` duplicates, and every value a `move` nests deeper
+    /// (measured to check its depth). At least the largest definition, so that creating a
+    /// workflow with one `add` of the whole document fits.
+    pub max_bytes: usize,
+    /// Deepest nesting, counted from the document root, of any value a patch places (and of
+    /// `test` values); also the most reference tokens in a pointer.
+    pub max_depth: usize,
+    /// Longest pointer (`path` or `from`), in bytes of its JSON-string form.
+    pub max_pointer_bytes: usize,
+    /// Most array elements shifted (moved in memory by one slot) by inserting into or
+    /// removing from the middle of an array; appending with `-` shifts none.
+    pub max_array_shifts: usize,
+}
+
+impl Budget {
+    /// Default [`Budget::max_operations`].
+    pub const DEFAULT_MAX_OPERATIONS: usize = 10_000;
+    /// Default [`Budget::max_bytes`] (4 MiB, the default largest definition).
+    pub const DEFAULT_MAX_BYTES: usize = 4 * 1024 * 1024;
+    /// Default [`Budget::max_depth`].
+    pub const DEFAULT_MAX_DEPTH: usize = 64;
+    /// Default [`Budget::max_pointer_bytes`].
+    pub const DEFAULT_MAX_POINTER_BYTES: usize = 4096;
+    /// Default [`Budget::max_array_shifts`].
+    pub const DEFAULT_MAX_ARRAY_SHIFTS: usize = 4 * 1024 * 1024;
+    /// Largest [`Budget::max_depth`] that makes sense: serde_json refuses to parse JSON
+    /// nested deeper than 128, and a definition is parsed again wherever it is read (from
+    /// Postgres, the CAS, an event, inside the `add` operation that re-creates it), so
+    /// nothing deeper than this may ever be stored.
+    pub const MAX_DEPTH_CEILING: usize = 100;
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Self {
+            max_operations: Self::DEFAULT_MAX_OPERATIONS,
+            max_bytes: Self::DEFAULT_MAX_BYTES,
+            max_depth: Self::DEFAULT_MAX_DEPTH,
+            max_pointer_bytes: Self::DEFAULT_MAX_POINTER_BYTES,
+            max_array_shifts: Self::DEFAULT_MAX_ARRAY_SHIFTS,
+        }
+    }
+}
+
+/// Checks everything about `patch` that [`Budget`] limits and that is known without the
+/// document: the operation count, every pointer's length and token count, and the size and
+/// depth of every `value` (an `add`/`replace` value's depth counted from the root, so
+/// `{"path": "/a/b", "value": [[1]]}` is 4 deep). The gateway runs it to answer 422 before
+/// anything is produced; [`Patch::apply_with`] runs it first too, so the two always agree.
+pub fn check_static(patch: &Patch, budget: &Budget) -> Result<(), PatchError> {
+    patch.static_bytes(budget).map(drop)
 }
 
 /// A parsed JSON Patch document: operations applied in order, atomically.
@@ -376,31 +512,205 @@ impl Patch {
         Value::Array(self.0.iter().map(Operation::to_value).collect())
     }
 
-    /// Applies every operation in order, or none: on error `doc` is left exactly as it was
-    /// and the error names the failing operation's index.
+    /// Applies every operation in order, or none, within the default [`Budget`]: on error
+    /// `doc` is left exactly as it was and the error names the failing operation's index.
     ///
     /// Rollback replays the undo log backwards against the state each entry was recorded
     /// on, so it cannot fail; if it ever did (a bug), debug builds panic and release builds
     /// still return the original error.
     pub fn apply(&self, doc: &mut Value) -> Result<(), PatchError> {
-        self.apply_reversible(doc).map(drop)
+        self.apply_with(doc, &Budget::default())
+    }
+
+    /// [`Patch::apply`] within `budget`: a patch that would exceed it is rejected with
+    /// [`PatchError::OverBudget`] before the operation that would exceed it allocates
+    /// anything, and `doc` is left as it was.
+    pub fn apply_with(&self, doc: &mut Value, budget: &Budget) -> Result<(), PatchError> {
+        self.apply_reversible_with(doc, budget).map(drop)
     }
 
     /// Like [`Patch::apply`], but on success returns the [`UndoLog`] that reverts `doc` to
     /// its previous value. Holding the log costs only the values the patch removed or
     /// replaced. Drop it to keep the change.
     pub fn apply_reversible<'p>(&'p self, doc: &mut Value) -> Result<UndoLog<'p>, PatchError> {
+        self.apply_reversible_with(doc, &Budget::default())
+    }
+
+    /// [`Patch::apply_reversible`] within `budget` (see [`Patch::apply_with`]).
+    pub fn apply_reversible_with<'p>(
+        &'p self,
+        doc: &mut Value,
+        budget: &Budget,
+    ) -> Result<UndoLog<'p>, PatchError> {
+        let mut meter = Meter {
+            budget,
+            bytes: self.static_bytes(budget)?,
+            shifts: 0,
+        };
         let mut log = UndoLog {
-            entries: Vec::new(),
+            entries: Vec::with_capacity(self.0.len()),
         };
         for (index, op) in self.0.iter().enumerate() {
-            if let Err(e) = apply_op(index, op, doc, &mut log) {
+            if let Err(e) = apply_op(index, op, doc, &mut log, &mut meter) {
                 let reverted = log.revert(doc);
                 debug_assert!(reverted.is_ok(), "undo log replay failed: {reverted:?}");
                 return Err(e);
             }
         }
         Ok(log)
+    }
+
+    /// Checks the static part of `budget` (see [`check_static`]) and returns the bytes the
+    /// operations' values count for.
+    fn static_bytes(&self, budget: &Budget) -> Result<usize, PatchError> {
+        if self.0.len() > budget.max_operations {
+            return Err(PatchError::OverBudget {
+                index: None,
+                limit: BudgetLimit::Operations,
+                message: format!(
+                    "the patch has {} operations, more than the limit of {}",
+                    self.0.len(),
+                    budget.max_operations
+                ),
+            });
+        }
+        let mut bytes = 0usize;
+        for (index, op) in self.0.iter().enumerate() {
+            let over = |limit, message| PatchError::OverBudget {
+                index: Some(index),
+                limit,
+                message,
+            };
+            let from = match op {
+                Operation::Move { from, .. } | Operation::Copy { from, .. } => Some(from),
+                _ => None,
+            };
+            for (member, ptr) in [("path", Some(op.path())), ("from", from)] {
+                let Some(ptr) = ptr else { continue };
+                if ptr.as_str().len() > budget.max_pointer_bytes {
+                    return Err(over(
+                        BudgetLimit::Pointer,
+                        format!(
+                            "{member} is {} bytes long, more than the limit of {}",
+                            ptr.as_str().len(),
+                            budget.max_pointer_bytes
+                        ),
+                    ));
+                }
+                if ptr.tokens().len() > budget.max_depth {
+                    return Err(over(
+                        BudgetLimit::Pointer,
+                        format!(
+                            "{member} has {} reference tokens, more than the depth limit of {}",
+                            ptr.tokens().len(),
+                            budget.max_depth
+                        ),
+                    ));
+                }
+            }
+            let (value, above) = match op {
+                Operation::Add { path, value } | Operation::Replace { path, value } => {
+                    (value, path.tokens().len())
+                }
+                // A test value is compared, recursively, not placed: its own depth counts.
+                Operation::Test { value, .. } => (value, 0),
+                _ => continue,
+            };
+            let left = budget.max_bytes - bytes.min(budget.max_bytes);
+            let m = measure(value, left, budget.max_depth - above);
+            if m.bytes > left {
+                return Err(over(
+                    BudgetLimit::Bytes,
+                    format!(
+                        "the operations' values come to more than the limit of {} bytes",
+                        budget.max_bytes
+                    ),
+                ));
+            }
+            if above + m.depth > budget.max_depth {
+                return Err(over(BudgetLimit::Depth, depth_message(budget, "the value")));
+            }
+            bytes += m.bytes;
+        }
+        Ok(bytes)
+    }
+}
+
+fn depth_message(budget: &Budget, what: &str) -> String {
+    format!(
+        "{what} would be nested more than {} levels deep in the document",
+        budget.max_depth
+    )
+}
+
+/// What one application of a patch has used of its [`Budget`] so far.
+struct Meter<'b> {
+    budget: &'b Budget,
+    /// Bytes produced, compared or measured.
+    bytes: usize,
+    /// Array elements shifted.
+    shifts: usize,
+}
+
+impl Meter<'_> {
+    /// Bytes left.
+    fn bytes_left(&self) -> usize {
+        self.budget.max_bytes.saturating_sub(self.bytes)
+    }
+
+    /// Counts `n` bytes, or fails if that passes the limit.
+    fn bytes(&mut self, index: usize, n: usize, what: &str) -> Result<(), PatchError> {
+        if n > self.bytes_left() {
+            return Err(PatchError::OverBudget {
+                index: Some(index),
+                limit: BudgetLimit::Bytes,
+                message: format!(
+                    "{what} would bring the bytes produced to more than the limit of {}",
+                    self.budget.max_bytes
+                ),
+            });
+        }
+        self.bytes += n;
+        Ok(())
+    }
+
+    /// Counts `n` array shifts, or fails if that passes the limit.
+    fn shifts(&mut self, index: usize, n: usize) -> Result<(), PatchError> {
+        if n > self.budget.max_array_shifts.saturating_sub(self.shifts) {
+            return Err(PatchError::OverBudget {
+                index: Some(index),
+                limit: BudgetLimit::Work,
+                message: format!(
+                    "inserting or removing array elements would shift more than {} elements",
+                    self.budget.max_array_shifts
+                ),
+            });
+        }
+        self.shifts += n;
+        Ok(())
+    }
+
+    /// Measures `v`, which is about to be placed `above` levels below the root (or nested
+    /// that much deeper): counts its bytes, and fails if they pass the limit or if it would
+    /// end up too deep. Stops walking at the limits, so it costs no more than they allow.
+    fn measure(
+        &mut self,
+        index: usize,
+        v: &Value,
+        above: usize,
+        what: &str,
+    ) -> Result<(), PatchError> {
+        let depth_left = self.budget.max_depth.saturating_sub(above);
+        let m = measure(v, self.bytes_left(), depth_left);
+        self.bytes(index, m.bytes, what)?;
+        if above + m.depth > self.budget.max_depth {
+            return Err(PatchError::OverBudget {
+                index: Some(index),
+                limit: BudgetLimit::Depth,
+                message: depth_message(self.budget, what),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -643,6 +953,16 @@ pub struct UndoLog<'p> {
 pub struct RevertError;
 
 impl UndoLog<'_> {
+    /// Number of entries: at most one per operation of the patch.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the patch changed nothing that needs undoing.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
     /// Reverts the patch. `doc` must be the document the patch was applied to, unmodified
     /// since; then this always succeeds and restores the exact previous value. Given any
     /// other document it may fail part-way, leaving that document partly reverted.
@@ -655,27 +975,38 @@ impl UndoLog<'_> {
 }
 
 /// Resolves the slot for an insertion at `path` (the parent must exist and be a
-/// container; an array position must be `-` or `0..=len`).
-fn insert_slot<'p>(path: &'p JsonPointer, doc: &Value) -> Result<Slot<'p>, PointerError> {
+/// container; an array position must be `-` or `0..=len`), with the number of array
+/// elements the insertion shifts.
+fn insert_slot<'p>(path: &'p JsonPointer, doc: &Value) -> Result<(Slot<'p>, usize), PointerError> {
     let Some((_, last)) = path.split_last() else {
-        return Ok(Slot::Root);
+        return Ok((Slot::Root, 0));
     };
     match path.get_prefix(doc, path.tokens().len() - 1)? {
-        Value::Object(_) => Ok(Slot::Member(path)),
-        Value::Array(a) => Ok(Slot::Element(path, path.insert_index(last, a.len())?)),
+        Value::Object(_) => Ok((Slot::Member(path), 0)),
+        Value::Array(a) => {
+            let i = path.insert_index(last, a.len())?;
+            Ok((Slot::Element(path, i), a.len() - i))
+        }
         other => Err(path.not_a_container(last, other)),
     }
 }
 
-/// Resolves the slot of an existing value at `path` (not the root).
-fn existing_slot<'p>(path: &'p JsonPointer, doc: &Value) -> Result<Slot<'p>, PointerError> {
+/// Resolves the slot of an existing value at `path`, with the number of array elements
+/// removing it shifts.
+fn existing_slot<'p>(
+    path: &'p JsonPointer,
+    doc: &Value,
+) -> Result<(Slot<'p>, usize), PointerError> {
     let Some((_, last)) = path.split_last() else {
-        return Ok(Slot::Root);
+        return Ok((Slot::Root, 0));
     };
     match path.get_prefix(doc, path.tokens().len() - 1)? {
-        Value::Object(m) if m.contains_key(last) => Ok(Slot::Member(path)),
+        Value::Object(m) if m.contains_key(last) => Ok((Slot::Member(path), 0)),
         Value::Object(_) => Err(path.not_found(last)),
-        Value::Array(a) => Ok(Slot::Element(path, path.existing_index(last, a.len())?)),
+        Value::Array(a) => {
+            let i = path.existing_index(last, a.len())?;
+            Ok((Slot::Element(path, i), a.len() - 1 - i))
+        }
         other => Err(path.not_a_container(last, other)),
     }
 }
@@ -685,6 +1016,7 @@ fn apply_op<'p>(
     op: &'p Operation,
     doc: &mut Value,
     log: &mut UndoLog<'p>,
+    meter: &mut Meter<'_>,
 ) -> Result<(), PatchError> {
     let ptr_err = |source: PointerError| PatchError::Pointer {
         index,
@@ -695,13 +1027,19 @@ fn apply_op<'p>(
     // a single step on a slot just resolved against the same state, so a failing operation
     // changes nothing itself. The `internal` error is unreachable for that reason; it exists
     // so that a bug surfaces as an error (and a rollback) instead of a panic.
+    //
+    // The budget is charged between resolving and mutating: values' sizes and depths were
+    // checked before the first operation (`Patch::static_bytes`); what depends on the
+    // document (what `copy` duplicates, what `move` nests deeper, array shifts) is measured
+    // here, before anything is allocated or moved.
     let internal = || PatchError::InvalidOperation {
         index,
         message: "internal error: a resolved location did not resolve".into(),
     };
     match op {
         Operation::Add { path, value } => {
-            let slot = insert_slot(path, doc).map_err(ptr_err)?;
+            let (slot, shifts) = insert_slot(path, doc).map_err(ptr_err)?;
+            meter.shifts(index, shifts)?;
             let displaced = slot.put(doc, value.clone()).map_err(|_| internal())?;
             log.entries.push(match displaced {
                 Some(old) => Undo::Overwrite(path, old),
@@ -715,7 +1053,8 @@ fn apply_op<'p>(
                     message: "cannot remove the whole document (path \"\")".into(),
                 });
             }
-            let slot = existing_slot(path, doc).map_err(ptr_err)?;
+            let (slot, shifts) = existing_slot(path, doc).map_err(ptr_err)?;
+            meter.shifts(index, shifts)?;
             let value = slot.take(doc).ok_or_else(internal)?;
             log.entries.push(Undo::Reinsert(slot, value));
         }
@@ -732,24 +1071,35 @@ fn apply_op<'p>(
                     path: path.as_str().into(),
                 });
             }
-            let from_slot = existing_slot(from, doc).map_err(ptr_err)?;
+            let (from_slot, from_shifts) = existing_slot(from, doc).map_err(ptr_err)?;
             if from == path {
                 return Ok(());
             }
+            // A value moved up or sideways stays as deep as it was; one moved deeper is
+            // measured (its bytes count), stopping at the depth left.
+            let (up, down) = (from.tokens().len(), path.tokens().len());
+            if down > up {
+                let moved = from.get(doc).map_err(ptr_err)?;
+                meter.measure(index, moved, down, "the moved value")?;
+            }
+            meter.shifts(index, from_shifts)?;
             let value = from_slot.take(doc).ok_or_else(internal)?;
             // The target is resolved against the document *after* the removal (RFC 6902
             // §4.4: remove, then add), so e.g. "/foo/3" may be the new end of the array.
             let (err, value) = match insert_slot(path, doc) {
-                Ok(to_slot) => match to_slot.put(doc, value) {
-                    Ok(displaced) => {
-                        log.entries.push(Undo::Unmove {
-                            from: from_slot,
-                            to: to_slot,
-                            displaced,
-                        });
-                        return Ok(());
-                    }
-                    Err(value) => (internal(), value),
+                Ok((to_slot, to_shifts)) => match meter.shifts(index, to_shifts) {
+                    Err(e) => (e, value),
+                    Ok(()) => match to_slot.put(doc, value) {
+                        Ok(displaced) => {
+                            log.entries.push(Undo::Unmove {
+                                from: from_slot,
+                                to: to_slot,
+                                displaced,
+                            });
+                            return Ok(());
+                        }
+                        Err(value) => (internal(), value),
+                    },
                 },
                 Err(e) => (ptr_err(e), value),
             };
@@ -759,8 +1109,13 @@ fn apply_op<'p>(
             return Err(err);
         }
         Operation::Copy { from, path } => {
-            let value = from.get(doc).map_err(ptr_err)?.clone();
-            let slot = insert_slot(path, doc).map_err(ptr_err)?;
+            let source = from.get(doc).map_err(ptr_err)?;
+            let (slot, shifts) = insert_slot(path, doc).map_err(ptr_err)?;
+            // Measured before it is cloned: this is what stops `copy` from `""` doubling
+            // the document until memory runs out, and nesting it past the stack.
+            meter.measure(index, source, path.tokens().len(), "the copied value")?;
+            meter.shifts(index, shifts)?;
+            let value = source.clone();
             let displaced = slot.put(doc, value).map_err(|_| internal())?;
             log.entries.push(match displaced {
                 Some(old) => Undo::Overwrite(path, old),
@@ -1543,6 +1898,369 @@ mod tests {
             prop_assert_eq!(err.code(), expected_code, "{} {}", bad, err);
             prop_assert_eq!(&doc, &original);
             prop_assert_eq!(crate::definition::canonical_json(&doc), crate::definition::canonical_json(&original));
+        }
+    }
+
+    // ---- budgets ----------------------------------------------------------------------------
+
+    use crate::fold::Head;
+
+    /// Runs `f` on a thread with a 256 KiB stack: a recursion that the depth limit failed to
+    /// bound overflows it (and aborts the test binary) long before 30,000 levels.
+    fn on_small_stack<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(f)
+            .expect("spawn")
+            .join()
+            .expect("no panic")
+    }
+
+    fn definition() -> Value {
+        json!({"nodes": {"s": {"type": "function", "config": {}}}, "edges": [],
+               "settings": {"max_hops": 5}})
+    }
+
+    /// Issue 12's first reproduction: 40 `copy` from the root, 2 KB of patch, each doubling
+    /// the document. Rejected `budget_bytes` at the op that would pass 4 MiB, before it
+    /// allocates, with the document unchanged.
+    #[test]
+    fn forty_root_copies_are_rejected_for_bytes() {
+        let text = Value::Array(
+            (0..40)
+                .map(|i| json!({"op": "copy", "from": "", "path": format!("/a{i}")}))
+                .collect(),
+        )
+        .to_string();
+        assert!(text.len() < 2100, "{}", text.len());
+        let (code, index, unchanged) = on_small_stack(move || {
+            let patch = Patch::from_json_str(&text).unwrap();
+            let mut doc = definition();
+            let e = patch.apply(&mut doc).unwrap_err();
+            (e.code(), e.index(), doc == definition())
+        });
+        assert_eq!(code, "budget_bytes");
+        // 84 bytes, doubling: op k copies about 84·2^k bytes; the sum passes 4 MiB at op 15.
+        assert_eq!(index, Some(15));
+        assert!(unchanged);
+
+        // Through the fold, as the materializer runs it: a rejection, the head untouched.
+        let mut head = Head {
+            workspace_id: "ws".into(),
+            version: 1,
+            definition: definition(),
+        };
+        let ops = Value::Array(
+            (0..40)
+                .map(|i| json!({"op": "copy", "from": "", "path": format!("/a{i}")}))
+                .collect(),
+        );
+        let d = crate::fold::step(
+            &mut head,
+            &crate::fold::Submitted {
+                workspace_id: "ws".into(),
+                base_version: None,
+                operations: Patch::from_value(&ops),
+            },
+            &crate::definition::Limits::default(),
+        );
+        assert!(
+            matches!(
+                d,
+                crate::fold::Decision::Rejected {
+                    code: "budget_bytes",
+                    head_version: 1,
+                    ..
+                }
+            ),
+            "{d:?}"
+        );
+        assert_eq!(head.definition, definition());
+    }
+
+    /// Issue 12's second reproduction: 30,000 `copy` ops into one path, nesting the document
+    /// one level deeper each. Rejected without a stack overflow on a 256 KiB stack: by the
+    /// operation count with the defaults, and by depth when the count is allowed.
+    #[test]
+    fn thirty_thousand_nested_copies_are_rejected_on_a_small_stack() {
+        for ops in [
+            json!({"op": "copy", "from": "", "path": "/a"}),
+            json!({"op": "copy", "from": "/nodes", "path": "/nodes/s/config/x"}),
+        ] {
+            let text = Value::Array(vec![ops; 30_000]).to_string();
+            let results = on_small_stack(move || {
+                let patch = Patch::from_json_str(&text).unwrap();
+                let mut out = vec![];
+                for budget in [
+                    Budget::default(),
+                    Budget {
+                        max_operations: 100_000,
+                        ..Budget::default()
+                    },
+                ] {
+                    let mut doc = definition();
+                    let e = patch.apply_with(&mut doc, &budget).unwrap_err();
+                    out.push((e.code(), e.index(), doc == definition()));
+                }
+                out
+            });
+            assert_eq!(results[0], ("budget_ops", None, true));
+            assert_eq!(results[1].0, "budget_depth", "{results:?}");
+            assert!(results[1].1.is_some_and(|i| i <= 64), "{results:?}");
+            assert!(results[1].2);
+        }
+    }
+
+    /// Deep values are refused before anything recurses over them: deeper than serde_json
+    /// parses (an `invalid_operation` parse error), deeper than the budget (`budget_depth`),
+    /// and a value built in memory far deeper than any stack is still measured safely.
+    #[test]
+    fn deep_values_are_rejected_cleanly() {
+        let nested = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+        let results = on_small_stack(move || {
+            let mut out = vec![];
+            for depth in [60, 63, 100, 127, 5_000, 100_000] {
+                let text = format!(r#"[{{"op":"add","path":"/x","value":{}}}]"#, nested(depth));
+                let mut doc = definition();
+                let r = Patch::from_json_str(&text).and_then(|p| p.apply(&mut doc));
+                out.push((depth, r.map_err(|e| e.code())));
+            }
+            // Built in memory, 1,000,000 levels: measured without recursion.
+            let mut v = json!(1);
+            for _ in 0..1_000_000 {
+                v = Value::Array(vec![v]);
+            }
+            let m = measure(&v, usize::MAX, usize::MAX);
+            let stopped = measure(&v, usize::MAX, 64);
+            // Taken apart iteratively: dropping it whole would overflow this stack.
+            while let Value::Array(mut a) = v {
+                v = a.pop().unwrap_or_default();
+            }
+            (out, m, stopped)
+        });
+        let (out, m, stopped) = results;
+        assert_eq!(
+            out,
+            vec![
+                (60, Ok(())),
+                (63, Ok(())), // "/x" is one level: 1 + 63 = 64
+                (100, Err("budget_depth")),
+                (127, Err("invalid_operation")), // the operation array and object add 2
+                (5_000, Err("invalid_operation")),
+                (100_000, Err("invalid_operation")),
+            ]
+        );
+        assert_eq!(m.depth, 1_000_000);
+        assert_eq!(m.bytes, 2_000_001);
+        assert_eq!(stopped.depth, 65);
+    }
+
+    #[test]
+    fn static_checks_and_run_time_limits() {
+        let budget = Budget {
+            max_operations: 3,
+            max_bytes: 100,
+            max_depth: 4,
+            max_pointer_bytes: 16,
+            max_array_shifts: 5,
+        };
+        let check = |ops: Value| {
+            check_static(&Patch::from_value(&ops).unwrap(), &budget)
+                .map_err(|e| (e.code(), e.index()))
+        };
+        let add = |path: &str, value: Value| json!({"op": "add", "path": path, "value": value});
+        assert_eq!(
+            check(json!([add("/a", json!(1)), add("/b", json!(1))])),
+            Ok(())
+        );
+        assert_eq!(
+            check(Value::Array(vec![add("/a", json!(1)); 4])),
+            Err(("budget_ops", None))
+        );
+        assert_eq!(
+            check(json!([
+                add("/a", json!(1)),
+                add("/aaaaaaaaaaaaaaaaaa", json!(1))
+            ])),
+            Err(("budget_pointer", Some(1)))
+        );
+        assert_eq!(
+            check(json!([{"op": "copy", "from": "/a/b/c/d/e", "path": "/x"}])),
+            Err(("budget_pointer", Some(0)))
+        );
+        // Depth counts from the root: "/a/b" is 2 levels, [[1]] two more.
+        assert_eq!(check(json!([add("/a/b", json!([[1]]))])), Ok(()));
+        assert_eq!(
+            check(json!([add("/a/b", json!([[[1]]]))])),
+            Err(("budget_depth", Some(0)))
+        );
+        assert_eq!(
+            check(json!([{"op": "test", "path": "/a", "value": [[[[[1]]]]]}])),
+            Err(("budget_depth", Some(0)))
+        );
+        // Bytes add up over the values: 60 + 60 > 100.
+        let s = "x".repeat(58);
+        assert_eq!(check(json!([add("/a", json!(s))])), Ok(()));
+        assert_eq!(
+            check(json!([add("/a", json!(s)), {"op": "replace", "path": "/a", "value": s}])),
+            Err(("budget_bytes", Some(1)))
+        );
+
+        let run = |doc: Value, ops: Value| {
+            let mut d = doc.clone();
+            let r = Patch::from_value(&ops).unwrap().apply_with(&mut d, &budget);
+            if r.is_err() {
+                assert_eq!(d, doc, "a rejected patch changes nothing");
+            }
+            r.map(|()| d).map_err(|e| (e.code(), e.index()))
+        };
+        // Shifts: inserting at the front of a 3-element array shifts 3; twice is 6 > 5.
+        let arr = json!({"a": [1, 2, 3]});
+        assert!(run(arr.clone(), json!([add("/a/0", json!(0))])).is_ok());
+        assert_eq!(
+            run(
+                arr.clone(),
+                json!([add("/a/0", json!(0)), add("/a/0", json!(0))])
+            ),
+            Err(("budget_work", Some(1)))
+        );
+        assert!(run(
+            arr.clone(),
+            json!([add("/a/-", json!(0)), add("/a/-", json!(0))])
+        )
+        .is_ok());
+        assert_eq!(
+            run(
+                arr.clone(),
+                json!([{"op": "remove", "path": "/a/0"}, {"op": "remove", "path": "/a/0"},
+                       {"op": "move", "from": "/a/0", "path": "/a/0"}])
+            ),
+            Ok(json!({"a": [3]})),
+            "2 + 1 shifts, and a move onto itself shifts nothing"
+        );
+        // Copy: measured against bytes and depth before the clone.
+        let doc = json!({"a": {"b": {"c": 1}}, "s": "x".repeat(60)});
+        assert_eq!(
+            run(
+                doc.clone(),
+                json!([{"op": "copy", "from": "/a", "path": "/x"}])
+            ),
+            Ok(json!({"a": {"b": {"c": 1}}, "s": "x".repeat(60), "x": {"b": {"c": 1}}}))
+        );
+        assert_eq!(
+            run(
+                doc.clone(),
+                json!([{"op": "copy", "from": "/a", "path": "/a/b/d"}])
+            ),
+            Err(("budget_depth", Some(0)))
+        );
+        assert_eq!(
+            run(
+                doc.clone(),
+                json!([{"op": "copy", "from": "/s", "path": "/t"}, {"op": "copy", "from": "/s", "path": "/u"}])
+            ),
+            Err(("budget_bytes", Some(1)))
+        );
+        // Move: sideways or up is free; deeper is measured.
+        assert!(run(
+            doc.clone(),
+            json!([{"op": "move", "from": "/a/b", "path": "/b"}])
+        )
+        .is_ok());
+        assert!(run(
+            doc.clone(),
+            json!([{"op": "move", "from": "/s", "path": "/a/b/s"}])
+        )
+        .is_ok());
+        assert_eq!(
+            run(
+                doc.clone(),
+                json!([{"op": "move", "from": "/a/b", "path": "/a/b2/x"}])
+            ),
+            Err(("path_not_found", Some(0))),
+            "within the budget, a missing target is still reported as such"
+        );
+        let deep = json!({"a": {"b": {"c": {}}}, "x": {"y": {}}});
+        assert_eq!(
+            run(
+                deep.clone(),
+                json!([{"op": "move", "from": "/a", "path": "/x/y/a"}])
+            ),
+            Err(("budget_depth", Some(0)))
+        );
+    }
+
+    /// An adversarial op over a small alphabet of locations: copies from the root and from
+    /// anywhere, moves, deep paths, array inserts at the front.
+    fn arb_hostile_op() -> impl Strategy<Value = Value> {
+        let ptr = prop::collection::vec(prop::sample::select(vec!["a", "b", "0", "-"]), 0..5)
+            .prop_map(|t| JsonPointer::from_tokens(t).as_str().to_owned());
+        prop_oneof![
+            3 => Just(json!({"op": "copy", "from": "", "path": "/a"})),
+            3 => Just(json!({"op": "copy", "from": "/a", "path": "/a/a"})),
+            2 => Just(json!({"op": "copy", "from": "", "path": "/b/-"})),
+            3 => (ptr.clone(), ptr.clone()).prop_map(|(f, p)| json!({"op": "copy", "from": f, "path": p})),
+            2 => (ptr.clone(), ptr.clone()).prop_map(|(f, p)| json!({"op": "move", "from": f, "path": p})),
+            2 => (ptr.clone(), arb_value()).prop_map(|(p, v)| json!({"op": "add", "path": p, "value": v})),
+            1 => ptr.clone().prop_map(|p| json!({"op": "remove", "path": p})),
+            1 => (ptr.clone(), arb_value()).prop_map(|(p, v)| json!({"op": "replace", "path": p, "value": v})),
+            1 => Just(json!({"op": "add", "path": "/b/0", "value": [1, 2]})),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Any patch either applies within the budget or is rejected leaving the document as
+        /// it was; never a panic. Applied: the document grew by at most `max_bytes`, nothing
+        /// the patch placed is deeper than `max_depth`, the undo log has at most one entry
+        /// per operation and reverts exactly. All of it on a 256 KiB stack, in bounded time.
+        #[test]
+        fn hostile_patches_stay_within_the_budget(
+            start in arb_value(),
+            ops in prop::collection::vec(arb_hostile_op(), 0..60),
+            max_bytes in 0usize..3_000,
+            max_depth in 4usize..10,
+            max_array_shifts in 0usize..50,
+        ) {
+            let budget = Budget { max_operations: 40, max_bytes, max_depth, max_pointer_bytes: 64, max_array_shifts };
+            let mut original = json!({"a": start, "b": [0]});
+            let before = measure(&original, usize::MAX, usize::MAX);
+            if before.depth > max_depth {
+                original = json!({"a": {}, "b": [0]});
+            }
+            let before = measure(&original, usize::MAX, usize::MAX);
+            let n = ops.len();
+            let text = Value::Array(ops).to_string();
+            let outcome = on_small_stack(move || {
+                let started = std::time::Instant::now();
+                let patch = Patch::from_json_str(&text).unwrap();
+                let mut doc = original.clone();
+                let r = patch.apply_reversible_with(&mut doc, &budget).map(|undo| {
+                    let after = measure(&doc, usize::MAX, usize::MAX);
+                    let entries = undo.len();
+                    let mut reverted = doc.clone();
+                    let ok = undo.revert(&mut reverted).is_ok() && reverted == original;
+                    (after, entries, ok)
+                });
+                let unchanged = doc == original;
+                (r.map_err(|e| e.code()), unchanged, started.elapsed())
+            });
+            let (r, unchanged, elapsed) = outcome;
+            prop_assert!(elapsed < std::time::Duration::from_secs(10), "{elapsed:?}");
+            match r {
+                Ok((after, entries, reverts)) => {
+                    prop_assert!(n <= 40);
+                    prop_assert!(after.bytes <= before.bytes + max_bytes, "{after:?} {before:?} {max_bytes}");
+                    prop_assert!(after.depth <= max_depth.max(before.depth), "{after:?} {max_depth}");
+                    prop_assert!(entries <= n);
+                    prop_assert!(reverts);
+                }
+                Err(code) => {
+                    prop_assert!(unchanged, "rejected with {code} but changed");
+                    if n > 40 { prop_assert_eq!(code, "budget_ops"); }
+                }
+            }
         }
     }
 }
