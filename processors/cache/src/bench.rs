@@ -120,11 +120,19 @@ pub async fn run(
                     node_type,
                     &json_hash(&json!({})),
                     &json_hash(&json!({"i": i})),
+                    None,
                 )
                 .to_vec(),
             );
             skeys.push(
-                semantic_key(&ws, Permission::Read, node_type, &format!("prompt {i}")).to_vec(),
+                semantic_key(
+                    &ws,
+                    Permission::Read,
+                    node_type,
+                    &json_hash(&json!({})),
+                    &format!("prompt {i}"),
+                )
+                .to_vec(),
             );
             embs.push(vector_text(&v));
             wss.push(ws);
@@ -141,8 +149,8 @@ pub async fn run(
         .execute(&pool)
         .await?;
         sqlx::query(
-            "INSERT INTO cache_semantic (entry_key, workspace_id, node_type, required_permission, owner, result_ref, cost_ms, expires_at, dims, embedding)
-             SELECT k, ws, 'agent', 1, 'bench', $4, 1000, now() + interval '1 day', $5, e::vector
+            "INSERT INTO cache_semantic (entry_key, workspace_id, node_type, required_permission, owner, result_ref, cost_ms, expires_at, dims, embedding, config_hash)
+             SELECT k, ws, 'agent', 1, 'bench', $4, 1000, now() + interval '1 day', $5, e::vector, $6
              FROM UNNEST($1::bytea[], $2::text[], $3::text[]) AS t(k, ws, e)",
         )
         .bind(&skeys)
@@ -150,6 +158,7 @@ pub async fn run(
         .bind(&embs)
         .bind(result.to_string())
         .bind(d as i32)
+        .bind(json_hash(&json!({})).to_vec())
         .execute(&pool)
         .await?;
     }
@@ -204,7 +213,7 @@ pub async fn run(
     }
 
     // The coordinator's path for comparison: exact_lookup_batch of one request on a plain
-    // pooled connection (autocommit, durable commit).
+    // pooled connection (autocommit, durable commit, like the gateway's lookups now).
     let mut batch = Vec::with_capacity(queries / 4);
     for q in 0..queries / 4 {
         let i = rng.random_range(0..entries);
@@ -214,6 +223,7 @@ pub async fn run(
             node_type: node_type.into(),
             config: json!({}),
             inputs: json!({"i": i}),
+            prompt: None,
             requester: "bench".into(),
             request_id: format!("bench-batch-{q}"),
         };
@@ -261,6 +271,7 @@ pub async fn run(
                     &ws_name(w),
                     Permission::Read,
                     node_type,
+                    &json_hash(&json!({})),
                     &format!("prompt {j}"),
                 ))
             });

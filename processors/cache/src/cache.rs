@@ -8,9 +8,21 @@
 //! - A hit is served only after its CAS blob was read and verified (the CAS re-hashes on
 //!   read). A missing or corrupt blob turns the hit into a miss, deletes the entry and takes
 //!   back the hit's audit row, in the caller's transaction.
-//! - Every served hit has exactly one audit row, written by the lookup statement itself.
-//! - Results matching the PII guard, of a node type that is not cacheable, or larger than
-//!   `cache.max_result_bytes` are never stored; each refusal is counted.
+//! - A cache answers only the question asked: the exact key covers the prompt when there is
+//!   one, and a semantic hit needs the same workspace, node type and config (hash) as the
+//!   entry, a requester at or above its level, and a similarity that is a number at or above
+//!   the threshold (NaN is never a hit; every vector is validated before it is stored or
+//!   compared, see [`crate::embed::validate_vector`]).
+//! - Every served hit has exactly one audit row, written by the lookup statement itself (in
+//!   the caller's transaction, or committed durably before a synchronous answer is returned);
+//!   every store has one too (`store` or `refused`, in the store's transaction). The audit
+//!   names the requester the caller authenticated (the gateway: the API key id).
+//! - Results matching the PII guard (over the parsed JSON values, see [`pii::scan_result`]),
+//!   of a node type that is not cacheable, or larger than `cache.max_result_bytes` are never
+//!   stored; each refusal is counted and audited.
+//! - What a record's content can break costs that record only: an invalid prompt or vector,
+//!   or a prompt the embedder refuses, is answered per request ([`StoreOutcome::Rejected`],
+//!   `Err(reason)` from [`Cache::lookup_in`]) before any of its effects is written.
 //! - A store touches `cache_blobs` before it puts the blob, so the GC's grace period covers it.
 
 use std::sync::Arc;
@@ -25,7 +37,7 @@ use weir_runtime::cas::{Cas, CasError, CasRef};
 use weir_runtime::config::CacheConfig;
 use weir_runtime::events::CacheKind;
 
-use crate::embed::{check_dims, normalize, Embedder};
+use crate::embed::{validate_vector, Embedded, Embedder};
 use crate::error::CacheError;
 use crate::key::{entry_key, json_hash, semantic_key, Permission};
 use crate::metrics as m;
@@ -37,6 +49,33 @@ use crate::pii;
 /// list (e.g. drop `http_request` where HTTP nodes have side effects).
 pub fn is_cacheable(cfg: &CacheConfig, node_type: &str) -> bool {
     cfg.cacheable_node_types.iter().any(|t| t == node_type)
+}
+
+/// The `node_type` metric label: a configured (cacheable or semantic) type, else `other`, so
+/// that no caller can grow the metric series with names of its choosing.
+pub fn node_label(cfg: &CacheConfig, node_type: &str) -> String {
+    if is_cacheable(cfg, node_type) || is_semantic(cfg, node_type) {
+        node_type.to_string()
+    } else {
+        "other".to_string()
+    }
+}
+
+/// Refuses a prompt the cache will not hash or embed: empty (or only whitespace: not a
+/// question) or longer than `cache.max_prompt_bytes`.
+pub fn check_prompt(cfg: &CacheConfig, prompt: Option<&str>) -> Result<(), CacheError> {
+    let Some(p) = prompt else { return Ok(()) };
+    if p.trim().is_empty() {
+        return Err(CacheError::Invalid("prompt is empty".into()));
+    }
+    if p.len() > cfg.max_prompt_bytes {
+        return Err(CacheError::Invalid(format!(
+            "prompt is {} bytes, more than cache.max_prompt_bytes ({})",
+            p.len(),
+            cfg.max_prompt_bytes
+        )));
+    }
+    Ok(())
 }
 
 /// Whether lookups of `node_type` may be answered by a semantic (prompt) match.
@@ -181,6 +220,21 @@ pub enum Refusal {
     BadBlob,
 }
 
+impl Refusal {
+    /// The reason, as audited and counted.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::NotCacheable => "not_cacheable",
+            Refusal::Pii(pii::PiiKind::Email) => "pii:email",
+            Refusal::Pii(pii::PiiKind::CardNumber) => "pii:card_number",
+            Refusal::Pii(pii::PiiKind::NationalId) => "pii:national_id",
+            Refusal::Pii(pii::PiiKind::Secret) => "pii:secret",
+            Refusal::TooLarge => "too_large",
+            Refusal::BadBlob => "bad_blob",
+        }
+    }
+}
+
 /// What a store did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreOutcome {
@@ -191,8 +245,12 @@ pub enum StoreOutcome {
         /// Whether a semantic entry was written.
         semantic: bool,
     },
-    /// Not stored.
+    /// Not stored: the cache does not keep this result (audited as `refused`).
     Refused(Refusal),
+    /// The request is invalid (a bad prompt or vector, a prompt the embedder refuses, a
+    /// required permission above the producer's): nothing was written; the processor
+    /// dead-letters the record with this reason.
+    Rejected(String),
 }
 
 /// A request of [`exact_lookup_batch`] (the coordinator's pre-dispatch check).
@@ -208,6 +266,8 @@ pub struct ExactRequest {
     pub config: Value,
     /// Node inputs.
     pub inputs: Value,
+    /// The prompt, when the node has one (part of the exact key).
+    pub prompt: Option<String>,
     /// Who asks, for the audit trail (e.g. `run:<run_id>`).
     pub requester: String,
     /// Correlation id for the audit trail (e.g. `<run_id>/<node_id>`).
@@ -258,6 +318,7 @@ pub async fn exact_lookup_batch(
             node_type: r.node_type.clone(),
             config_hash: json_hash(&r.config),
             inputs_hash: json_hash(&r.inputs),
+            prompt: r.prompt.clone(),
             requester: r.requester.clone(),
             request_id: r.request_id.clone(),
         })
@@ -293,6 +354,7 @@ struct ExactProbe {
     node_type: String,
     config_hash: [u8; 32],
     inputs_hash: [u8; 32],
+    prompt: Option<String>,
     requester: String,
     request_id: String,
 }
@@ -359,6 +421,7 @@ async fn exact_probe(
                     &p.node_type,
                     &p.config_hash,
                     &p.inputs_hash,
+                    p.prompt.as_deref(),
                 )
                 .to_vec(),
             );
@@ -594,8 +657,9 @@ pub(crate) fn vector_text(v: &[f32]) -> String {
 pub struct Cache {
     pool: PgPool,
     /// Same server, sessions started with the lookup settings (iterative HNSW scans,
-    /// ef_search, and synchronous_commit = off unless `cache.durable_lookups`), so a
-    /// synchronous lookup needs no transaction and no SET round trips.
+    /// ef_search), so a synchronous lookup needs no transaction and no SET round trips. Its
+    /// commits are durable (the server's synchronous_commit): a hit's audit row is on disk
+    /// before the answer leaves.
     lookup_pool: PgPool,
     cas: Cas,
     cfg: Arc<CacheConfig>,
@@ -641,16 +705,13 @@ impl Cache {
         }
         let d = cfg.dimensions;
         let semantic_sql: Arc<str> = semantic_statement(d).into();
-        let mut session = vec![
+        let session = vec![
             ("hnsw.iterative_scan", "strict_order".to_string()),
             (
                 "hnsw.ef_search",
                 cfg.hnsw_ef_search.clamp(1, 1000).to_string(),
             ),
         ];
-        if !cfg.durable_lookups {
-            session.push(("synchronous_commit", "off".to_string()));
-        }
         let options = (*pool.connect_options()).clone().options(session);
         let lookup_pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(pool.options().get_max_connections())
@@ -740,17 +801,22 @@ impl Cache {
     ///
     /// Runs on a session of the lookup pool, without a transaction: each statement commits
     /// on its own (the lookup statement together with its audit rows).
+    /// An invalid request (a bad prompt or vector, a prompt the embedder refuses) is
+    /// [`CacheError::Invalid`] with the reason.
     pub async fn lookup(&self, req: &LookupRequest) -> Result<Answer, CacheError> {
+        check_prompt(&self.cfg, req.prompt.as_deref())?;
         let mut conn = self.lookup_pool.acquire().await?;
         let mut answers = self
             .lookup_on(&mut conn, std::slice::from_ref(req), true)
             .await?;
         answers
             .pop()
-            .ok_or_else(|| CacheError::Invalid("no answer".into()))
+            .ok_or_else(|| CacheError::Invalid("no answer".into()))?
+            .map_err(CacheError::Invalid)
     }
 
     /// One synchronous store: its own transaction.
+    /// A rejected request is [`StoreOutcome::Rejected`]; nothing of it is written.
     pub async fn store(&self, req: &StoreRequest) -> Result<StoreOutcome, CacheError> {
         let mut tx = self.pool.begin().await?;
         let mut out = self.store_in(&mut tx, std::slice::from_ref(req)).await?;
@@ -759,49 +825,69 @@ impl Cache {
             .ok_or_else(|| CacheError::Invalid("no outcome".into()))
     }
 
-    /// Fills in missing embeddings of the requests that need one (semantic node types with a
-    /// prompt), in one batched embedder call; checks given ones against the dimension.
+    /// The unit vectors of the requests that need one (`wanted`: semantic node types with a
+    /// prompt or a vector), embedding the missing ones in one batched call: per request
+    /// `None` (not wanted), a vector, or `Err(reason)` when the request's own vector or
+    /// prompt cannot give one. `Err` of the whole call only for the embedder as a whole.
     async fn embeddings(
         &self,
         items: Vec<(Option<String>, Option<Vec<f32>>, bool)>,
-    ) -> Result<Vec<Option<Vec<f32>>>, CacheError> {
+    ) -> Result<Vec<Option<Embedded>>, CacheError> {
         let dims = self.cfg.dimensions as usize;
-        let mut out: Vec<Option<Vec<f32>>> = vec![None; items.len()];
+        let mut out: Vec<Option<Embedded>> = vec![None; items.len()];
         let mut todo = Vec::new();
         for (i, (prompt, given, wanted)) in items.into_iter().enumerate() {
             if !wanted {
                 continue;
             }
             match (given, prompt) {
-                (Some(v), _) => out[i] = Some(normalize(check_dims(v, dims)?)),
+                (Some(v), _) => out[i] = Some(validate_vector(v, dims)),
                 (None, Some(p)) => todo.push((i, p)),
                 (None, None) => {}
             }
         }
         if !todo.is_empty() {
             let Some(embedder) = &self.embedder else {
-                return Err(CacheError::Embed {
-                    message: "a prompt needs embedding but no embedder is configured".into(),
-                    retry: false,
-                });
+                // A deployment without an embedder takes vectors only: the request's fault.
+                for (i, _) in todo {
+                    out[i] = Some(Err(
+                        "a prompt without a vector needs an embedder, and none is configured"
+                            .into(),
+                    ));
+                }
+                return Ok(out);
             };
             let vectors = embedder
                 .embed(todo.iter().map(|(_, p)| p.clone()).collect())
                 .await?;
+            if vectors.len() != todo.len() {
+                return Err(CacheError::Embed {
+                    message: format!(
+                        "the embedder answered {} vectors for {} prompts",
+                        vectors.len(),
+                        todo.len()
+                    ),
+                    class: crate::error::EmbedClass::Unavailable,
+                });
+            }
             for ((i, _), v) in todo.into_iter().zip(vectors) {
-                out[i] = Some(check_dims(v, dims)?);
+                // The embedders validate their vectors; checked again because a vector that
+                // reaches SQL must be a unit vector of this deployment's dimension.
+                out[i] = Some(v.and_then(|v| validate_vector(v, dims)));
             }
         }
         Ok(out)
     }
 
     /// Answers `reqs` on `conn` (inside the caller's transaction): all exact lookups in one
-    /// statement, then the semantic ones that missed in one statement.
+    /// statement, then the semantic ones that missed in one statement. Per request an
+    /// answer, or `Err(reason)` for a request whose vector or prompt cannot be used (it wrote
+    /// nothing). Prompts are expected checked already ([`check_prompt`]).
     pub async fn lookup_in(
         &self,
         conn: &mut PgConnection,
         reqs: &[LookupRequest],
-    ) -> Result<Vec<Answer>, CacheError> {
+    ) -> Result<Vec<Result<Answer, String>>, CacheError> {
         self.lookup_on(conn, reqs, false).await
     }
 
@@ -811,7 +897,7 @@ impl Cache {
         conn: &mut PgConnection,
         reqs: &[LookupRequest],
         tuned: bool,
-    ) -> Result<Vec<Answer>, CacheError> {
+    ) -> Result<Vec<Result<Answer, String>>, CacheError> {
         let probes: Vec<ExactProbe> = reqs
             .iter()
             .map(|r| ExactProbe {
@@ -820,22 +906,23 @@ impl Cache {
                 node_type: r.node_type.clone(),
                 config_hash: json_hash(&r.config),
                 inputs_hash: json_hash(&r.inputs),
+                prompt: r.prompt.clone(),
                 requester: r.requester.clone(),
                 request_id: r.request_id.clone(),
             })
             .collect();
         let verified = exact_find_verify(conn, &self.cas, &probes).await?;
-        let mut answers: Vec<Option<Answer>> = vec![None; reqs.len()];
+        let mut answers: Vec<Option<Result<Answer, String>>> = vec![None; reqs.len()];
         for (f, _) in verified {
             let r = &reqs[f.ord];
             count_hit(
                 &r.workspace_id,
-                &r.node_type,
+                &node_label(&self.cfg, &r.node_type),
                 "exact",
                 f.cost_ms,
                 self.cfg.cost_per_hit.get(&r.node_type).copied(),
             );
-            answers[f.ord] = Some(Answer {
+            answers[f.ord] = Some(Ok(Answer {
                 request_id: r.request_id.clone(),
                 hit: true,
                 kind: Some(CacheKind::Exact),
@@ -843,7 +930,7 @@ impl Cache {
                 result_ref: Some(parse_ref(&f.result_ref)?),
                 saved_ms: f.cost_ms,
                 entry_key: Some(hex::encode(&f.entry_key)),
-            });
+            }));
         }
         // Semantic lookups for the misses that allow one.
         let wanted: Vec<bool> = reqs
@@ -859,23 +946,26 @@ impl Cache {
         if wanted.iter().any(|w| *w) {
             let items = embedding_items(reqs.iter().map(|r| (&r.prompt, &r.embedding)), &wanted);
             let vectors = self.embeddings(items).await?;
-            let sem: Vec<(usize, Vec<f32>)> = vectors
-                .into_iter()
-                .enumerate()
-                .filter_map(|(i, v)| v.map(|v| (i, v)))
-                .collect();
+            let mut sem: Vec<(usize, Vec<f32>)> = Vec::new();
+            for (i, v) in vectors.into_iter().enumerate() {
+                match v {
+                    Some(Ok(v)) => sem.push((i, v)),
+                    Some(Err(reason)) => answers[i] = Some(Err(reason)),
+                    None => {}
+                }
+            }
             let (found, best) = self.semantic_probe(conn, reqs, &sem, tuned).await?;
             let verified = verify(conn, &self.cas, found, "semantic").await?;
             for (f, _) in verified {
                 let r = &reqs[f.ord];
                 count_hit(
                     &r.workspace_id,
-                    &r.node_type,
+                    &node_label(&self.cfg, &r.node_type),
                     "semantic",
                     f.cost_ms,
                     self.cfg.cost_per_hit.get(&r.node_type).copied(),
                 );
-                answers[f.ord] = Some(Answer {
+                answers[f.ord] = Some(Ok(Answer {
                     request_id: r.request_id.clone(),
                     hit: true,
                     kind: Some(CacheKind::Semantic),
@@ -883,13 +973,17 @@ impl Cache {
                     result_ref: Some(parse_ref(&f.result_ref)?),
                     saved_ms: f.cost_ms,
                     entry_key: Some(hex::encode(&f.entry_key)),
-                });
+                }));
             }
             for (i, sim) in best {
                 if answers[i].is_none() {
                     let r = &reqs[i];
-                    metrics::histogram!(m::NEAR_MISS_SIMILARITY, "workspace" => r.workspace_id.clone(), "node_type" => r.node_type.clone()).record(sim);
-                    answers[i] = Some(Answer::miss(&r.request_id, Some(sim)));
+                    // A NaN best match (an entry that slipped past validation) is no number.
+                    let sim = sim.is_finite().then_some(sim);
+                    if let Some(sim) = sim {
+                        metrics::histogram!(m::NEAR_MISS_SIMILARITY, "workspace" => r.workspace_id.clone(), "node_type" => node_label(&self.cfg, &r.node_type)).record(sim);
+                    }
+                    answers[i] = Some(Ok(Answer::miss(&r.request_id, sim)));
                 }
             }
         }
@@ -898,8 +992,8 @@ impl Cache {
             .zip(answers)
             .map(|(r, a)| {
                 a.unwrap_or_else(|| {
-                    metrics::counter!(m::LOOKUPS, "workspace" => r.workspace_id.clone(), "node_type" => r.node_type.clone(), "outcome" => "miss").increment(1);
-                    Answer::miss(&r.request_id, None)
+                    metrics::counter!(m::LOOKUPS, "workspace" => r.workspace_id.clone(), "node_type" => node_label(&self.cfg, &r.node_type), "outcome" => "miss").increment(1);
+                    Ok(Answer::miss(&r.request_id, None))
                 })
             })
             .collect())
@@ -940,6 +1034,7 @@ impl Cache {
             .bind(vec![Uuid::now_v7()])
             .bind(vec![2.0f64])
             .bind(vec![vector_text(v)])
+            .bind(vec![json_hash(&serde_json::json!({})).to_vec()])
             .fetch_all(&mut *conn)
             .await?;
         let mut lines = Vec::with_capacity(rows.len());
@@ -976,7 +1071,9 @@ impl Cache {
             mut audits,
             mut thresholds,
             mut embs,
+            mut configs,
         ) = (
+            Vec::with_capacity(n),
             Vec::with_capacity(n),
             Vec::with_capacity(n),
             Vec::with_capacity(n),
@@ -998,6 +1095,7 @@ impl Cache {
             audits.push(Uuid::now_v7());
             thresholds.push(threshold(&self.cfg, &r.workspace_id, &r.node_type));
             embs.push(vector_text(v));
+            configs.push(json_hash(&r.config).to_vec());
         }
         // The dimension is part of the statement text (the index is an expression index on
         // embedding::vector(D)), so this one statement is built at start, not checked by sqlx.
@@ -1011,7 +1109,8 @@ impl Cache {
             .bind(request_ids)
             .bind(audits)
             .bind(thresholds)
-            .bind(embs);
+            .bind(embs)
+            .bind(configs);
         let rows: Vec<sqlx::postgres::PgRow> = query.fetch_all(&mut *conn).await?;
         let rows = rows
             .iter()
@@ -1030,7 +1129,8 @@ impl Cache {
         } in rows
         {
             best.push((ord as usize, similarity));
-            if hit {
+            // The statement already refuses NaN; a hit must be a number in any case.
+            if hit && similarity.is_finite() {
                 found.push(Found {
                     ord: ord as usize,
                     entry_key: key,
@@ -1044,75 +1144,108 @@ impl Cache {
         Ok((found, best))
     }
 
-    /// Stores `reqs` on `conn` (inside the caller's transaction): refusals first (node type,
-    /// size, PII), then the blobs, then all exact entries in one statement and all semantic
-    /// entries in one statement.
+    /// Stores `reqs` on `conn` (inside the caller's transaction). In order: rejections (a
+    /// required permission above the producer's, a bad prompt), refusals (node type, blob,
+    /// size, PII), the vectors of semantic entries (a prompt or vector that gives none
+    /// rejects its request) — all before anything is written — then the blobs, all exact
+    /// entries in one statement, all semantic entries in one statement, and one audit row
+    /// per stored or refused request in one statement.
     pub async fn store_in(
         &self,
         conn: &mut PgConnection,
         reqs: &[StoreRequest],
     ) -> Result<Vec<StoreOutcome>, CacheError> {
         let mut outcomes: Vec<Option<StoreOutcome>> = vec![None; reqs.len()];
-        // Result bytes: inline JSON as given, referenced blobs read (and verified) for the guard.
-        let given: Vec<Option<CasRef>> = reqs
-            .iter()
-            .map(|r| {
-                if let StoreResult::Ref(rf) = &r.result {
-                    Some(*rf)
-                } else {
-                    None
-                }
-            })
-            .collect();
-        let blobs = read_blobs(&self.cas, given).await;
-        let contents: Vec<Result<Option<Bytes>, CacheError>> = reqs
-            .iter()
-            .zip(blobs)
-            .map(|(r, b)| match &r.result {
-                StoreResult::Json(text) => Ok(Some(Bytes::from(text.clone()))),
-                StoreResult::Ref(_) => b.map_err(CacheError::from),
-            })
-            .collect();
-        let mut owned_puts = Vec::new();
-        let mut refs: Vec<Option<CasRef>> = vec![None; reqs.len()];
-        for (i, (r, content)) in reqs.iter().zip(contents).enumerate() {
+        for (i, r) in reqs.iter().enumerate() {
             if r.required_permission > r.permission {
-                return Err(CacheError::Invalid(format!(
-                    "a {} requester cannot store an entry requiring {}",
+                outcomes[i] = Some(StoreOutcome::Rejected(format!(
+                    "a {} producer cannot store an entry requiring {}",
                     r.permission.as_str(),
                     r.required_permission.as_str()
                 )));
+            } else if let Err(e) = check_prompt(&self.cfg, r.prompt.as_deref()) {
+                outcomes[i] = Some(StoreOutcome::Rejected(e.to_string()));
             }
+        }
+        // Result bytes: inline JSON as given, referenced blobs read (and verified) for the guard.
+        let given: Vec<Option<CasRef>> = reqs
+            .iter()
+            .zip(&outcomes)
+            .map(|(r, o)| match (&r.result, o) {
+                (StoreResult::Ref(rf), None) if is_cacheable(&self.cfg, &r.node_type) => Some(*rf),
+                _ => None,
+            })
+            .collect();
+        let blobs = read_blobs(&self.cas, given).await;
+        let mut contents: Vec<Option<Bytes>> = vec![None; reqs.len()];
+        for (i, (r, b)) in reqs.iter().zip(blobs).enumerate() {
+            if outcomes[i].is_some() {
+                continue;
+            }
+            let content = match &r.result {
+                StoreResult::Json(text) => Some(Bytes::from(text.clone())),
+                StoreResult::Ref(_) => b?,
+            };
             let refusal = if !is_cacheable(&self.cfg, &r.node_type) {
                 Some(Refusal::NotCacheable)
             } else {
-                match content? {
+                match content {
                     None => Some(Refusal::BadBlob),
                     Some(b) if b.len() > self.cfg.max_result_bytes => Some(Refusal::TooLarge),
-                    Some(b) => match pii::scan(&String::from_utf8_lossy(&b)) {
+                    // Bounded by max_result_bytes just above: the scan is linear in it.
+                    Some(b) => match pii::scan_result(&b) {
                         Some(kind) => Some(Refusal::Pii(kind)),
                         None => {
-                            match &r.result {
-                                StoreResult::Json(_) => {
-                                    refs[i] = Some(CasRef::of(&b));
-                                    owned_puts.push(b);
-                                }
-                                StoreResult::Ref(rf) => refs[i] = Some(*rf),
-                            }
+                            contents[i] = Some(b);
                             None
                         }
                     },
                 }
             };
             if let Some(refusal) = refusal {
-                let labels = (r.workspace_id.clone(), r.node_type.clone());
+                let (ws, nt) = (r.workspace_id.clone(), node_label(&self.cfg, &r.node_type));
                 match refusal {
-                    Refusal::Pii(kind) => metrics::counter!(m::PII_REFUSED, "workspace" => labels.0, "node_type" => labels.1, "pattern" => kind.as_str()).increment(1),
-                    Refusal::NotCacheable => metrics::counter!(m::REFUSED, "reason" => "not_cacheable").increment(1),
-                    Refusal::TooLarge => metrics::counter!(m::REFUSED, "reason" => "too_large").increment(1),
-                    Refusal::BadBlob => metrics::counter!(m::REFUSED, "reason" => "bad_blob").increment(1),
+                    Refusal::Pii(kind) => metrics::counter!(m::PII_REFUSED, "workspace" => ws, "node_type" => nt, "pattern" => kind.as_str()).increment(1),
+                    other => metrics::counter!(m::REFUSED, "reason" => other.as_str()).increment(1),
                 }
                 outcomes[i] = Some(StoreOutcome::Refused(refusal));
+            }
+        }
+        // Vectors of the semantic entries, before anything is written.
+        let wanted: Vec<bool> = reqs
+            .iter()
+            .zip(&outcomes)
+            .map(|(r, o)| {
+                o.is_none()
+                    && is_semantic(&self.cfg, &r.node_type)
+                    && (r.prompt.is_some() || r.embedding.is_some())
+            })
+            .collect();
+        let items = embedding_items(reqs.iter().map(|r| (&r.prompt, &r.embedding)), &wanted);
+        let mut vectors: Vec<Option<Vec<f32>>> = vec![None; reqs.len()];
+        for (i, v) in self.embeddings(items).await?.into_iter().enumerate() {
+            match v {
+                Some(Ok(v)) => vectors[i] = Some(v),
+                Some(Err(reason)) => {
+                    contents[i] = None;
+                    outcomes[i] = Some(StoreOutcome::Rejected(reason));
+                }
+                None => {}
+            }
+        }
+        // What is left is stored: the blobs of inline results first.
+        let mut refs: Vec<Option<CasRef>> = vec![None; reqs.len()];
+        let mut owned_puts = Vec::new();
+        for (i, r) in reqs.iter().enumerate() {
+            let Some(b) = contents[i].take() else {
+                continue;
+            };
+            match &r.result {
+                StoreResult::Json(_) => {
+                    refs[i] = Some(CasRef::of(&b));
+                    owned_puts.push(b);
+                }
+                StoreResult::Ref(rf) => refs[i] = Some(*rf),
             }
         }
         // Touch before put: the GC's grace period then covers the window until commit.
@@ -1133,95 +1266,48 @@ impl Cache {
                 res?;
             }
         }
-        // Embeddings of the semantic entries.
-        let wanted: Vec<bool> = reqs
-            .iter()
-            .zip(&outcomes)
-            .map(|(r, o)| {
-                o.is_none()
-                    && is_semantic(&self.cfg, &r.node_type)
-                    && (r.prompt.is_some() || r.embedding.is_some())
-            })
-            .collect();
-        let items = embedding_items(reqs.iter().map(|r| (&r.prompt, &r.embedding)), &wanted);
-        let vectors = self.embeddings(items).await?;
 
-        let (
-            mut keys,
-            mut wss,
-            mut types,
-            mut levels,
-            mut owners,
-            mut result_refs,
-            mut costs,
-            mut ttls,
-        ) = (
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-        );
-        let (
-            mut s_keys,
-            mut s_wss,
-            mut s_types,
-            mut s_levels,
-            mut s_owners,
-            mut s_refs,
-            mut s_costs,
-            mut s_ttls,
-            mut s_embs,
-        ) = (
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-        );
+        let mut exact = EntryRows::default();
+        let mut sem = EntryRows::default();
+        let mut s_embs = Vec::new();
+        let mut s_configs = Vec::new();
+        let mut audit = AuditRows::default();
         for (i, r) in reqs.iter().enumerate() {
-            let Some(rf) = refs[i] else { continue };
+            let config_hash = json_hash(&r.config);
             let key = entry_key(
                 &r.workspace_id,
                 r.required_permission,
                 &r.node_type,
-                &json_hash(&r.config),
+                &config_hash,
                 &json_hash(&r.inputs),
+                r.prompt.as_deref(),
             );
-            keys.push(key.to_vec());
-            wss.push(r.workspace_id.clone());
-            types.push(r.node_type.clone());
-            levels.push(r.required_permission.level());
-            owners.push(r.requester.clone());
-            result_refs.push(rf.to_string());
-            costs.push(r.cost_ms.max(0));
-            ttls.push(exact_ttl(&self.cfg, &r.node_type).as_secs_f64());
+            let Some(rf) = refs[i] else {
+                if let Some(StoreOutcome::Refused(refusal)) = &outcomes[i] {
+                    audit.push(r, &key, "refused", Some(refusal.as_str().to_string()));
+                }
+                continue;
+            };
+            exact.push(r, key.to_vec(), rf, exact_ttl(&self.cfg, &r.node_type));
             let mut semantic = false;
-            if let (Some(v), Some(prompt_key)) = (&vectors[i], semantic_entry_key(r)) {
-                s_keys.push(prompt_key.to_vec());
-                s_wss.push(r.workspace_id.clone());
-                s_types.push(r.node_type.clone());
-                s_levels.push(r.required_permission.level());
-                s_owners.push(r.requester.clone());
-                s_refs.push(rf.to_string());
-                s_costs.push(r.cost_ms.max(0));
-                s_ttls.push(semantic_ttl(&self.cfg, &r.node_type).as_secs_f64());
+            if let Some(v) = &vectors[i] {
+                sem.push(
+                    r,
+                    semantic_entry_key(r, &config_hash).to_vec(),
+                    rf,
+                    semantic_ttl(&self.cfg, &r.node_type),
+                );
                 s_embs.push(vector_text(v));
+                s_configs.push(config_hash.to_vec());
                 semantic = true;
             }
+            audit.push(r, &key, "store", semantic.then(|| "semantic".to_string()));
             outcomes[i] = Some(StoreOutcome::Stored {
                 entry_key: hex::encode(key),
                 semantic,
             });
         }
-        if !keys.is_empty() {
+        if !exact.keys.is_empty() {
             // A later store of the same key replaces the entry (and its expiry); the last row
             // of a batch wins, hence DISTINCT ON over the reversed order.
             sqlx::query!(
@@ -1234,56 +1320,136 @@ impl Cache {
                    ON CONFLICT (entry_key) DO UPDATE SET
                        owner = EXCLUDED.owner, result_ref = EXCLUDED.result_ref, cost_ms = EXCLUDED.cost_ms,
                        created_at = now(), expires_at = EXCLUDED.expires_at"#,
-                &keys,
-                &wss,
-                &types,
-                &levels,
-                &owners,
-                &result_refs,
-                &costs,
-                &ttls,
+                &exact.keys,
+                &exact.wss,
+                &exact.types,
+                &exact.levels,
+                &exact.owners,
+                &exact.refs,
+                &exact.costs,
+                &exact.ttls,
             )
             .execute(&mut *conn)
             .await?;
-            for t in &types {
-                metrics::counter!(m::STORED, "node_type" => t.clone(), "kind" => "exact")
+            for t in &exact.types {
+                metrics::counter!(m::STORED, "node_type" => node_label(&self.cfg, t), "kind" => "exact")
                     .increment(1);
             }
         }
-        if !s_keys.is_empty() {
+        if !sem.keys.is_empty() {
             sqlx::query!(
                 r#"INSERT INTO cache_semantic (entry_key, workspace_id, node_type, required_permission, owner,
-                                               result_ref, cost_ms, expires_at, dims, embedding)
+                                               result_ref, cost_ms, expires_at, dims, embedding, config_hash)
                    SELECT DISTINCT ON (k) k, ws, nt, lvl, own, rf, cost, now() + ttl * interval '1 second',
-                          vector_dims(emb::vector), emb::vector
-                   FROM UNNEST($1::bytea[], $2::text[], $3::text[], $4::int2[], $5::text[], $6::text[], $7::int8[], $8::float8[], $9::text[])
-                        WITH ORDINALITY AS t(k, ws, nt, lvl, own, rf, cost, ttl, emb, ord)
+                          vector_dims(emb::vector), emb::vector, cfg
+                   FROM UNNEST($1::bytea[], $2::text[], $3::text[], $4::int2[], $5::text[], $6::text[], $7::int8[], $8::float8[], $9::text[], $10::bytea[])
+                        WITH ORDINALITY AS t(k, ws, nt, lvl, own, rf, cost, ttl, emb, cfg, ord)
                    ORDER BY k, ord DESC
                    ON CONFLICT (entry_key) DO UPDATE SET
                        owner = EXCLUDED.owner, result_ref = EXCLUDED.result_ref, cost_ms = EXCLUDED.cost_ms,
                        created_at = now(), expires_at = EXCLUDED.expires_at, dims = EXCLUDED.dims,
-                       embedding = EXCLUDED.embedding"#,
-                &s_keys,
-                &s_wss,
-                &s_types,
-                &s_levels,
-                &s_owners,
-                &s_refs,
-                &s_costs,
-                &s_ttls,
+                       embedding = EXCLUDED.embedding, config_hash = EXCLUDED.config_hash"#,
+                &sem.keys,
+                &sem.wss,
+                &sem.types,
+                &sem.levels,
+                &sem.owners,
+                &sem.refs,
+                &sem.costs,
+                &sem.ttls,
                 &s_embs,
+                &s_configs,
             )
             .execute(&mut *conn)
             .await?;
-            for t in &s_types {
-                metrics::counter!(m::STORED, "node_type" => t.clone(), "kind" => "semantic")
+            for t in &sem.types {
+                metrics::counter!(m::STORED, "node_type" => node_label(&self.cfg, t), "kind" => "semantic")
                     .increment(1);
             }
+        }
+        if !audit.ids.is_empty() {
+            // Same transaction as the entries: a store is audited exactly when it happened.
+            sqlx::query!(
+                r#"INSERT INTO cache_audit (id, workspace_id, node_type, kind, entry_key, owner, requester,
+                                            requester_permission, request_id, similarity, saved_ms, detail)
+                   SELECT id, ws, nt, kind, k, who, who, perm, rid, NULL, cost, detail
+                   FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::text[],
+                               $7::int2[], $8::text[], $9::int8[], $10::text[])
+                        AS t(id, ws, nt, kind, k, who, perm, rid, cost, detail)"#,
+                &audit.ids,
+                &audit.wss,
+                &audit.types,
+                &audit.kinds,
+                &audit.keys,
+                &audit.requesters,
+                &audit.perms,
+                &audit.request_ids,
+                &audit.costs,
+                &audit.details as &[Option<String>],
+            )
+            .execute(&mut *conn)
+            .await?;
         }
         Ok(outcomes
             .into_iter()
             .map(|o| o.unwrap_or(StoreOutcome::Refused(Refusal::NotCacheable)))
             .collect())
+    }
+}
+
+/// Columns of the exact or semantic entries of one store statement.
+#[derive(Default)]
+struct EntryRows {
+    keys: Vec<Vec<u8>>,
+    wss: Vec<String>,
+    types: Vec<String>,
+    levels: Vec<i16>,
+    owners: Vec<String>,
+    refs: Vec<String>,
+    costs: Vec<i64>,
+    ttls: Vec<f64>,
+}
+
+impl EntryRows {
+    fn push(&mut self, r: &StoreRequest, key: Vec<u8>, rf: CasRef, ttl: Duration) {
+        self.keys.push(key);
+        self.wss.push(r.workspace_id.clone());
+        self.types.push(r.node_type.clone());
+        self.levels.push(r.required_permission.level());
+        self.owners.push(r.requester.clone());
+        self.refs.push(rf.to_string());
+        self.costs.push(r.cost_ms.max(0));
+        self.ttls.push(ttl.as_secs_f64());
+    }
+}
+
+/// Columns of the audit rows of one store statement.
+#[derive(Default)]
+struct AuditRows {
+    ids: Vec<Uuid>,
+    wss: Vec<String>,
+    types: Vec<String>,
+    kinds: Vec<String>,
+    keys: Vec<Vec<u8>>,
+    requesters: Vec<String>,
+    perms: Vec<i16>,
+    request_ids: Vec<String>,
+    costs: Vec<i64>,
+    details: Vec<Option<String>>,
+}
+
+impl AuditRows {
+    fn push(&mut self, r: &StoreRequest, key: &[u8; 32], kind: &str, detail: Option<String>) {
+        self.ids.push(Uuid::now_v7());
+        self.wss.push(r.workspace_id.clone());
+        self.types.push(r.node_type.clone());
+        self.kinds.push(kind.to_string());
+        self.keys.push(key.to_vec());
+        self.requesters.push(r.requester.clone());
+        self.perms.push(r.permission.level());
+        self.request_ids.push(r.request_id.clone());
+        self.costs.push(r.cost_ms.max(0));
+        self.details.push(detail);
     }
 }
 
@@ -1303,32 +1469,35 @@ fn embedding_items<'a>(
         .collect()
 }
 
-fn semantic_entry_key(r: &StoreRequest) -> Option<[u8; 32]> {
+fn semantic_entry_key(r: &StoreRequest, config_hash: &[u8; 32]) -> [u8; 32] {
     // Keyed by the prompt; a producer that sent only a vector is keyed by the exact key's
-    // inputs instead (same inputs, same entry).
+    // inputs instead (same inputs, same entry). Tagged, so a prompt that spells some inputs'
+    // JSON is not the same entry.
     let basis = match &r.prompt {
-        Some(p) => p.clone(),
-        None => crate::key::canonical_json(&r.inputs),
+        Some(p) => format!("prompt:{p}"),
+        None => format!("inputs:{}", crate::key::canonical_json(&r.inputs)),
     };
-    Some(semantic_key(
+    semantic_key(
         &r.workspace_id,
         r.required_permission,
         &r.node_type,
+        config_hash,
         &basis,
-    ))
+    )
 }
 
 /// The semantic lookup statement for dimension `d`: per request, the nearest unexpired entry
-/// of its workspace and node type that its level may see, with hit = similarity >= threshold;
+/// of its workspace, node type and config that its level may see, with hit = similarity >=
+/// threshold (and not NaN: Postgres sorts NaN above every number, so `NaN >= 0.92` is true);
 /// hits bump hit_count and get their audit row in the same statement.
 fn semantic_statement(d: u32) -> String {
     format!(
         r#"WITH req AS (
                -- The vector is parsed once here, not once per candidate row.
                SELECT ord, workspace_id, node_type, perm, requester, request_id, audit_id, threshold,
-                      emb::vector({d}) AS emb
-               FROM UNNEST($1::int4[], $2::text[], $3::text[], $4::int2[], $5::text[], $6::text[], $7::uuid[], $8::float8[], $9::text[])
-                   AS r(ord, workspace_id, node_type, perm, requester, request_id, audit_id, threshold, emb)
+                      emb::vector({d}) AS emb, config_hash
+               FROM UNNEST($1::int4[], $2::text[], $3::text[], $4::int2[], $5::text[], $6::text[], $7::uuid[], $8::float8[], $9::text[], $10::bytea[])
+                   AS r(ord, workspace_id, node_type, perm, requester, request_id, audit_id, threshold, emb, config_hash)
            ), best AS (
                SELECT r.ord, r.workspace_id, r.node_type, r.perm, r.requester, r.request_id, r.audit_id, r.threshold,
                       s.entry_key, s.owner, s.result_ref, s.cost_ms, (1 - s.dist)::float8 AS similarity
@@ -1339,13 +1508,14 @@ fn semantic_statement(d: u32) -> String {
                    WHERE c.dims = {d}
                      AND c.workspace_id = r.workspace_id
                      AND c.node_type = r.node_type
+                     AND c.config_hash = r.config_hash
                      AND c.required_permission <= r.perm
                      AND c.expires_at > now()
                    ORDER BY c.embedding::vector({d}) <=> r.emb
                    LIMIT 1
                ) s
            ), hit AS (
-               SELECT * FROM best WHERE similarity >= threshold
+               SELECT * FROM best WHERE similarity >= threshold AND similarity <> 'NaN'::float8
            ), bump AS (
                UPDATE cache_semantic c SET hit_count = c.hit_count + h.n, last_hit_at = now()
                FROM (SELECT entry_key, count(*) AS n FROM hit GROUP BY entry_key) h
@@ -1357,7 +1527,8 @@ fn semantic_statement(d: u32) -> String {
                       request_id, similarity, cost_ms
                FROM hit
            )
-           SELECT ord, entry_key, result_ref, cost_ms, similarity, similarity >= threshold AS hit, audit_id
+           SELECT ord, entry_key, result_ref, cost_ms, similarity,
+                  similarity >= threshold AND similarity <> 'NaN'::float8 AS hit, audit_id
            FROM best"#
     )
 }

@@ -1,4 +1,9 @@
 //! Errors of the cache, each with its retry-vs-dead-letter classification.
+//!
+//! No error a tenant's content can cause is Fatal: an invalid request, a bad vector or a
+//! prompt the embedder refuses is a dead letter (one record), and an embedder that is down
+//! or misconfigured is retried with backoff while the processor reports not ready — a wrong
+//! API key must not turn into a crash loop that a restart cannot end.
 
 use weir_runtime::cas::CasError;
 use weir_runtime::error::{postgres_disposition, Disposition};
@@ -10,17 +15,18 @@ pub enum CacheError {
     /// workspace): the record is dead-lettered, the gateway answers 400.
     #[error("invalid cache request: {0}")]
     Invalid(String),
-    /// An embedding's dimension differs from the deployment's (`cache.dimensions`), or the
-    /// stored embedding space differs from the configuration.
+    /// The configured dimension differs from the embedder's or from the stored embedding
+    /// space (at start). A caller's vector of the wrong length is [`CacheError::Invalid`].
     #[error("embedding dimension mismatch: {0}")]
     Dimension(String),
-    /// The embedder failed (model files missing or unreadable, inference error, endpoint down).
+    /// The embedder as a whole failed (not one prompt: a refused prompt is a rejection of
+    /// its record, see [`crate::embed::Embedder::embed`]).
     #[error("embedder: {message}")]
     Embed {
         /// Detail.
         message: String,
-        /// Whether waiting can fix it (an unreachable endpoint) or not (missing model files).
-        retry: bool,
+        /// Down or misconfigured.
+        class: EmbedClass,
     },
     /// Postgres failed. The message is logged; API callers see only "database unavailable".
     #[error("postgres: {0}")]
@@ -30,13 +36,26 @@ pub enum CacheError {
     Cas(#[from] CasError),
 }
 
+/// Why the embedder as a whole failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EmbedClass {
+    /// Unreachable, rate limited, 5xx while a canary fails too: waiting fixes it.
+    Unavailable,
+    /// The key, model, URL or model files are wrong (401/403/404, vectors of another
+    /// dimension, files missing): an operator fixes it. Retried with backoff, readiness down.
+    Misconfigured,
+}
+
 impl CacheError {
     /// What the consumer loop does with this error.
     pub fn disposition(&self) -> Disposition {
         match self {
-            CacheError::Invalid(_) | CacheError::Dimension(_) => Disposition::DeadLetter,
-            CacheError::Embed { retry: true, .. } => Disposition::Retry,
-            CacheError::Embed { retry: false, .. } => Disposition::Fatal,
+            CacheError::Invalid(_) => Disposition::DeadLetter,
+            // Only at start (Cache::new, Embedder::from_config): the process refuses to run.
+            CacheError::Dimension(_) => Disposition::Fatal,
+            // Both retried: nothing in a record can fix or cause them (a misconfiguration
+            // is fixed by an operator while the consumer waits, not by a restart loop).
+            CacheError::Embed { .. } => Disposition::Retry,
             CacheError::Postgres(e) => postgres_disposition(e),
             CacheError::Cas(e) => e.disposition(),
         }

@@ -67,43 +67,55 @@ impl Permission {
 /// escaped as serde_json escapes them, numbers normalized: an integral value within ±2^53 is
 /// printed as an integer (`1.0` → `1`), other integers as they are, other floats in the
 /// shortest form that round-trips (`1.50` → `1.5`).
+///
+/// Iterative, not recursive: a value built in memory (a definition grown by patches) may nest
+/// deeper than the parser's limit, and hashing it must not overflow the stack.
 pub fn canonical_json(v: &Value) -> String {
+    enum Step<'a> {
+        Value(&'a Value),
+        Raw(&'static str),
+        Key(&'a str),
+    }
     let mut out = String::new();
-    write_canonical(&mut out, v);
-    out
-}
-
-fn write_canonical(out: &mut String, v: &Value) {
-    match v {
-        Value::Null => out.push_str("null"),
-        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-        Value::Number(n) => write_number(out, n),
-        Value::String(s) => write_string(out, s),
-        Value::Array(a) => {
-            out.push('[');
-            for (i, x) in a.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                write_canonical(out, x);
-            }
-            out.push(']');
-        }
-        Value::Object(m) => {
-            let mut members: Vec<(&String, &Value)> = m.iter().collect();
-            members.sort_unstable_by(|a, b| a.0.cmp(b.0));
-            out.push('{');
-            for (i, (k, x)) in members.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                write_string(out, k);
+    let mut stack = vec![Step::Value(v)];
+    while let Some(step) = stack.pop() {
+        match step {
+            Step::Raw(s) => out.push_str(s),
+            Step::Key(k) => {
+                write_string(&mut out, k);
                 out.push(':');
-                write_canonical(out, x);
             }
-            out.push('}');
+            Step::Value(Value::Null) => out.push_str("null"),
+            Step::Value(Value::Bool(b)) => out.push_str(if *b { "true" } else { "false" }),
+            Step::Value(Value::Number(n)) => write_number(&mut out, n),
+            Step::Value(Value::String(s)) => write_string(&mut out, s),
+            Step::Value(Value::Array(a)) => {
+                out.push('[');
+                stack.push(Step::Raw("]"));
+                // Pushed in reverse: the stack pops the first element first.
+                for (i, x) in a.iter().enumerate().rev() {
+                    stack.push(Step::Value(x));
+                    if i > 0 {
+                        stack.push(Step::Raw(","));
+                    }
+                }
+            }
+            Step::Value(Value::Object(m)) => {
+                let mut members: Vec<(&String, &Value)> = m.iter().collect();
+                members.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                out.push('{');
+                stack.push(Step::Raw("}"));
+                for (i, (k, x)) in members.into_iter().enumerate().rev() {
+                    stack.push(Step::Value(x));
+                    stack.push(Step::Key(k));
+                    if i > 0 {
+                        stack.push(Step::Raw(","));
+                    }
+                }
+            }
         }
     }
+    out
 }
 
 fn write_number(out: &mut String, n: &serde_json::Number) {
@@ -140,16 +152,20 @@ pub fn parse_json(what: &str, text: &str) -> Result<Value, CacheError> {
     serde_json::from_str(text).map_err(|e| CacheError::Invalid(format!("{what} is not JSON: {e}")))
 }
 
-/// The exact-cache key of an entry: sha256 over the length-prefixed fields.
+/// The exact-cache key of an entry: sha256 over the length-prefixed fields. The prompt is
+/// part of the question: an agent asked something else with the same config and inputs is
+/// another entry. "No prompt" and "an empty prompt" are different keys (a presence byte).
 pub fn entry_key(
     workspace_id: &str,
     level: Permission,
     node_type: &str,
     config_hash: &[u8; 32],
     inputs_hash: &[u8; 32],
+    prompt: Option<&str>,
 ) -> [u8; 32] {
     let mut h = Sha256::new();
-    h.update(b"weir.cache.exact.v1");
+    // v2: v1 keys left the prompt out (and could answer another prompt's question).
+    h.update(b"weir.cache.exact.v2");
     for field in [
         workspace_id.as_bytes(),
         level.as_str().as_bytes(),
@@ -160,22 +176,34 @@ pub fn entry_key(
     }
     h.update(config_hash);
     h.update(inputs_hash);
+    match prompt {
+        Some(p) => {
+            h.update([1u8]);
+            h.update((p.len() as u64).to_be_bytes());
+            h.update(p.as_bytes());
+        }
+        None => h.update([0u8]),
+    }
     h.finalize().into()
 }
 
-/// The key of a semantic entry: one per (workspace, level, node type, prompt).
+/// The key of a semantic entry: one per (workspace, level, node type, config, prompt). The
+/// config is part of it: the same prompt to another model or system prompt is another
+/// question, and its entry must not replace this one.
 pub fn semantic_key(
     workspace_id: &str,
     level: Permission,
     node_type: &str,
+    config_hash: &[u8; 32],
     prompt: &str,
 ) -> [u8; 32] {
     let mut h = Sha256::new();
-    h.update(b"weir.cache.semantic.v1");
+    h.update(b"weir.cache.semantic.v2");
     for field in [
         workspace_id.as_bytes(),
         level.as_str().as_bytes(),
         node_type.as_bytes(),
+        config_hash.as_slice(),
         prompt.as_bytes(),
     ] {
         h.update((field.len() as u64).to_be_bytes());
@@ -203,7 +231,9 @@ mod tests {
         assert_ne!(json_hash(&json!({"a": 1})), json_hash(&json!({"a": "1"})));
         assert_eq!(canonical_json(&json!(u64::MAX)), "18446744073709551615");
         assert_eq!(canonical_json(&json!(0.1)), "0.1");
-        let k = |ws: &str, p, t: &str| entry_key(ws, p, t, &json_hash(&json!({})), &json_hash(&a));
+        let k = |ws: &str, p, t: &str| {
+            entry_key(ws, p, t, &json_hash(&json!({})), &json_hash(&a), None)
+        };
         assert_ne!(
             k("w1", Permission::Read, "pure"),
             k("w2", Permission::Read, "pure")
@@ -221,10 +251,47 @@ mod tests {
             k("a", Permission::Read, "bc")
         );
         assert!(Permission::parse("root").is_err());
+        // The prompt is part of the question.
+        let (c, i) = (
+            json_hash(&json!({"model": "m"})),
+            json_hash(&json!({"q": 1})),
+        );
+        let agent = |p: Option<&str>| entry_key("w1", Permission::Read, "agent", &c, &i, p);
+        assert_ne!(agent(Some("prompt A")), agent(Some("prompt B")));
+        assert_ne!(agent(Some("")), agent(None));
+        assert_eq!(agent(Some("prompt A")), agent(Some("prompt A")));
+        // Moving bytes between the inputs and the prompt cannot collide either.
+        assert_ne!(
+            entry_key("w", Permission::Read, "agent", &c, &i, Some("ab")),
+            entry_key("w", Permission::Read, "agent", &c, &i, Some("a"))
+        );
+        // A semantic key covers the config.
+        let other = json_hash(&json!({"model": "m2"}));
+        assert_ne!(
+            semantic_key("w1", Permission::Read, "agent", &c, "p"),
+            semantic_key("w1", Permission::Read, "agent", &other, "p")
+        );
         assert_eq!(
             Permission::Write.and_below().collect::<Vec<_>>(),
             vec![Permission::Read, Permission::Write]
         );
+    }
+
+    #[test]
+    fn deeply_nested_values_hash_without_recursion() {
+        let mut v = json!(1);
+        for _ in 0..100_000 {
+            v = Value::Array(vec![v]);
+        }
+        let text = canonical_json(&v);
+        assert_eq!(text.len(), 200_001);
+        let (open, close) = ("[".repeat(100_000), "]".repeat(100_000));
+        assert_eq!(text, format!("{open}1{close}"));
+        // serde_json drops nested values recursively; unwind by hand.
+        let mut cur = v;
+        while let Value::Array(mut a) = cur {
+            cur = a.pop().unwrap_or(Value::Null);
+        }
     }
 
     fn arb_json() -> impl Strategy<Value = Value> {
@@ -244,6 +311,13 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn exact_keys_of_different_prompts_differ(a in ".{0,40}", b in ".{0,40}") {
+            let h = json_hash(&json!({}));
+            let k = |p: &str| entry_key("w", Permission::Write, "agent", &h, &h, Some(p));
+            prop_assert_eq!(k(&a) == k(&b), a == b);
+        }
+
         #[test]
         fn canonical_text_parses_back_to_the_same_hash(v in arb_json()) {
             let text = canonical_json(&v);

@@ -1,4 +1,6 @@
-//! Metric names of the cache, in one place. Lookup metrics carry `workspace` and `node_type`.
+//! Metric names of the cache, in one place. Lookup metrics carry `workspace` and `node_type`;
+//! `node_type` is one of the configured cacheable or semantic types, or `other` (a label
+//! never takes a value a caller chooses freely).
 
 /// Lookups answered, by `outcome` = `exact` | `semantic` | `miss`.
 pub const LOOKUPS: &str = "weir_cache_lookups_total";
@@ -20,6 +22,13 @@ pub const BAD_BLOB: &str = "weir_cache_bad_blob_total";
 pub const SWEPT: &str = "weir_cache_swept_total";
 /// CAS blobs deleted by the garbage collector.
 pub const GC_DELETED: &str = "weir_cache_gc_deleted_total";
+/// Records rejected (dead-lettered) by the cache processor, by `reason` = `invalid` |
+/// `prompt` | `embedding`.
+pub const REJECTED: &str = "weir_cache_rejected_total";
+/// Prompts the embedder refused (one prompt each: a 4xx about it, a bad vector), by `embedder`.
+pub const EMBED_REFUSED: &str = "weir_cache_embed_refused_total";
+/// Embedder calls that failed as a whole, by `class` = `unavailable` | `misconfigured`.
+pub const EMBEDDER_ERRORS: &str = "weir_cache_embedder_errors_total";
 /// Prompts embedded, by `embedder`.
 pub const EMBEDDED: &str = "weir_cache_embedded_total";
 /// Seconds per embedding batch, by `embedder`.
