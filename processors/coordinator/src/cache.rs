@@ -8,6 +8,12 @@
 //! round of dispatches in a batch with every candidate at once (set-based), and must return
 //! exactly one answer per candidate, in order. Which node types are cacheable is the cache's
 //! decision (answer `None` for the others).
+//!
+//! A cache is an optimization: nothing wrong with it may stop runs or drop a completion.
+//! [`ResultCache`] runs its lookup under a savepoint; a failure that retrying cannot fix (the
+//! cache's own data, a CAS misconfiguration, a data error in its statements) is rolled back
+//! to the savepoint and answered as all misses — the attempts go to workers — with an error
+//! logged. Only transient failures (connection lost, CAS unreachable) retry the batch.
 
 use std::sync::Arc;
 
@@ -59,7 +65,8 @@ pub enum CacheSeamError {
     /// Postgres failed.
     #[error("postgres: {0}")]
     Postgres(#[from] sqlx::Error),
-    /// The cache answered a different number of results than candidates.
+    /// The cache answered a different number of results than candidates: a broken
+    /// [`DispatchCache`] implementation (no record can cause it; [`ResultCache`] never does).
     #[error("cache answered {answers} results for {candidates} candidates")]
     Mismatch {
         /// Candidates asked.
@@ -73,6 +80,7 @@ pub enum CacheSeamError {
         /// Detail.
         message: String,
         /// Retry the batch (else the process stops: a cache bug must not drop runs).
+        /// [`ResultCache`] returns only retryable ones: it degrades to misses otherwise.
         retryable: bool,
     },
 }
@@ -145,6 +153,9 @@ impl DispatchCache for ResultCache {
                     node_type: c.node_type.clone(),
                     config: c.config.clone(),
                     inputs: c.inputs.clone(),
+                    // The coordinator offers results without a prompt (its CacheStore events
+                    // carry none), so it looks them up without one.
+                    prompt: None,
                     requester: format!("run:{}", c.run_id),
                     request_id: format!("{}/{}", c.run_id, c.node_id),
                 });
@@ -153,15 +164,36 @@ impl DispatchCache for ResultCache {
             if reqs.is_empty() {
                 return Ok(answers);
             }
-            let hits = weir_cache::exact_lookup_batch(conn, &self.cas, &reqs)
-                .await
-                .map_err(|e| match e {
-                    weir_cache::CacheError::Postgres(e) => CacheSeamError::Postgres(e),
-                    other => CacheSeamError::Other {
-                        retryable: other.disposition() == Disposition::Retry,
-                        message: other.to_string(),
-                    },
-                })?;
+            // Under a savepoint (the batch transaction is open): a failure that is not
+            // transient is undone and answered as misses instead of stopping the batch.
+            sqlx::query("SAVEPOINT weir_dispatch_cache")
+                .execute(&mut *conn)
+                .await?;
+            let hits = match weir_cache::exact_lookup_batch(conn, &self.cas, &reqs).await {
+                Ok(hits) => {
+                    sqlx::query("RELEASE SAVEPOINT weir_dispatch_cache")
+                        .execute(&mut *conn)
+                        .await?;
+                    hits
+                }
+                Err(e) if e.disposition() == Disposition::Retry => {
+                    return Err(match e {
+                        weir_cache::CacheError::Postgres(e) => CacheSeamError::Postgres(e),
+                        other => CacheSeamError::Other {
+                            retryable: true,
+                            message: other.to_string(),
+                        },
+                    })
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, candidates = reqs.len(),
+                        "dispatch cache lookup failed; dispatching to workers without the cache");
+                    sqlx::query("ROLLBACK TO SAVEPOINT weir_dispatch_cache")
+                        .execute(&mut *conn)
+                        .await?;
+                    return Ok(answers);
+                }
+            };
             for (i, hit) in asked.into_iter().zip(hits) {
                 answers[i] = hit.map(|h| {
                     let inline = h.result_json.map(|v| v.to_string());

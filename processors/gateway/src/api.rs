@@ -1194,11 +1194,12 @@ async fn cache_lookup(
             s.retry_after(),
         ));
     };
-    match src
-        .lookup(&caller.workspace_id, caller.permission, &req)
-        .await
-    {
+    match src.lookup(&caller, &req).await {
         Ok(answer) => Ok((StatusCode::OK, Json(answer)).into_response()),
+        // An empty or over-long prompt, a prompt the embedder refuses: the client's mistake.
+        Err(e) if e.rejection.is_some() => {
+            Err(Problem::unprocessable(e.rejection.unwrap_or_default()))
+        }
         Err(e) => {
             tracing::error!(error = %e, "cache lookup failed");
             Err(Problem::unavailable(

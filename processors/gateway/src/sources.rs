@@ -37,12 +37,26 @@ pub struct RunStatus {
     pub nodes: Vec<NodeState>,
 }
 
-/// A read model failed; the caller answers 503 and logs `message`.
+/// A read model failed; the caller answers 503 and logs `message` — or, when `rejection` is
+/// set, the request itself was invalid and the caller answers 422 with that reason.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct SourceError {
     /// What failed (logged, never sent to clients).
     pub message: String,
+    /// Why the request is invalid (an empty or over-long prompt, a prompt the embedder
+    /// refuses), safe to show the caller: a client mistake is a 4xx, never a 503.
+    pub rejection: Option<String>,
+}
+
+impl SourceError {
+    /// A failure of the read model (503).
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            rejection: None,
+        }
+    }
 }
 
 /// Where run status comes from (the coordinator's tables).
@@ -109,11 +123,11 @@ pub struct CacheLookupAnswer {
 /// Where cache lookups go (the cache library).
 #[async_trait]
 pub trait CacheLookupSource: Send + Sync + 'static {
-    /// Looks `request` up in `workspace_id`'s cache for a caller with `permission`.
+    /// Looks `request` up in the caller's workspace's cache at the caller's permission; the
+    /// audit trail names the caller's key id.
     async fn lookup(
         &self,
-        workspace_id: &str,
-        permission: crate::auth::Permission,
+        caller: &crate::auth::Caller,
         request: &CacheLookupRequest,
     ) -> Result<CacheLookupAnswer, SourceError>;
 }
@@ -139,9 +153,7 @@ impl RunStatusSource for CoordinatorRunStatus {
     ) -> Result<Option<RunStatus>, SourceError> {
         let found = weir_coordinator::run_status(&self.pool, workspace_id, run_id)
             .await
-            .map_err(|e| SourceError {
-                message: format!("run status from postgres: {e}"),
-            })?;
+            .map_err(|e| SourceError::unavailable(format!("run status from postgres: {e}")))?;
         Ok(found.map(|r| RunStatus {
             run_id: r.run_id,
             workflow_id: r.workflow_id,
@@ -181,18 +193,21 @@ const INLINE_RESULT_BYTES: usize = 256 * 1024;
 impl CacheLookupSource for ResultCacheLookup {
     async fn lookup(
         &self,
-        workspace_id: &str,
-        permission: crate::auth::Permission,
+        caller: &crate::auth::Caller,
         request: &CacheLookupRequest,
     ) -> Result<CacheLookupAnswer, SourceError> {
         let fail = |e: weir_cache::CacheError| SourceError {
             message: format!("cache lookup: {e}"),
+            // A content-caused failure is the request's (422); the rest is the cache's (503).
+            rejection: (e.disposition() == weir_runtime::Disposition::DeadLetter)
+                .then(|| e.public_message()),
         };
         let req = weir_cache::LookupRequest {
             request_id: weir_runtime::events::new_event_id().to_string(),
-            workspace_id: workspace_id.to_string(),
-            requester: format!("gateway:{workspace_id}"),
-            permission: weir_cache::Permission::parse(permission.as_str()).map_err(fail)?,
+            workspace_id: caller.workspace_id.clone(),
+            // The audit trail names who asked: the API key, not the workspace.
+            requester: caller.key_id.clone(),
+            permission: weir_cache::Permission::parse(caller.permission.as_str()).map_err(fail)?,
             node_type: request.node_type.clone(),
             config: request.config.clone(),
             inputs: request.inputs.clone(),
@@ -204,9 +219,12 @@ impl CacheLookupSource for ResultCacheLookup {
         let mut result = None;
         if let Some(r) = &answer.result_ref {
             // Verified again on read: content addressing makes a stale or corrupt copy impossible.
-            let blob = self.cache.cas().get(r).await.map_err(|e| SourceError {
-                message: format!("cache result {r}: {e}"),
-            })?;
+            let blob = self
+                .cache
+                .cas()
+                .get(r)
+                .await
+                .map_err(|e| SourceError::unavailable(format!("cache result {r}: {e}")))?;
             if blob.len() <= INLINE_RESULT_BYTES {
                 result = serde_json::from_slice(&blob).ok();
             }
