@@ -292,7 +292,7 @@ pub enum PatchError {
         path: String,
     },
     /// Applying the patch would exceed its [`Budget`]; nothing was changed.
-    #[error("{}over budget ({}): {message}", index.map(|i| format!("operation {i}: ")).unwrap_or_default(), limit.code())]
+    #[error("{}over the patch budget: {message}", index.map(|i| format!("operation {i}: ")).unwrap_or_default())]
     OverBudget {
         /// Index of the operation that would exceed it; `None` for the operation count.
         index: Option<usize>,
