@@ -18,7 +18,7 @@ use rdkafka::ClientConfig;
 use serde_json::{json, Value};
 use weir_cache::cache::{exact_lookup_batch, ExactRequest};
 use weir_cache::embed::normalize;
-use weir_cache::maintenance::{gc_once, purge, sweep_all};
+use weir_cache::maintenance::{gc_once, purge, sweep_all, GcWindow};
 use weir_cache::pii::PiiKind;
 use weir_cache::{
     Cache, LookupRequest, Permission, Refusal, StoreOutcome, StoreRequest, StoreResult,
@@ -393,7 +393,11 @@ async fn expiry_pii_corrupt_blobs_and_collection() {
     purge(&pool, &ws, Some("function")).await.unwrap();
     let mut collected = 0;
     for _ in 0..20 {
-        collected += gc_once(&pool, cache.cas(), Duration::ZERO, 10_000)
+        let window = GcWindow {
+            grace: Duration::ZERO,
+            hold: Duration::ZERO,
+        };
+        collected += gc_once(&pool, cache.cas(), window, 10_000)
             .await
             .unwrap();
         if !cache.cas().exists(&gone).await.unwrap() {

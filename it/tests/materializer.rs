@@ -266,7 +266,7 @@ async fn ten_thousand_patches_fold_exactly_once_through_crashes() {
     // Replay agrees with the stored heads.
     let cas = weir_runtime::cas::Cas::from_config(&cfg).await.unwrap();
     for (id, ..) in stored.iter().take(5) {
-        let report = weir_materializer::replay::replay(&pool, &cas, id, None, &limits)
+        let report = weir_materializer::replay::replay(&pool, &cas, "ws-it", id, None, &limits)
             .await
             .unwrap();
         assert!(

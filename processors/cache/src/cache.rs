@@ -1168,11 +1168,26 @@ impl Cache {
             }
         }
         // Result bytes: inline JSON as given, referenced blobs read (and verified) for the guard.
+        // A ref is read only if the store's workspace owns the blob (weir_cas_owners): another
+        // tenant's ref is refused as a bad blob, unread, whether or not that blob exists.
+        let asked: Vec<(String, String)> = reqs
+            .iter()
+            .filter_map(|r| match &r.result {
+                StoreResult::Ref(rf) => Some((r.workspace_id.clone(), rf.to_string())),
+                StoreResult::Json(_) => None,
+            })
+            .collect();
+        let owned_refs = weir_runtime::cas::owners::owned(&mut *conn, &asked).await?;
         let given: Vec<Option<CasRef>> = reqs
             .iter()
             .zip(&outcomes)
             .map(|(r, o)| match (&r.result, o) {
-                (StoreResult::Ref(rf), None) if is_cacheable(&self.cfg, &r.node_type) => Some(*rf),
+                (StoreResult::Ref(rf), None)
+                    if is_cacheable(&self.cfg, &r.node_type)
+                        && owned_refs.contains(&(r.workspace_id.clone(), rf.to_string())) =>
+                {
+                    Some(*rf)
+                }
                 _ => None,
             })
             .collect();
@@ -1236,13 +1251,17 @@ impl Cache {
         // What is left is stored: the blobs of inline results first.
         let mut refs: Vec<Option<CasRef>> = vec![None; reqs.len()];
         let mut owned_puts = Vec::new();
+        // (workspace, ref) of each blob put, for weir_cas_owners.
+        let mut put_owners: Vec<(String, CasRef)> = Vec::new();
         for (i, r) in reqs.iter().enumerate() {
             let Some(b) = contents[i].take() else {
                 continue;
             };
             match &r.result {
                 StoreResult::Json(_) => {
-                    refs[i] = Some(CasRef::of(&b));
+                    let rf = CasRef::of(&b);
+                    refs[i] = Some(rf);
+                    put_owners.push((r.workspace_id.clone(), rf));
                     owned_puts.push(b);
                 }
                 StoreResult::Ref(rf) => refs[i] = Some(*rf),
@@ -1262,6 +1281,9 @@ impl Cache {
             )
             .execute(&mut *conn)
             .await?;
+            // Owned by the storing workspaces, unpinned: the collector may delete the blob
+            // once nothing references it (maintenance::gc_once).
+            weir_runtime::cas::owners::record(&mut *conn, &put_owners, false).await?;
             for res in put_blobs(&self.cas, owned_puts).await {
                 res?;
             }

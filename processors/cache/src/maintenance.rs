@@ -2,10 +2,27 @@
 //! collector for the blobs the cache stored.
 //!
 //! Invariants: expired entries are never served whether or not the sweeper has run (every
-//! lookup checks `expires_at`); the sweeper only deletes rows already expired; the GC deletes
-//! a blob only if no cache entry, no workflow head and no patch references it and it has not
-//! been (re)referenced for `cache.gc_grace_secs` — the row lock on `cache_blobs` orders it
-//! against a store touching the same blob.
+//! lookup checks `expires_at`); the sweeper only deletes rows already expired.
+//!
+//! The GC never deletes a blob something still needs. It considers only blobs the cache put
+//! itself (`cache_blobs`), and deletes one only when all of these hold:
+//! - no row references it: cache entries (exact and semantic, expired or not), workflow heads
+//!   (`definition_ref`), the patch log (`operations_ref`, applied or rejected), pinned
+//!   definition snapshots, run inputs (`inputs_ref`) and node outputs (`output_ref`);
+//! - no owner is pinned (`weir_cas_owners.pinned`: some other part of weir — the gateway, the
+//!   materializer — stored the same bytes, and its refs may live where the GC cannot look,
+//!   such as output topics);
+//! - no owner used it within `cache.gc_grace_secs` (a put, or the gateway accepting the ref
+//!   from a caller: the grace covers events still in flight on Kafka);
+//! - the cache last stored it more than `gc_grace_secs` + the longest cache TTL ago: every hit
+//!   ever served from it (a hit is served only before its entry expires) is then older than
+//!   the grace too, so a worker's completion carrying the hit's ref is no longer in flight.
+//!
+//! Ordering with writers: a collection locks the `cache_blobs` rows it examines and deletes
+//! the blobs before it commits; every put and every accepted ref touches the same row first
+//! (`weir_runtime::cas::owners`), so it waits for the collection and then puts the blob
+//! again or finds the ref unknown. Blobs still referenced get their `last_referenced_at`
+//! bumped, so the oldest rows do not block the collector's batches.
 
 use std::time::Duration;
 
@@ -106,27 +123,77 @@ pub async fn purge(
     })
 }
 
-/// One GC pass: deletes up to `batch` unreferenced blobs older than `grace` from the CAS.
-/// The rows are deleted and locked first; the blobs go before the commit, so a store that
-/// touches one of them waits and then finds the blob absent and puts it again.
+/// How long the GC waits: `grace` after the last use of a blob by any owner, and `hold`
+/// (grace + the longest TTL an entry can have) after the cache last stored it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GcWindow {
+    /// `cache.gc_grace_secs`: longer than any event may wait on Kafka before it is applied.
+    pub grace: Duration,
+    /// Since the cache last stored the blob: `grace` + the longest cache TTL.
+    pub hold: Duration,
+}
+
+impl GcWindow {
+    /// The window of `cfg`: `gc_grace_secs`, and that plus the longest exact or semantic TTL.
+    pub fn of(cfg: &CacheConfig) -> GcWindow {
+        let longest = cfg
+            .ttl_secs
+            .values()
+            .chain(cfg.semantic_ttl_secs.values())
+            .copied()
+            .chain(std::iter::once(cfg.default_ttl_secs))
+            .max()
+            .unwrap_or(0);
+        GcWindow {
+            grace: Duration::from_secs(cfg.gc_grace_secs),
+            hold: Duration::from_secs(cfg.gc_grace_secs.saturating_add(longest)),
+        }
+    }
+}
+
+/// One GC pass over up to `batch` of the oldest blobs the cache put: deletes those nothing
+/// needs (see the module docs) from the CAS, with their `cache_blobs` and `weir_cas_owners`
+/// rows, and marks the others referenced now. The rows are locked first and the blobs deleted
+/// before the commit, so a put or a claim of one of them waits, then puts the blob again or
+/// finds the ref unknown.
 pub async fn gc_once(
     pool: &PgPool,
     cas: &Cas,
-    grace: Duration,
+    window: GcWindow,
     batch: i64,
 ) -> Result<u64, CacheError> {
     let mut tx = pool.begin().await?;
     let refs = sqlx::query_scalar!(
-        r#"DELETE FROM cache_blobs b WHERE b.result_ref IN (
+        r#"WITH cand AS (
                SELECT result_ref FROM cache_blobs
                WHERE last_referenced_at < now() - $1 * interval '1 second'
-               ORDER BY last_referenced_at LIMIT $2 FOR UPDATE SKIP LOCKED)
-             AND NOT EXISTS (SELECT 1 FROM cache_entries e WHERE e.result_ref = b.result_ref)
-             AND NOT EXISTS (SELECT 1 FROM cache_semantic s WHERE s.result_ref = b.result_ref)
-             AND NOT EXISTS (SELECT 1 FROM weir_workflow_heads h WHERE h.definition_ref = b.result_ref)
-             AND NOT EXISTS (SELECT 1 FROM weir_workflow_patches p WHERE p.operations_ref = b.result_ref)
+               ORDER BY last_referenced_at LIMIT $3 FOR UPDATE SKIP LOCKED
+           ), dead AS (
+               SELECT c.result_ref FROM cand c
+               WHERE NOT EXISTS (SELECT 1 FROM weir_cas_owners o
+                                 WHERE o.blob_ref = c.result_ref
+                                   AND (o.pinned OR o.last_used_at >= now() - $2 * interval '1 second'))
+                 AND NOT EXISTS (SELECT 1 FROM cache_entries e WHERE e.result_ref = c.result_ref)
+                 AND NOT EXISTS (SELECT 1 FROM cache_semantic s WHERE s.result_ref = c.result_ref)
+                 AND NOT EXISTS (SELECT 1 FROM weir_workflow_heads h WHERE h.definition_ref = c.result_ref)
+                 AND NOT EXISTS (SELECT 1 FROM weir_workflow_patches p WHERE p.operations_ref = c.result_ref)
+                 AND NOT EXISTS (SELECT 1 FROM weir_coordinator_definitions d WHERE d.definition_ref = c.result_ref)
+                 AND NOT EXISTS (SELECT 1 FROM weir_runs r WHERE r.inputs_ref = c.result_ref)
+                 AND NOT EXISTS (SELECT 1 FROM weir_run_nodes n WHERE n.output_ref = c.result_ref)
+           ), kept AS (
+               UPDATE cache_blobs b SET last_referenced_at = now()
+               FROM cand c
+               WHERE b.result_ref = c.result_ref
+                 AND NOT EXISTS (SELECT 1 FROM dead d WHERE d.result_ref = c.result_ref)
+               RETURNING 1
+           ), owners AS (
+               DELETE FROM weir_cas_owners o USING dead d WHERE o.blob_ref = d.result_ref
+               RETURNING 1
+           )
+           DELETE FROM cache_blobs b USING dead d WHERE b.result_ref = d.result_ref
            RETURNING b.result_ref"#,
-        grace.as_secs_f64(),
+        window.hold.as_secs_f64(),
+        window.grace.as_secs_f64(),
         batch
     )
     .fetch_all(&mut *tx)
@@ -148,7 +215,7 @@ pub async fn run_upkeep(pool: PgPool, cas: Cas, cfg: CacheConfig, cancel: Cancel
     let mut gc = tokio::time::interval(Duration::from_millis(cfg.gc_interval_ms.max(10)));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let grace = Duration::from_secs(cfg.gc_grace_secs);
+    let window = GcWindow::of(&cfg);
     let mut since_vacuum = 0u64;
     loop {
         tokio::select! {
@@ -167,7 +234,7 @@ pub async fn run_upkeep(pool: PgPool, cas: Cas, cfg: CacheConfig, cancel: Cancel
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "cache sweep failed; next interval retries"),
             },
-            _ = gc.tick() => match gc_once(&pool, &cas, grace, cfg.sweep_batch).await {
+            _ = gc.tick() => match gc_once(&pool, &cas, window, cfg.sweep_batch).await {
                 Ok(n) if n > 0 => tracing::info!(deleted = n, "collected unreferenced cache blobs"),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "cache blob collection failed; next interval retries"),

@@ -195,7 +195,7 @@ async fn drive(
     }
     let wall_seconds = start.elapsed().as_secs_f64();
     let runs_completed: i64 = sqlx::query_scalar!(
-        r#"SELECT count(*) AS "n!" FROM weir_runs WHERE workflow_id = $1 AND run_id LIKE $2 AND status = 'completed'"#,
+        r#"SELECT count(*) AS "n!" FROM weir_runs WHERE workspace_id = 'ws-bench' AND workflow_id = $1 AND run_id LIKE $2 AND status = 'completed'"#,
         workflow_id,
         format!("{tag}-%"),
     )
@@ -281,17 +281,20 @@ pub async fn run(base: Arc<Config>, runs: usize, naive_runs: usize) -> anyhow::R
     .await?;
 
     // Leave nothing behind.
-    sqlx::query!("DELETE FROM weir_runs WHERE workflow_id = $1", workflow_id)
-        .execute(&pool)
-        .await?;
     sqlx::query!(
-        "DELETE FROM weir_coordinator_definitions WHERE workflow_id = $1",
+        "DELETE FROM weir_runs WHERE workspace_id = 'ws-bench' AND workflow_id = $1",
         workflow_id
     )
     .execute(&pool)
     .await?;
     sqlx::query!(
-        "DELETE FROM weir_workflow_heads WHERE workflow_id = $1",
+        "DELETE FROM weir_coordinator_definitions WHERE workspace_id = 'ws-bench' AND workflow_id = $1",
+        workflow_id
+    )
+    .execute(&pool)
+    .await?;
+    sqlx::query!(
+        "DELETE FROM weir_workflow_heads WHERE workspace_id = 'ws-bench' AND workflow_id = $1",
         workflow_id
     )
     .execute(&pool)

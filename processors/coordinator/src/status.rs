@@ -59,7 +59,8 @@ pub async fn run_status(
         r#"WITH d AS (
              SELECT n.key AS node_id, n.value->>'type' AS node_type
              FROM weir_coordinator_definitions c, jsonb_each(c.definition->'nodes') n
-             WHERE c.workflow_id = $2 AND c.version = $3 AND c.definition IS NOT NULL)
+             WHERE c.workspace_id = $4 AND c.workflow_id = $2 AND c.version = $3
+               AND c.definition IS NOT NULL)
            SELECT coalesce(r.node_id, d.node_id) AS "node_id!",
                   coalesce(r.node_type, d.node_type, '') AS "node_type!",
                   coalesce(r.status, 'waiting') AS "status!",
@@ -69,6 +70,7 @@ pub async fn run_status(
         id,
         run.workflow_id,
         run.version,
+        workspace_id,
     )
     .fetch_all(pool)
     .await?

@@ -4,6 +4,11 @@
 //! - every request but the health, metrics and document routes carries a valid key
 //!   (401 otherwise) whose permission covers the route (403); everything it names is looked
 //!   up inside the key's workspace only, so another workspace's workflow or run is 404;
+//! - workflow ids are unique per workspace: a workspace may create any id, whether or not
+//!   another workspace has one of that name, and no answer depends on other workspaces;
+//! - a CAS ref a caller gives (`output_ref`, `result_ref`) is accepted only if its workspace
+//!   stored the blob (`weir_cas_owners`), with the same 422 whether or not the blob exists
+//!   for another workspace; every blob the gateway puts is recorded as its workspace's first;
 //! - a 202 is sent only after the broker acknowledged the request's single event;
 //! - every error is an RFC 9457 problem; a client mistake is a 4xx, never a 5xx.
 
@@ -53,7 +58,7 @@ pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
 /// How long a workflow this gateway just accepted a creation for is taken as existing before
 /// the materializer has stored it.
 const PROVISIONAL_OWNER_TTL: Duration = Duration::from_secs(60);
-/// Most workflow owners remembered before the map is emptied.
+/// Most known workflows remembered before the map is emptied.
 const MAX_OWNERS: usize = 200_000;
 /// Bodies larger than this are validated on a blocking thread.
 const BLOCKING_VALIDATION_BYTES: usize = 16 * 1024;
@@ -68,11 +73,11 @@ pub struct Sources {
     pub cache_lookup: Option<Arc<dyn CacheLookupSource>>,
 }
 
+/// A workflow known to exist in a workspace.
 #[derive(Debug, Clone)]
-struct Owner {
-    workspace_id: String,
-    /// `None` once Postgres confirmed it (ownership never changes), else when a provisional
-    /// entry (from a creation this gateway accepted) expires.
+struct Known {
+    /// `None` once Postgres confirmed it (workflows are never deleted), else when a
+    /// provisional entry (from a creation this gateway accepted) expires.
     until: Option<Instant>,
 }
 
@@ -85,7 +90,8 @@ struct Inner {
     /// Requests per client address, checked before authentication.
     clients: RateLimiter<ClientId>,
     sender: Sender,
-    owners: RwLock<HashMap<String, Owner>>,
+    /// Workflows known to exist, by (workspace_id, workflow_id).
+    owners: RwLock<HashMap<(String, String), Known>>,
     limits: Limits,
     sources: Sources,
     ready: AtomicBool,
@@ -147,57 +153,91 @@ impl AppState {
         Problem::unavailable("the blob store is unavailable", self.retry_after())
     }
 
-    /// The workspace owning `workflow_id`: from memory, else Postgres (`None`: no such
-    /// workflow).
-    async fn owner(&self, workflow_id: &str) -> Result<Option<String>, Problem> {
+    /// Whether `workflow_id` exists in `workspace_id`: from memory, else Postgres. Other
+    /// workspaces' workflows of the same id are neither looked at nor remembered here.
+    async fn exists(&self, workspace_id: &str, workflow_id: &str) -> Result<bool, Problem> {
         let now = Instant::now();
+        let key = (workspace_id.to_string(), workflow_id.to_string());
         if let Some(o) = self
             .0
             .owners
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .get(workflow_id)
+            .get(&key)
         {
             if o.until.is_none_or(|u| u > now) {
-                return Ok(Some(o.workspace_id.clone()));
+                return Ok(true);
             }
         }
-        let row = sqlx::query_scalar!(
-            "SELECT workspace_id FROM weir_workflow_heads WHERE workflow_id = $1",
+        let found = sqlx::query_scalar!(
+            r#"SELECT 1 AS "one!" FROM weir_workflow_heads WHERE workspace_id = $1 AND workflow_id = $2"#,
+            workspace_id,
             workflow_id
         )
         .fetch_optional(&self.0.pool)
         .await
-        .map_err(|e| self.db_unavailable(&e))?;
-        if let Some(ws) = &row {
-            self.remember_owner(workflow_id, ws, None);
+        .map_err(|e| self.db_unavailable(&e))?
+        .is_some();
+        if found {
+            self.remember_workflow(key, None);
         }
-        Ok(row)
+        Ok(found)
     }
 
-    fn remember_owner(&self, workflow_id: &str, workspace_id: &str, until: Option<Instant>) {
+    fn remember_workflow(&self, key: (String, String), until: Option<Instant>) {
         let mut owners = self.0.owners.write().unwrap_or_else(|p| p.into_inner());
         if owners.len() >= MAX_OWNERS {
             owners.clear();
         }
-        // A confirmed owner is never replaced by a provisional one.
-        if until.is_some() && owners.get(workflow_id).is_some_and(|o| o.until.is_none()) {
+        // A confirmed workflow is never replaced by a provisional one.
+        if until.is_some() && owners.get(&key).is_some_and(|o| o.until.is_none()) {
             return;
         }
-        owners.insert(
-            workflow_id.to_string(),
-            Owner {
-                workspace_id: workspace_id.to_string(),
-                until,
-            },
-        );
+        owners.insert(key, Known { until });
     }
 
     /// 404 unless `workflow_id` exists in the caller's workspace.
     async fn require_workflow(&self, caller: &Caller, workflow_id: &str) -> Result<(), Problem> {
-        match self.owner(workflow_id).await? {
-            Some(ws) if ws == caller.workspace_id => Ok(()),
-            _ => Err(no_workflow(workflow_id)),
+        if self.exists(&caller.workspace_id, workflow_id).await? {
+            Ok(())
+        } else {
+            Err(no_workflow(workflow_id))
+        }
+    }
+
+    /// Puts `bytes` in the CAS for the caller's workspace: its owner row first (a blob is
+    /// never reachable without one), then the blob.
+    async fn put_owned(&self, caller: &Caller, bytes: Bytes) -> Result<CasRef, Problem> {
+        let r = CasRef::of(&bytes);
+        weir_runtime::cas::owners::record_on_pool(&self.0.pool, &caller.workspace_id, &r, true)
+            .await
+            .map_err(|e| self.db_unavailable(&e))?;
+        self.0
+            .cas
+            .put(bytes)
+            .await
+            .map_err(|e| self.cas_unavailable(&e))
+    }
+
+    /// 422 unless the caller's workspace stored the blob `r` names (`field` names the body
+    /// field). The answer is the same whether or not the blob exists for another workspace.
+    async fn require_owned_ref(
+        &self,
+        caller: &Caller,
+        field: &str,
+        r: &CasRef,
+    ) -> Result<(), Problem> {
+        let owned = weir_runtime::cas::owners::claim(&self.0.pool, &caller.workspace_id, r)
+            .await
+            .map_err(|e| self.db_unavailable(&e))?;
+        if owned {
+            Ok(())
+        } else {
+            Err(Problem::unprocessable(format!(
+                "{field}: {r} is not a blob of this workspace (send the content inline; the \
+                 gateway stores large values in the CAS)"
+            ))
+            .with_code("unknown_ref"))
         }
     }
 
@@ -632,11 +672,7 @@ async fn submit_patch(
 ) -> Result<(), Problem> {
     let (operations_json, operations_ref) =
         if operations_json.len() > s.0.cfg.gateway.inline_max_bytes {
-            let r =
-                s.0.cas
-                    .put(Bytes::from(operations_json))
-                    .await
-                    .map_err(|e| s.cas_unavailable(&e))?;
+            let r = s.put_owned(caller, Bytes::from(operations_json)).await?;
             (String::new(), Some(r.to_string()))
         } else {
             (operations_json, None)
@@ -684,12 +720,9 @@ async fn put_workflow(
             Problem::unprocessable(format!("invalid workflow definition: {e}")).with_code(e.code()),
         );
     }
-    let owner = s.owner(&workflow_id).await?;
-    if owner.as_ref().is_some_and(|ws| *ws != caller.workspace_id) {
-        return Err(no_workflow(&workflow_id));
-    }
+    let exists = s.exists(&caller.workspace_id, &workflow_id).await?;
     if let Some(base) = base {
-        let head = if owner.is_some() {
+        let head = if exists {
             s.head_version(&caller, &workflow_id).await?
         } else {
             0
@@ -713,10 +746,9 @@ async fn put_workflow(
         send,
     )
     .await?;
-    if owner.is_none() {
-        s.remember_owner(
-            &workflow_id,
-            &caller.workspace_id,
+    if !exists {
+        s.remember_workflow(
+            (caller.workspace_id.clone(), workflow_id.clone()),
             Some(Instant::now() + PROVISIONAL_OWNER_TTL),
         );
     }
@@ -866,18 +898,16 @@ struct RunBody {
     idempotency_key: Option<String>,
 }
 
-/// JSON text inline, or its CAS ref when larger than `gateway.inline_max_bytes`.
+/// JSON text inline, or its CAS ref (owned by the caller's workspace) when larger than
+/// `gateway.inline_max_bytes`.
 async fn inline_or_ref(
     s: &AppState,
+    caller: &Caller,
     v: &Value,
 ) -> Result<(Option<String>, Option<String>), Problem> {
     let text = v.to_string();
     if text.len() > s.0.cfg.gateway.inline_max_bytes {
-        let r =
-            s.0.cas
-                .put(Bytes::from(text))
-                .await
-                .map_err(|e| s.cas_unavailable(&e))?;
+        let r = s.put_owned(caller, Bytes::from(text)).await?;
         Ok((None, Some(r.to_string())))
     } else {
         Ok((Some(text), None))
@@ -907,7 +937,7 @@ async fn post_run(
     }
     let key = run.idempotency_key.clone().or(header_key);
     s.require_workflow(&caller, &run.workflow_id).await?;
-    let (inputs_json, inputs_ref) = inline_or_ref(&s, &Value::Object(run.inputs)).await?;
+    let (inputs_json, inputs_ref) = inline_or_ref(&s, &caller, &Value::Object(run.inputs)).await?;
     let run_id = new_id(&caller, "run", key.as_deref());
     let event = CompletionEvent::RunRequested(RunRequested {
         event_id: events::new_event_id(),
@@ -1040,13 +1070,19 @@ async fn post_completion(
             "give output or output_ref, not both",
         ));
     }
-    if let Some(r) = &c.output_ref {
-        r.parse::<CasRef>()
-            .map_err(|e| Problem::unprocessable(format!("output_ref: {e}")))?;
-    }
+    let given_ref = match &c.output_ref {
+        Some(r) => Some(
+            r.parse::<CasRef>()
+                .map_err(|e| Problem::unprocessable(format!("output_ref: {e}")))?,
+        ),
+        None => None,
+    };
     s.check_run(&caller, run_id).await?;
+    if let Some(r) = &given_ref {
+        s.require_owned_ref(&caller, "output_ref", r).await?;
+    }
     let (output_json, output_ref) = match (&c.output, c.output_ref) {
-        (Some(v), _) => inline_or_ref(&s, v).await?,
+        (Some(v), _) => inline_or_ref(&s, &caller, v).await?,
         (None, r) => (None, r),
     };
     let event = CompletionEvent::NodeCompleted(NodeCompleted {
@@ -1129,10 +1165,12 @@ async fn post_cache_entry(
                 "give exactly one of result and result_ref",
             ))
         }
-        (Some(v), None) => inline_or_ref(&s, v).await?,
+        (Some(v), None) => inline_or_ref(&s, &caller, v).await?,
         (None, Some(r)) => {
-            r.parse::<CasRef>()
+            let parsed = r
+                .parse::<CasRef>()
                 .map_err(|err| Problem::unprocessable(format!("result_ref: {err}")))?;
+            s.require_owned_ref(&caller, "result_ref", &parsed).await?;
             (None, Some(r))
         }
     };

@@ -453,8 +453,10 @@ async fn naive_apply(
 ) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
     let row: Option<(String, i64, Value)> = sqlx::query_as(
-        "SELECT workspace_id, version, definition FROM weir_workflow_heads WHERE workflow_id = $1 FOR UPDATE",
+        "SELECT workspace_id, version, definition FROM weir_workflow_heads
+         WHERE workspace_id = $1 AND workflow_id = $2 FOR UPDATE",
     )
+    .bind(&e.workspace_id)
     .bind(&e.workflow_id)
     .fetch_optional(&mut *tx)
     .await?;
@@ -489,7 +491,7 @@ async fn naive_apply(
         sqlx::query(
             "INSERT INTO weir_workflow_heads (workflow_id, workspace_id, version, definition, definition_sha256)
              VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (workflow_id) DO UPDATE SET version = EXCLUDED.version,
+             ON CONFLICT (workspace_id, workflow_id) DO UPDATE SET version = EXCLUDED.version,
                definition = EXCLUDED.definition, definition_sha256 = EXCLUDED.definition_sha256, updated_at = now()",
         )
         .bind(&e.workflow_id)

@@ -13,6 +13,8 @@ use crate::patch::Patch;
 /// What a replay found.
 #[derive(Debug)]
 pub struct ReplayReport {
+    /// The workspace owning the workflow.
+    pub workspace_id: String,
     /// The workflow.
     pub workflow_id: String,
     /// The version rebuilt.
@@ -56,10 +58,13 @@ async fn blob_json(cas: &Cas, r: &str) -> Result<Value, String> {
     serde_json::from_slice(&bytes).map_err(|e| format!("blob {r} is not JSON: {e}"))
 }
 
-/// Rebuilds `workflow_id` up to `to_version` (default: the latest applied version).
+/// Rebuilds `workflow_id` of `workspace_id` up to `to_version` (default: the latest applied
+/// version). Workflow ids are unique per workspace only: another workspace's workflow of the
+/// same id is never read.
 pub async fn replay(
     pool: &PgPool,
     cas: &Cas,
+    workspace_id: &str,
     workflow_id: &str,
     to_version: Option<i64>,
     limits: &Limits,
@@ -67,8 +72,9 @@ pub async fn replay(
     let rows = sqlx::query!(
         r#"SELECT workspace_id, version AS "version!", definition_sha256 AS "sha!", operations, operations_ref
            FROM weir_workflow_patches
-           WHERE workflow_id = $1 AND status = 'applied'
+           WHERE workspace_id = $1 AND workflow_id = $2 AND status = 'applied'
            ORDER BY version"#,
+        workspace_id,
         workflow_id,
     )
     .fetch_all(pool)
@@ -125,7 +131,9 @@ pub async fn replay(
     }
 
     let stored = sqlx::query!(
-        "SELECT version, definition, definition_ref, definition_sha256 FROM weir_workflow_heads WHERE workflow_id = $1",
+        "SELECT version, definition, definition_ref, definition_sha256 FROM weir_workflow_heads
+         WHERE workspace_id = $1 AND workflow_id = $2",
+        workspace_id,
         workflow_id,
     )
     .fetch_optional(pool)
@@ -164,6 +172,7 @@ pub async fn replay(
         Some(_) => {}
     }
     Ok(ReplayReport {
+        workspace_id: workspace_id.into(),
         workflow_id: workflow_id.into(),
         version: head.version,
         definition: head.definition,

@@ -13,6 +13,9 @@
 //! - **Verified on read.** [`Cas::get`] decompresses and re-hashes every blob and refuses
 //!   one whose hash differs from its ref with [`CasError::Corrupt`]; callers never see
 //!   bytes that do not match the ref they asked for.
+//! - **Owned per workspace.** The store itself has no tenants; [`owners`] records which
+//!   workspace stored which blob (before the put), and weir accepts a ref from a caller only
+//!   if the caller's workspace owns it.
 //!
 //! Storage: zstd-compressed (`cas.compression_level`) at `<key_prefix><hex[0..2]>/<hex>`,
 //! either in the S3 bucket of the `s3` section (multipart above
@@ -43,6 +46,8 @@ use sha2::{Digest as _, Sha256};
 
 use crate::config::{CasBackend, CasConfig, Config};
 use crate::error::Disposition;
+
+pub mod owners;
 
 /// Metric names of the CAS. Every metric carries `backend` (`s3` or `local`).
 pub mod metrics {

@@ -181,8 +181,11 @@ enum PatchCommand {
 enum WorkflowsCommand {
     /// Rebuild a workflow from its patch log and report any difference from the stored head.
     Replay {
-        /// Workflow id.
+        /// Workflow id (unique within its workspace only).
         workflow_id: String,
+        /// Workspace owning the workflow.
+        #[arg(long)]
+        workspace: String,
         /// Stop at this version and print it.
         #[arg(long)]
         to_version: Option<i64>,
@@ -721,6 +724,7 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
             command:
                 WorkflowsCommand::Replay {
                     workflow_id,
+                    workspace,
                     to_version,
                 },
         } => {
@@ -729,6 +733,7 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
             let report = weir_materializer::replay::replay(
                 &pool,
                 &cas,
+                &workspace,
                 &workflow_id,
                 to_version,
                 &limits(&cfg),
@@ -738,7 +743,8 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
                 println!("{}", serde_json::to_string_pretty(&report.definition)?);
             }
             eprintln!(
-                "replayed {} to version {} (stored head: {})",
+                "replayed {}/{} to version {} (stored head: {})",
+                report.workspace_id,
                 report.workflow_id,
                 report.version,
                 report
