@@ -52,7 +52,12 @@ locals {
   ]
 
   processor_environment = {
-    gateway = { WEIR__GATEWAY__LISTEN = "0.0.0.0:${local.gateway_port}" }
+    gateway = {
+      WEIR__GATEWAY__LISTEN = "0.0.0.0:${local.gateway_port}"
+      # Behind the ALB: per-client limits key on the address the ALB saw (the last
+      # X-Forwarded-For entry), not on the ALB's own addresses.
+      WEIR__GATEWAY__CLIENT_IP_FROM_FORWARDED_FOR = "true"
+    }
   }
   # The cache processor and the gateway (semantic lookups) both embed prompts.
   embedder_secrets = var.embedder_api_key_secret_arn == "" ? [] : [
