@@ -777,9 +777,41 @@ impl<P: Processor> BatchConsumer<P> {
     /// Sends dead letters and waits for the broker's acknowledgement of each.
     async fn dead_letter(&self, poison: &[Poison<'_>]) -> Result<(), ApplyError> {
         let mut pending = Vec::with_capacity(poison.len());
+        // A dead letter must fit the producer's limit, or the batch would be retried forever:
+        // the original value (then the original headers) is left out of a letter that would
+        // not fit, with a note; the original stays readable at its coordinates until retention.
+        let limit = self
+            .cfg
+            .kafka
+            .producer
+            .get("message.max.bytes")
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(1_000_000)
+            .saturating_sub(DEAD_LETTER_OVERHEAD);
         for p in poison {
             let raw = p.raw;
-            warn!(coords = %raw.coords, class = p.class, reason = %p.message, "dead-lettering record");
+            let message = bounded_reason(&p.message);
+            warn!(coords = %raw.coords, class = p.class, reason = %message, "dead-lettering record");
+            let header_bytes: usize = raw
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+                .sum();
+            let value_bytes = raw.payload.as_ref().map_or(0, Vec::len);
+            let key_bytes = raw.key.as_ref().map_or(0, Vec::len);
+            let keep_value = key_bytes + 2 * header_bytes + value_bytes <= limit;
+            let keep_headers = key_bytes + 2 * header_bytes <= limit;
+            let mut message = message;
+            if !keep_value {
+                message.push_str(&format!(
+                    " [original value of {value_bytes} bytes{} left out: too large for the \
+                     dead-letter topic; read it at {} while retention keeps it]",
+                    if keep_headers { "" } else { " and its headers" },
+                    raw.coords
+                ));
+            }
+            let kept_headers: &[(String, Option<Vec<u8>>)] =
+                if keep_headers { &raw.headers } else { &[] };
             let letter = DeadLetter {
                 event_id: events::new_event_id(),
                 occurred_at: events::now_micros(),
@@ -791,11 +823,14 @@ impl<P: Processor> BatchConsumer<P> {
                 source_offset: raw.coords.offset,
                 consumer_group: self.group.clone(),
                 error_class: p.class.to_string(),
-                error_message: p.message.clone(),
+                error_message: message.clone(),
                 original_key: raw.key.clone(),
-                original_value: raw.payload.clone(),
-                original_headers: raw
-                    .headers
+                original_value: if keep_value {
+                    raw.payload.clone()
+                } else {
+                    None
+                },
+                original_headers: kept_headers
                     .iter()
                     .map(|(k, v)| DeadLetterHeader {
                         key: k.clone(),
@@ -807,7 +842,7 @@ impl<P: Processor> BatchConsumer<P> {
             let partition = raw.coords.partition.to_string();
             let offset = raw.coords.offset.to_string();
             let mut headers = OwnedHeaders::new();
-            for (k, v) in &raw.headers {
+            for (k, v) in kept_headers {
                 headers = headers.insert(Header {
                     key: k,
                     value: v.as_deref(),
@@ -819,7 +854,7 @@ impl<P: Processor> BatchConsumer<P> {
                 ("weir.dlq.source.offset", offset.as_str()),
                 ("weir.dlq.consumer.group", self.group.as_str()),
                 ("weir.dlq.error.class", p.class),
-                ("weir.dlq.error.message", p.message.as_str()),
+                ("weir.dlq.error.message", message.as_str()),
             ] {
                 headers = headers.insert(Header {
                     key: k,
@@ -878,6 +913,25 @@ impl<P: Processor> BatchConsumer<P> {
         debug!(group = %self.group, applied = outcome.applied, duplicates = outcome.duplicates,
             dead = outcome.dead, "batch committed");
     }
+}
+
+/// Room kept in a dead letter for its own fields, headers and Avro framing, in bytes.
+const DEAD_LETTER_OVERHEAD: usize = 16 * 1024;
+
+/// Longest reason a dead letter carries, in bytes: a database error can quote the whole
+/// offending value.
+const MAX_REASON_BYTES: usize = 4 * 1024;
+
+/// `reason`, cut at a character boundary to [`MAX_REASON_BYTES`].
+fn bounded_reason(reason: &str) -> String {
+    if reason.len() <= MAX_REASON_BYTES {
+        return reason.to_string();
+    }
+    let mut end = MAX_REASON_BYTES;
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes)", &reason[..end], reason.len())
 }
 
 /// A contiguous part of a batch still to be applied (indices `start..end`), and, for a
@@ -975,6 +1029,15 @@ mod tests {
             }
         }
         (done, attempts)
+    }
+
+    #[test]
+    fn reasons_are_bounded_at_a_character_boundary() {
+        assert_eq!(bounded_reason("short"), "short");
+        let long = "é".repeat(5_000);
+        let cut = bounded_reason(&long);
+        assert!(cut.len() < MAX_REASON_BYTES + 32, "{}", cut.len());
+        assert!(cut.ends_with("(10000 bytes)"));
     }
 
     #[test]
