@@ -20,7 +20,9 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use weir_cache::maintenance::{gc_once, sweep_all, GcWindow};
-use weir_cache::{Cache, Permission as CachePermission, Refusal, StoreOutcome, StoreRequest, StoreResult};
+use weir_cache::{
+    Cache, Permission as CachePermission, Refusal, StoreOutcome, StoreRequest, StoreResult,
+};
 use weir_gateway::{create_key, Permission, Sources};
 use weir_it::{config, prepare, produce, random_name};
 use weir_runtime::cas::{Cas, CasRef};
@@ -63,8 +65,10 @@ async fn start(tweak: impl FnOnce(&mut Config)) -> Stack {
     let services = weir_runtime::app::Services::new(cfg.clone()).unwrap();
     let cas = Cas::from_config(&cfg).await.unwrap();
     let pool = weir_runtime::db::pool(&cfg.postgres).unwrap();
-    let materializer =
-        services.consumer(weir_materializer::Materializer::new(cfg.clone(), cas.clone()));
+    let materializer = services.consumer(weir_materializer::Materializer::new(
+        cfg.clone(),
+        cas.clone(),
+    ));
     tokio::spawn(materializer.run(shutdown.clone()));
     let coordinator = services.consumer(weir_coordinator::Coordinator::new(
         cfg.clone(),
@@ -207,16 +211,34 @@ async fn workflow_ids_are_scoped_per_workspace_and_reveal_nothing() {
     // B probing A's name gets exactly what a never-used name gets: same status, same body.
     for (method, suffix, body) in [
         (Method::GET, "", None),
-        (Method::POST, "/patches", Some(json!([{"op": "add", "path": "/settings/max_hops", "value": 3}]))),
-        (Method::GET, &format!("/patches/{}", Uuid::now_v7()) as &str, None),
+        (
+            Method::POST,
+            "/patches",
+            Some(json!([{"op": "add", "path": "/settings/max_hops", "value": 3}])),
+        ),
+        (
+            Method::GET,
+            &format!("/patches/{}", Uuid::now_v7()) as &str,
+            None,
+        ),
     ] {
         let taken = st
             .call(method.clone(), &format!("{path}{suffix}"), &b, body.clone())
             .await;
         let never = st
-            .call(method.clone(), &format!("/v1/workflows/{free}{suffix}"), &b, body)
+            .call(
+                method.clone(),
+                &format!("/v1/workflows/{free}{suffix}"),
+                &b,
+                body,
+            )
             .await;
-        assert_eq!(taken.status, StatusCode::NOT_FOUND, "{method} {suffix}: {:?}", taken.body);
+        assert_eq!(
+            taken.status,
+            StatusCode::NOT_FOUND,
+            "{method} {suffix}: {:?}",
+            taken.body
+        );
         assert_eq!(
             (taken.status, renamed(&taken.body, &x, "NAME")),
             (never.status, renamed(&never.body, &free, "NAME")),
@@ -224,10 +246,20 @@ async fn workflow_ids_are_scoped_per_workspace_and_reveal_nothing() {
         );
     }
     let run = st
-        .call(Method::POST, "/v1/runs", &b, Some(json!({"workflow_id": x, "inputs": {}})))
+        .call(
+            Method::POST,
+            "/v1/runs",
+            &b,
+            Some(json!({"workflow_id": x, "inputs": {}})),
+        )
         .await;
     let never = st
-        .call(Method::POST, "/v1/runs", &b, Some(json!({"workflow_id": free, "inputs": {}})))
+        .call(
+            Method::POST,
+            "/v1/runs",
+            &b,
+            Some(json!({"workflow_id": free, "inputs": {}})),
+        )
         .await;
     assert_eq!(
         (run.status, renamed(&run.body, &x, "NAME")),
@@ -247,10 +279,12 @@ async fn workflow_ids_are_scoped_per_workspace_and_reveal_nothing() {
         .await
         .unwrap();
     assert_eq!(put_b.status(), StatusCode::ACCEPTED);
-    let got_b = st
-        .wait_for(&path, &b, |r| r.status == StatusCode::OK)
-        .await;
-    assert_eq!(got_b.body["definition"], definition("b1"), "B sees its own x");
+    let got_b = st.wait_for(&path, &b, |r| r.status == StatusCode::OK).await;
+    assert_eq!(
+        got_b.body["definition"],
+        definition("b1"),
+        "B sees its own x"
+    );
     assert_eq!(got_b.body["version"], 1);
 
     // A patches its "x"; B's stays at version 1 with its own definition, and vice versa.
@@ -263,13 +297,14 @@ async fn workflow_ids_are_scoped_per_workspace_and_reveal_nothing() {
         )
         .await;
     assert_eq!(patch.status, StatusCode::ACCEPTED, "{:?}", patch.body);
-    let got_a = st
-        .wait_for(&path, &a, |r| r.body["version"] == 2)
-        .await;
+    let got_a = st.wait_for(&path, &a, |r| r.body["version"] == 2).await;
     assert_eq!(got_a.body["definition"], definition("a2"));
     let got_b = st.call(Method::GET, &path, &b, None).await;
     assert_eq!(
-        (got_b.body["version"].clone(), got_b.body["definition"].clone()),
+        (
+            got_b.body["version"].clone(),
+            got_b.body["definition"].clone()
+        ),
         (json!(1), definition("b1")),
         "A's patch never touches B's x"
     );
@@ -293,12 +328,21 @@ async fn workflow_ids_are_scoped_per_workspace_and_reveal_nothing() {
     produce(&st.producer, &st.codec, &raw).await.unwrap();
     st.wait_for(&path, &b, |r| r.body["version"] == 2).await;
     let got_a = st.call(Method::GET, &path, &a, None).await;
-    assert_eq!(got_a.body["definition"], definition("a2"), "B's patch left A's x alone");
+    assert_eq!(
+        got_a.body["definition"],
+        definition("a2"),
+        "B's patch left A's x alone"
+    );
 
     // Runs pin each workspace's own definition.
     for (key, ws, tag) in [(&a, &ws_a, "a2"), (&b, &ws_b, "b2")] {
         let r = st
-            .call(Method::POST, "/v1/runs", key, Some(json!({"workflow_id": x, "inputs": {}})))
+            .call(
+                Method::POST,
+                "/v1/runs",
+                key,
+                Some(json!({"workflow_id": x, "inputs": {}})),
+            )
             .await;
         assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
         let n = st
@@ -319,7 +363,11 @@ async fn workflow_ids_are_scoped_per_workspace_and_reveal_nothing() {
         let report = weir_materializer::replay::replay(&st.pool, &st.cas, ws, &x, None, &limits)
             .await
             .unwrap();
-        assert!(report.differences.is_empty(), "{ws}: {:?}", report.differences);
+        assert!(
+            report.differences.is_empty(),
+            "{ws}: {:?}",
+            report.differences
+        );
         assert_eq!(report.definition, definition(tag));
     }
     let unknown =
@@ -332,8 +380,16 @@ async fn workflow_ids_are_scoped_per_workspace_and_reveal_nothing() {
 async fn cas_refs_are_accepted_only_from_their_workspace() {
     // Values above 64 bytes go to the CAS, owned by the workspace that sent them.
     let st = start(|c| c.gateway.inline_max_bytes = 64).await;
-    let (ws_a, ws_b, ws_c) = (random_name("ws-a"), random_name("ws-b"), random_name("ws-c"));
-    let (a, b, c) = (st.key(&ws_a).await, st.key(&ws_b).await, st.key(&ws_c).await);
+    let (ws_a, ws_b, ws_c) = (
+        random_name("ws-a"),
+        random_name("ws-b"),
+        random_name("ws-c"),
+    );
+    let (a, b, c) = (
+        st.key(&ws_a).await,
+        st.key(&ws_b).await,
+        st.key(&ws_c).await,
+    );
 
     // A stores a large result: the gateway puts it in the CAS for A.
     let secret = json!({"secret": format!("only for A {}", "z".repeat(100))});
@@ -343,10 +399,18 @@ async fn cas_refs_are_accepted_only_from_their_workspace() {
                "result": result, "cost_ms": 5})
     };
     let stored = st
-        .call(Method::POST, "/v1/cache/entries", &a, Some(entry(secret.clone())))
+        .call(
+            Method::POST,
+            "/v1/cache/entries",
+            &a,
+            Some(entry(secret.clone())),
+        )
         .await;
     assert_eq!(stored.status, StatusCode::ACCEPTED, "{:?}", stored.body);
-    assert!(st.cas.exists(&r_a).await.unwrap(), "the gateway stored A's blob");
+    assert!(
+        st.cas.exists(&r_a).await.unwrap(),
+        "the gateway stored A's blob"
+    );
     // A blob that exists in the CAS but that no workspace stored through weir.
     let orphan = st.cas.put(&b"stored behind weir's back"[..]).await.unwrap();
     let never = CasRef::of(format!("never stored {}", Uuid::now_v7()).as_bytes());
@@ -361,7 +425,12 @@ async fn cas_refs_are_accepted_only_from_their_workspace() {
         let ans = st
             .call(Method::POST, "/v1/cache/entries", &b, Some(by_ref(r)))
             .await;
-        assert_eq!(ans.status, StatusCode::UNPROCESSABLE_ENTITY, "{:?}", ans.body);
+        assert_eq!(
+            ans.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{:?}",
+            ans.body
+        );
         assert_eq!(ans.body["code"], "unknown_ref", "{:?}", ans.body);
         answers.push(renamed(&ans.body, &r.to_string(), "REF"));
     }
@@ -371,8 +440,11 @@ async fn cas_refs_are_accepted_only_from_their_workspace() {
     );
     let run_id = Uuid::now_v7();
     let done = format!("/v1/runs/{run_id}/nodes/s/completions");
-    let completion = |r: &CasRef| json!({"attempt": 1, "status": "succeeded", "output_ref": r.to_string()});
-    let ans = st.call(Method::POST, &done, &b, Some(completion(&r_a))).await;
+    let completion =
+        |r: &CasRef| json!({"attempt": 1, "status": "succeeded", "output_ref": r.to_string()});
+    let ans = st
+        .call(Method::POST, &done, &b, Some(completion(&r_a)))
+        .await;
     assert_eq!(
         (ans.status, ans.body["code"].clone()),
         (StatusCode::UNPROCESSABLE_ENTITY, json!("unknown_ref")),
@@ -380,14 +452,21 @@ async fn cas_refs_are_accepted_only_from_their_workspace() {
         ans.body
     );
     // A may hand in its own ref.
-    let own = st.call(Method::POST, "/v1/cache/entries", &a, Some(by_ref(&r_a))).await;
+    let own = st
+        .call(Method::POST, "/v1/cache/entries", &a, Some(by_ref(&r_a)))
+        .await;
     assert_eq!(own.status, StatusCode::ACCEPTED, "{:?}", own.body);
 
     // The cache's store path (what the cache processor applies) refuses B's use of A's blob
     // as a bad blob, unread; A's own use is stored.
-    let cache = Cache::new(st.pool.clone(), st.cas.clone(), Arc::new(st.cfg.cache.clone()), None)
-        .await
-        .unwrap();
+    let cache = Cache::new(
+        st.pool.clone(),
+        st.cas.clone(),
+        Arc::new(st.cfg.cache.clone()),
+        None,
+    )
+    .await
+    .unwrap();
     let store = |ws: &str, r: CasRef| StoreRequest {
         request_id: random_name("st"),
         workspace_id: ws.into(),
@@ -439,19 +518,32 @@ async fn cas_refs_are_accepted_only_from_their_workspace() {
     produce(&st.producer, &st.codec, &forged).await.unwrap();
     // And the materializer dead-letters a patch whose operations are A's blob.
     let x = format!("x-{}", Uuid::now_v7().simple());
-    let mut patch = weir_materializer::processor::patch_submitted(&x, &ws_b, "it", None, &json!([]));
+    let mut patch =
+        weir_materializer::processor::patch_submitted(&x, &ws_b, "it", None, &json!([]));
     patch.operations_json = String::new();
     patch.operations_ref = Some(r_a.to_string());
     produce(&st.producer, &st.codec, &patch).await.unwrap();
 
     let put = st
-        .call(Method::PUT, &format!("/v1/workflows/{x}"), &c, Some(definition("c")))
+        .call(
+            Method::PUT,
+            &format!("/v1/workflows/{x}"),
+            &c,
+            Some(definition("c")),
+        )
         .await;
     assert_eq!(put.status, StatusCode::ACCEPTED);
-    st.wait_for(&format!("/v1/workflows/{x}"), &c, |r| r.status == StatusCode::OK)
-        .await;
+    st.wait_for(&format!("/v1/workflows/{x}"), &c, |r| {
+        r.status == StatusCode::OK
+    })
+    .await;
     let run = st
-        .call(Method::POST, "/v1/runs", &c, Some(json!({"workflow_id": x, "inputs": {}})))
+        .call(
+            Method::POST,
+            "/v1/runs",
+            &c,
+            Some(json!({"workflow_id": x, "inputs": {}})),
+        )
         .await;
     assert_eq!(run.status, StatusCode::ACCEPTED);
     let started = st
@@ -461,19 +553,25 @@ async fn cas_refs_are_accepted_only_from_their_workspace() {
             1,
         )
         .await;
-    assert_eq!(started, 1, "the coordinator is up and applies another workspace's run");
+    assert_eq!(
+        started, 1,
+        "the coordinator is up and applies another workspace's run"
+    );
 
     let letter = st.dead_letter("unknown_ref").await;
     assert_eq!(letter.source_topic, st.codec.topic::<CompletionEvent>());
     let letter = st.dead_letter("operations_ref").await;
-    assert!(letter.error_message.contains("not a blob of workspace"), "{}", letter.error_message);
-    let b_heads: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM weir_workflow_heads WHERE workspace_id = $1",
-    )
-    .bind(&ws_b)
-    .fetch_one(&st.pool)
-    .await
-    .unwrap();
+    assert!(
+        letter.error_message.contains("not a blob of workspace"),
+        "{}",
+        letter.error_message
+    );
+    let b_heads: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM weir_workflow_heads WHERE workspace_id = $1")
+            .bind(&ws_b)
+            .fetch_one(&st.pool)
+            .await
+            .unwrap();
     assert_eq!(b_heads, 0, "the forged patch created nothing");
     let b_runs: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM weir_run_nodes n JOIN weir_runs r USING (run_id) WHERE r.workspace_id = $1",
@@ -512,12 +610,19 @@ async fn cas_gc_never_deletes_a_blob_a_run_needs() {
 
     // A's workflow, its definition in the CAS; a run pins it.
     assert_eq!(
-        st.call(Method::PUT, &path, &a, Some(def.clone())).await.status,
+        st.call(Method::PUT, &path, &a, Some(def.clone()))
+            .await
+            .status,
         StatusCode::ACCEPTED
     );
     st.wait_for(&path, &a, |r| r.status == StatusCode::OK).await;
     let run = st
-        .call(Method::POST, "/v1/runs", &a, Some(json!({"workflow_id": x, "inputs": {}})))
+        .call(
+            Method::POST,
+            "/v1/runs",
+            &a,
+            Some(json!({"workflow_id": x, "inputs": {}})),
+        )
         .await;
     assert_eq!(run.status, StatusCode::ACCEPTED);
     let run_id = run.body["run_id"].as_str().unwrap().to_string();
@@ -532,16 +637,23 @@ async fn cas_gc_never_deletes_a_blob_a_run_needs() {
     assert_eq!(pinned, 1, "the run pinned the CAS-held definition");
     // The head moves on: only the run's snapshot still names the blob.
     assert_eq!(
-        st.call(Method::PUT, &path, &a, Some(definition("next"))).await.status,
+        st.call(Method::PUT, &path, &a, Some(definition("next")))
+            .await
+            .status,
         StatusCode::ACCEPTED
     );
     st.wait_for(&path, &a, |r| r.body["version"] == 2).await;
 
     // The cache stores results whose bytes are: the run's definition (in another workspace),
     // a blob that a node of the run then reports as its output, and a blob nothing else uses.
-    let cache = Cache::new(st.pool.clone(), st.cas.clone(), Arc::new(st.cfg.cache.clone()), None)
-        .await
-        .unwrap();
+    let cache = Cache::new(
+        st.pool.clone(),
+        st.cas.clone(),
+        Arc::new(st.cfg.cache.clone()),
+        None,
+    )
+    .await
+    .unwrap();
     let inline = |ws: &str, inputs: Value, text: String| StoreRequest {
         request_id: random_name("st"),
         workspace_id: ws.into(),
@@ -565,7 +677,10 @@ async fn cas_gc_never_deletes_a_blob_a_run_needs() {
         (&ws_a, 2, output.clone()),
         (&ws_b, 3, lonely.clone()),
     ] {
-        let out = cache.store(&inline(ws, json!({"n": n}), text)).await.unwrap();
+        let out = cache
+            .store(&inline(ws, json!({"n": n}), text))
+            .await
+            .unwrap();
         assert!(matches!(out, StoreOutcome::Stored { .. }), "{out:?}");
     }
     // A's worker reports the cached blob as the output of node s: a reference from a run.
@@ -574,7 +689,9 @@ async fn cas_gc_never_deletes_a_blob_a_run_needs() {
             Method::POST,
             &format!("/v1/runs/{run_id}/nodes/s/completions"),
             &a,
-            Some(json!({"attempt": 1, "status": "succeeded", "output_ref": output_ref.to_string()})),
+            Some(
+                json!({"attempt": 1, "status": "succeeded", "output_ref": output_ref.to_string()}),
+            ),
         )
         .await;
     assert_eq!(done.status, StatusCode::ACCEPTED, "{:?}", done.body);
@@ -585,7 +702,10 @@ async fn cas_gc_never_deletes_a_blob_a_run_needs() {
             1,
         )
         .await;
-    assert_eq!(recorded, 1, "the run holds the cached blob as a node output");
+    assert_eq!(
+        recorded, 1,
+        "the run holds the cached blob as a node output"
+    );
 
     // Let the entries expire, sweep them, collect with no grace at all.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
@@ -604,15 +724,19 @@ async fn cas_gc_never_deletes_a_blob_a_run_needs() {
         !st.cas.exists(&lonely_ref).await.unwrap(),
         "a blob nothing references, past the grace period, is collected"
     );
-    let owners: i64 = sqlx::query_scalar("SELECT count(*) FROM weir_cas_owners WHERE blob_ref = $1")
-        .bind(lonely_ref.to_string())
-        .fetch_one(&st.pool)
-        .await
-        .unwrap();
+    let owners: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM weir_cas_owners WHERE blob_ref = $1")
+            .bind(lonely_ref.to_string())
+            .fetch_one(&st.pool)
+            .await
+            .unwrap();
     assert_eq!(owners, 0, "its ownership went with it");
     assert_eq!(
         weir_materializer::definition::canonical_json(
-            &st.cas.get_json::<Value>(&pinned_ref).await.expect("the pinned definition is intact")
+            &st.cas
+                .get_json::<Value>(&pinned_ref)
+                .await
+                .expect("the pinned definition is intact")
         ),
         canonical
     );
@@ -633,9 +757,17 @@ async fn cas_gc_never_deletes_a_blob_a_run_needs() {
             1,
         )
         .await;
-    assert_eq!(n, 1, "the run completed from its snapshot and its node output");
+    assert_eq!(
+        n, 1,
+        "the run completed from its snapshot and its node output"
+    );
     let again = st
-        .call(Method::POST, "/v1/runs", &a, Some(json!({"workflow_id": x, "version": 1, "inputs": {}})))
+        .call(
+            Method::POST,
+            "/v1/runs",
+            &a,
+            Some(json!({"workflow_id": x, "version": 1, "inputs": {}})),
+        )
         .await;
     assert_eq!(again.status, StatusCode::ACCEPTED);
     let n = st
