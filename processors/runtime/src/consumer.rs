@@ -304,11 +304,14 @@ impl<P: Processor> BatchConsumer<P> {
         self.health.set(&component, true);
         info!(group = %self.group, topic = %self.topic, "consuming");
 
+        let mut seek_failures = 0u32;
         while !shutdown.is_cancelled() {
-            self.seek_to_positions(&consumer, &log, &shutdown).await;
+            let retry_seek = self
+                .seek_to_positions(&consumer, &log, &mut seek_failures)
+                .await;
             let batch = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                b = self.gather(&consumer, &log, &wake) => b,
+                b = self.gather(&consumer, &log, &wake, retry_seek) => b,
             };
             if batch.is_empty() {
                 continue;
@@ -367,99 +370,96 @@ impl<P: Processor> BatchConsumer<P> {
     }
 
     /// Seeks every newly assigned (paused) partition to the next offset stored in Postgres,
-    /// or to the beginning when none is stored, and resumes it. Returns when none is left
-    /// unpositioned or on shutdown. A partition whose fetcher has not started yet (librdkafka
-    /// answers the seek with a state error until it has looked up the committed offset) is
-    /// tried again shortly; Postgres being down is waited out with backoff.
+    /// or to the beginning when none is stored, and resumes it. Returns `None` when none is
+    /// left unpositioned, else how long to wait before trying again: a partition whose
+    /// fetcher has not started yet (librdkafka answers the seek with a state error until it
+    /// has looked up the committed offset) is tried again shortly, Postgres being down with
+    /// backoff. Meanwhile the loop keeps polling (rebalances are served only while polling),
+    /// and records of unpositioned partitions are dropped from batches.
     async fn seek_to_positions(
         &self,
         consumer: &StreamConsumer<Ctx>,
         log: &Arc<Mutex<RebalanceLog>>,
-        shutdown: &CancellationToken,
-    ) {
-        let mut attempt = 0u32;
-        loop {
-            let pending: Vec<i32> = {
-                let log = log.lock().unwrap_or_else(|p| p.into_inner());
-                log.unpositioned.iter().copied().collect()
-            };
-            if pending.is_empty() || shutdown.is_cancelled() {
-                return;
+        failures: &mut u32,
+    ) -> Option<Duration> {
+        let pending: Vec<i32> = {
+            let log = log.lock().unwrap_or_else(|p| p.into_inner());
+            log.unpositioned.iter().copied().collect()
+        };
+        if pending.is_empty() {
+            *failures = 0;
+            return None;
+        }
+        let stored = sqlx::query!(
+            r#"SELECT partition, next_offset FROM weir_consumer_positions
+               WHERE consumer_group = $1 AND topic = $2 AND partition = ANY($3::int[])"#,
+            &self.group,
+            &self.topic,
+            &pending,
+        )
+        .fetch_all(&self.pool)
+        .await;
+        let rows = match stored {
+            Ok(rows) => rows,
+            Err(e) => {
+                *failures += 1;
+                warn!(group = %self.group, error = %e, attempt = *failures,
+                    "reading consumer positions; assigned partitions stay paused");
+                return Some(self.backoff(*failures));
             }
-            let stored = sqlx::query!(
-                r#"SELECT partition, next_offset FROM weir_consumer_positions
-                   WHERE consumer_group = $1 AND topic = $2 AND partition = ANY($3::int[])"#,
-                &self.group,
-                &self.topic,
-                &pending,
-            )
-            .fetch_all(&self.pool)
-            .await;
-            let delay = match stored {
+        };
+        let stored: HashMap<i32, i64> = rows
+            .into_iter()
+            .map(|r| (r.partition, r.next_offset))
+            .collect();
+        let mut positioned = TopicPartitionList::new();
+        let mut left = 0usize;
+        for p in pending {
+            let offset = stored
+                .get(&p)
+                .map_or(Offset::Beginning, |n| Offset::Offset(*n));
+            match consumer.seek(&self.topic, p, offset, Duration::from_secs(5)) {
+                Ok(()) => {
+                    debug!(group = %self.group, partition = p, ?offset,
+                        "partition positioned from Postgres");
+                    positioned.add_partition(&self.topic, p);
+                }
                 Err(e) => {
-                    attempt += 1;
-                    warn!(group = %self.group, error = %e, attempt,
-                        "reading consumer positions; assigned partitions stay paused");
-                    self.backoff(attempt)
+                    debug!(group = %self.group, partition = p, error = %e,
+                        "seek not possible yet");
+                    left += 1;
                 }
-                Ok(rows) => {
-                    let stored: HashMap<i32, i64> = rows
-                        .into_iter()
-                        .map(|r| (r.partition, r.next_offset))
-                        .collect();
-                    let mut positioned = TopicPartitionList::new();
-                    let mut left = 0usize;
-                    for p in pending {
-                        let offset = stored
-                            .get(&p)
-                            .map_or(Offset::Beginning, |n| Offset::Offset(*n));
-                        match consumer.seek(&self.topic, p, offset, Duration::from_secs(5)) {
-                            Ok(()) => {
-                                debug!(group = %self.group, partition = p, ?offset,
-                                    "partition positioned from Postgres");
-                                positioned.add_partition(&self.topic, p);
-                            }
-                            Err(e) => {
-                                debug!(group = %self.group, partition = p, error = %e,
-                                    "seek not possible yet");
-                                left += 1;
-                            }
-                        }
-                    }
-                    {
-                        let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
-                        log.generation += 1;
-                        let generation = log.generation;
-                        for e in positioned.elements() {
-                            log.unpositioned.remove(&e.partition());
-                            log.fenced_at.insert(e.partition(), generation);
-                        }
-                    }
-                    if positioned.count() > 0 {
-                        if let Err(e) = consumer.resume(&positioned) {
-                            warn!(group = %self.group, error = %e, "resuming partitions");
-                        }
-                    }
-                    if left == 0 {
-                        return;
-                    }
-                    Duration::from_millis(50)
-                }
-            };
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = shutdown.cancelled() => return,
             }
         }
+        {
+            let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+            log.generation += 1;
+            let generation = log.generation;
+            for e in positioned.elements() {
+                log.unpositioned.remove(&e.partition());
+                log.fenced_at.insert(e.partition(), generation);
+            }
+        }
+        if positioned.count() > 0 {
+            if let Err(e) = consumer.resume(&positioned) {
+                warn!(group = %self.group, error = %e, "resuming partitions");
+            }
+        }
+        *failures = 0;
+        (left > 0).then_some(Duration::from_millis(50))
     }
 
     /// Gathers one batch: waits for the first record, then takes more for at most
     /// `max_wait_ms` or until `max_batch`. Drops records of partitions revoked meanwhile.
+    /// With `retry_seek`, stops waiting for a first record after that long, so that
+    /// partitions still waiting for their seek get it (nothing received is ever dropped for
+    /// it: an empty batch is returned only before the first record).
     async fn gather(
         &self,
         consumer: &StreamConsumer<Ctx>,
         log: &Arc<Mutex<RebalanceLog>>,
         wake: &Notify,
+        retry_seek: Option<Duration>,
     ) -> Vec<Raw> {
         let max = self
             .processor
@@ -474,6 +474,7 @@ impl<P: Processor> BatchConsumer<P> {
                 None => tokio::select! {
                     r = consumer.recv() => r,
                     _ = wake.notified() => break,
+                    _ = tokio::time::sleep(retry_seek.unwrap_or_default()), if retry_seek.is_some() => break,
                 },
                 Some(d) => tokio::select! {
                     biased;
