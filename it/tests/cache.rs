@@ -143,6 +143,10 @@ async fn randomized_isolation_never_crosses_workspace_or_permission() {
         };
         let semantic_only = nt == "agent" && rng.random_bool(0.5);
         let mut q = lookup(&wss[w], nt, json!({"k": k}), p);
+        if nt == "agent" {
+            // The exact key covers the prompt: the same question is the same prompt.
+            q.prompt = Some(format!("prompt {k}"));
+        }
         if semantic_only {
             // Different inputs: the exact cache misses, only the prompt vector can match.
             q.inputs = json!({"k": k, "rephrased": true});
@@ -217,6 +221,7 @@ async fn randomized_isolation_never_crosses_workspace_or_permission() {
                 node_type: "pure".into(),
                 config: json!({"model": "m", "temperature": 0}),
                 inputs: json!({"k": k}),
+                prompt: None,
                 requester: "run:it".into(),
                 request_id: format!("node-{i}"),
             }
@@ -243,9 +248,11 @@ async fn randomized_isolation_never_crosses_workspace_or_permission() {
             assert_eq!(h.saved_ms, 250);
         }
     }
-    // One audit row per served hit, naming who used whose entry.
-    let (audits, foreign): (i64, i64) = sqlx::query_as(
-        "SELECT count(*), count(*) FILTER (WHERE owner NOT LIKE workspace_id || '-%')
+    // One audit row per served hit, naming who used whose entry (and one per store).
+    let (audits, foreign, stores): (i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE kind IN ('exact', 'semantic')),
+                count(*) FILTER (WHERE owner NOT LIKE workspace_id || '-%'),
+                count(*) FILTER (WHERE kind = 'store')
          FROM cache_audit WHERE workspace_id LIKE $1",
     )
     .bind(format!("{tag}-%"))
@@ -254,6 +261,7 @@ async fn randomized_isolation_never_crosses_workspace_or_permission() {
     .unwrap();
     assert_eq!(audits, (hits + batch_hits) as i64);
     assert_eq!(foreign, 0);
+    assert_eq!(stores, 80, "every store is audited");
 }
 
 fn hex_decode(s: &str) -> Vec<u8> {
@@ -366,7 +374,8 @@ async fn expiry_pii_corrupt_blobs_and_collection() {
     assert!(!bad.hit, "a corrupt blob must not be served");
     let (entries, audits): (i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM cache_entries WHERE workspace_id = $1 AND node_type = 'function'),
-                (SELECT count(*) FROM cache_audit WHERE workspace_id = $1 AND node_type = 'function')",
+                (SELECT count(*) FROM cache_audit WHERE workspace_id = $1 AND node_type = 'function'
+                                                   AND kind IN ('exact', 'semantic'))",
     )
     .bind(&ws)
     .fetch_one(&pool)

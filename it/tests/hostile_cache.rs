@@ -1,0 +1,674 @@
+//! Hostile input to the result cache, against the real stack: the cache answers only the
+//! question asked (the exact key covers the prompt, a semantic hit needs the same config),
+//! the audit trail names the API key for stores and lookups, an escaped e-mail address is
+//! refused, and poison records (an empty or over-long prompt, a prompt the embedder answers
+//! 400 to, zero / NaN / wrong-length vectors, a required permission above the producer's)
+//! are dead-lettered with their reason while the cache processor keeps running and a good
+//! record of another workspace right after is applied within seconds.
+//!
+//! The processor and the gateway run in this process, with the OpenAI-compatible embedder
+//! pointed at a tiny HTTP server on 127.0.0.1 (a real HTTP peer, not a mock of weir code):
+//! it answers 400 to an input holding `POISON-400` and a deterministic pseudo-random
+//! 384-dimension vector per text otherwise (equal texts, equal vectors; different texts,
+//! nearly orthogonal ones). Needs the local stack (`infra/local/up`, `infra/local/env`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::producer::FutureProducer;
+use rdkafka::ClientConfig;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use weir_gateway::{create_key, Permission, Sources};
+use weir_it::{config, prepare, produce_in_order, random_name};
+use weir_runtime::codec::Codec;
+use weir_runtime::config::{CasBackend, Config, EmbedderKind, Secret};
+use weir_runtime::events::{
+    new_event_id, now_micros, CacheEvent, CacheLookup, CacheStore, DeadLetter,
+};
+use weir_runtime::telemetry::Health;
+
+/// Dimension of the deployment's embedding space (pinned in the shared database).
+const DIMS: usize = 384;
+
+/// A deterministic pseudo-random vector for `text` (FNV-1a seeds the generator).
+fn vector_of(text: &str) -> Vec<f32> {
+    let seed = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..DIMS).map(|_| rng.random::<f32>() - 0.5).collect()
+}
+
+/// The OpenAI-compatible embeddings endpoint (see the module docs); returns its base URL.
+async fn embeddings_endpoint() -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 8192];
+                let (head_end, len) = loop {
+                    let n = sock.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..i]).to_lowercase();
+                        let len = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        break (i + 4, len);
+                    }
+                };
+                while buf.len() < head_end + len {
+                    let n = sock.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                let body: Value =
+                    serde_json::from_slice(&buf[head_end..head_end + len]).unwrap_or_default();
+                let inputs: Vec<String> = body["input"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(|x| x.as_str().unwrap_or("").to_string())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let (status, answer) = if inputs
+                    .iter()
+                    .any(|t| t.is_empty() || t.contains("POISON-400"))
+                {
+                    (
+                        400,
+                        json!({"error": {"message": "This model's maximum context length is exceeded", "type": "invalid_request_error"}}),
+                    )
+                } else {
+                    let data: Vec<Value> = inputs
+                        .iter()
+                        .enumerate()
+                        .map(|(i, t)| json!({"index": i, "embedding": vector_of(t)}))
+                        .collect();
+                    (200, json!({ "data": data }))
+                };
+                let text = answer.to_string();
+                let reply = format!(
+                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{text}",
+                    text.len()
+                );
+                let _ = sock.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// The cache processor and the gateway of one test.
+struct Stack {
+    cfg: Arc<Config>,
+    base: String,
+    codec: Arc<Codec>,
+    pool: sqlx::PgPool,
+    producer: FutureProducer,
+    http: reqwest::Client,
+    health: Health,
+    processor: JoinHandle<Result<(), weir_runtime::error::RuntimeError>>,
+    shutdown: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn start() -> Stack {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&format!("{}.", random_name("hcache")));
+    cfg.cas.backend = CasBackend::Local;
+    cfg.cas.local_dir = dir.path().display().to_string();
+    cfg.cache.embedder = EmbedderKind::Openai;
+    cfg.cache.dimensions = DIMS as u32;
+    cfg.cache.openai_base_url = embeddings_endpoint().await;
+    cfg.cache.openai_api_key = Secret::new("test-key".to_string());
+    cfg.cache.max_prompt_bytes = 1_024;
+    cfg.gateway.rate_limit_per_sec = 10_000;
+    cfg.gateway.rate_limit_burst = 10_000;
+    cfg.gateway.client_rate_limit_per_sec = 10_000;
+    cfg.gateway.client_rate_limit_burst = 10_000;
+    let codec = prepare(&cfg).await.expect("prepare the stack");
+    let cfg = Arc::new(cfg);
+    let shutdown = CancellationToken::new();
+    let services = weir_runtime::app::Services::new(cfg.clone()).unwrap();
+    let cas = weir_runtime::cas::Cas::from_config(&cfg).await.unwrap();
+    let pool = weir_runtime::db::pool(&cfg.postgres).unwrap();
+    let embedder = weir_cache::Embedder::from_config(&cfg.cache).await.unwrap();
+    let cache = weir_cache::Cache::new(
+        pool.clone(),
+        cas,
+        Arc::new(cfg.cache.clone()),
+        Some(embedder),
+    )
+    .await
+    .unwrap();
+    let processor = services.consumer(
+        weir_cache::CacheProcessor::new(cache.clone()).with_health(services.health.clone()),
+    );
+    let processor = tokio::spawn(processor.run(shutdown.clone()));
+    let sources = Sources {
+        run_status: None,
+        cache_lookup: Some(Arc::new(weir_gateway::sources::ResultCacheLookup::new(
+            cache,
+        ))),
+    };
+    let state = weir_gateway::state(cfg.clone(), sources).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let running = weir_gateway::spawn(listener, state, shutdown.clone()).unwrap();
+    Stack {
+        base: format!("http://{}", running.addr),
+        producer: weir_runtime::kafka::producer(&cfg.kafka).unwrap(),
+        http: reqwest::Client::new(),
+        health: services.health.clone(),
+        cfg,
+        codec,
+        pool,
+        processor,
+        shutdown,
+        _dir: dir,
+    }
+}
+
+#[derive(Debug)]
+struct Answer {
+    status: StatusCode,
+    body: Value,
+}
+
+/// A key and its public id (`weir_<key_id>_<secret>`).
+struct Key {
+    key: String,
+    id: String,
+}
+
+impl Stack {
+    async fn key(&self, workspace: &str, permission: Permission) -> Key {
+        let k = create_key(&self.pool, workspace, permission).await.unwrap();
+        Key {
+            key: k.key,
+            id: k.key_id,
+        }
+    }
+
+    async fn post(&self, path: &str, key: &Key, body: Value) -> Answer {
+        let res = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&key.key)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        let status = res.status();
+        let text = res.text().await.unwrap();
+        Answer {
+            status,
+            body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        }
+    }
+
+    /// Polls `sql` (one bigint, `$1` = `bind`) until it is at least `want`, for `within`.
+    async fn wait_count(&self, sql: &str, bind: &str, want: i64, within: Duration) -> i64 {
+        let deadline = Instant::now() + within;
+        loop {
+            let n: i64 = sqlx::query_scalar(sql)
+                .bind(bind)
+                .fetch_one(&self.pool)
+                .await
+                .unwrap();
+            if n >= want || Instant::now() > deadline {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Dead letters of this test's cache topic, by the request id of the original record,
+    /// until `want` are seen (60 s at most).
+    async fn dead_letters(&self, want: &[&str]) -> HashMap<String, DeadLetter> {
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.cfg.kafka.bootstrap_servers)
+            .set("group.id", random_name("hcache-dlq"))
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .unwrap();
+        consumer
+            .subscribe(&[&self.codec.topic::<DeadLetter>()])
+            .unwrap();
+        let mut found = HashMap::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while want.iter().any(|w| !found.contains_key(*w)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "dead letters seen: {:?}, wanted {want:?}",
+                found.keys().collect::<Vec<_>>()
+            );
+            if let Ok(Ok(m)) = tokio::time::timeout(left, consumer.recv()).await {
+                let d: DeadLetter = self.codec.decode(m.payload().unwrap()).await.unwrap();
+                let Some(original) = d.original_value.as_deref() else {
+                    continue;
+                };
+                let Ok(e) = self.codec.decode::<CacheEvent>(original).await else {
+                    continue;
+                };
+                let id = match &e {
+                    CacheEvent::CacheStore(s) => s.request_id.clone(),
+                    CacheEvent::CacheLookup(l) => l.request_id.clone(),
+                };
+                found.insert(id, d);
+            }
+        }
+        found
+    }
+
+    /// The processor task has not ended (no Fatal, no panic).
+    fn processor_runs(&self) {
+        assert!(!self.processor.is_finished(), "the cache processor stopped");
+    }
+}
+
+fn store_event(ws: &str, id: &str, prompt: Option<&str>, result: &str) -> CacheStore {
+    CacheStore {
+        event_id: new_event_id(),
+        occurred_at: now_micros(),
+        workspace_id: ws.into(),
+        traceparent: String::new(),
+        tracestate: None,
+        request_id: id.into(),
+        requester: "worker-key".into(),
+        permission: "write".into(),
+        node_type: "agent".into(),
+        config_json: json!({"model": "m1"}).to_string(),
+        inputs_json: json!({"doc": 1}).to_string(),
+        result_json: Some(result.into()),
+        result_ref: None,
+        prompt: prompt.map(String::from),
+        embedding: None,
+        cost_ms: 900,
+        required_permission: "read".into(),
+    }
+}
+
+fn lookup_event(ws: &str, id: &str, prompt: Option<&str>) -> CacheLookup {
+    CacheLookup {
+        event_id: new_event_id(),
+        occurred_at: now_micros(),
+        workspace_id: ws.into(),
+        traceparent: String::new(),
+        tracestate: None,
+        request_id: id.into(),
+        requester: "reader-key".into(),
+        permission: "read".into(),
+        node_type: "agent".into(),
+        config_json: json!({"model": "m1"}).to_string(),
+        inputs_json: json!({"doc": 2}).to_string(),
+        prompt: prompt.map(String::from),
+        embedding: None,
+        semantic: true,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_answers_only_the_question_asked_and_audits_the_key() {
+    let st = start().await;
+    let ws = random_name("ws");
+    let (writer, reader) = (
+        st.key(&ws, Permission::Write).await,
+        st.key(&ws, Permission::Read).await,
+    );
+    let entry = |prompt: &str| {
+        json!({"node_type": "agent", "config": {"model": "m1", "system": "be brief"},
+               "inputs": {"doc": 1}, "prompt": prompt,
+               "result": {"answer": format!("the answer to {prompt}")}, "cost_ms": 1200,
+               "required_permission": "read"})
+    };
+    let a = st
+        .post("/v1/cache/entries", &writer, entry("Summarize the report"))
+        .await;
+    assert_eq!(a.status, StatusCode::ACCEPTED, "{:?}", a.body);
+    let n = st
+        .wait_count(
+            "SELECT count(*) FROM cache_semantic WHERE workspace_id = $1",
+            &ws,
+            1,
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(n, 1, "the store was applied (exact and semantic entry)");
+
+    let lookup = |prompt: &str, config: Value, inputs: Value, semantic: bool| {
+        json!({"node_type": "agent", "config": config, "inputs": inputs,
+               "prompt": prompt, "semantic": semantic})
+    };
+    let m1 = json!({"system": "be brief", "model": "m1"});
+    // The same node, config and inputs with another prompt: another question, a miss.
+    let other = st
+        .post(
+            "/v1/cache/lookup",
+            &reader,
+            lookup("Translate the report", m1.clone(), json!({"doc": 1}), false),
+        )
+        .await;
+    assert_eq!(other.status, StatusCode::OK, "{:?}", other.body);
+    assert_eq!(
+        other.body["hit"], false,
+        "another prompt was served: {:?}",
+        other.body
+    );
+    let other = st
+        .post(
+            "/v1/cache/lookup",
+            &reader,
+            lookup("Translate the report", m1.clone(), json!({"doc": 1}), true),
+        )
+        .await;
+    assert_eq!(other.body["hit"], false, "{:?}", other.body);
+    // The same prompt: an exact hit.
+    let same = st
+        .post(
+            "/v1/cache/lookup",
+            &reader,
+            lookup("Summarize the report", m1.clone(), json!({"doc": 1}), false),
+        )
+        .await;
+    assert_eq!(
+        (same.body["hit"].clone(), same.body["kind"].clone()),
+        (json!(true), json!("exact")),
+        "{:?}",
+        same.body
+    );
+    assert_eq!(
+        same.body["result"]["answer"],
+        "the answer to Summarize the report"
+    );
+    // Semantic, same prompt (similarity 1) but another model: another question, a miss.
+    let m2 = json!({"system": "be brief", "model": "m2"});
+    let model = st
+        .post(
+            "/v1/cache/lookup",
+            &reader,
+            lookup("Summarize the report", m2, json!({"doc": 7}), true),
+        )
+        .await;
+    assert_eq!(model.status, StatusCode::OK, "{:?}", model.body);
+    assert_eq!(
+        model.body["hit"], false,
+        "another config was served: {:?}",
+        model.body
+    );
+    // Semantic with the same config (other inputs): the entry answers.
+    let sem = st
+        .post(
+            "/v1/cache/lookup",
+            &reader,
+            lookup("Summarize the report", m1.clone(), json!({"doc": 7}), true),
+        )
+        .await;
+    assert_eq!(
+        (sem.body["hit"].clone(), sem.body["kind"].clone()),
+        (json!(true), json!("semantic")),
+        "{:?}",
+        sem.body
+    );
+    // Client mistakes at the synchronous lookup are 422 with a problem body, never 503.
+    for bad in ["", &"x".repeat(2_000)] {
+        let a = st
+            .post(
+                "/v1/cache/lookup",
+                &reader,
+                lookup(bad, m1.clone(), json!({"doc": 1}), true),
+            )
+            .await;
+        assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY, "{:?}", a.body);
+        assert!(
+            a.body["detail"].as_str().unwrap_or("").contains("prompt"),
+            "{:?}",
+            a.body
+        );
+    }
+
+    // The audit trail: the store names the writer's key, each hit the reader's key.
+    let rows: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT kind, requester, owner FROM cache_audit WHERE workspace_id = $1 ORDER BY at, kind",
+    )
+    .bind(&ws)
+    .fetch_all(&st.pool)
+    .await
+    .unwrap();
+    let by_kind = |k: &str| {
+        rows.iter()
+            .filter(|r| r.0 == k)
+            .map(|r| (r.1.clone(), r.2.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        by_kind("store"),
+        vec![(writer.id.clone(), writer.id.clone())],
+        "{rows:?}"
+    );
+    assert_eq!(
+        by_kind("exact"),
+        vec![(reader.id.clone(), writer.id.clone())],
+        "{rows:?}"
+    );
+    assert_eq!(
+        by_kind("semantic"),
+        vec![(reader.id.clone(), writer.id.clone())],
+        "{rows:?}"
+    );
+    assert!(
+        rows.iter().all(|r| !r.1.starts_with("gateway:")),
+        "{rows:?}"
+    );
+
+    // An e-mail address hidden behind a JSON escape, as a worker's output reaches the cache
+    // (the coordinator forwards output_json as the worker wrote it): refused and audited.
+    let escaped = r#"{"contact":"jane.doe\u0040example.com","note":"call back"}"#;
+    let id = random_name("pii");
+    produce_in_order(
+        &st.producer,
+        &st.codec,
+        &[CacheEvent::CacheStore(store_event(
+            &ws,
+            &id,
+            Some("Who asked?"),
+            escaped,
+        ))],
+    )
+    .await
+    .unwrap();
+    let n = st
+        .wait_count(
+            "SELECT count(*) FROM cache_audit WHERE request_id = $1 AND kind = 'refused' AND detail = 'pii:email'",
+            &id,
+            1,
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(n, 1, "the escaped e-mail address was not refused");
+    let stored: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM cache_entries WHERE workspace_id = $1")
+            .bind(&ws)
+            .fetch_one(&st.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, 1, "only the first entry is stored");
+    st.processor_runs();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_cache_records_cost_one_record_and_others_carry_on() {
+    let st = start().await;
+    let poison_ws = random_name("ws-poison");
+    let good_ws = random_name("ws-good");
+    let writer = st.key(&poison_ws, Permission::Write).await;
+
+    // Through the gateway: an all-zero vector is finite, so it passes the gateway's check,
+    // and only the processor knows it has no direction.
+    let a = st
+        .post(
+            "/v1/cache/entries",
+            &writer,
+            json!({"node_type": "agent", "config": {"model": "m1"}, "inputs": {"z": 1},
+                   "prompt": "zero vector", "embedding": vec![0.0f32; DIMS],
+                   "result": {"ok": true}, "cost_ms": 5}),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::ACCEPTED, "{:?}", a.body);
+    let zero_id = a.body["request_id"].as_str().unwrap().to_string();
+
+    // Straight onto weir.cache.v1, in one batch.
+    let mut nan = vec![0.1f32; DIMS];
+    nan[7] = f32::NAN;
+    let mut records: Vec<(String, CacheEvent)> = Vec::new();
+    let mut poison = |id: &str, e: CacheEvent| records.push((id.to_string(), e));
+    poison(
+        "empty-prompt",
+        CacheEvent::CacheLookup(lookup_event(&poison_ws, "empty-prompt", Some(""))),
+    );
+    poison(
+        "long-prompt",
+        CacheEvent::CacheStore(store_event(
+            &poison_ws,
+            "long-prompt",
+            Some(&"y".repeat(5_000)),
+            r#"{"a":1}"#,
+        )),
+    );
+    poison(
+        "embedder-400-store",
+        CacheEvent::CacheStore(store_event(
+            &poison_ws,
+            "embedder-400-store",
+            Some("POISON-400 please"),
+            r#"{"a":2}"#,
+        )),
+    );
+    poison(
+        "embedder-400-lookup",
+        CacheEvent::CacheLookup(lookup_event(
+            &poison_ws,
+            "embedder-400-lookup",
+            Some("POISON-400 again"),
+        )),
+    );
+    let mut nan_lookup = lookup_event(&poison_ws, "nan-vector", None);
+    nan_lookup.embedding = Some(nan);
+    poison("nan-vector", CacheEvent::CacheLookup(nan_lookup));
+    let mut short = store_event(&poison_ws, "short-vector", None, r#"{"a":3}"#);
+    short.embedding = Some(vec![1.0; 3]);
+    poison("short-vector", CacheEvent::CacheStore(short));
+    let mut above = store_event(&poison_ws, "above-own-level", None, r#"{"a":4}"#);
+    above.permission = "read".into();
+    above.required_permission = "admin".into();
+    poison("above-own-level", CacheEvent::CacheStore(above));
+    let events: Vec<CacheEvent> = records.iter().map(|(_, e)| e.clone()).collect();
+    produce_in_order(&st.producer, &st.codec, &events)
+        .await
+        .unwrap();
+
+    // Right after: a good store and a good lookup of another workspace.
+    let sent = Instant::now();
+    let good_id = random_name("good");
+    produce_in_order(
+        &st.producer,
+        &st.codec,
+        &[
+            CacheEvent::CacheStore(store_event(
+                &good_ws,
+                &good_id,
+                Some("What is the capital of France?"),
+                r#"{"answer":"Paris"}"#,
+            )),
+            CacheEvent::CacheLookup(lookup_event(
+                &good_ws,
+                "good-lookup",
+                Some("What is the capital of France?"),
+            )),
+        ],
+    )
+    .await
+    .unwrap();
+    let n = st
+        .wait_count(
+            "SELECT count(*) FROM cache_audit WHERE workspace_id = $1 AND kind IN ('store', 'semantic')",
+            &good_ws,
+            2,
+            Duration::from_secs(30),
+        )
+        .await;
+    let took = sent.elapsed();
+    assert_eq!(n, 2, "the good store and its semantic hit were applied");
+    assert!(
+        took < Duration::from_secs(15),
+        "the good workspace waited {took:?}"
+    );
+
+    let mut want: Vec<&str> = records.iter().map(|(id, _)| id.as_str()).collect();
+    want.push(&zero_id);
+    let letters = st.dead_letters(&want).await;
+    let reason = |id: &str| letters[id].error_message.clone();
+    for (id, needle) in [
+        ("empty-prompt", "prompt is empty"),
+        ("long-prompt", "max_prompt_bytes"),
+        ("embedder-400-store", "400"),
+        ("embedder-400-lookup", "400"),
+        ("nan-vector", "NaN"),
+        ("short-vector", "3 dimensions"),
+        ("above-own-level", "cannot store an entry requiring admin"),
+        (zero_id.as_str(), "zero"),
+    ] {
+        assert!(reason(id).contains(needle), "{id}: {}", reason(id));
+        assert_eq!(letters[id].error_class, "invalid", "{id}");
+    }
+    // Nothing of a rejected record was written.
+    let written: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM cache_entries WHERE workspace_id = $1)
+              + (SELECT count(*) FROM cache_semantic WHERE workspace_id = $1)
+              + (SELECT count(*) FROM cache_audit WHERE workspace_id = $1)",
+    )
+    .bind(&poison_ws)
+    .fetch_one(&st.pool)
+    .await
+    .unwrap();
+    assert_eq!(written, 0, "a rejected record left effects behind");
+    st.processor_runs();
+    assert!(
+        st.health.report().contains(&format!(
+            "{}: ready",
+            weir_cache::processor::EMBEDDER_COMPONENT
+        )),
+        "{}",
+        st.health.report()
+    );
+}
