@@ -407,7 +407,9 @@ async fn run_processors(cfg: Arc<Config>, which: &[ProcessorName]) -> anyhow::Re
                     .clone()
                     .context("the result cache is built for this processor")?;
                 for _ in 0..cfg.runtime.consumers {
-                    let consumer = s.consumer(weir_cache::CacheProcessor::new(cache.clone()));
+                    let consumer = s.consumer(
+                        weir_cache::CacheProcessor::new(cache.clone()).with_health(s.health.clone()),
+                    );
                     let stop = stop.clone();
                     tasks.spawn(
                         async move { consumer.run(stop).await.map_err(anyhow::Error::from) },
