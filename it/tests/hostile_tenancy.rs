@@ -516,13 +516,18 @@ async fn cas_refs_are_accepted_only_from_their_workspace() {
         from_cache: false,
     });
     produce(&st.producer, &st.codec, &forged).await.unwrap();
-    // And the materializer dead-letters a patch whose operations are A's blob.
+    // And the materializer rejects a patch whose operations are A's blob exactly as one whose
+    // operations blob does not exist, without reading it.
     let x = format!("x-{}", Uuid::now_v7().simple());
-    let mut patch =
-        weir_materializer::processor::patch_submitted(&x, &ws_b, "it", None, &json!([]));
-    patch.operations_json = String::new();
-    patch.operations_ref = Some(r_a.to_string());
-    produce(&st.producer, &st.codec, &patch).await.unwrap();
+    let mut forged_patches = Vec::new();
+    for r in [&r_a, &never] {
+        let mut patch =
+            weir_materializer::processor::patch_submitted(&x, &ws_b, "it", None, &json!([]));
+        patch.operations_json = String::new();
+        patch.operations_ref = Some(r.to_string());
+        produce(&st.producer, &st.codec, &patch).await.unwrap();
+        forged_patches.push((patch.patch_id, r.to_string()));
+    }
 
     let put = st
         .call(
@@ -560,12 +565,25 @@ async fn cas_refs_are_accepted_only_from_their_workspace() {
 
     let letter = st.dead_letter("unknown_ref").await;
     assert_eq!(letter.source_topic, st.codec.topic::<CompletionEvent>());
-    let letter = st.dead_letter("operations_ref").await;
-    assert!(
-        letter.error_message.contains("not a blob of workspace"),
-        "{}",
-        letter.error_message
-    );
+    let mut reasons = Vec::new();
+    for (patch_id, r) in &forged_patches {
+        let (status, code, reason): (String, Option<String>, Option<String>) = sqlx::query_as(
+            "SELECT status, reason_code, reason FROM weir_workflow_patches
+             WHERE workspace_id = $1 AND workflow_id = $2 AND patch_id = $3",
+        )
+        .bind(&ws_b)
+        .bind(&x)
+        .bind(patch_id)
+        .fetch_one(&st.pool)
+        .await
+        .expect("the forged patch is decided, before C's creation of the same id");
+        assert_eq!(
+            (status.as_str(), code.as_deref()),
+            ("rejected", Some("blob_missing"))
+        );
+        reasons.push(reason.unwrap_or_default().replace(r.as_str(), "REF"));
+    }
+    assert_eq!(reasons[0], reasons[1], "A's blob looks like no blob at all");
     let b_heads: i64 =
         sqlx::query_scalar("SELECT count(*) FROM weir_workflow_heads WHERE workspace_id = $1")
             .bind(&ws_b)
