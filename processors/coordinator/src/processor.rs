@@ -22,7 +22,8 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
 use weir_materializer::definition::{self, Limits};
-use weir_runtime::cas::{Cas, CasRef};
+use weir_materializer::replay::ReplayError;
+use weir_runtime::cas::{Cas, CasError, CasRef};
 use weir_runtime::config::Config;
 use weir_runtime::events::{
     self, CompletionEvent, NodeInput, NodeReady, NodeRetried, NodeStatus, RunCancelled,
@@ -39,6 +40,10 @@ use crate::metrics as m;
 
 /// Consumer group of the coordinator.
 pub const GROUP: &str = "weir-coordinator";
+
+/// A pinned definition's key: (workspace_id, workflow_id, version). Workflow ids are unique
+/// per workspace only, so the workspace is part of every key.
+type DefKey = (String, String, i64);
 
 /// One thing that happens to a run.
 #[derive(Debug, Clone)]
@@ -81,7 +86,7 @@ pub struct Coordinator {
     pool: PgPool,
     cas: Cas,
     cache: Option<Arc<dyn DispatchCache>>,
-    plans: Mutex<HashMap<(String, i64), Arc<Plan>>>,
+    plans: Mutex<HashMap<DefKey, Arc<Plan>>>,
     limits: Limits,
 }
 
@@ -130,8 +135,15 @@ fn now_ms() -> i64 {
     Utc::now().timestamp_millis()
 }
 
+/// A due time in ms as a timestamp. Beyond chrono's range (a `deadline_ms` of u64::MAX
+/// saturates to i64::MAX) it is the latest timestamp, "never", not now: a huge deadline must
+/// not time out at once. chrono's latest (year 262143) is within Postgres's range.
 fn ts(ms: i64) -> DateTime<Utc> {
-    DateTime::from_timestamp_millis(ms).unwrap_or_else(Utc::now)
+    DateTime::from_timestamp_millis(ms).unwrap_or(if ms > 0 {
+        DateTime::<Utc>::MAX_UTC
+    } else {
+        DateTime::<Utc>::UNIX_EPOCH
+    })
 }
 
 fn other(message: String, disposition: Disposition) -> ApplyError {
@@ -180,7 +192,7 @@ impl Coordinator {
         &self.cfg
     }
 
-    fn cached_plan(&self, key: &(String, i64)) -> Option<Arc<Plan>> {
+    fn cached_plan(&self, key: &DefKey) -> Option<Arc<Plan>> {
         self.plans
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -188,7 +200,7 @@ impl Coordinator {
             .cloned()
     }
 
-    fn remember_plan(&self, key: (String, i64), plan: Arc<Plan>) {
+    fn remember_plan(&self, key: DefKey, plan: Arc<Plan>) {
         let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
         // Crude bound: start over when full (plans are cheap to rebuild from the snapshots).
         if plans.len() >= self.cfg.coordinator.definition_cache.max(1) {
@@ -197,23 +209,32 @@ impl Coordinator {
         plans.insert(key, plan);
     }
 
-    async fn blob_json(&self, r: &str) -> Result<Value, ApplyError> {
-        let parsed: CasRef = r
-            .parse()
-            .map_err(|e| other(format!("bad CAS ref {r:?}: {e}"), Disposition::Fatal))?;
-        let bytes = self.cas.get(&parsed).await.map_err(|e| {
-            let d = e.disposition();
-            other(format!("cas: {e}"), d)
-        })?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| other(format!("blob {r} is not JSON: {e}"), Disposition::Fatal))
+    /// A definition held in the CAS. `Ok(Err(why))` when the blob itself is the problem (a
+    /// bad ref, missing, corrupt, not JSON): the runs that need it fail with that reason, the
+    /// coordinator carries on. `Err` for an outage (retried) or a misconfiguration.
+    async fn blob_json(&self, r: &str) -> Result<Result<Value, String>, ApplyError> {
+        let parsed: CasRef = match r.parse() {
+            Ok(p) => p,
+            Err(e) => return Ok(Err(format!("bad CAS ref {r:?}: {e}"))),
+        };
+        let bytes = match self.cas.get(&parsed).await {
+            Ok(b) => b,
+            Err(
+                e @ (CasError::NotFound(_) | CasError::Corrupt { .. } | CasError::InvalidRef(_)),
+            ) => return Ok(Err(format!("definition unavailable: {e}"))),
+            Err(e) => {
+                let d = e.disposition();
+                return Err(other(format!("cas: {e}"), d));
+            }
+        };
+        Ok(serde_json::from_slice(&bytes).map_err(|e| format!("blob {r} is not JSON: {e}")))
     }
 
     /// Compiles definitions off the async runtime (validation is the CPU-heavy part).
     async fn compile(
         &self,
-        docs: Vec<((String, i64), Value)>,
-    ) -> Result<HashMap<(String, i64), Result<Arc<Plan>, String>>, ApplyError> {
+        docs: Vec<(DefKey, Value)>,
+    ) -> Result<HashMap<DefKey, Result<Arc<Plan>, String>>, ApplyError> {
         if docs.is_empty() {
             return Ok(HashMap::new());
         }
@@ -364,12 +385,14 @@ impl Coordinator {
             }
         }
 
-        // 4. Plans of the stored running runs.
-        let mut want: Vec<(String, i64)> = Vec::new();
+        // 4. Plans of the stored running runs. A pinned definition that cannot be loaded or
+        //    compiled (a missing or corrupt CAS blob, ...) goes to `broken` with the reason.
+        let mut broken: HashMap<DefKey, String> = HashMap::new();
+        let mut want: Vec<DefKey> = Vec::new();
         for (run_id, items) in &groups {
             if let Some(s) = stored.get(run_id) {
                 if let (Some(v), false) = (s.version, items.is_empty()) {
-                    let key = (s.workflow_id.clone(), v);
+                    let key = (s.workspace_id.clone(), s.workflow_id.clone(), v);
                     if self.cached_plan(&key).is_none() && !want.contains(&key) {
                         want.push(key);
                     }
@@ -377,12 +400,15 @@ impl Coordinator {
             }
         }
         if !want.is_empty() {
-            let (wfs, vs): (Vec<String>, Vec<i64>) = want.iter().cloned().unzip();
+            let (wss, (wfs, vs)): (Vec<String>, (Vec<String>, Vec<i64>)) =
+                want.iter().cloned().map(|(w, f, v)| (w, (f, v))).unzip();
             let rows = sqlx::query!(
-                r#"SELECT d.workflow_id, d.version, d.definition, d.definition_ref
+                r#"SELECT d.workspace_id, d.workflow_id, d.version, d.definition, d.definition_ref
                    FROM weir_coordinator_definitions d
-                   JOIN UNNEST($1::text[], $2::bigint[]) AS k(workflow_id, version)
-                     ON d.workflow_id = k.workflow_id AND d.version = k.version"#,
+                   JOIN UNNEST($1::text[], $2::text[], $3::bigint[]) AS k(workspace_id, workflow_id, version)
+                     ON d.workspace_id = k.workspace_id AND d.workflow_id = k.workflow_id
+                    AND d.version = k.version"#,
+                &wss,
                 &wfs,
                 &vs,
             )
@@ -390,19 +416,25 @@ impl Coordinator {
             .await?;
             let mut docs = Vec::with_capacity(rows.len());
             for r in rows {
+                let key = (r.workspace_id, r.workflow_id, r.version);
                 let doc = match (r.definition, r.definition_ref) {
                     (Some(d), _) => d,
-                    (None, Some(rf)) => self.blob_json(&rf).await?,
+                    (None, Some(rf)) => match self.blob_json(&rf).await? {
+                        Ok(d) => d,
+                        Err(why) => {
+                            broken.insert(key, why);
+                            continue;
+                        }
+                    },
                     (None, None) => Value::Null,
                 };
-                docs.push(((r.workflow_id, r.version), doc));
+                docs.push((key, doc));
             }
+            // A snapshot that no longer compiles (limits lowered since it was pinned) fails
+            // its runs; it cannot stop the coordinator.
             for (k, p) in self.compile(docs).await? {
                 if let Err(e) = p {
-                    return Err(other(
-                        format!("pinned definition {} v{} is invalid: {e}", k.0, k.1),
-                        Disposition::Fatal,
-                    ));
+                    broken.insert(k, format!("pinned definition is invalid: {e}"));
                 }
             }
         }
@@ -451,6 +483,7 @@ impl Coordinator {
             jitter: &mut jitter,
         };
         let mut actives: Vec<Active> = Vec::with_capacity(groups.len());
+        let mut unrunnable: Vec<(String, StoredRun, i64, String)> = Vec::new();
         let started_at = ts(now);
         for (run_id, items) in groups {
             if items.is_empty() || duplicate_runs.contains(&run_id) {
@@ -467,13 +500,20 @@ impl Coordinator {
                         *ignored.entry("run_finished").or_default() += items.len() as u64;
                         continue;
                     };
-                    let key = (s.workflow_id.clone(), version);
-                    let plan = self.cached_plan(&key).ok_or_else(|| {
-                        other(
-                            format!("run {run_id}: no pinned definition {} v{version}", key.0),
-                            Disposition::Fatal,
-                        )
-                    })?;
+                    let key = (s.workspace_id.clone(), s.workflow_id.clone(), version);
+                    let Some(plan) = self.cached_plan(&key) else {
+                        // The run cannot go on without its definition: it fails (once; a run
+                        // already ended just ignores what comes after).
+                        if s.status == RunPhase::Running.as_str() {
+                            let why = broken.get(&key).cloned().unwrap_or_else(|| {
+                                format!("no pinned definition {} v{version}", key.1)
+                            });
+                            unrunnable.push((run_id, s, version, why));
+                        } else {
+                            *ignored.entry("run_finished").or_default() += items.len() as u64;
+                        }
+                        continue;
+                    };
                     let mut rt = RunRt::new(&plan);
                     rt.phase = RunPhase::from_name(&s.status).unwrap_or(RunPhase::Failed);
                     for (node_id, n) in node_rows.remove(&run_id).unwrap_or_default() {
@@ -615,6 +655,8 @@ impl Coordinator {
         }
 
         // 8. Write back.
+        self.fail_unrunnable(conn, unrunnable, outbox, &mut stats)
+            .await?;
         self.write(
             conn,
             actives,
@@ -646,10 +688,16 @@ impl Coordinator {
             definition: Option<Value>,
             definition_ref: Option<String>,
         }
-        let wfs: Vec<String> = starting.iter().map(|r| r.workflow_id.clone()).collect();
-        let heads: HashMap<String, Doc> = sqlx::query!(
-            r#"SELECT workflow_id, workspace_id, version, definition, definition_ref
-               FROM weir_workflow_heads WHERE workflow_id = ANY($1::text[])"#,
+        let (wss, wfs): (Vec<String>, Vec<String>) = starting
+            .iter()
+            .map(|r| (r.workspace_id.clone(), r.workflow_id.clone()))
+            .unzip();
+        let heads: HashMap<(String, String), Doc> = sqlx::query!(
+            r#"SELECT h.workflow_id, h.workspace_id, h.version, h.definition, h.definition_ref
+               FROM weir_workflow_heads h
+               JOIN (SELECT DISTINCT * FROM UNNEST($1::text[], $2::text[])) AS k(workspace_id, workflow_id)
+                 ON h.workspace_id = k.workspace_id AND h.workflow_id = k.workflow_id"#,
+            &wss,
             &wfs,
         )
         .fetch_all(&mut *conn)
@@ -657,7 +705,7 @@ impl Coordinator {
         .into_iter()
         .map(|r| {
             (
-                r.workflow_id,
+                (r.workspace_id.clone(), r.workflow_id),
                 Doc {
                     workspace_id: r.workspace_id,
                     version: r.version,
@@ -667,18 +715,27 @@ impl Coordinator {
             )
         })
         .collect();
-        let explicit: Vec<(String, i64)> = starting
+        let explicit: Vec<DefKey> = starting
             .iter()
-            .filter_map(|r| r.version.map(|v| (r.workflow_id.clone(), v)))
+            .filter_map(|r| {
+                r.version
+                    .map(|v| (r.workspace_id.clone(), r.workflow_id.clone(), v))
+            })
             .collect();
-        let mut snapshots: HashMap<(String, i64), Doc> = HashMap::new();
+        let mut snapshots: HashMap<DefKey, Doc> = HashMap::new();
         if !explicit.is_empty() {
-            let (ew, ev): (Vec<String>, Vec<i64>) = explicit.iter().cloned().unzip();
+            let (es, (ew, ev)): (Vec<String>, (Vec<String>, Vec<i64>)) = explicit
+                .iter()
+                .cloned()
+                .map(|(s, w, v)| (s, (w, v)))
+                .unzip();
             for r in sqlx::query!(
                 r#"SELECT d.workflow_id, d.version, d.workspace_id, d.definition, d.definition_ref
                    FROM weir_coordinator_definitions d
-                   JOIN UNNEST($1::text[], $2::bigint[]) AS k(workflow_id, version)
-                     ON d.workflow_id = k.workflow_id AND d.version = k.version"#,
+                   JOIN UNNEST($1::text[], $2::text[], $3::bigint[]) AS k(workspace_id, workflow_id, version)
+                     ON d.workspace_id = k.workspace_id AND d.workflow_id = k.workflow_id
+                    AND d.version = k.version"#,
+                &es,
                 &ew,
                 &ev,
             )
@@ -686,7 +743,7 @@ impl Coordinator {
             .await?
             {
                 snapshots.insert(
-                    (r.workflow_id, r.version),
+                    (r.workspace_id.clone(), r.workflow_id, r.version),
                     Doc {
                         workspace_id: r.workspace_id,
                         version: r.version,
@@ -700,8 +757,8 @@ impl Coordinator {
         let mut failures = Vec::new();
         // Per run: the (workflow, version) it pins; per key: its document (to snapshot and
         // compile) when not compiled yet.
-        let mut run_key: Vec<(String, (String, i64))> = Vec::new();
-        let mut docs: HashMap<(String, i64), (String, Option<Value>, Option<String>, bool)> =
+        let mut run_key: Vec<(String, DefKey)> = Vec::new();
+        let mut docs: HashMap<DefKey, (String, Option<Value>, Option<String>, bool)> =
             HashMap::new();
         for req in starting {
             let unknown = || {
@@ -710,15 +767,13 @@ impl Coordinator {
                     req.workflow_id, req.workspace_id
                 )
             };
-            let head = heads
-                .get(&req.workflow_id)
-                .filter(|h| h.workspace_id == req.workspace_id);
+            let head = heads.get(&(req.workspace_id.clone(), req.workflow_id.clone()));
             let Some(head) = head else {
                 failures.push((req.run_id.clone(), unknown()));
                 continue;
             };
             let version = req.version.unwrap_or(head.version);
-            let key = (req.workflow_id.clone(), version);
+            let key = (req.workspace_id.clone(), req.workflow_id.clone(), version);
             if let Some(s) = snapshots.get(&key) {
                 if s.workspace_id != req.workspace_id {
                     failures.push((req.run_id.clone(), unknown()));
@@ -744,12 +799,33 @@ impl Coordinator {
                     let report = weir_materializer::replay::replay(
                         &self.pool,
                         &self.cas,
+                        &req.workspace_id,
                         &req.workflow_id,
                         Some(version),
                         &self.limits,
                     )
-                    .await
-                    .map_err(|e| other(format!("rebuilding {key:?}: {e}"), Disposition::Retry))?;
+                    .await;
+                    // Only an outage is retried; a log that cannot be replayed fails the run.
+                    let report = match report {
+                        Ok(r) => r,
+                        Err(ReplayError::Postgres(e)) => return Err(ApplyError::Postgres(e)),
+                        Err(ReplayError::Cas(e)) if e.disposition() == Disposition::Retry => {
+                            return Err(other(
+                                format!("rebuilding {key:?}: {e}"),
+                                Disposition::Retry,
+                            ))
+                        }
+                        Err(e) => {
+                            failures.push((
+                                req.run_id.clone(),
+                                format!(
+                                    "workflow {} version {version} cannot be rebuilt: {e}",
+                                    req.workflow_id
+                                ),
+                            ));
+                            continue;
+                        }
+                    };
                     if !report.differences.is_empty() || report.version != version {
                         failures.push((
                             req.run_id.clone(),
@@ -791,10 +867,11 @@ impl Coordinator {
         let mut sd: Vec<Option<Value>> = Vec::new();
         let mut sr: Vec<Option<String>> = Vec::new();
         let mut to_compile = Vec::new();
+        let mut unloadable: HashMap<DefKey, String> = HashMap::new();
         for (key, (workspace, def, rf, snapshot)) in docs {
             if snapshot {
-                sw.push(key.0.clone());
-                sv.push(key.1);
+                sw.push(key.1.clone());
+                sv.push(key.2);
                 sws.push(workspace);
                 sd.push(def.clone());
                 sr.push(rf.clone());
@@ -802,7 +879,13 @@ impl Coordinator {
             if self.cached_plan(&key).is_none() {
                 let doc = match (def, rf) {
                     (Some(d), _) => d,
-                    (None, Some(r)) => self.blob_json(&r).await?,
+                    (None, Some(r)) => match self.blob_json(&r).await? {
+                        Ok(d) => d,
+                        Err(why) => {
+                            unloadable.insert(key, why);
+                            continue;
+                        }
+                    },
                     (None, None) => Value::Null,
                 };
                 to_compile.push((key, doc));
@@ -827,21 +910,75 @@ impl Coordinator {
         for (run_id, key) in run_key {
             match self.cached_plan(&key) {
                 Some(plan) => {
-                    pins.insert(run_id, (key.1, plan));
+                    pins.insert(run_id, (key.2, plan));
                 }
                 None => {
-                    let why = match compiled.get(&key) {
-                        Some(Err(e)) => e.clone(),
+                    let why = match (compiled.get(&key), unloadable.get(&key)) {
+                        (Some(Err(e)), _) => e.clone(),
+                        (_, Some(why)) => why.clone(),
                         _ => "not compiled".into(),
                     };
                     failures.push((
                         run_id,
-                        format!("workflow {} version {} is invalid: {why}", key.0, key.1),
+                        format!("workflow {} version {} is invalid: {why}", key.1, key.2),
                     ));
                 }
             }
         }
         Ok((pins, failures))
+    }
+
+    /// Fails stored running runs whose pinned definition cannot be had (see `broken` in
+    /// [`Coordinator::advance`]): status failed with the reason, their timers dropped, a
+    /// RunFailed event. The content of one workflow costs its runs, not the coordinator.
+    async fn fail_unrunnable(
+        &self,
+        conn: &mut PgConnection,
+        runs: Vec<(String, StoredRun, i64, String)>,
+        outbox: &mut Outbox<'_>,
+        stats: &mut Advanced,
+    ) -> Result<(), ApplyError> {
+        if runs.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<String> = runs.iter().map(|r| r.0.clone()).collect();
+        let reasons: Vec<String> = runs.iter().map(|r| r.3.clone()).collect();
+        sqlx::query!(
+            r#"UPDATE weir_runs r
+               SET status = 'failed', reason = u.reason, finished_at = now(), stalled = false
+               FROM UNNEST($1::text[], $2::text[]) AS u(run_id, reason)
+               WHERE r.run_id = u.run_id"#,
+            &ids,
+            &reasons,
+        )
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query!(
+            "DELETE FROM weir_run_timers WHERE run_id = ANY($1::text[])",
+            &ids
+        )
+        .execute(&mut *conn)
+        .await?;
+        for (run_id, run, version, reason) in runs {
+            tracing::warn!(%run_id, workflow_id = %run.workflow_id, %reason, "run failed: its definition is unavailable");
+            stats.ended += 1;
+            metrics::counter!(m::RUNS_ENDED, "status" => "failed").increment(1);
+            outbox
+                .push(&RunEvent::RunFailed(RunFailed {
+                    event_id: events::new_event_id(),
+                    occurred_at: events::now_micros(),
+                    workspace_id: run.workspace_id,
+                    traceparent: run.traceparent,
+                    tracestate: None,
+                    run_id,
+                    workflow_id: run.workflow_id,
+                    version,
+                    failed_node_id: None,
+                    reason,
+                }))
+                .await?;
+        }
+        Ok(())
     }
 
     #[allow(clippy::too_many_lines, clippy::too_many_arguments)]
@@ -1390,10 +1527,21 @@ fn invalid_request(req: &RunRequested) -> Option<String> {
 
 /// Turns a batch of completion records into per-run items, in partition order.
 pub fn group(records: &[Record<CompletionEvent>]) -> (Vec<(String, Vec<Item>)>, Vec<Rejection>) {
+    group_except(records, &HashSet::new())
+}
+
+/// [`group`], leaving out the records at `skip` (already rejected).
+fn group_except(
+    records: &[Record<CompletionEvent>],
+    skip: &HashSet<usize>,
+) -> (Vec<(String, Vec<Item>)>, Vec<Rejection>) {
     let mut order: Vec<(String, Vec<Item>)> = Vec::new();
     let mut at: HashMap<String, usize> = HashMap::new();
     let mut rejected = Vec::new();
     for (index, r) in records.iter().enumerate() {
+        if skip.contains(&index) {
+            continue;
+        }
         let (run_id, item) = match &r.event {
             CompletionEvent::RunRequested(e) => (&e.run_id, Item::Requested(Box::new(e.clone()))),
             CompletionEvent::NodeCompleted(e) => {
@@ -1450,6 +1598,51 @@ pub fn group(records: &[Record<CompletionEvent>]) -> (Vec<(String, Vec<Item>)>, 
     (order, rejected)
 }
 
+/// The records whose CAS ref (a completion's `output_ref`, a request's `inputs_ref`) is not a
+/// blob of the event's workspace, as rejections (one query for the batch). The gateway checks
+/// the same; this catches events that did not come through it. The answer does not depend on
+/// whether the blob exists for another workspace, and the blob is never read.
+async fn unowned_refs(
+    conn: &mut PgConnection,
+    records: &[Record<CompletionEvent>],
+) -> Result<Vec<Rejection>, ApplyError> {
+    let given: Vec<(usize, &str, &str)> = records
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| match &r.event {
+            CompletionEvent::NodeCompleted(e) => e
+                .output_ref
+                .as_deref()
+                .map(|o| (i, e.workspace_id.as_str(), o)),
+            CompletionEvent::RunRequested(e) => e
+                .inputs_ref
+                .as_deref()
+                .map(|o| (i, e.workspace_id.as_str(), o)),
+            CompletionEvent::RunCancelRequested(_) => None,
+        })
+        .collect();
+    if given.is_empty() {
+        return Ok(Vec::new());
+    }
+    let pairs: Vec<(String, String)> = given
+        .iter()
+        .map(|(_, w, r)| ((*w).to_string(), (*r).to_string()))
+        .collect();
+    let owned = weir_runtime::cas::owners::owned(conn, &pairs).await?;
+    Ok(given
+        .into_iter()
+        .zip(pairs)
+        .filter(|(_, p)| !owned.contains(p))
+        .map(|((index, _, r), _)| Rejection {
+            index,
+            reason: format!(
+                "unknown_ref: {} is not a blob of this workspace",
+                r.chars().take(80).collect::<String>()
+            ),
+        })
+        .collect())
+}
+
 #[async_trait]
 impl Processor for Coordinator {
     type Event = CompletionEvent;
@@ -1465,7 +1658,10 @@ impl Processor for Coordinator {
         outbox: &mut Outbox<'_>,
     ) -> Result<Vec<Rejection>, ApplyError> {
         let started = std::time::Instant::now();
-        let (groups, rejected) = group(records);
+        let unowned = unowned_refs(conn, records).await?;
+        let skip: HashSet<usize> = unowned.iter().map(|r| r.index).collect();
+        let (groups, mut rejected) = group_except(records, &skip);
+        rejected.extend(unowned);
         let runs = groups.len();
         let done = self.advance(conn, groups, outbox).await?;
         tracing::debug!(
@@ -1479,5 +1675,18 @@ impl Processor for Coordinator {
             "coordinated batch"
         );
         Ok(rejected)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_due_time_beyond_the_calendar_is_never_not_now() {
+        let never = ts(i64::MAX);
+        assert!(never > Utc::now() + chrono::Duration::days(365 * 1_000));
+        assert_eq!(ts(i64::MIN), DateTime::<Utc>::UNIX_EPOCH);
+        assert_eq!(ts(1_000).timestamp_millis(), 1_000);
     }
 }

@@ -8,6 +8,17 @@
 //!    events (one outbox insert): WorkflowMaterialized per applied version, PatchRejected
 //!    per rejected patch.
 //!
+//! A workflow is keyed by (workspace_id, workflow_id): ids are names a tenant chooses, so two
+//! workspaces may each own a workflow "x", and nothing here lets one see or touch the other's.
+//! Patches whose operations sit in the CAS must name a blob their workspace stored
+//! (`weir_cas_owners`); any other ref is rejected `blob_missing` without being read.
+//!
+//! No content stops it: each patch is applied within the patch budget
+//! (`materializer.patch_max_*`, see [`crate::patch::Budget`]); a patch whose operations blob
+//! is missing or corrupt is rejected (`blob_missing`, `blob_corrupt`), and the patches of a
+//! workflow whose stored head cannot be read are rejected (`head_unavailable`). Only the
+//! environment's failures (Postgres, a CAS that does not answer) fail the batch.
+//!
 //! Definitions larger than `materializer.inline_definition_max_bytes` go to the CAS before
 //! the transaction commits (blobs are immutable, so an aborted batch leaves at most an
 //! unreferenced blob); Postgres and the events then carry the reference (claim check).
@@ -29,6 +40,7 @@ use weir_runtime::{ApplyError, Disposition, Outbox, Processor, Record, Rejection
 
 use crate::definition::Limits;
 use crate::fold::{self, Decision, Head, Submitted};
+use crate::patch::Budget;
 use crate::patch::{Patch, PatchError};
 
 /// Consumer group of the materializer.
@@ -69,12 +81,29 @@ pub fn patch_submitted(
     }
 }
 
+/// A workflow's key: (workspace_id, workflow_id). Workflow ids are names chosen by a tenant,
+/// unique within its workspace only.
+type WorkflowKey = (String, String);
+
+/// The patch [`Budget`] configured by `materializer.patch_max_*`: one definition for the
+/// materializer, the gateway's static check and `weir patch apply`.
+pub fn budget(m: &weir_runtime::config::MaterializerConfig) -> Budget {
+    Budget {
+        max_operations: m.patch_max_operations,
+        max_bytes: m.patch_max_bytes,
+        max_depth: m.patch_max_depth,
+        max_pointer_bytes: m.patch_max_pointer_bytes,
+        max_array_shifts: m.patch_max_array_shifts,
+    }
+}
+
 /// The materializer.
 pub struct Materializer {
     cfg: Arc<Config>,
     cas: Cas,
     limits: Limits,
-    /// Heads this process wrote, by workflow id: a batch takes the ones it needs out and puts
+    budget: Budget,
+    /// Heads this process wrote, by (workspace, workflow): a batch takes the ones it needs out and puts
     /// back what it committed. Used only when the stored version and sha256 match.
     heads: std::sync::Mutex<HeadCache>,
 }
@@ -82,7 +111,7 @@ pub struct Materializer {
 /// Heads as this process last wrote them, with their total canonical size.
 #[derive(Default)]
 struct HeadCache {
-    map: HashMap<String, CachedHead>,
+    map: HashMap<WorkflowKey, CachedHead>,
     bytes: usize,
 }
 
@@ -104,10 +133,12 @@ impl Materializer {
             max_nodes: m.max_nodes,
             max_edges: m.max_edges,
         };
+        let budget = budget(m);
         Self {
             cfg,
             cas,
             limits,
+            budget,
             heads: std::sync::Mutex::new(HeadCache::default()),
         }
     }
@@ -118,7 +149,7 @@ impl Materializer {
     }
 
     /// Takes the cached heads of `ids` out of the cache.
-    fn take_heads(&self, ids: &[String]) -> HashMap<String, CachedHead> {
+    fn take_heads(&self, ids: &[WorkflowKey]) -> HashMap<WorkflowKey, CachedHead> {
         let mut cache = self.cached_heads();
         let mut out = HashMap::new();
         for id in ids {
@@ -132,7 +163,7 @@ impl Materializer {
 
     /// Remembers the heads a batch wrote, within `materializer.head_cache_bytes`: when they
     /// do not fit, the cache starts over.
-    fn remember(&self, fresh: Vec<(String, CachedHead)>) {
+    fn remember(&self, fresh: Vec<(WorkflowKey, CachedHead)>) {
         let cap = self.cfg.materializer.head_cache_bytes;
         let mut cache = self.cached_heads();
         for (id, h) in fresh {
@@ -167,10 +198,38 @@ struct WorkflowBatch {
     head: Head,
     /// Indices into the batch's records, in partition order.
     records: Vec<usize>,
-    patches: Vec<Submitted>,
+    /// Why the stored head cannot be read (its CAS blob is missing, corrupt or not JSON):
+    /// every patch of the workflow is then rejected `head_unavailable`, instead of the
+    /// whole materializer stopping on one workflow's lost blob.
+    unavailable: Option<String>,
     /// Whether each patch's operations are valid JSON (the log then stores their text).
     operations: Vec<bool>,
     decisions: Vec<Decision>,
+}
+
+/// At most `max` bytes of `s` (on a char boundary), for a dead letter's reason.
+fn truncate(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// A blob that could not be read, with the rejection code of the patch that needed it.
+type Unreadable = (&'static str, String);
+
+/// The rejection code for a CAS failure caused by the blob itself (absent or damaged):
+/// retrying cannot help, so the patch that needs it is rejected. `None` for the
+/// environment's failures (network, throttling, configuration), which keep their
+/// disposition.
+fn unreadable(e: &weir_runtime::cas::CasError) -> Option<&'static str> {
+    use weir_runtime::cas::CasError as E;
+    match e {
+        E::NotFound(_) | E::InvalidRef(_) => Some("blob_missing"),
+        E::Corrupt { .. } => Some("blob_corrupt"),
+        _ => None,
+    }
 }
 
 fn cas_error(e: weir_runtime::cas::CasError) -> ApplyError {
@@ -226,45 +285,77 @@ impl Processor for Materializer {
     ) -> Result<Vec<Rejection>, ApplyError> {
         let started = std::time::Instant::now();
         // Already decided patch ids (a client retry, or the same patch produced twice).
-        let (wf_ids, patch_ids): (Vec<String>, Vec<Uuid>) = records
+        let (ws_ids, (wf_ids, patch_ids)): (Vec<String>, (Vec<String>, Vec<Uuid>)) = records
             .iter()
-            .map(|r| (r.event.workflow_id.clone(), r.event.patch_id))
+            .map(|r| {
+                (
+                    r.event.workspace_id.clone(),
+                    (r.event.workflow_id.clone(), r.event.patch_id),
+                )
+            })
             .unzip();
         // One primary-key probe per patch, whatever the statistics say: the LIMIT keeps the
         // planner from turning this into a hash join over the whole log, which it does while
         // the table's statistics still describe it as small (a fresh or fast-growing log).
-        let known: HashSet<(String, Uuid)> = sqlx::query!(
-            r#"SELECT b.workflow_id AS "workflow_id!", b.patch_id AS "patch_id!"
-               FROM UNNEST($1::text[], $2::uuid[]) AS b(workflow_id, patch_id)
+        let known: HashSet<(WorkflowKey, Uuid)> = sqlx::query!(
+            r#"SELECT b.workspace_id AS "workspace_id!", b.workflow_id AS "workflow_id!",
+                      b.patch_id AS "patch_id!"
+               FROM UNNEST($1::text[], $2::text[], $3::uuid[]) AS b(workspace_id, workflow_id, patch_id)
                CROSS JOIN LATERAL (
                    SELECT 1 FROM weir_workflow_patches p
-                   WHERE p.workflow_id = b.workflow_id AND p.patch_id = b.patch_id
+                   WHERE p.workspace_id = b.workspace_id AND p.workflow_id = b.workflow_id
+                     AND p.patch_id = b.patch_id
                    LIMIT 1) AS hit"#,
+            &ws_ids,
             &wf_ids,
             &patch_ids,
         )
         .fetch_all(&mut *conn)
         .await?
         .into_iter()
-        .map(|r| (r.workflow_id, r.patch_id))
+        .map(|r| ((r.workspace_id, r.workflow_id), r.patch_id))
         .collect();
+
+        // Operations held in the CAS must be a blob the patch's workspace stored (the gateway
+        // records it before the put). Any other ref is rejected `blob_missing`, unread, with
+        // the same reason whether or not the blob exists for another workspace.
+        let op_refs: Vec<(String, String)> = records
+            .iter()
+            .filter_map(|r| {
+                r.event
+                    .operations_ref
+                    .clone()
+                    .map(|o| (r.event.workspace_id.clone(), o))
+            })
+            .collect();
+        let owned_refs = weir_runtime::cas::owners::owned(conn, &op_refs).await?;
+        let unowned: HashSet<usize> = records
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| {
+                r.event.operations_ref.as_ref().is_some_and(|o| {
+                    !owned_refs.contains(&(r.event.workspace_id.clone(), o.clone()))
+                })
+            })
+            .map(|(i, _)| i)
+            .collect();
 
         let known_at = started.elapsed();
         // Group by workflow, keeping partition order; drop duplicates (also within the batch).
-        let mut order: Vec<String> = Vec::new();
-        let mut groups: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut order: Vec<WorkflowKey> = Vec::new();
+        let mut groups: HashMap<WorkflowKey, Vec<usize>> = HashMap::new();
         let mut seen = known;
         let mut duplicates = 0u64;
         for (i, r) in records.iter().enumerate() {
-            let key = (r.event.workflow_id.clone(), r.event.patch_id);
-            if !seen.insert(key) {
+            let wf = (r.event.workspace_id.clone(), r.event.workflow_id.clone());
+            if !seen.insert((wf.clone(), r.event.patch_id)) {
                 duplicates += 1;
                 continue;
             }
             groups
-                .entry(r.event.workflow_id.clone())
-                .or_insert_with(|| {
-                    order.push(r.event.workflow_id.clone());
+                .entry(wf)
+                .or_insert_with_key(|wf| {
+                    order.push(wf.clone());
                     Vec::new()
                 })
                 .push(i);
@@ -279,14 +370,16 @@ impl Processor for Materializer {
         // Cached heads of this batch's workflows, taken out: on success the batch puts back
         // what it committed; on failure they are simply gone and get loaded again.
         let mut cached = self.take_heads(&order);
-        let (c_ids, (c_versions, c_shas)): (Vec<String>, (Vec<i64>, Vec<String>)) = cached
+        let (c_keys, (c_versions, c_shas)): (Vec<WorkflowKey>, (Vec<i64>, Vec<String>)) = cached
             .iter()
-            .map(|(id, h)| (id.clone(), (h.version, h.sha256.clone())))
+            .map(|(k, h)| (k.clone(), (h.version, h.sha256.clone())))
             .unzip();
+        let (c_wss, c_ids): (Vec<String>, Vec<String>) = c_keys.into_iter().unzip();
+        let (o_wss, o_ids): (Vec<String>, Vec<String>) = order.iter().cloned().unzip();
 
         // Current heads, one query (a key probe each, as above); the definition only where the
         // cached copy is not current.
-        let mut stored: HashMap<String, StoredHead> = sqlx::query!(
+        let mut stored: HashMap<WorkflowKey, StoredHead> = sqlx::query!(
             r#"SELECT h.workflow_id AS "workflow_id!", h.workspace_id AS "workspace_id!",
                       h.version AS "version!", h.definition_ref,
                       (c.sha IS NOT NULL AND c.sha = h.definition_sha256 AND c.version = h.version)
@@ -294,12 +387,17 @@ impl Processor for Materializer {
                       CASE WHEN c.sha IS NOT NULL AND c.sha = h.definition_sha256
                                 AND c.version = h.version
                            THEN NULL ELSE h.definition END AS definition
-               FROM UNNEST($1::text[]) AS w(workflow_id)
+               FROM UNNEST($1::text[], $2::text[]) AS w(workspace_id, workflow_id)
                CROSS JOIN LATERAL (
-                   SELECT * FROM weir_workflow_heads h WHERE h.workflow_id = w.workflow_id LIMIT 1) AS h
-               LEFT JOIN UNNEST($2::text[], $3::bigint[], $4::text[]) AS c(workflow_id, version, sha)
-                 ON c.workflow_id = h.workflow_id"#,
-            &order,
+                   SELECT * FROM weir_workflow_heads h
+                   WHERE h.workspace_id = w.workspace_id AND h.workflow_id = w.workflow_id
+                   LIMIT 1) AS h
+               LEFT JOIN UNNEST($3::text[], $4::text[], $5::bigint[], $6::text[])
+                      AS c(workspace_id, workflow_id, version, sha)
+                 ON c.workspace_id = h.workspace_id AND c.workflow_id = h.workflow_id"#,
+            &o_wss,
+            &o_ids,
+            &c_wss,
             &c_ids,
             &c_versions,
             &c_shas,
@@ -309,7 +407,7 @@ impl Processor for Materializer {
         .into_iter()
         .map(|r| {
             (
-                r.workflow_id,
+                (r.workspace_id.clone(), r.workflow_id),
                 StoredHead {
                     workspace_id: r.workspace_id,
                     version: r.version,
@@ -322,7 +420,7 @@ impl Processor for Materializer {
         .collect();
 
         // Blobs needed before folding: heads and operations kept in the CAS.
-        let mut blobs: HashMap<String, bytes::Bytes> = HashMap::new();
+        let mut blobs: HashMap<String, Result<bytes::Bytes, Unreadable>> = HashMap::new();
         let refs = stored
             .values()
             .filter(|h| !h.cached)
@@ -330,31 +428,41 @@ impl Processor for Materializer {
             .chain(
                 records
                     .iter()
-                    .filter_map(|r| r.event.operations_ref.clone()),
+                    .enumerate()
+                    .filter(|(i, _)| !unowned.contains(i))
+                    .filter_map(|(_, r)| r.event.operations_ref.clone()),
             );
         for r in refs {
             if blobs.contains_key(&r) {
                 continue;
             }
-            let parsed: CasRef = r.parse().map_err(|e| ApplyError::Other {
-                message: format!("bad CAS ref {r:?}: {e}"),
-                disposition: Disposition::DeadLetter,
-            })?;
-            let bytes = self.cas.get(&parsed).await.map_err(cas_error)?;
-            blobs.insert(r, bytes);
+            // A ref that does not parse, a blob that is gone or damaged: the patches that
+            // need it are rejected below; only the environment's failures fail the batch.
+            let got = match r.parse::<CasRef>() {
+                Err(e) => Err(("blob_missing", format!("bad CAS ref: {e}"))),
+                Ok(parsed) => match self.cas.get(&parsed).await {
+                    Ok(bytes) => Ok(bytes),
+                    Err(e) => match unreadable(&e) {
+                        Some(code) => Err((code, e.to_string())),
+                        None => return Err(cas_error(e)),
+                    },
+                },
+            };
+            blobs.insert(r, got);
         }
 
         let loaded = started.elapsed();
         let mut batches = Vec::with_capacity(order.len());
-        for workflow_id in order {
-            let indices = groups.remove(&workflow_id).unwrap_or_default();
-            let first = &records[indices[0]].event;
+        for key in order {
+            let indices = groups.remove(&key).unwrap_or_default();
+            let workflow_id = key.1.clone();
             // Each workflow's stored head is taken out, so its definition moves into the fold.
-            let head = match stored.remove(&workflow_id) {
-                None => Head::empty(&first.workspace_id),
+            let mut unavailable = None;
+            let head = match stored.remove(&key) {
+                None => Head::empty(&key.0),
                 Some(h) => {
                     let from_cache = if h.cached {
-                        cached.remove(&workflow_id).map(|c| c.definition)
+                        cached.remove(&key).map(|c| c.definition)
                     } else {
                         None
                     };
@@ -367,12 +475,19 @@ impl Processor for Materializer {
                                 ),
                                 disposition: Disposition::Retry,
                             })?;
-                            serde_json::from_slice(blob).map_err(|e| ApplyError::Other {
-                                message: format!(
-                                    "head of {workflow_id} in the CAS is not JSON: {e}"
-                                ),
-                                disposition: Disposition::Fatal,
-                            })?
+                            let parsed = match blob {
+                                Ok(blob) => serde_json::from_slice(blob)
+                                    .map_err(|e| format!("its definition {r} is not JSON: {e}")),
+                                Err((_, why)) => Err(format!("its definition {r}: {why}")),
+                            };
+                            parsed.unwrap_or_else(|why| {
+                                tracing::error!(workflow_id = %workflow_id, reason = %why,
+                                    "a stored head cannot be read; rejecting the workflow's patches");
+                                unavailable = Some(format!(
+                                    "the stored head of the workflow cannot be read: {why}"
+                                ));
+                                Value::Null
+                            })
                         }
                         // The table's CHECK rules out neither; `cached` without a copy
                         // cannot happen either (the flag comes from the copies sent).
@@ -394,14 +509,15 @@ impl Processor for Materializer {
                 workflow_id,
                 head,
                 records: indices,
-                patches: Vec::new(),
+                unavailable,
                 operations: Vec::new(),
                 decisions: Vec::new(),
             });
         }
 
         // Parse and fold off the async runtime: this is the CPU-heavy part.
-        let inputs: Vec<Vec<(String, Option<i64>, Vec<u8>)>> = batches
+        type Input = (String, Option<i64>, Result<Vec<u8>, Unreadable>);
+        let inputs: Vec<Vec<Input>> = batches
             .iter()
             .map(|b| {
                 b.records
@@ -409,35 +525,79 @@ impl Processor for Materializer {
                     .map(|&i| {
                         let e = &records[i].event;
                         let text = match &e.operations_ref {
-                            Some(r) => blobs[r].to_vec(),
-                            None => e.operations_json.as_bytes().to_vec(),
+                            Some(r) if unowned.contains(&i) => Err((
+                                "blob_missing",
+                                format!(
+                                    "operations_ref {}: not a blob of this workspace",
+                                    truncate(r, 80)
+                                ),
+                            )),
+                            Some(r) => match blobs.get(r) {
+                                Some(Ok(blob)) => Ok(blob.to_vec()),
+                                Some(Err((code, why))) => {
+                                    Err((*code, format!("operations_ref {r}: {why}")))
+                                }
+                                None => {
+                                    Err(("blob_missing", format!("operations_ref {r}: not loaded")))
+                                }
+                            },
+                            None => Ok(e.operations_json.as_bytes().to_vec()),
                         };
                         (e.workspace_id.clone(), e.base_version, text)
                     })
                     .collect()
             })
             .collect();
-        let limits = self.limits;
+        let (limits, budget) = (self.limits, self.budget);
         let mut batches = tokio::task::spawn_blocking(move || {
             let mut batches = batches;
             for (b, input) in batches.iter_mut().zip(inputs) {
                 for (workspace_id, base_version, text) in input {
-                    let (json, operations) = parse_operations(&text);
+                    let (json, operations) = match text {
+                        Ok(text) => {
+                            let (json, operations) = parse_operations(&text);
+                            (json, Ok(operations))
+                        }
+                        Err(unreadable) => (false, Err(unreadable)),
+                    };
                     b.operations.push(json);
-                    b.patches.push(Submitted {
-                        workspace_id,
-                        base_version,
-                        operations,
-                    });
+                    let head_version = b.head.version;
+                    let rejected = |code, reason| Decision::Rejected {
+                        head_version,
+                        code,
+                        reason,
+                    };
+                    let decision = match (&b.unavailable, operations) {
+                        (Some(why), _) => rejected("head_unavailable", why.clone()),
+                        (None, Err((code, why))) => rejected(code, why),
+                        (None, Ok(operations)) => fold::step_with(
+                            &mut b.head,
+                            &Submitted {
+                                workspace_id,
+                                base_version,
+                                operations,
+                            },
+                            &limits,
+                            &budget,
+                        ),
+                    };
+                    b.decisions.push(decision);
                 }
-                b.decisions = fold::fold(&mut b.head, &b.patches, &limits);
             }
             batches
         })
         .await
         .map_err(|e| ApplyError::Other {
             message: format!("fold task failed: {e}"),
-            disposition: Disposition::Fatal,
+            // The fold is pure: a panic there is a bug that a record's content triggers,
+            // and would again on every restart. Dead-lettering makes the runtime apply the
+            // batch's records one by one and dead-letter the one that does it. A
+            // cancelled task is the runtime shutting down: retry.
+            disposition: if e.is_panic() {
+                Disposition::DeadLetter
+            } else {
+                Disposition::Retry
+            },
         })?;
 
         let folded = started.elapsed();
@@ -465,9 +625,11 @@ impl Materializer {
         records: &[Record<PatchSubmitted>],
         batches: &mut [WorkflowBatch],
         outbox: &mut Outbox<'_>,
-    ) -> Result<Vec<(String, CachedHead)>, ApplyError> {
+    ) -> Result<Vec<(WorkflowKey, CachedHead)>, ApplyError> {
         let inline_max = self.cfg.materializer.inline_definition_max_bytes;
         let mut fresh = Vec::new();
+        // Definitions going to the CAS, put after their owners are recorded (below).
+        let mut puts: Vec<(String, CasRef, bytes::Bytes)> = Vec::new();
         let mut heads = HeadRows::default();
         let mut log = PatchRows::default();
         let (mut applied, mut rejected) = (0u64, HashMap::<&'static str, u64>::new());
@@ -500,11 +662,18 @@ impl Materializer {
                         let bytes = canonical.len();
                         let (definition_json, definition_ref) = if bytes > inline_max {
                             metrics::counter!(names::DEFINITIONS_IN_CAS).increment(1);
-                            let r = self
-                                .cas
-                                .put(bytes::Bytes::from(canonical))
-                                .await
-                                .map_err(cas_error)?;
+                            // The fold hashed the canonical text: that is its CAS ref.
+                            let r: CasRef = format!("sha256:{sha256}").parse().map_err(|e| {
+                                ApplyError::Other {
+                                    message: format!("definition hash: {e}"),
+                                    disposition: Disposition::Fatal,
+                                }
+                            })?;
+                            puts.push((
+                                b.head.workspace_id.clone(),
+                                r,
+                                bytes::Bytes::from(canonical),
+                            ));
                             (None, Some(r.to_string()))
                         } else {
                             (Some(canonical), None)
@@ -598,7 +767,7 @@ impl Materializer {
                 heads.definitions.push(canonical);
                 heads.shas.push(sha256.clone());
                 fresh.push((
-                    b.workflow_id.clone(),
+                    (b.head.workspace_id.clone(), b.workflow_id.clone()),
                     CachedHead {
                         version,
                         sha256,
@@ -609,6 +778,17 @@ impl Materializer {
             }
         }
 
+        // Owners first (the blob is never reachable without one, and the order keeps the
+        // cache's collector off a blob being put), then the blobs, before the commit: an
+        // aborted batch leaves at most an owned, unreferenced, pinned blob.
+        if !puts.is_empty() {
+            let owners: Vec<(String, CasRef)> =
+                puts.iter().map(|(ws, r, _)| (ws.clone(), *r)).collect();
+            weir_runtime::cas::owners::record(conn, &owners, true).await?;
+            for (_, _, blob) in puts {
+                self.cas.put(blob).await.map_err(cas_error)?;
+            }
+        }
         let encoded = std::time::Instant::now();
         if !heads.workflow_ids.is_empty() {
             sqlx::query!(
@@ -617,7 +797,7 @@ impl Materializer {
                    SELECT workflow_id, workspace_id, version, definition::jsonb, definition_ref, definition_sha256, now()
                    FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[])
                         AS t(workflow_id, workspace_id, version, definition, definition_ref, definition_sha256)
-                   ON CONFLICT (workflow_id) DO UPDATE SET
+                   ON CONFLICT (workspace_id, workflow_id) DO UPDATE SET
                      version = EXCLUDED.version,
                      definition = EXCLUDED.definition,
                      definition_ref = EXCLUDED.definition_ref,
