@@ -718,8 +718,9 @@ pub struct CacheConfig {
     pub sweep_interval_ms: u64,
     /// Most expired entries deleted per sweeper statement.
     pub sweep_batch: i64,
-    /// A CAS blob the cache stored is deleted only once nothing has referenced it for this
-    /// long, in seconds (longer than any in-flight store).
+    /// A CAS blob the cache stored is deleted only once no owner has used it for this long
+    /// (and the cache has not stored it for this long plus the longest TTL), in seconds:
+    /// longer than any event may wait on Kafka before it is applied (docs/cas.md).
     pub gc_grace_secs: u64,
     /// How often the CAS garbage collector runs, in ms.
     pub gc_interval_ms: u64,
