@@ -32,3 +32,6 @@ pub const TIMERS_FIRED: &str = "weir_coordinator_timers_fired_total";
 pub const CACHE_HITS: &str = "weir_coordinator_cache_hits_total";
 /// Worker time the cache hits saved, in ms, as the cache reports it (counter).
 pub const CACHE_SAVED_MS: &str = "weir_coordinator_cache_saved_ms_total";
+/// Due timers dropped because applying them failed on the run's own data, alone in its
+/// transaction: the run is left as it is, the other runs' timers go on (counter).
+pub const TIMERS_QUARANTINED: &str = "weir_coordinator_timers_quarantined_total";

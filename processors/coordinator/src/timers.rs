@@ -11,6 +11,11 @@
 //!    `SKIP LOCKED`) and writes one RunStalled per idle period,
 //!
 //! then commits with its outbox rows. Lock order is always runs, then timers.
+//!
+//! A tick that fails on data (an error the consumer would bisect and dead-letter) is not
+//! retried as a whole forever, which would stop every workspace's timers: the due runs are
+//! applied one per transaction, and the due timers of a run that still fails alone are
+//! dropped (`weir_coordinator_timers_quarantined_total`, a warning naming the run).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -69,6 +74,14 @@ impl TimerLoop {
                     }
                 }
                 Err(e) if e.disposition() == Disposition::Fatal => return Err(e),
+                Err(e) if e.disposition() == Disposition::DeadLetter => {
+                    tracing::warn!(error = %e, "timer tick failed on data; applying runs one by one");
+                    if let Err(e) = self.isolate().await {
+                        failures += 1;
+                        delay = cfg.runtime.backoff(failures);
+                        tracing::warn!(error = %e, "isolating timers failed");
+                    }
+                }
                 Err(e) => {
                     failures += 1;
                     delay = cfg.runtime.backoff(failures);
@@ -102,6 +115,47 @@ impl TimerLoop {
 
     /// One transaction: due timers, then stalls.
     pub async fn tick(&self) -> Result<Tick, ApplyError> {
+        self.tick_scoped(None).await
+    }
+
+    /// Applies the due timers run by run, each in its own transaction; a run whose timers
+    /// fail on data has them dropped. Returns the number of runs quarantined.
+    async fn isolate(&self) -> Result<usize, ApplyError> {
+        let cfg = self.coordinator.config().clone();
+        let topic = cfg.kafka.topic(CompletionEvent::TOPIC);
+        let due: Vec<String> = sqlx::query_scalar!(
+            r#"SELECT t.run_id AS "run_id!" FROM weir_run_timers t JOIN weir_runs r USING (run_id)
+               WHERE t.due_at <= now() AND r.completions_topic = $2
+               GROUP BY t.run_id ORDER BY min(t.due_at) LIMIT $1"#,
+            cfg.coordinator.timer_batch,
+            topic,
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut quarantined = 0;
+        for run_id in due {
+            match self.tick_scoped(Some(&run_id)).await {
+                Ok(_) => {}
+                Err(e) if e.disposition() == Disposition::DeadLetter => {
+                    let dropped = sqlx::query!(
+                        "DELETE FROM weir_run_timers WHERE run_id = $1 AND due_at <= now()",
+                        run_id
+                    )
+                    .execute(&self.pool)
+                    .await?
+                    .rows_affected();
+                    quarantined += 1;
+                    metrics::counter!(m::TIMERS_QUARANTINED).increment(dropped);
+                    tracing::warn!(%run_id, error = %e, dropped, "due timers of a run dropped: applying them fails on its data");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(quarantined)
+    }
+
+    /// [`TimerLoop::tick`], or only the due timers of run `only` (no stall detection).
+    async fn tick_scoped(&self, only: Option<&str>) -> Result<Tick, ApplyError> {
         let cfg = self.coordinator.config().clone();
         let limit = cfg.coordinator.timer_batch;
         // Only the runs of this deployment's completions topic (see the migration scoping them).
@@ -114,10 +168,12 @@ impl TimerLoop {
         let due: Vec<String> = sqlx::query_scalar!(
             r#"SELECT t.run_id AS "run_id!" FROM weir_run_timers t JOIN weir_runs r USING (run_id)
                WHERE t.due_at <= $1 AND r.completions_topic = $3
+                 AND ($4::text IS NULL OR t.run_id = $4)
                GROUP BY t.run_id ORDER BY min(t.due_at) LIMIT $2"#,
             now,
             limit,
             topic,
+            only,
         )
         .fetch_all(&mut *tx)
         .await?;
@@ -171,6 +227,11 @@ impl TimerLoop {
                 .await?;
         }
 
+        if only.is_some() {
+            outbox.flush(&mut tx).await?;
+            tx.commit().await?;
+            return Ok(tick);
+        }
         let stall_before = now
             - chrono::Duration::milliseconds(
                 i64::try_from(cfg.coordinator.stall_after_ms).unwrap_or(i64::MAX / 4),
