@@ -315,6 +315,11 @@ impl AppState {
         }
     }
 
+    /// Forgets revoked keys as Postgres announces them, until `shutdown`.
+    pub async fn watch_revocations(self, shutdown: CancellationToken) {
+        self.0.keys.watch_revocations(shutdown).await;
+    }
+
     /// Deletes expired idempotency records every minute until `shutdown`.
     pub async fn sweep_idempotency(self, shutdown: CancellationToken) {
         let ttl = Duration::from_secs(self.0.cfg.gateway.idempotency_ttl_secs);

@@ -2,10 +2,11 @@
 //!
 //! Only the sha256 of a key is stored (`weir_api_keys`). Found keys are cached in memory for
 //! `gateway.key_cache_ttl_ms`, so the request path touches Postgres about once per key per
-//! TTL and a revoked key keeps working at most that long. Unknown keys live in a separate,
-//! bounded negative cache, and the lookups they cause are budgeted per client
-//! ([`KeyStore`]). `weir keys create | list | revoke` use [`create_key`], [`list_keys`] and
-//! [`revoke_key`].
+//! TTL. A revocation is announced by Postgres (LISTEN/NOTIFY) and the key forgotten at once;
+//! if the announcement is lost, a revoked key keeps working at most that TTL. Unknown keys
+//! live in a separate, bounded negative cache, and the lookups they cause are budgeted per
+//! client ([`KeyStore`]). `weir keys create | list | revoke` use [`create_key`],
+//! [`list_keys`] and [`revoke_key`].
 
 use std::collections::HashMap;
 use std::sync::{Mutex, RwLock};
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 
 use crate::limit::{ClientId, RateLimiter};
 
@@ -151,8 +153,9 @@ pub enum Revoked {
     Unknown,
 }
 
-/// Revokes the key `key_id`. Gateways stop accepting it within `gateway.key_cache_ttl_ms`
-/// (the time a looked-up key is trusted from memory).
+/// Revokes the key `key_id`. Listening gateways forget it when the revocation commits (a
+/// trigger notifies [`REVOKED_CHANNEL`]); any gateway stops accepting it within
+/// `gateway.key_cache_ttl_ms` (the time a found key is trusted from memory).
 pub async fn revoke_key(pool: &PgPool, key_id: &str) -> Result<Revoked, sqlx::Error> {
     let updated = sqlx::query!(
         "UPDATE weir_api_keys SET revoked_at = now() WHERE key_id = $1 AND revoked_at IS NULL",
@@ -176,6 +179,10 @@ pub async fn revoke_key(pool: &PgPool, key_id: &str) -> Result<Revoked, sqlx::Er
         Revoked::Unknown
     })
 }
+
+/// The Postgres channel a revocation (or deletion) of a key is announced on, with the key id
+/// (`sql/20261206000041_api_key_revocation_notify.sql`).
+pub const REVOKED_CHANNEL: &str = "weir_api_key_revoked";
 
 /// Whether `key` has the shape [`create_key`] gives keys (`weir_<hex id>_<hex secret>`).
 /// Anything else is refused without hashing it or looking it up.
@@ -357,6 +364,60 @@ impl KeyStore {
             }
         }
         unknown.insert(hash, now + self.limits.negative_ttl);
+    }
+
+    /// Forgets the found key `key_id` (revoked).
+    pub fn forget(&self, key_id: &str) {
+        self.known
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, k| k.caller.key_id != key_id);
+    }
+
+    /// Forgets keys as their revocations are announced ([`REVOKED_CHANNEL`]) until
+    /// `shutdown`. Whenever the listening connection is (re)established, every found key is
+    /// forgotten, since announcements made meanwhile are lost; that costs one lookup per key.
+    pub async fn watch_revocations(&self, shutdown: CancellationToken) {
+        let mut failures = 0u32;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = self.listen_revocations() => {
+                    failures = failures.saturating_add(1);
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "LISTEN for key revocations lost");
+                    }
+                }
+            }
+            let backoff = Duration::from_millis(100u64 << failures.min(6));
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+        }
+    }
+
+    async fn listen_revocations(&self) -> Result<(), sqlx::Error> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+        listener.listen(REVOKED_CHANNEL).await?;
+        self.forget_all();
+        loop {
+            match listener.try_recv().await? {
+                Some(n) => {
+                    tracing::info!(key_id = n.payload(), "an API key was revoked");
+                    self.forget(n.payload());
+                }
+                // Reconnected: announcements made meanwhile are lost.
+                None => self.forget_all(),
+            }
+        }
+    }
+
+    fn forget_all(&self) {
+        self.known
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     /// Sizes of the found and unknown key caches (for tests and metrics).

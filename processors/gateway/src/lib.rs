@@ -75,6 +75,7 @@ pub fn spawn(
             .watch_readiness(READINESS_INTERVAL, shutdown.clone()),
     );
     tokio::spawn(state.clone().sweep_idempotency(shutdown.clone()));
+    tokio::spawn(state.clone().watch_revocations(shutdown.clone()));
     let limits = server::ServerLimits::from_config(&state.config().gateway);
     let app = router(state);
     let task = tokio::spawn(server::serve(listener, app, limits, shutdown));

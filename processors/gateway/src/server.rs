@@ -337,8 +337,9 @@ impl InFlight {
     fn begin(clock: &Arc<Clock>) -> Self {
         clock.in_flight.fetch_add(1, Ordering::AcqRel);
         clock.served.store(true, Ordering::Release);
+        // No wake-up: a watchdog sleeping on an earlier deadline looks at the state again
+        // when it fires, and only a head starting can make the deadline earlier.
         clock.head_started.store(UNSET, Ordering::Release);
-        clock.wake.notify_one();
         Self(clock.clone())
     }
 }
@@ -348,7 +349,6 @@ impl Drop for InFlight {
         let c = &self.0;
         c.idle_since.store(c.now_ms(), Ordering::Release);
         c.in_flight.fetch_sub(1, Ordering::AcqRel);
-        c.wake.notify_one();
     }
 }
 

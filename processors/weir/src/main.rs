@@ -155,7 +155,8 @@ enum KeysCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Revoke a key by its id (the part after `weir_`). Gateways refuse it within
+    /// Revoke a key by its id (the part after `weir_`). Gateways refuse it as soon as the
+    /// revocation commits (Postgres notifies them), at the latest after
     /// `gateway.key_cache_ttl_ms` (10 s by default).
     Revoke {
         /// The key's id, as `weir keys list` shows it.
@@ -667,7 +668,10 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
                 .context("revoking the key")?
             {
                 weir_gateway::auth::Revoked::Now => {
-                    eprintln!("revoked key {key_id}; gateways refuse it within {ttl_ms} ms");
+                    eprintln!(
+                        "revoked key {key_id}; gateways refuse it at once (notified), at the \
+                         latest within {ttl_ms} ms"
+                    );
                     Ok(true)
                 }
                 weir_gateway::auth::Revoked::Already => {
