@@ -1208,7 +1208,7 @@ impl Cache {
                     None => Some(Refusal::BadBlob),
                     Some(b) if b.len() > self.cfg.max_result_bytes => Some(Refusal::TooLarge),
                     // Bounded by max_result_bytes just above: the scan is linear in it.
-                    Some(b) => match pii::scan_result(&b) {
+                    Some(b) => match scan_off_runtime(b.clone()).await {
                         Some(kind) => Some(Refusal::Pii(kind)),
                         None => {
                             contents[i] = Some(b);
@@ -1419,6 +1419,22 @@ impl Cache {
     }
 }
 
+/// Results up to this size are scanned for PII on the calling task; larger ones (up to
+/// `cache.max_result_bytes`) on tokio's blocking pool, so a megabyte-sized regex scan never
+/// holds an async worker.
+const INLINE_SCAN_BYTES: usize = 64 * 1024;
+
+/// [`pii::scan_result`], off the async workers for large results. A scan that panics counts
+/// as a match: the guard errs on the side of not caching.
+async fn scan_off_runtime(b: Bytes) -> Option<pii::PiiKind> {
+    if b.len() <= INLINE_SCAN_BYTES {
+        return pii::scan_result(&b);
+    }
+    tokio::task::spawn_blocking(move || pii::scan_result(&b))
+        .await
+        .unwrap_or(Some(pii::PiiKind::Secret))
+}
+
 /// Columns of the exact or semantic entries of one store statement.
 #[derive(Default)]
 struct EntryRows {
@@ -1553,4 +1569,62 @@ fn semantic_statement(d: u32) -> String {
                   similarity >= threshold AND similarity <> 'NaN'::float8 AS hit, audit_id
            FROM best"#
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_semantic_hit_needs_the_same_config_and_a_number() {
+        let sql = semantic_statement(384);
+        // The config is matched in the WHERE clause of the nearest-neighbour scan itself,
+        // next to the workspace, node type and permission filters.
+        let scan = &sql[sql.find("FROM cache_semantic c").unwrap()..sql.find("LIMIT 1").unwrap()];
+        for filter in [
+            "c.workspace_id = r.workspace_id",
+            "c.node_type = r.node_type",
+            "c.config_hash = r.config_hash",
+            "c.required_permission <= r.perm",
+            "c.expires_at > now()",
+        ] {
+            assert!(scan.contains(filter), "{filter} missing from:\n{scan}");
+        }
+        // NaN >= threshold is true in Postgres: both the hit set and the flag exclude it.
+        assert_eq!(
+            sql.matches("similarity <> 'NaN'::float8").count(),
+            2,
+            "{sql}"
+        );
+    }
+
+    #[test]
+    fn prompts_are_bounded_and_labels_are_not_caller_chosen() {
+        let cfg = CacheConfig {
+            max_prompt_bytes: 8,
+            ..CacheConfig::default()
+        };
+        assert!(check_prompt(&cfg, None).is_ok());
+        assert!(check_prompt(&cfg, Some("12345678")).is_ok());
+        for bad in ["", "  \n", "123456789"] {
+            let e = check_prompt(&cfg, Some(bad)).unwrap_err();
+            assert_eq!(
+                e.disposition(),
+                weir_runtime::Disposition::DeadLetter,
+                "{e}"
+            );
+        }
+        assert_eq!(node_label(&cfg, "agent"), "agent");
+        assert_eq!(node_label(&cfg, "human-x-123"), "other");
+    }
+
+    #[tokio::test]
+    async fn large_results_are_scanned_too() {
+        let mut text = "{\"pad\":\"".to_string() + &"a".repeat(INLINE_SCAN_BYTES);
+        text.push_str("\",\"to\":\"jane\\u0040example.com\"}");
+        assert_eq!(
+            scan_off_runtime(Bytes::from(text)).await,
+            Some(pii::PiiKind::Email)
+        );
+    }
 }
