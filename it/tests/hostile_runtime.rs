@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
 use sqlx::{PgConnection, PgPool};
@@ -477,14 +478,37 @@ async fn dead_letters_are_listed_shown_and_redriven_once() {
         "the redriven record did not apply"
     );
     // The redriven record names the dead letter it came from.
-    let redriven_offset: i64 = sqlx::query_scalar(
-        "SELECT target_offset FROM weir_dlq_redrives WHERE dlq_topic = $1 || 'weir.dlq.v1'",
+    let (redriven_partition, redriven_offset): (i32, i64) = sqlx::query_as(
+        "SELECT target_partition, target_offset FROM weir_dlq_redrives WHERE dlq_topic = $1 || 'weir.dlq.v1'",
     )
     .bind(&prefix)
     .fetch_one(&pool)
     .await
     .unwrap();
     assert!(redriven_offset > source_offset);
+    let reader: BaseConsumer =
+        weir_runtime::kafka::consumer_config(&cfg.kafka, &random_name("r"), 0)
+            .create()
+            .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&topic, redriven_partition, Offset::Offset(redriven_offset))
+        .unwrap();
+    reader.assign(&tpl).unwrap();
+    let msg = (0..40)
+        .find_map(|_| reader.poll(Duration::from_millis(250)))
+        .expect("the redriven record")
+        .unwrap();
+    let from = msg
+        .headers()
+        .and_then(|h| h.iter().find(|x| x.key == dlq::REDRIVE_HEADER))
+        .and_then(|x| x.value)
+        .map(|v| String::from_utf8_lossy(v).to_string());
+    assert_eq!(
+        from,
+        Some(format!("{prefix}weir.dlq.v1/{}", at.replace(':', "/"))),
+        "the redriven record names its dead letter"
+    );
+    assert_eq!(msg.key(), Some(&b"held"[..]), "the original key");
 
     // A second redrive is refused with a warning (exit 1), and nothing applies twice.
     let out = weir(&prefix, &["dlq", "redrive", &at]);
