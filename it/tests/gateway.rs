@@ -460,8 +460,15 @@ async fn workflows_and_patches_with_every_error_case() {
     assert_eq!(head.body["definition"], definition(3));
 
     // The events on weir.patches.v1: keyed by workflow id, in the key's workspace, authored
-    // by the key, the PUT as a root replacement.
-    let events: Vec<PatchSubmitted> = gw.events(5).await;
+    // by the key, the PUT as a root replacement. The other workspace's PUT of the same id is
+    // an event of its own workspace.
+    let events: Vec<PatchSubmitted> = gw.events(6).await;
+    let (events, others): (Vec<_>, Vec<_>) = events.into_iter().partition(|e| e.workspace_id == ws);
+    assert_eq!(
+        others.len(),
+        1,
+        "the other workspace's own workflow of the same id"
+    );
     assert!(events
         .iter()
         .all(|e| e.workflow_id == wf && e.workspace_id == ws));

@@ -597,9 +597,9 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
                     let cas = weir_runtime::cas::Cas::from_config(&cfg).await?;
                     let swept =
                         weir_cache::maintenance::sweep_all(&pool, cfg.cache.sweep_batch).await?;
-                    let grace = std::time::Duration::from_secs(cfg.cache.gc_grace_secs);
+                    let window = weir_cache::maintenance::GcWindow::of(&cfg.cache);
                     let collected =
-                        weir_cache::maintenance::gc_once(&pool, &cas, grace, cfg.cache.sweep_batch)
+                        weir_cache::maintenance::gc_once(&pool, &cas, window, cfg.cache.sweep_batch)
                             .await?;
                     println!("swept {swept} expired entries, collected {collected} blobs");
                 }
