@@ -672,3 +672,113 @@ async fn poison_cache_records_cost_one_record_and_others_carry_on() {
         st.health.report()
     );
 }
+
+/// The coordinator's dispatch cache: a failure retrying cannot fix (here a blob path that is
+/// a directory: EISDIR, a Fatal CAS error) is rolled back to its savepoint and answered as a
+/// miss; the batch transaction stays usable and the hit it could not serve is not audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_dispatch_cache_means_misses_not_a_stopped_coordinator() {
+    use weir_coordinator::{CacheCandidate, DispatchCache, ResultCache};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config("it-hcache-seam");
+    cfg.cas.backend = CasBackend::Local;
+    cfg.cas.local_dir = dir.path().display().to_string();
+    let pool = weir_runtime::db::pool(&cfg.postgres).unwrap();
+    let cas = weir_runtime::cas::Cas::local(&cfg.cas).unwrap();
+    let cache =
+        weir_cache::Cache::new(pool.clone(), cas.clone(), Arc::new(cfg.cache.clone()), None)
+            .await
+            .unwrap();
+    let ws = random_name("ws-seam");
+    let (config_v, inputs) = (
+        json!({"f": "sum"}),
+        json!({"predecessors": {}, "run": {"x": 1}}),
+    );
+    let out = cache
+        .store(&weir_cache::StoreRequest {
+            request_id: "seam".into(),
+            workspace_id: ws.clone(),
+            requester: "run:seed".into(),
+            permission: weir_cache::Permission::Write,
+            node_type: "function".into(),
+            config: config_v.clone(),
+            inputs: inputs.clone(),
+            result: weir_cache::StoreResult::Json(r#"{"sum":3}"#.into()),
+            prompt: None,
+            embedding: None,
+            cost_ms: 40,
+            required_permission: weir_cache::Permission::Read,
+        })
+        .await
+        .unwrap();
+    assert!(
+        matches!(out, weir_cache::StoreOutcome::Stored { .. }),
+        "{out:?}"
+    );
+    let seam = ResultCache::new(cas.clone(), Arc::new(cfg.cache.clone()));
+    let candidate = CacheCandidate {
+        run_id: "run-1".into(),
+        node_id: "n".into(),
+        workspace_id: ws.clone(),
+        requester: "key".into(),
+        permission: "write".into(),
+        node_type: "function".into(),
+        config: config_v,
+        inputs,
+    };
+    let audited = |pool: sqlx::PgPool, ws: String| async move {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM cache_audit WHERE workspace_id = $1 AND kind = 'exact'",
+        )
+        .bind(ws)
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    // Healthy: a hit, audited.
+    let mut tx = pool.begin().await.unwrap();
+    let got = seam
+        .lookup(&mut tx, std::slice::from_ref(&candidate))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let hit = got[0].as_ref().expect("a hit");
+    assert_eq!(audited(pool.clone(), ws.clone()).await, 1);
+
+    // Broken: the blob's path becomes a directory.
+    let r: weir_runtime::cas::CasRef = hit
+        .output_ref
+        .clone()
+        .unwrap_or_else(|| weir_runtime::cas::CasRef::of(br#"{"sum":3}"#).to_string())
+        .parse()
+        .unwrap();
+    let path = dir.path().join(cas.key(&r));
+    std::fs::remove_file(&path).unwrap();
+    std::fs::create_dir_all(&path).unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let got = seam
+        .lookup(&mut tx, std::slice::from_ref(&candidate))
+        .await
+        .expect("a broken cache is a miss, not an error");
+    assert_eq!(got, vec![None]);
+    let one: i32 = sqlx::query_scalar("SELECT 1")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(one, 1, "the batch transaction is still usable");
+    tx.commit().await.unwrap();
+    assert_eq!(
+        audited(pool.clone(), ws.clone()).await,
+        1,
+        "the unserved hit's audit row was rolled back"
+    );
+    // Rolled back, not settled as a bad blob (which would have deleted the entry): the
+    // failure was the CAS's, and the entry answers again once the CAS is fixed.
+    let entries: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM cache_entries WHERE workspace_id = $1")
+            .bind(&ws)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(entries, 1);
+}
