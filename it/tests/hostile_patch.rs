@@ -167,7 +167,33 @@ async fn hostile_patches_are_rejected_and_the_materializer_carries_on() {
         .await
         .expect("owner");
 
+    // A workflow whose stored head is a CAS blob that is gone: its patches are rejected
+    // `head_unavailable`, the materializer does not stop.
+    let wf_lost = random_name("wf-lost");
+    sqlx::query(
+        "INSERT INTO weir_workflow_heads
+             (workflow_id, workspace_id, version, definition, definition_ref, definition_sha256)
+         VALUES ($1, $2, 3, NULL, $3, $4)",
+    )
+    .bind(&wf_lost)
+    .bind(&ws_a)
+    .bind(format!("sha256:{}", "cd".repeat(32)))
+    .bind("cd".repeat(32))
+    .execute(&pool)
+    .await
+    .expect("insert a head whose blob is lost");
+
     let hostile: Vec<(PatchSubmitted, &str)> = vec![
+        (
+            patch_submitted(
+                &wf_lost,
+                &ws_a,
+                "it",
+                None,
+                &json!([{"op": "replace", "path": "/settings/max_hops", "value": 6}]),
+            ),
+            "head_unavailable",
+        ),
         (
             patch_submitted(&wf_a, &ws_a, "it", None, &bomb()),
             "budget_bytes",
