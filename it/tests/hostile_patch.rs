@@ -3,8 +3,10 @@
 //! operations nesting it deeper and deeper, a patch nested past the JSON parser's limit, and a
 //! patch whose operations blob does not exist. Each must end as a rejection with its reason
 //! code (patch log row and `PatchRejected` event), with `weir run materializer` still up and a
-//! good patch of another workspace, sent right after, applied within seconds. And
-//! `weir patch apply` must refuse the same patches with exit code 1 instead of aborting.
+//! good patch of another workspace, sent right after, applied within seconds. The gateway
+//! answers 422 to what it can tell without the document (operation count, pointer depth,
+//! value depth) with the materializer's own check, and `weir patch apply` refuses the same
+//! patches with exit code 1 instead of aborting.
 
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
@@ -386,4 +388,172 @@ fn weir_patch_apply_refuses_the_bomb_and_the_deep_patch() {
     );
     let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(printed["nodes"]["t"], definition("x")["nodes"]["s"]);
+}
+
+/// The gateway, in this process with a materializer, on fresh topics: the bomb is accepted
+/// (nothing about it is visible without the document) and then rejected `budget_bytes`;
+/// what the budget rejects statically is a 422 problem with its `budget_*` code; the
+/// gateway still serves, and another workspace's workflow is materialized within seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_refuses_what_it_can_know_and_forwards_the_rest() {
+    use reqwest::StatusCode;
+    use std::sync::Arc;
+
+    let cfg = config(&format!("{}.", random_name("hpgw")));
+    prepare(&cfg).await.expect("prepare");
+    let cfg = Arc::new(cfg);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    let services = weir_runtime::app::Services::new(cfg.clone()).unwrap();
+    let cas = Cas::from_config(&cfg).await.unwrap();
+    let consumer = services.consumer(weir_materializer::Materializer::new(cfg.clone(), cas));
+    tokio::spawn(consumer.run(shutdown.clone()));
+    let sources = weir_gateway::Sources {
+        run_status: None,
+        cache_lookup: None,
+    };
+    let state = weir_gateway::state(cfg.clone(), sources).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let running = weir_gateway::spawn(listener, state, shutdown.clone()).unwrap();
+    let base = format!("http://{}", running.addr);
+    let pool = weir_runtime::db::pool(&cfg.postgres).unwrap();
+    let http = reqwest::Client::new();
+    let key = |ws: String| {
+        let pool = pool.clone();
+        async move {
+            weir_gateway::create_key(&pool, &ws, weir_gateway::Permission::Write)
+                .await
+                .unwrap()
+                .key
+        }
+    };
+    let call = |method: reqwest::Method, path: String, key: String, body: Option<String>| {
+        let req = http
+            .request(method, format!("{base}{path}"))
+            .header("authorization", format!("Bearer {key}"));
+        let req = match body {
+            Some(b) => req.header("content-type", "application/json").body(b),
+            None => req,
+        };
+        async move {
+            let res = req.send().await.unwrap();
+            let status = res.status();
+            let problem = res
+                .headers()
+                .get("content-type")
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
+            let body: Value = res.json().await.unwrap_or(Value::Null);
+            (status, problem, body)
+        }
+    };
+    // Waits until a workflow's version is `want`.
+    let wait_version = |path: String, key: String, want: i64| {
+        let call = &call;
+        async move {
+            let start = Instant::now();
+            loop {
+                let (status, _, body) =
+                    call(reqwest::Method::GET, path.clone(), key.clone(), None).await;
+                if status == StatusCode::OK && body["version"] == want {
+                    return start.elapsed();
+                }
+                assert!(start.elapsed() < Duration::from_secs(30), "{status} {body}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+
+    let ws_a = random_name("ws-a");
+    let key_a = key(ws_a.clone()).await;
+    let wf = format!("/v1/workflows/{}", random_name("wf"));
+    let (status, _, body) = call(
+        reqwest::Method::PUT,
+        wf.clone(),
+        key_a.clone(),
+        Some(definition("a").to_string()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    wait_version(wf.clone(), key_a.clone(), 1).await;
+
+    // Static: 422 with the materializer's code, nothing produced.
+    let pointer = format!("/{}", vec!["a"; 65].join("/"));
+    let mut deep_definition = definition("d");
+    let mut config = json!(1);
+    for _ in 0..70 {
+        config = json!([config]);
+    }
+    deep_definition["nodes"]["s"]["config"] = json!({ "deep": config });
+    let statically = [
+        (
+            "POST",
+            Value::Array(vec![json!({"op": "test", "path": "", "value": 1}); 10_001]).to_string(),
+            "budget_ops",
+        ),
+        (
+            "POST",
+            json!([{"op": "add", "path": pointer, "value": 1}]).to_string(),
+            "budget_pointer",
+        ),
+        ("POST", deep_value_text(100), "budget_depth"),
+        ("PUT", deep_definition.to_string(), "budget_depth"),
+    ];
+    for (method, body, code) in statically {
+        let (method, path) = match method {
+            "PUT" => (reqwest::Method::PUT, wf.clone()),
+            _ => (reqwest::Method::POST, format!("{wf}/patches")),
+        };
+        let (status, problem, answer) = call(method, path, key_a.clone(), Some(body)).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{code}: {answer}");
+        assert!(problem, "{answer}");
+        assert_eq!(
+            answer["type"], "urn:weir:problem:patch-over-budget",
+            "{answer}"
+        );
+        assert_eq!(answer["title"], "Patch over budget");
+        assert_eq!(answer["code"], code, "{answer}");
+    }
+
+    // The bomb: accepted, then rejected by the materializer with its code.
+    let (status, _, body) = call(
+        reqwest::Method::POST,
+        format!("{wf}/patches"),
+        key_a.clone(),
+        Some(bomb().to_string()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let patch_id = body["patch_id"].as_str().unwrap().to_string();
+    let start = Instant::now();
+    let verdict = loop {
+        let (_, _, b) = call(
+            reqwest::Method::GET,
+            format!("{wf}/patches/{patch_id}"),
+            key_a.clone(),
+            None,
+        )
+        .await;
+        if b["status"] != "pending" {
+            break b;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{b}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(verdict["status"], "rejected", "{verdict}");
+    assert_eq!(verdict["code"], "budget_bytes", "{verdict}");
+
+    // Still serving: another workspace's workflow is materialized within seconds.
+    let ws_b = random_name("ws-b");
+    let key_b = key(ws_b).await;
+    let wf_b = format!("/v1/workflows/{}", random_name("wf"));
+    let (status, _, body) = call(
+        reqwest::Method::PUT,
+        wf_b.clone(),
+        key_b.clone(),
+        Some(definition("b").to_string()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let took = wait_version(wf_b, key_b, 1).await;
+    assert!(took < Duration::from_secs(15), "{took:?}");
 }

@@ -698,6 +698,16 @@ async fn submit_patch(
     s.0.sender.send(&event).await
 }
 
+/// 422 for a patch the materializer's budget would reject (`budget_*` codes).
+fn patch_over_budget(detail: String) -> Problem {
+    Problem::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "patch-over-budget",
+        "Patch over budget",
+        detail,
+    )
+}
+
 async fn put_workflow(
     State(s): State<AppState>,
     caller: Caller,
@@ -712,6 +722,15 @@ async fn put_workflow(
     let base = if_match(&headers)?;
     let b = body(&s, b)?;
     let (doc, text) = parse_value(&b)?;
+    // The definition becomes the value of one `add` at the root: the patch budget's depth
+    // limit applies to it (its size is bounded by the definition limit below).
+    let max_depth = s.0.cfg.materializer.patch_max_depth;
+    if definition::measure(&doc, usize::MAX, max_depth).depth > max_depth {
+        return Err(patch_over_budget(format!(
+            "the definition is nested more than {max_depth} levels deep"
+        ))
+        .with_code("budget_depth"));
+    }
     let limits = s.0.limits;
     let checked = if b.len() > BLOCKING_VALIDATION_BYTES {
         tokio::task::spawn_blocking(move || definition::check(&doc, &limits))
@@ -774,8 +793,20 @@ async fn post_patches(
     let base = if_match(&headers)?;
     let b = body(&s, b)?;
     let (ops, text) = parse_value(&b)?;
-    if let Err(e) = Patch::from_value(&ops) {
-        return Err(Problem::unprocessable(format!("invalid JSON patch: {e}")).with_code(e.code()));
+    let patch = match Patch::from_value(&ops) {
+        Ok(patch) => patch,
+        Err(e) => {
+            return Err(
+                Problem::unprocessable(format!("invalid JSON patch: {e}")).with_code(e.code())
+            )
+        }
+    };
+    // What the materializer's patch budget rejects without the document (operation count,
+    // pointers, the values' size and depth) is a 422 now instead of a PatchRejected later:
+    // the same function and limits as the materializer's.
+    let budget = weir_materializer::processor::budget(&s.0.cfg.materializer);
+    if let Err(e) = weir_materializer::patch::check_static(&patch, &budget) {
+        return Err(patch_over_budget(e.to_string()).with_code(e.code()));
     }
     if ops.as_array().is_some_and(Vec::is_empty) {
         return Err(

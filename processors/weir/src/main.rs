@@ -788,8 +788,14 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
                     return Ok(false);
                 }
             };
-            if let Err(e) = ops.apply(&mut doc) {
+            // The materializer's budget, so a patch that would be rejected there is rejected
+            // here, with its reason, instead of exhausting memory or the stack.
+            let budget = weir_materializer::processor::budget(&cfg.materializer);
+            if let Err(e) = ops.apply_with(&mut doc, &budget) {
                 eprintln!("error ({}): {e}", e.code());
+                if e.is_over_budget() {
+                    eprintln!("(the limits are materializer.patch_max_*; see `weir config`)");
+                }
                 return Ok(false);
             }
             if !no_validate {
