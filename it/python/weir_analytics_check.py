@@ -587,16 +587,14 @@ def check_events(events: list[Event], spec: dict, report: dict) -> None:
 
 
 def check_workflows(events: list[Event], spec: dict, errors: list[str]) -> None:
-    """Per workflow, in order: versions 1, 2, 3, ...; a rejection names the head at that point."""
+    """Per workflow, in order: versions 1, 2, 3, ...; a rejection names the head at that point.
+    A workflow is (workspace_id, workflow_id): ids are unique per workspace only."""
     head: dict[str, int] = {}
-    workspace: dict[str, str] = {}
     applied: dict[uuid.UUID, str] = {}
     rejected: dict[uuid.UUID, str] = {}
     for ev in events:
         v = ev.value
-        wf = v["workflow_id"]
-        if workspace.setdefault(wf, v["workspace_id"]) != v["workspace_id"]:
-            errors.append(f"{wf}: workspace changed to {v['workspace_id']}")
+        wf = f"{v['workspace_id']}/{v['workflow_id']}"
         if ev.name == "weir.workflows.WorkflowMaterialized":
             if v["version"] != head.get(wf, 0) + 1:
                 errors.append(f"{wf}: version {v['version']} after {head.get(wf, 0)} (must be contiguous, in order)")
