@@ -720,13 +720,18 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
                     println!("{}", serde_json::to_string(k)?);
                 }
             } else {
+                let width = |f: fn(&weir_gateway::auth::KeyInfo) -> usize, min: usize| {
+                    keys.iter().map(f).max().unwrap_or(0).max(min)
+                };
+                let id_w = width(|k| k.key_id.len(), 6);
+                let ws_w = width(|k| k.workspace_id.len(), 9);
                 println!(
-                    "{:<14} {:<24} {:<10} {:<21} REVOKED",
+                    "{:<id_w$} {:<ws_w$} {:<10} {:<20} REVOKED",
                     "KEY_ID", "WORKSPACE", "PERMISSION", "CREATED"
                 );
                 for k in &keys {
                     println!(
-                        "{:<14} {:<24} {:<10} {:<21} {}",
+                        "{:<id_w$} {:<ws_w$} {:<10} {:<20} {}",
                         k.key_id,
                         k.workspace_id,
                         k.permission,
