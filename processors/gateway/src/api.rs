@@ -148,9 +148,18 @@ impl AppState {
         Problem::unavailable("the database is unavailable", self.retry_after())
     }
 
+    /// 503 when the blob store is unreachable (a retry can succeed); 500 when a stored blob
+    /// is missing or damaged (no retry will help, so no Retry-After invites one).
     fn cas_unavailable(&self, e: &weir_runtime::cas::CasError) -> Problem {
+        use weir_runtime::cas::CasError;
         tracing::error!(error = %e, "a CAS operation failed");
-        Problem::unavailable("the blob store is unavailable", self.retry_after())
+        match e {
+            CasError::NotFound(_)
+            | CasError::Corrupt { .. }
+            | CasError::InvalidRef(_)
+            | CasError::Json(_) => Problem::internal("stored data this answer needs is unreadable"),
+            _ => Problem::unavailable("the blob store is unavailable", self.retry_after()),
+        }
     }
 
     /// Whether `workflow_id` exists in `workspace_id`: from memory, else Postgres. Other
@@ -871,7 +880,7 @@ async fn get_workflow(
         (None, Some(r)) => {
             let r: CasRef = r.parse().map_err(|e| {
                 tracing::error!(error = %e, %workflow_id, "a stored definition ref does not parse");
-                Problem::unavailable("the stored definition is unreadable", s.retry_after())
+                Problem::internal("stored data this answer needs is unreadable")
             })?;
             s.0.cas
                 .get_json(&r)

@@ -162,6 +162,16 @@ impl Problem {
         p.retry_after = Some(retry_after);
         p
     }
+    /// 500: data weir stored is missing or damaged (a blob a head points to); logged with
+    /// its cause. Never a client mistake, and retrying will not help.
+    pub fn internal(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "Internal error",
+            detail,
+        )
+    }
     /// The HTTP status.
     pub fn status_code(&self) -> StatusCode {
         StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
