@@ -242,3 +242,33 @@ pub async fn run_upkeep(pool: PgPool, cas: Cas, cfg: CacheConfig, cancel: Cancel
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gc_window_holds_for_the_grace_plus_the_longest_ttl() {
+        let mut cfg = CacheConfig::default();
+        cfg.gc_grace_secs = 100;
+        cfg.default_ttl_secs = 10;
+        cfg.ttl_secs = [("agent".to_string(), 50)].into_iter().collect();
+        cfg.semantic_ttl_secs = [("agent".to_string(), 70)].into_iter().collect();
+        let w = GcWindow::of(&cfg);
+        assert_eq!(w.grace, Duration::from_secs(100));
+        assert_eq!(
+            w.hold,
+            Duration::from_secs(170),
+            "the semantic TTL is the longest"
+        );
+        cfg.ttl_secs.clear();
+        cfg.semantic_ttl_secs.clear();
+        assert_eq!(GcWindow::of(&cfg).hold, Duration::from_secs(110));
+        cfg.gc_grace_secs = u64::MAX;
+        assert_eq!(
+            GcWindow::of(&cfg).hold,
+            Duration::from_secs(u64::MAX),
+            "saturates"
+        );
+    }
+}
