@@ -249,11 +249,13 @@ mod tests {
 
     #[test]
     fn the_gc_window_holds_for_the_grace_plus_the_longest_ttl() {
-        let mut cfg = CacheConfig::default();
-        cfg.gc_grace_secs = 100;
-        cfg.default_ttl_secs = 10;
-        cfg.ttl_secs = [("agent".to_string(), 50)].into_iter().collect();
-        cfg.semantic_ttl_secs = [("agent".to_string(), 70)].into_iter().collect();
+        let mut cfg = CacheConfig {
+            gc_grace_secs: 100,
+            default_ttl_secs: 10,
+            ttl_secs: [("agent".to_string(), 50)].into_iter().collect(),
+            semantic_ttl_secs: [("agent".to_string(), 70)].into_iter().collect(),
+            ..CacheConfig::default()
+        };
         let w = GcWindow::of(&cfg);
         assert_eq!(w.grace, Duration::from_secs(100));
         assert_eq!(
