@@ -104,6 +104,9 @@ pub struct AppState(Arc<Inner>);
 impl AppState {
     /// State over the given handles.
     pub fn new(cfg: Arc<Config>, pool: PgPool, cas: Cas, sender: Sender, sources: Sources) -> Self {
+        // Install the process's recorder now: metrics are served by the telemetry listener,
+        // which may start later, and what is recorded before a recorder exists is lost.
+        weir_runtime::telemetry::metrics_handle();
         let g = &cfg.gateway;
         let m = &cfg.materializer;
         Self(Arc::new(Inner {
