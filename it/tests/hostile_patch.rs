@@ -169,6 +169,32 @@ async fn hostile_patches_are_rejected_and_the_materializer_carries_on() {
         .await
         .expect("owner");
 
+    // A blob damaged after it was stored: an object of other bytes under its key.
+    assert!(
+        matches!(cfg.cas.backend, weir_runtime::config::CasBackend::S3),
+        "the stack's CAS is S3"
+    );
+    let damaged_ref = cas
+        .put(
+            json!([{"op": "test", "path": "/edges", "value": [], "run": ws_a}])
+                .to_string()
+                .into_bytes(),
+        )
+        .await
+        .expect("put");
+    weir_runtime::cas::owners::record_on_pool(&pool, &ws_a, &damaged_ref, true)
+        .await
+        .expect("owner");
+    weir_runtime::s3::client(&cfg.s3)
+        .await
+        .put_object()
+        .bucket(&cfg.s3.bucket)
+        .key(cas.key(&damaged_ref))
+        .body(b"definitely not zstd".to_vec().into())
+        .send()
+        .await
+        .expect("overwrite the object");
+
     // A workflow whose stored head is a CAS blob that is gone: its patches are rejected
     // `head_unavailable`, the materializer does not stop.
     let wf_lost = random_name("wf-lost");
@@ -233,6 +259,14 @@ async fn hostile_patches_are_rejected_and_the_materializer_carries_on() {
                 ..patch_submitted(&wf_a, &ws_a, "it", None, &json!([]))
             },
             "blob_missing",
+        ),
+        (
+            PatchSubmitted {
+                operations_json: String::new(),
+                operations_ref: Some(damaged_ref.to_string()),
+                ..patch_submitted(&wf_a, &ws_a, "it", None, &json!([]))
+            },
+            "blob_corrupt",
         ),
     ];
     assert!(
