@@ -1,7 +1,8 @@
 //! Hostile patches against the real stack (issue 12, "Bounded work"): a 2 KB patch of 40
 //! `copy` operations from the root (each doubling the document), thousands of `copy`
-//! operations nesting it deeper and deeper, a patch nested past the JSON parser's limit, and a
-//! patch whose operations blob does not exist. Each must end as a rejection with its reason
+//! operations nesting it deeper and deeper, a patch nested past the JSON parser's limit, a
+//! patch whose operations blob does not exist or is damaged, and a patch of a workflow whose
+//! stored head blob is lost. Each must end as a rejection with its reason
 //! code (patch log row and `PatchRejected` event), with `weir run materializer` still up and a
 //! good patch of another workspace, sent right after, applied within seconds. The gateway
 //! answers 422 to what it can tell without the document (operation count, pointer depth,
