@@ -297,7 +297,7 @@ impl<P: Processor> BatchConsumer<P> {
             self.processor.consumer_defaults(),
         )
         .create_with_context(ctx)?;
-        let component = format!("consumer {}", self.group);
+        let component = self.component();
         self.health.register(&component);
         self.wait_until_ready(&consumer, &shutdown).await?;
         consumer.subscribe(&[&self.topic])?;
@@ -367,6 +367,11 @@ impl<P: Processor> BatchConsumer<P> {
 
     fn backoff(&self, attempt: u32) -> Duration {
         self.cfg.runtime.backoff(attempt)
+    }
+
+    /// This consumer's name in the health registry (`/readyz`).
+    fn component(&self) -> String {
+        format!("consumer {}", self.group)
     }
 
     /// Seeks every newly assigned (paused) partition to the next offset stored in Postgres,
@@ -569,6 +574,9 @@ impl<P: Processor> BatchConsumer<P> {
                 let e = match attempt_result {
                     Ok(outcome) => {
                         self.after_commit(consumer, outcome);
+                        if attempt >= UNREADY_AFTER_RETRIES {
+                            self.health.set(&self.component(), true);
+                        }
                         break;
                     }
                     Err(e) => e,
@@ -585,6 +593,12 @@ impl<P: Processor> BatchConsumer<P> {
                 match disposition {
                     Disposition::Retry => {
                         attempt += 1;
+                        if attempt == UNREADY_AFTER_RETRIES {
+                            // Postgres down, credentials rotated, a failover: not ready until
+                            // a batch commits again, so a load balancer or an orchestrator
+                            // sees it (the process itself keeps retrying).
+                            self.health.set(&self.component(), false);
+                        }
                         metrics::counter!(m::BATCH_RETRIES, "group" => self.group.clone())
                             .increment(1);
                         warn!(group = %self.group, first = %first, error = %e, attempt, "batch failed; retrying");
@@ -915,6 +929,9 @@ impl<P: Processor> BatchConsumer<P> {
             dead = outcome.dead, "batch committed");
     }
 }
+
+/// Consecutive retries of one batch after which the consumer reports itself not ready.
+const UNREADY_AFTER_RETRIES: u32 = 3;
 
 /// Room kept in a dead letter for its own fields, headers and Avro framing, in bytes.
 const DEAD_LETTER_OVERHEAD: usize = 16 * 1024;
