@@ -93,7 +93,13 @@ async fn embeddings_endpoint() -> String {
                             .collect()
                     })
                     .unwrap_or_default();
-                let (status, answer) = if inputs
+                let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+                let (status, answer) = if !head.contains("bearer test-key") {
+                    (
+                        401,
+                        json!({"error": {"message": "Incorrect API key provided"}}),
+                    )
+                } else if inputs
                     .iter()
                     .any(|t| t.is_empty() || t.contains("POISON-400"))
                 {
@@ -142,6 +148,10 @@ impl Drop for Stack {
 }
 
 async fn start() -> Stack {
+    start_with(|_| {}).await
+}
+
+async fn start_with(tweak: impl FnOnce(&mut Config)) -> Stack {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(&format!("{}.", random_name("hcache")));
     cfg.cas.backend = CasBackend::Local;
@@ -155,6 +165,7 @@ async fn start() -> Stack {
     cfg.gateway.rate_limit_burst = 10_000;
     cfg.gateway.client_rate_limit_per_sec = 10_000;
     cfg.gateway.client_rate_limit_burst = 10_000;
+    tweak(&mut cfg);
     let codec = prepare(&cfg).await.expect("prepare the stack");
     let cfg = Arc::new(cfg);
     let shutdown = CancellationToken::new();
@@ -781,4 +792,49 @@ async fn a_broken_dispatch_cache_means_misses_not_a_stopped_coordinator() {
             .await
             .unwrap();
     assert_eq!(entries, 1);
+}
+
+/// A wrong API key for the embeddings endpoint (401) is the operator's to fix: the batch is
+/// retried with backoff and the processor reports not ready — it does not stop, and the
+/// record is neither dead-lettered nor half applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_misconfigured_embedder_lowers_readiness_instead_of_stopping() {
+    let st = start_with(|c| c.cache.openai_api_key = Secret::new("wrong".to_string())).await;
+    let ws = random_name("ws-misconf");
+    let id = random_name("st");
+    produce_in_order(
+        &st.producer,
+        &st.codec,
+        &[CacheEvent::CacheStore(store_event(
+            &ws,
+            &id,
+            Some("needs an embedding"),
+            r#"{"a":1}"#,
+        ))],
+    )
+    .await
+    .unwrap();
+    let component = weir_cache::processor::EMBEDDER_COMPONENT;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !st
+        .health
+        .report()
+        .contains(&format!("{component}: not ready"))
+    {
+        assert!(Instant::now() < deadline, "{}", st.health.report());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!st.health.ready());
+    // Still running through a few retries, nothing written.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    st.processor_runs();
+    let written: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM cache_entries WHERE workspace_id = $1)
+              + (SELECT count(*) FROM cache_audit WHERE workspace_id = $1)",
+    )
+    .bind(&ws)
+    .fetch_one(&st.pool)
+    .await
+    .unwrap();
+    assert_eq!(written, 0);
 }
