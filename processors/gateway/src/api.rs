@@ -340,10 +340,26 @@ impl AppState {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(Duration::from_secs(60)) => {}
             }
-            match idempotency::sweep(&self.0.pool, ttl, 10_000).await {
-                Ok(n) if n > 0 => tracing::debug!(deleted = n, "expired idempotency records"),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "sweeping idempotency records failed"),
+            // Short batches until the expired rows are gone (at most 100 a minute): no long
+            // transaction, and the sweep keeps up with a busy gateway.
+            const BATCH: u64 = 10_000;
+            let mut deleted = 0;
+            for _ in 0..100 {
+                match idempotency::sweep(&self.0.pool, ttl, BATCH as i64).await {
+                    Ok(n) => {
+                        deleted += n;
+                        if n < BATCH {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "sweeping idempotency records failed");
+                        break;
+                    }
+                }
+            }
+            if deleted > 0 {
+                tracing::debug!(deleted, "expired idempotency records");
             }
         }
     }
