@@ -342,8 +342,9 @@ async fn check_postgres(cfg: &Config) -> Vec<Check> {
 }
 
 async fn check_bucket(cfg: &Config) -> Check {
-    const FIX: &str =
-        "start the S3 server (infra/local/up), create the bucket, or fix S3_* / AWS_* settings";
+    const FIX: &str = "start the S3 server (infra/local/up), create the bucket, or fix S3_* / \
+                       AWS_* settings (the local stack needs WEIR__S3__PROFILE=local: \
+                       eval \"$(infra/local/env)\")";
     let client = crate::s3::client(&cfg.s3).await;
     let key = format!(".weir-doctor/{}", uuid::Uuid::now_v7());
     let put = tokio::time::timeout(
@@ -364,8 +365,13 @@ async fn check_bucket(cfg: &Config) -> Check {
             "s3 bucket",
             false,
             format!(
-                "{}: {}",
+                "{} ({} profile, {}): {}",
                 cfg.s3.bucket,
+                match cfg.s3.profile {
+                    crate::config::S3Profile::Aws => "aws",
+                    crate::config::S3Profile::Local => "local",
+                },
+                cfg.s3.effective_endpoint().unwrap_or("AWS endpoint"),
                 aws_sdk_s3::error::DisplayErrorContext(&e)
             ),
             FIX,
