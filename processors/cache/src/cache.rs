@@ -268,7 +268,7 @@ pub struct ExactRequest {
     pub inputs: Value,
     /// The prompt, when the node has one (part of the exact key).
     pub prompt: Option<String>,
-    /// Who asks, for the audit trail (e.g. `run:<run_id>`).
+    /// Who asks, for the audit trail (the coordinator: the key that requested the run).
     pub requester: String,
     /// Correlation id for the audit trail (e.g. `<run_id>/<node_id>`).
     pub request_id: String,

@@ -156,7 +156,9 @@ impl DispatchCache for ResultCache {
                     // The coordinator offers results without a prompt (its CacheStore events
                     // carry none), so it looks them up without one.
                     prompt: None,
-                    requester: format!("run:{}", c.run_id),
+                    // The audit names who asked: the key that requested the run (the run and
+                    // node are in the request id).
+                    requester: c.requester.clone(),
                     request_id: format!("{}/{}", c.run_id, c.node_id),
                 });
             }
