@@ -406,9 +406,7 @@ async fn expiry_pii_corrupt_blobs_and_collection() {
             grace: Duration::ZERO,
             hold: Duration::ZERO,
         };
-        collected += gc_once(&pool, cache.cas(), window, 10_000)
-            .await
-            .unwrap();
+        collected += gc_once(&pool, cache.cas(), window, 10_000).await.unwrap();
         if !cache.cas().exists(&gone).await.unwrap() {
             break;
         }

@@ -8,7 +8,7 @@ use weir_runtime::cas::{Cas, CasRef};
 
 use crate::definition::{canonical_json, Limits};
 use crate::fold::{self, Decision, Head, Submitted};
-use crate::patch::Patch;
+use crate::patch::{Budget, Patch};
 
 /// What a replay found.
 #[derive(Debug)]
@@ -59,8 +59,8 @@ async fn blob_json(cas: &Cas, r: &str) -> Result<Value, String> {
 }
 
 /// Rebuilds `workflow_id` of `workspace_id` up to `to_version` (default: the latest applied
-/// version). Workflow ids are unique per workspace only: another workspace's workflow of the
-/// same id is never read.
+/// version) within the default patch budget. Workflow ids are unique per workspace only:
+/// another workspace's workflow of the same id is never read.
 pub async fn replay(
     pool: &PgPool,
     cas: &Cas,
@@ -68,6 +68,31 @@ pub async fn replay(
     workflow_id: &str,
     to_version: Option<i64>,
     limits: &Limits,
+) -> Result<ReplayReport, ReplayError> {
+    let budget = fold::default_budget(limits);
+    replay_with(
+        pool,
+        cas,
+        workspace_id,
+        workflow_id,
+        to_version,
+        limits,
+        &budget,
+    )
+    .await
+}
+
+/// [`replay`] within `budget`: pass the materializer's configured budget
+/// ([`crate::processor::budget`]), or a patch the materializer applied under raised limits
+/// would replay as rejected.
+pub async fn replay_with(
+    pool: &PgPool,
+    cas: &Cas,
+    workspace_id: &str,
+    workflow_id: &str,
+    to_version: Option<i64>,
+    limits: &Limits,
+    budget: &Budget,
 ) -> Result<ReplayReport, ReplayError> {
     let rows = sqlx::query!(
         r#"SELECT workspace_id, version AS "version!", definition_sha256 AS "sha!", operations, operations_ref
@@ -113,7 +138,7 @@ pub async fn replay(
                 .map_err(|m| crate::patch::PatchError::InvalidJson { message: m })
                 .and_then(|v| Patch::from_value(&v)),
         };
-        match fold::step(&mut head, &submitted, limits) {
+        match fold::step_with(&mut head, &submitted, limits, budget) {
             Decision::Applied { sha256, .. } if sha256 == row.sha => {}
             Decision::Applied {
                 sha256, version, ..

@@ -487,7 +487,8 @@ async fn run_processors(cfg: Arc<Config>, which: &[ProcessorName]) -> anyhow::Re
                     .context("the result cache is built for this processor")?;
                 for _ in 0..cfg.runtime.consumers {
                     let consumer = s.consumer(
-                        weir_cache::CacheProcessor::new(cache.clone()).with_health(s.health.clone()),
+                        weir_cache::CacheProcessor::new(cache.clone())
+                            .with_health(s.health.clone()),
                     );
                     let stop = stop.clone();
                     tasks.spawn(
@@ -677,9 +678,13 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
                     let swept =
                         weir_cache::maintenance::sweep_all(&pool, cfg.cache.sweep_batch).await?;
                     let window = weir_cache::maintenance::GcWindow::of(&cfg.cache);
-                    let collected =
-                        weir_cache::maintenance::gc_once(&pool, &cas, window, cfg.cache.sweep_batch)
-                            .await?;
+                    let collected = weir_cache::maintenance::gc_once(
+                        &pool,
+                        &cas,
+                        window,
+                        cfg.cache.sweep_batch,
+                    )
+                    .await?;
                     println!("swept {swept} expired entries, collected {collected} blobs");
                 }
             }
@@ -826,13 +831,14 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
         } => {
             let pool = weir_runtime::db::pool(&cfg.postgres)?;
             let cas = weir_runtime::cas::Cas::from_config(&cfg).await?;
-            let report = weir_materializer::replay::replay(
+            let report = weir_materializer::replay::replay_with(
                 &pool,
                 &cas,
                 &workspace,
                 &workflow_id,
                 to_version,
                 &limits(&cfg),
+                &weir_materializer::processor::budget(&cfg.materializer),
             )
             .await?;
             if to_version.is_some() {
