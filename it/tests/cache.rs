@@ -286,7 +286,9 @@ async fn expiry_pii_corrupt_blobs_and_collection() {
         &ws,
         "pure",
         json!({"x": 1}),
-        json!({"sum": 3}),
+        // Unique bytes per run: another test's live entry with the same result would keep
+        // the blob (GC counts every reference), and the database is shared across runs.
+        json!({"sum": 3, "ws": ws}),
         Permission::Read,
     );
     assert!(matches!(
@@ -397,7 +399,7 @@ async fn expiry_pii_corrupt_blobs_and_collection() {
     );
     cache.store(&keep).await.unwrap();
     let kept = CasRef::of(json!({"kept": true}).to_string().as_bytes());
-    let gone = CasRef::of(json!({"sum": 3}).to_string().as_bytes());
+    let gone = CasRef::of(json!({"sum": 3, "ws": ws}).to_string().as_bytes());
     assert!(cache.cas().exists(&gone).await.unwrap());
     purge(&pool, &ws, Some("function")).await.unwrap();
     let mut collected = 0;
