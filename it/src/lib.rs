@@ -1,7 +1,8 @@
 //! Support for weir's integration tests, which run against the real local stack
 //! (`infra/local/up`): configuration with a random topic prefix per test, a producer that
 //! speaks the Confluent wire format, and `LedgerProcessor`, a processor that records every
-//! record it applies so a test can count exactly-once effects.
+//! record it applies so a test can count exactly-once effects. [`gateway`] runs the HTTP
+//! gateway in the test's process, with the processors a test asks for.
 //!
 //! The ledger table deliberately has no unique constraint: a record applied twice shows up
 //! twice, so the exactly-once assertions can fail.
@@ -14,8 +15,10 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::PgConnection;
 use weir_runtime::codec::Codec;
 use weir_runtime::config::Config;
-use weir_runtime::events::{CompletionEvent, NodeCompleted, NodeStatus, TopicEvent};
+use weir_runtime::events::{CompletionEvent, NodeCompleted, NodeStatus, RunRequested, TopicEvent};
 use weir_runtime::{ApplyError, Outbox, Processor, Record, Rejection};
+
+pub mod gateway;
 
 /// Attempts above this violate the ledger's CHECK constraint: a data error inside the batch
 /// transaction, which the runtime must isolate and dead-letter.
@@ -139,6 +142,26 @@ pub fn node_completed(run_id: &str, attempt: i32) -> CompletionEvent {
     })
 }
 
+/// A RunRequested of `workflow_id` in workspace `ws`, by requester `it` with `write`, without
+/// inputs or idempotency key (set them with struct update syntax).
+pub fn run_requested(ws: &str, run_id: &str, workflow_id: &str) -> RunRequested {
+    RunRequested {
+        event_id: weir_runtime::events::new_event_id(),
+        occurred_at: weir_runtime::events::now_micros(),
+        workspace_id: ws.into(),
+        traceparent: String::new(),
+        tracestate: None,
+        run_id: run_id.into(),
+        workflow_id: workflow_id.into(),
+        version: None,
+        requester: "it".into(),
+        permission: "write".into(),
+        inputs_json: None,
+        inputs_ref: None,
+        idempotency_key: None,
+    }
+}
+
 /// Produces raw bytes to a topic and waits for the broker's acknowledgement.
 pub async fn produce_raw(
     producer: &FutureProducer,
@@ -230,4 +253,20 @@ pub fn weir_bin() -> std::path::PathBuf {
         bin.display()
     );
     bin
+}
+
+/// `weir run <what>` (the binary of [`weir_bin`]) on the topics under `prefix`, with `env`
+/// added, telemetry on a free port, warnings only and stdout discarded.
+pub fn spawn_weir_run(prefix: &str, what: &str, env: &[(&str, &str)]) -> ChildGuard {
+    ChildGuard(
+        std::process::Command::new(weir_bin())
+            .args(["run", what])
+            .env("WEIR__KAFKA__TOPIC_PREFIX", prefix)
+            .envs(env.iter().copied())
+            .env("WEIR__TELEMETRY__LISTEN", "127.0.0.1:0")
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn weir"),
+    )
 }

@@ -165,21 +165,11 @@ async fn wait_for(
 
 fn run_requested(run_id: &str, workflow_id: &str, ws: &str, key: Option<&str>) -> CompletionEvent {
     CompletionEvent::RunRequested(RunRequested {
-        event_id: events::new_event_id(),
-        occurred_at: events::now_micros(),
-        workspace_id: ws.into(),
-        traceparent: String::new(),
-        tracestate: None,
-        run_id: run_id.into(),
-        workflow_id: workflow_id.into(),
-        version: None,
-        requester: "it".into(),
-        permission: "write".into(),
         // Inputs unique to the run: these tests count dispatches, so no node may be served
         // from the result cache with another run's output.
         inputs_json: Some(format!("{{\"q\":42,\"run\":\"{run_id}\"}}")),
-        inputs_ref: None,
         idempotency_key: key.map(String::from),
+        ..weir_it::run_requested(ws, run_id, workflow_id)
     })
 }
 

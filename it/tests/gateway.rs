@@ -9,165 +9,28 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Message;
-use rdkafka::ClientConfig;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-use weir_gateway::{create_key, Permission, RunStatus, RunStatusSource, SourceError, Sources};
-use weir_it::{config, prepare, random_name};
-use weir_runtime::codec::Codec;
+use weir_gateway::{Permission, RunStatus, RunStatusSource, SourceError, Sources};
+use weir_it::gateway::{Gateway, Options};
+use weir_it::{config, random_name};
 use weir_runtime::config::Config;
-use weir_runtime::events::{CacheEvent, CompletionEvent, NodeStatus, PatchSubmitted, TopicEvent};
-
-struct Gateway {
-    cfg: Arc<Config>,
-    base: String,
-    codec: Arc<Codec>,
-    pool: sqlx::PgPool,
-    http: reqwest::Client,
-    shutdown: CancellationToken,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
+use weir_runtime::events::{CacheEvent, CompletionEvent, NodeStatus, PatchSubmitted};
 
 /// A gateway (and, if asked, a materializer) in this process, on fresh topics.
 async fn start(tweak: impl FnOnce(&mut Config), sources: Sources, materializer: bool) -> Gateway {
-    let mut cfg = config(&format!("{}.", random_name("gw")));
-    cfg.gateway.max_body_bytes = 64 * 1024;
-    let codec = prepare(&cfg).await.expect("prepare the stack");
-    tweak(&mut cfg);
-    let cfg = Arc::new(cfg);
-    let shutdown = CancellationToken::new();
-    if materializer {
-        let services = weir_runtime::app::Services::new(cfg.clone()).unwrap();
-        let cas = weir_runtime::cas::Cas::from_config(&cfg).await.unwrap();
-        let consumer = services.consumer(weir_materializer::Materializer::new(cfg.clone(), cas));
-        tokio::spawn(consumer.run(shutdown.clone()));
-    }
-    let state = weir_gateway::state(cfg.clone(), sources).await.unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let running = weir_gateway::spawn(listener, state, shutdown.clone()).unwrap();
-    Gateway {
-        base: format!("http://{}", running.addr),
-        pool: weir_runtime::db::pool(&cfg.postgres).unwrap(),
-        http: reqwest::Client::new(),
-        cfg,
-        codec,
-        shutdown,
-    }
-}
-
-struct Answer {
-    status: StatusCode,
-    headers: reqwest::header::HeaderMap,
-    body: Value,
-}
-
-impl Gateway {
-    async fn key(&self, workspace: &str, permission: Permission) -> String {
-        create_key(&self.pool, workspace, permission)
-            .await
-            .unwrap()
-            .key
-    }
-
-    async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        key: Option<&str>,
-        headers: &[(&str, &str)],
-        body: Option<String>,
-    ) -> Answer {
-        let mut req = self.http.request(method, format!("{}{path}", self.base));
-        if let Some(k) = key {
-            req = req.bearer_auth(k);
-        }
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        if let Some(b) = body {
-            req = req.header("content-type", "application/json").body(b);
-        }
-        let res = req.send().await.unwrap();
-        let status = res.status();
-        let headers = res.headers().clone();
-        let is_problem = headers
-            .get("content-type")
-            .is_some_and(|v| v.to_str().unwrap().starts_with("application/problem+json"));
-        let text = res.text().await.unwrap();
-        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        if (status.is_client_error() || status.is_server_error()) && path.starts_with("/v1") {
-            assert!(is_problem, "{status} must be a problem body: {body}");
-            assert_eq!(body["status"], status.as_u16(), "{body}");
-            assert!(
-                body["detail"].is_string() && body["title"].is_string(),
-                "{body}"
-            );
-        }
-        Answer {
-            status,
-            headers,
-            body,
-        }
-    }
-
-    async fn get(&self, path: &str, key: &str) -> Answer {
-        self.call(Method::GET, path, Some(key), &[], None).await
-    }
-
-    async fn post(&self, path: &str, key: &str, body: Value) -> Answer {
-        self.call(Method::POST, path, Some(key), &[], Some(body.to_string()))
-            .await
-    }
-
-    /// Polls GET until `done` holds.
-    async fn wait_for(&self, path: &str, key: &str, done: impl Fn(&Answer) -> bool) -> Answer {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let a = self.get(path, key).await;
-            if done(&a) {
-                return a;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out on {path}: {} {}",
-                a.status,
-                a.body
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// Every event on topic `E` (from the start) until `want` of them are read.
-    async fn events<E: TopicEvent>(&self, want: usize) -> Vec<E> {
-        let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.cfg.kafka.bootstrap_servers)
-            .set("group.id", random_name("gw-reader"))
-            .set("auto.offset.reset", "earliest")
-            .create()
-            .unwrap();
-        consumer.subscribe(&[&self.codec.topic::<E>()]).unwrap();
-        let mut out = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while out.len() < want {
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "read {} of {want} events", out.len());
-            if let Ok(Ok(m)) = tokio::time::timeout(left, consumer.recv()).await {
-                let e: E = self.codec.decode(m.payload().unwrap()).await.unwrap();
-                assert_eq!(m.key().unwrap(), e.key().as_bytes(), "keyed by {}", e.key());
-                out.push(e);
-            }
-        }
-        out
-    }
+    let configure = |cfg: &mut Config| {
+        cfg.gateway.max_body_bytes = 64 * 1024;
+        tweak(cfg);
+    };
+    let options = Options {
+        sources,
+        materializer,
+        problems_under: Some("/v1"),
+        ..Options::default()
+    };
+    Gateway::start("gw", configure, options).await
 }
 
 fn definition(n: u64) -> Value {

@@ -25,10 +25,9 @@ use rdkafka::ClientConfig;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 use weir_gateway::{create_key, Permission, Sources};
-use weir_it::{config, prepare, produce_in_order, random_name};
-use weir_runtime::codec::Codec;
+use weir_it::gateway::{Answer, Gateway, Options, Setup};
+use weir_it::{config, produce_in_order, random_name};
 use weir_runtime::config::{CasBackend, Config, EmbedderKind, Secret};
 use weir_runtime::events::{
     new_event_id, now_micros, CacheEvent, CacheLookup, CacheStore, DeadLetter,
@@ -129,21 +128,18 @@ async fn embeddings_endpoint() -> String {
 
 /// The cache processor and the gateway of one test.
 struct Stack {
-    cfg: Arc<Config>,
-    base: String,
-    codec: Arc<Codec>,
-    pool: sqlx::PgPool,
+    gw: Gateway,
     producer: FutureProducer,
-    http: reqwest::Client,
     health: Health,
     processor: JoinHandle<Result<(), weir_runtime::error::RuntimeError>>,
-    shutdown: CancellationToken,
     _dir: tempfile::TempDir,
 }
 
-impl Drop for Stack {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
+impl std::ops::Deref for Stack {
+    type Target = Gateway;
+
+    fn deref(&self) -> &Gateway {
+        &self.gw
     }
 }
 
@@ -153,65 +149,57 @@ async fn start() -> Stack {
 
 async fn start_with(tweak: impl FnOnce(&mut Config)) -> Stack {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(&format!("{}.", random_name("hcache")));
-    cfg.cas.backend = CasBackend::Local;
-    cfg.cas.local_dir = dir.path().display().to_string();
-    cfg.cache.embedder = EmbedderKind::Openai;
-    cfg.cache.dimensions = DIMS as u32;
-    cfg.cache.openai_base_url = embeddings_endpoint().await;
-    cfg.cache.openai_api_key = Secret::new("test-key".to_string());
-    cfg.cache.max_prompt_bytes = 1_024;
-    cfg.gateway.rate_limit_per_sec = 10_000;
-    cfg.gateway.rate_limit_burst = 10_000;
-    cfg.gateway.client_rate_limit_per_sec = 10_000;
-    cfg.gateway.client_rate_limit_burst = 10_000;
-    tweak(&mut cfg);
-    let codec = prepare(&cfg).await.expect("prepare the stack");
-    let cfg = Arc::new(cfg);
-    let shutdown = CancellationToken::new();
-    let services = weir_runtime::app::Services::new(cfg.clone()).unwrap();
-    let cas = weir_runtime::cas::Cas::from_config(&cfg).await.unwrap();
-    let pool = weir_runtime::db::pool(&cfg.postgres).unwrap();
-    let embedder = weir_cache::Embedder::from_config(&cfg.cache).await.unwrap();
+    let embeddings = embeddings_endpoint().await;
+    let setup = Setup::new("hcache", |cfg| {
+        cfg.cas.backend = CasBackend::Local;
+        cfg.cas.local_dir = dir.path().display().to_string();
+        cfg.cache.embedder = EmbedderKind::Openai;
+        cfg.cache.dimensions = DIMS as u32;
+        cfg.cache.openai_base_url = embeddings;
+        cfg.cache.openai_api_key = Secret::new("test-key".to_string());
+        cfg.cache.max_prompt_bytes = 1_024;
+        cfg.gateway.rate_limit_per_sec = 10_000;
+        cfg.gateway.rate_limit_burst = 10_000;
+        cfg.gateway.client_rate_limit_per_sec = 10_000;
+        cfg.gateway.client_rate_limit_burst = 10_000;
+        tweak(cfg);
+    })
+    .await;
+    let embedder = weir_cache::Embedder::from_config(&setup.cfg.cache)
+        .await
+        .unwrap();
     let cache = weir_cache::Cache::new(
-        pool.clone(),
-        cas,
-        Arc::new(cfg.cache.clone()),
+        setup.pool.clone(),
+        setup.cas.clone(),
+        Arc::new(setup.cfg.cache.clone()),
         Some(embedder),
     )
     .await
     .unwrap();
-    let processor = services.consumer(
-        weir_cache::CacheProcessor::new(cache.clone()).with_health(services.health.clone()),
-    );
-    let processor = tokio::spawn(processor.run(shutdown.clone()));
+    let health = setup.services.health.clone();
+    let processor = setup
+        .services
+        .consumer(weir_cache::CacheProcessor::new(cache.clone()).with_health(health.clone()));
+    let processor = tokio::spawn(processor.run(setup.shutdown.clone()));
     let sources = Sources {
         run_status: None,
         cache_lookup: Some(Arc::new(weir_gateway::sources::ResultCacheLookup::new(
             cache,
         ))),
     };
-    let state = weir_gateway::state(cfg.clone(), sources).await.unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let running = weir_gateway::spawn(listener, state, shutdown.clone()).unwrap();
+    let gw = setup
+        .serve(Options {
+            sources,
+            ..Options::default()
+        })
+        .await;
     Stack {
-        base: format!("http://{}", running.addr),
-        producer: weir_runtime::kafka::producer(&cfg.kafka).unwrap(),
-        http: reqwest::Client::new(),
-        health: services.health.clone(),
-        cfg,
-        codec,
-        pool,
+        producer: weir_runtime::kafka::producer(&gw.cfg.kafka).unwrap(),
+        gw,
+        health,
         processor,
-        shutdown,
         _dir: dir,
     }
-}
-
-#[derive(Debug)]
-struct Answer {
-    status: StatusCode,
-    body: Value,
 }
 
 /// A key and its public id (`weir_<key_id>_<secret>`).
@@ -230,21 +218,7 @@ impl Stack {
     }
 
     async fn post(&self, path: &str, key: &Key, body: Value) -> Answer {
-        let res = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .bearer_auth(&key.key)
-            .header("content-type", "application/json")
-            .body(body.to_string())
-            .send()
-            .await
-            .unwrap();
-        let status = res.status();
-        let text = res.text().await.unwrap();
-        Answer {
-            status,
-            body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        }
+        self.gw.post(path, &key.key, body).await
     }
 
     /// Polls `sql` (one bigint, `$1` = `bind`) until it is at least `want`, for `within`.

@@ -14,139 +14,36 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use weir_gateway::{create_key, Permission, Sources};
-use weir_it::{config, prepare, random_name, weir_bin};
+use weir_it::gateway::{Gateway, Options};
+use weir_it::{config, random_name, weir_bin};
 use weir_runtime::config::Config;
-
-struct Gateway {
-    base: String,
-    addr: std::net::SocketAddr,
-    telemetry: String,
-    cfg: Arc<Config>,
-    pool: sqlx::PgPool,
-    http: reqwest::Client,
-    shutdown: CancellationToken,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
 
 /// A gateway, a materializer and the telemetry listener in this process, on fresh topics.
 async fn start(tweak: impl FnOnce(&mut Config), sources: Sources) -> Gateway {
-    let mut cfg = config(&format!("{}.", random_name("hgw")));
-    prepare(&cfg).await.expect("prepare the stack");
-    tweak(&mut cfg);
-    let cfg = Arc::new(cfg);
-    let shutdown = CancellationToken::new();
-    let services = weir_runtime::app::Services::new(cfg.clone()).unwrap();
-    let cas = weir_runtime::cas::Cas::from_config(&cfg).await.unwrap();
-    let consumer = services.consumer(weir_materializer::Materializer::new(cfg.clone(), cas));
-    tokio::spawn(consumer.run(shutdown.clone()));
-    let state = weir_gateway::state(cfg.clone(), sources).await.unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let running = weir_gateway::spawn(listener, state, shutdown.clone()).unwrap();
-    let tl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let telemetry = format!("http://{}", tl.local_addr().unwrap());
-    tokio::spawn(weir_runtime::telemetry::serve_listener(
-        tl,
-        services.health.clone(),
-        shutdown.clone(),
-    ));
-    Gateway {
-        base: format!("http://{}", running.addr),
-        addr: running.addr,
-        telemetry,
-        pool: weir_runtime::db::pool(&cfg.postgres).unwrap(),
+    let options = Options {
+        sources,
+        materializer: true,
+        telemetry: true,
         // Below every idle timeout the tests set, so a pooled connection is never reused
         // just as the gateway closes it.
-        http: reqwest::Client::builder()
-            .pool_idle_timeout(Duration::from_millis(800))
-            .build()
-            .unwrap(),
-        cfg,
-        shutdown,
-    }
+        pool_idle_timeout: Some(Duration::from_millis(800)),
+        problems_under: Some("/"),
+        ..Options::default()
+    };
+    Gateway::start("hgw", tweak, options).await
 }
 
-struct Answer {
-    status: StatusCode,
-    headers: reqwest::header::HeaderMap,
-    body: Value,
-}
-
-impl Gateway {
-    async fn key(&self, workspace: &str, permission: Permission) -> String {
-        create_key(&self.pool, workspace, permission)
-            .await
-            .unwrap()
-            .key
-    }
-
-    /// A request; every 4xx/5xx of a /v1 route must be a problem body.
-    async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        key: Option<&str>,
-        headers: &[(&str, &str)],
-        body: Option<String>,
-    ) -> Answer {
-        let mut req = self.http.request(method, format!("{}{path}", self.base));
-        if let Some(k) = key {
-            req = req.header("authorization", format!("Bearer {k}"));
-        }
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        if let Some(b) = body {
-            req = req.header("content-type", "application/json").body(b);
-        }
-        let res = req.send().await.unwrap();
-        let status = res.status();
-        let headers = res.headers().clone();
-        let is_problem = headers
-            .get("content-type")
-            .is_some_and(|v| v.to_str().unwrap().starts_with("application/problem+json"));
-        let text = res.text().await.unwrap();
-        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        if status.is_client_error() || status.is_server_error() {
-            assert!(
-                is_problem,
-                "{status} on {path} must be a problem body: {body}"
-            );
-            assert_eq!(body["status"], status.as_u16(), "{body}");
-            assert!(body["detail"].is_string(), "{body}");
-        }
-        Answer {
-            status,
-            headers,
-            body,
-        }
-    }
-
-    async fn metrics(&self) -> String {
-        let res = self
-            .http
-            .get(format!("{}/metrics", self.telemetry))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            res.status(),
-            StatusCode::OK,
-            "metrics on the telemetry port"
-        );
-        res.text().await.unwrap()
-    }
-
+/// What every test ends with.
+trait StillServes {
     /// The gateway answers, and a good request of a new workspace (from a fresh client
     /// address when the gateway reads X-Forwarded-For) is accepted and materialized within
     /// seconds.
+    async fn still_serves_others(&self);
+}
+
+impl StillServes for Gateway {
     async fn still_serves_others(&self) {
         let h = self.http.get(format!("{}/healthz", self.base)).send().await;
         assert_eq!(h.unwrap().status(), StatusCode::OK, "the gateway is up");

@@ -10,7 +10,7 @@
 //! patches with exit code 1 instead of aborting.
 
 use std::collections::HashMap;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -19,24 +19,15 @@ use rdkafka::ClientConfig;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use uuid::Uuid;
-use weir_it::{config, prepare, produce, random_name, weir_bin, ChildGuard};
+use weir_it::{config, prepare, produce, random_name, spawn_weir_run, weir_bin, ChildGuard};
 use weir_materializer::processor::patch_submitted;
 use weir_runtime::cas::{Cas, CasRef};
 use weir_runtime::codec::Codec;
 use weir_runtime::events::{PatchSubmitted, WorkflowEvent};
 
 fn spawn_weir(prefix: &str, what: &str) -> ChildGuard {
-    ChildGuard(
-        Command::new(weir_bin())
-            .args(["run", what])
-            .env("WEIR__KAFKA__TOPIC_PREFIX", prefix)
-            .env("WEIR__KAFKA__CONSUMER__SESSION_TIMEOUT_MS", "6000")
-            .env("WEIR__TELEMETRY__LISTEN", "127.0.0.1:0")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn weir"),
-    )
+    let env = [("WEIR__KAFKA__CONSUMER__SESSION_TIMEOUT_MS", "6000")];
+    spawn_weir_run(prefix, what, &env)
 }
 
 fn definition(tag: &str) -> Value {
@@ -432,54 +423,17 @@ fn weir_patch_apply_refuses_the_bomb_and_the_deep_patch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_refuses_what_it_can_know_and_forwards_the_rest() {
     use reqwest::StatusCode;
-    use std::sync::Arc;
+    use weir_it::gateway::{Gateway, Options};
 
-    let cfg = config(&format!("{}.", random_name("hpgw")));
-    prepare(&cfg).await.expect("prepare");
-    let cfg = Arc::new(cfg);
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let _stop = shutdown.clone().drop_guard();
-    let services = weir_runtime::app::Services::new(cfg.clone()).unwrap();
-    let cas = Cas::from_config(&cfg).await.unwrap();
-    let consumer = services.consumer(weir_materializer::Materializer::new(cfg.clone(), cas));
-    tokio::spawn(consumer.run(shutdown.clone()));
-    let sources = weir_gateway::Sources {
-        run_status: None,
-        cache_lookup: None,
+    let options = Options {
+        materializer: true,
+        ..Options::default()
     };
-    let state = weir_gateway::state(cfg.clone(), sources).await.unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let running = weir_gateway::spawn(listener, state, shutdown.clone()).unwrap();
-    let base = format!("http://{}", running.addr);
-    let pool = weir_runtime::db::pool(&cfg.postgres).unwrap();
-    let http = reqwest::Client::new();
-    let key = |ws: String| {
-        let pool = pool.clone();
-        async move {
-            weir_gateway::create_key(&pool, &ws, weir_gateway::Permission::Write)
-                .await
-                .unwrap()
-                .key
-        }
-    };
-    let call = |method: reqwest::Method, path: String, key: String, body: Option<String>| {
-        let req = http
-            .request(method, format!("{base}{path}"))
-            .header("authorization", format!("Bearer {key}"));
-        let req = match body {
-            Some(b) => req.header("content-type", "application/json").body(b),
-            None => req,
-        };
-        async move {
-            let res = req.send().await.unwrap();
-            let status = res.status();
-            let problem = res
-                .headers()
-                .get("content-type")
-                .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
-            let body: Value = res.json().await.unwrap_or(Value::Null);
-            (status, problem, body)
-        }
+    let gw = &Gateway::start("hpgw", |_| {}, options).await;
+    let key = |ws: String| async move { gw.key(&ws, weir_gateway::Permission::Write).await };
+    let call = |method: reqwest::Method, path: String, key: String, body: Option<String>| async move {
+        let a = gw.call(method, &path, Some(&key), &[], body).await;
+        (a.status, a.problem, a.body)
     };
     // Waits until a workflow's version is `want`.
     let wait_version = |path: String, key: String, want: i64| {

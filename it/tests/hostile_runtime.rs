@@ -530,19 +530,8 @@ async fn dead_letters_are_listed_shown_and_redriven_once() {
 
 fn run_requested(ws: &str, run_id: &str, workflow_id: &str) -> CompletionEvent {
     CompletionEvent::RunRequested(RunRequested {
-        event_id: events::new_event_id(),
-        occurred_at: events::now_micros(),
-        workspace_id: ws.into(),
-        traceparent: String::new(),
-        tracestate: None,
-        run_id: run_id.into(),
-        workflow_id: workflow_id.into(),
-        version: None,
-        requester: "it".into(),
-        permission: "write".into(),
         inputs_json: Some(format!("{{\"run\":\"{run_id}\"}}")),
-        inputs_ref: None,
-        idempotency_key: None,
+        ..weir_it::run_requested(ws, run_id, workflow_id)
     })
 }
 

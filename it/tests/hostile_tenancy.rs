@@ -17,127 +17,65 @@ use rdkafka::producer::FutureProducer;
 use rdkafka::ClientConfig;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use weir_cache::maintenance::{gc_once, sweep_all, GcWindow};
 use weir_cache::{
     Cache, Permission as CachePermission, Refusal, StoreOutcome, StoreRequest, StoreResult,
 };
-use weir_gateway::{create_key, Permission, Sources};
-use weir_it::{config, prepare, produce, random_name};
-use weir_runtime::cas::{Cas, CasRef};
-use weir_runtime::codec::Codec;
+use weir_gateway::Permission;
+use weir_it::gateway::{Answer, Gateway, Options};
+use weir_it::{produce, random_name};
+use weir_runtime::cas::CasRef;
 use weir_runtime::config::{CasBackend, Config};
 use weir_runtime::events::{self, CompletionEvent, DeadLetter, NodeCompleted, NodeStatus};
 
 /// The gateway, the materializer and the coordinator of one test.
 struct Stack {
-    cfg: Arc<Config>,
-    base: String,
-    codec: Arc<Codec>,
-    pool: sqlx::PgPool,
-    cas: Cas,
+    gw: Gateway,
     producer: FutureProducer,
-    http: reqwest::Client,
-    shutdown: CancellationToken,
     _dir: tempfile::TempDir,
 }
 
-impl Drop for Stack {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
+impl std::ops::Deref for Stack {
+    type Target = Gateway;
+
+    fn deref(&self) -> &Gateway {
+        &self.gw
     }
 }
 
 async fn start(tweak: impl FnOnce(&mut Config)) -> Stack {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(&format!("{}.", random_name("tenancy")));
-    cfg.cas.backend = CasBackend::Local;
-    cfg.cas.local_dir = dir.path().display().to_string();
-    cfg.gateway.rate_limit_per_sec = 10_000;
-    cfg.gateway.rate_limit_burst = 10_000;
-    cfg.gateway.client_rate_limit_per_sec = 10_000;
-    cfg.gateway.client_rate_limit_burst = 10_000;
-    let codec = prepare(&cfg).await.expect("prepare the stack");
-    tweak(&mut cfg);
-    let cfg = Arc::new(cfg);
-    let shutdown = CancellationToken::new();
-    let services = weir_runtime::app::Services::new(cfg.clone()).unwrap();
-    let cas = Cas::from_config(&cfg).await.unwrap();
-    let pool = weir_runtime::db::pool(&cfg.postgres).unwrap();
-    let materializer = services.consumer(weir_materializer::Materializer::new(
-        cfg.clone(),
-        cas.clone(),
-    ));
-    tokio::spawn(materializer.run(shutdown.clone()));
-    let coordinator = services.consumer(weir_coordinator::Coordinator::new(
-        cfg.clone(),
-        pool.clone(),
-        cas.clone(),
-    ));
-    tokio::spawn(coordinator.run(shutdown.clone()));
-    let state = weir_gateway::state(cfg.clone(), Sources::default())
-        .await
-        .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let running = weir_gateway::spawn(listener, state, shutdown.clone()).unwrap();
+    let configure = |cfg: &mut Config| {
+        cfg.cas.backend = CasBackend::Local;
+        cfg.cas.local_dir = dir.path().display().to_string();
+        cfg.gateway.rate_limit_per_sec = 10_000;
+        cfg.gateway.rate_limit_burst = 10_000;
+        cfg.gateway.client_rate_limit_per_sec = 10_000;
+        cfg.gateway.client_rate_limit_burst = 10_000;
+        tweak(cfg);
+    };
+    let options = Options {
+        materializer: true,
+        coordinator: true,
+        ..Options::default()
+    };
+    let gw = Gateway::start("tenancy", configure, options).await;
     Stack {
-        base: format!("http://{}", running.addr),
-        producer: weir_runtime::kafka::producer(&cfg.kafka).unwrap(),
-        http: reqwest::Client::new(),
-        cfg,
-        codec,
-        pool,
-        cas,
-        shutdown,
+        producer: weir_runtime::kafka::producer(&gw.cfg.kafka).unwrap(),
+        gw,
         _dir: dir,
     }
 }
 
-#[derive(Debug)]
-struct Answer {
-    status: StatusCode,
-    body: Value,
-}
-
 impl Stack {
     async fn key(&self, workspace: &str) -> String {
-        create_key(&self.pool, workspace, Permission::Write)
-            .await
-            .unwrap()
-            .key
+        self.gw.key(workspace, Permission::Write).await
     }
 
     async fn call(&self, method: Method, path: &str, key: &str, body: Option<Value>) -> Answer {
-        let mut req = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .bearer_auth(key);
-        if let Some(b) = body {
-            req = req
-                .header("content-type", "application/json")
-                .body(b.to_string());
-        }
-        let res = req.send().await.unwrap();
-        let status = res.status();
-        let text = res.text().await.unwrap();
-        Answer {
-            status,
-            body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        }
-    }
-
-    /// Polls GET `path` until `done` holds (60 s at most).
-    async fn wait_for(&self, path: &str, key: &str, done: impl Fn(&Answer) -> bool) -> Answer {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let a = self.call(Method::GET, path, key, None).await;
-            if done(&a) {
-                return a;
-            }
-            assert!(Instant::now() < deadline, "timed out on {path}: {a:?}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let body = body.map(|b| b.to_string());
+        self.gw.call(method, path, Some(key), &[], body).await
     }
 
     /// Polls `sql` (one bigint, bound to `binds`) until it is at least `want`.

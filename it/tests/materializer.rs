@@ -3,7 +3,6 @@
 //! → WorkflowMaterialized / PatchRejected on weir.workflows.v1.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
@@ -14,7 +13,8 @@ use rdkafka::ClientConfig;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use weir_it::{
-    config, prepare, produce, produce_in_order, produce_raw, random_name, weir_bin, ChildGuard,
+    config, prepare, produce, produce_in_order, produce_raw, random_name, spawn_weir_run,
+    ChildGuard,
 };
 use weir_materializer::definition::{canonical_json, Limits};
 use weir_materializer::fold::{self, Decision, Head, Submitted};
@@ -24,18 +24,11 @@ use weir_runtime::codec::Codec;
 use weir_runtime::events::{PatchSubmitted, WorkflowEvent};
 
 fn spawn_weir(prefix: &str, what: &str) -> ChildGuard {
-    ChildGuard(
-        Command::new(weir_bin())
-            .args(["run", what])
-            .env("WEIR__KAFKA__TOPIC_PREFIX", prefix)
-            .env("WEIR__RUNTIME__MAX_BATCH", "200")
-            .env("WEIR__KAFKA__CONSUMER__SESSION_TIMEOUT_MS", "6000")
-            .env("WEIR__TELEMETRY__LISTEN", "127.0.0.1:0")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn weir"),
-    )
+    let env = [
+        ("WEIR__RUNTIME__MAX_BATCH", "200"),
+        ("WEIR__KAFKA__CONSUMER__SESSION_TIMEOUT_MS", "6000"),
+    ];
+    spawn_weir_run(prefix, what, &env)
 }
 
 fn create(seed: u64) -> Value {
