@@ -177,9 +177,10 @@ async fn start_with(tweak: impl FnOnce(&mut Config)) -> Stack {
     .await
     .unwrap();
     let health = setup.services.health.clone();
-    let processor = setup
-        .services
-        .consumer(weir_cache::CacheProcessor::new(cache.clone()).with_health(health.clone()));
+    let processor = setup.services.consumer(
+        weir_cache::CacheProcessor::new(cache.clone(), &setup.cfg.kafka)
+            .with_health(health.clone()),
+    );
     let processor = tokio::spawn(processor.run(setup.shutdown.clone()));
     let sources = Sources {
         run_status: None,

@@ -29,7 +29,8 @@ use crate::error::{CacheError, EmbedClass};
 use crate::key::{parse_json, Permission};
 use crate::metrics as m;
 
-/// Consumer group of the cache processor.
+/// Base consumer group of the cache processor; the group is
+/// [`KafkaConfig::group`](weir_runtime::config::KafkaConfig::group) of it.
 pub const GROUP: &str = "weir-cache";
 
 /// Readiness component reporting whether the embedder answers (see [`CacheProcessor::with_health`]).
@@ -44,14 +45,16 @@ pub const MAX_NODE_TYPE_BYTES: usize = 128;
 pub struct CacheProcessor {
     cache: Cache,
     health: Option<Health>,
+    group: String,
 }
 
 impl CacheProcessor {
-    /// A processor over `cache`.
-    pub fn new(cache: Cache) -> Self {
+    /// A processor over `cache`, consuming in the group of `kafka`'s environment.
+    pub fn new(cache: Cache, kafka: &weir_runtime::config::KafkaConfig) -> Self {
         Self {
             cache,
             health: None,
+            group: kafka.group(GROUP),
         }
     }
 
@@ -191,7 +194,7 @@ impl Processor for CacheProcessor {
     type Event = CacheEvent;
 
     fn group(&self) -> String {
-        GROUP.to_string()
+        self.group.clone()
     }
 
     async fn apply(

@@ -1648,7 +1648,7 @@ impl Processor for Coordinator {
     type Event = CompletionEvent;
 
     fn group(&self) -> String {
-        GROUP.to_string()
+        self.cfg.kafka.group(GROUP)
     }
 
     async fn apply(

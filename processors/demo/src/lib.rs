@@ -172,14 +172,19 @@ fn definitions() -> Vec<(&'static str, Value)> {
     ]
 }
 
-/// The consumer groups of the processors the demo drives.
-const GROUPS: [&str; 3] = ["weir-materializer", "weir-coordinator", "weir-cache"];
+/// The base consumer groups of the processors the demo drives.
+const GROUPS: [&str; 3] = [
+    weir_materializer::processor::GROUP,
+    weir_coordinator::GROUP,
+    weir_cache::processor::GROUP,
+];
 
 /// Whether every processor's consumer group is stable with members (owns its partitions), so
 /// events produced now are processed at once rather than after a rebalance.
 fn groups_stable(cfg: &Config) -> anyhow::Result<bool> {
     for group in GROUPS {
-        let state = weir_runtime::kafka::group_state(&cfg.kafka, group, Duration::from_secs(10))?;
+        let group = cfg.kafka.group(group);
+        let state = weir_runtime::kafka::group_state(&cfg.kafka, &group, Duration::from_secs(10))?;
         if !matches!(state, Some((s, n)) if s == "Stable" && n > 0) {
             return Ok(false);
         }
@@ -643,8 +648,13 @@ async fn drive(
             // the cache processor apply them before wave 2 asks for the same work.
             let topic = cfg.kafka.topic("weir.cache.v1");
             loop {
-                let (applied, produced) =
-                    applied_and_produced(cfg, pool, "weir-cache", &topic).await?;
+                let (applied, produced) = applied_and_produced(
+                    cfg,
+                    pool,
+                    &cfg.kafka.group(weir_cache::processor::GROUP),
+                    &topic,
+                )
+                .await?;
                 if applied >= produced {
                     say(
                         started,

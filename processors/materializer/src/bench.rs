@@ -116,6 +116,7 @@ async fn decided(pool: &sqlx::PgPool, topic: &str) -> anyhow::Result<i64> {
 /// Waits until `n` records of `topic` are committed, then checks that each has its decision.
 async fn wait_decided(
     pool: &sqlx::PgPool,
+    group: &str,
     topic: &str,
     n: usize,
     timeout: Duration,
@@ -123,9 +124,7 @@ async fn wait_decided(
     let start = Instant::now();
     // Committed offsets, not the patch log: counting decisions would scan the log every poll
     // and take CPU from the Postgres being measured.
-    while weir_runtime::consumer::applied_records(pool, crate::processor::GROUP, topic).await?
-        < n as i64
-    {
+    while weir_runtime::consumer::applied_records(pool, group, topic).await? < n as i64 {
         anyhow::ensure!(
             start.elapsed() < timeout,
             "timed out waiting for {n} decisions on {topic}"
@@ -196,11 +195,8 @@ async fn wait_group_stable(cfg: &Config, members: usize, timeout: Duration) -> a
     loop {
         let kafka = cfg.kafka.clone();
         let state = tokio::task::spawn_blocking(move || {
-            weir_runtime::kafka::group_state(
-                &kafka,
-                crate::processor::GROUP,
-                Duration::from_secs(5),
-            )
+            let group = kafka.group(crate::processor::GROUP);
+            weir_runtime::kafka::group_state(&kafka, &group, Duration::from_secs(5))
         })
         .await??;
         if matches!(&state, Some((s, n)) if s == "Stable" && *n == members) {
@@ -209,7 +205,7 @@ async fn wait_group_stable(cfg: &Config, members: usize, timeout: Duration) -> a
         anyhow::ensure!(
             start.elapsed() < timeout,
             "consumer group {} not stable with {members} members: {state:?}",
-            crate::processor::GROUP
+            cfg.kafka.group(crate::processor::GROUP)
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -267,6 +263,7 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
     let producer: rdkafka::producer::FutureProducer = producer_config.create()?;
     let cas = weir_runtime::cas::Cas::from_config(&cfg).await?;
     let topic = codec.topic::<PatchSubmitted>();
+    let group = cfg.kafka.group(crate::processor::GROUP);
 
     // Phase 1: throughput on a backlog. The consumers start first and the backlog is
     // produced once their group is stable with every member assigned: otherwise the first
@@ -302,7 +299,7 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
         eprintln!("warming up with {warmup} patches ...");
         let t = Instant::now();
         weir_runtime::kafka::produce_in_order(&producer, &codec, &events).await?;
-        wait_decided(&pool, &topic, warmup, Duration::from_secs(300)).await?;
+        wait_decided(&pool, &group, &topic, warmup, Duration::from_secs(300)).await?;
         done = warmup;
         // Then a steady stream in rounds of about two seconds, until the p99 of a round is
         // within a quarter of the previous one's (or `warmup_seconds` pass): a freshly
@@ -315,7 +312,7 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
             let events = stream(&format!("{run_id}-w-"), done, round, warmup_workflows);
             let since = steady(&producer, &codec, &events, rate).await?;
             done += round;
-            wait_decided(&pool, &topic, done, Duration::from_secs(300)).await?;
+            wait_decided(&pool, &group, &topic, done, Duration::from_secs(300)).await?;
             let (_, p99) = percentiles(&pool, &topic, end, &format!("{run_id}-w-%"), since).await?;
             eprintln!("warm-up round at {rate:.0}/s: p99 {p99:.1} ms");
             if previous.is_some_and(|p| (p99 - p).abs() <= 0.25 * p) {
@@ -339,7 +336,7 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
 
     eprintln!("materializing ...");
     done += params.patches;
-    wait_decided(&pool, &topic, done, Duration::from_secs(900)).await?;
+    wait_decided(&pool, &group, &topic, done, Duration::from_secs(900)).await?;
     let last: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(&format!(
         "SELECT max({end}) FROM weir_workflow_patches WHERE source_topic = $1"
     ))
@@ -376,6 +373,7 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
     let latency_start = steady(&producer, &codec, &latency_events, rate).await?;
     wait_decided(
         &pool,
+        &group,
         &topic,
         done + latency_events.len(),
         Duration::from_secs(600),

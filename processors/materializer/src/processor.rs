@@ -258,7 +258,7 @@ impl Processor for Materializer {
     type Event = PatchSubmitted;
 
     fn group(&self) -> String {
-        GROUP.to_string()
+        self.cfg.kafka.group(GROUP)
     }
 
     /// Fetches wait for 64 KiB (about 130 patches) or `fetch.wait.max.ms` (10 ms), whichever

@@ -82,7 +82,8 @@ pub struct Config {
 pub struct KafkaConfig {
     /// Comma-separated bootstrap servers (env: KAFKA_BOOTSTRAP_SERVERS).
     pub bootstrap_servers: String,
-    /// Prefix put in front of every topic name, to run several environments on one cluster.
+    /// Prefix put in front of every topic name and every processor's consumer group, to run
+    /// several environments on one cluster.
     pub topic_prefix: String,
     /// Partitions of each topic that `weir topics create` makes, unless overridden below.
     pub partitions: i32,
@@ -169,6 +170,14 @@ impl fmt::Debug for KafkaConfig {
 impl KafkaConfig {
     /// The full topic name of a default topic name, with the environment prefix.
     pub fn topic(&self, name: &str) -> String {
+        format!("{}{}", self.topic_prefix, name)
+    }
+
+    /// The consumer group of a processor's base group name, with the environment prefix:
+    /// deployments sharing a Kafka cluster under different prefixes (staging beside dev,
+    /// test runs) never share a group, so one's joins and slow members never stall another's
+    /// rebalances. With no prefix it is the base name.
+    pub fn group(&self, name: &str) -> String {
         format!("{}{}", self.topic_prefix, name)
     }
 }

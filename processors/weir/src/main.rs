@@ -487,7 +487,7 @@ async fn run_processors(cfg: Arc<Config>, which: &[ProcessorName]) -> anyhow::Re
                     .context("the result cache is built for this processor")?;
                 for _ in 0..cfg.runtime.consumers {
                     let consumer = s.consumer(
-                        weir_cache::CacheProcessor::new(cache.clone())
+                        weir_cache::CacheProcessor::new(cache.clone(), &cfg.kafka)
                             .with_health(s.health.clone()),
                     );
                     let stop = stop.clone();
