@@ -1,4 +1,4 @@
-//! Hostile patches against the real stack (issue 12, "Bounded work"): a 2 KB patch of 40
+//! Hostile patches against the real stack (bounded work per patch): a 2 KB patch of 40
 //! `copy` operations from the root (each doubling the document), thousands of `copy`
 //! operations nesting it deeper and deeper, a patch nested past the JSON parser's limit, a
 //! patch whose operations blob does not exist or is damaged, and a patch of a workflow whose
@@ -35,7 +35,7 @@ fn definition(tag: &str) -> Value {
            "settings": {"max_hops": 5}})
 }
 
-/// Issue 12's first reproduction: 40 `copy` from `""`, about 2 KB.
+/// The copy bomb: 40 `copy` from `""`, about 2 KB.
 fn bomb() -> Value {
     Value::Array(
         (0..40)

@@ -1,5 +1,5 @@
-//! Tenant isolation against the real stack (issue 12, "Tenant scoping" and "CAS garbage
-//! collection"): workflow ids are scoped per workspace, CAS refs are owned per workspace, and
+//! Tenant isolation against the real stack (tenant scoping and CAS garbage collection):
+//! workflow ids are scoped per workspace, CAS refs are owned per workspace, and
 //! the cache's garbage collector never deletes a blob something still needs.
 //!
 //! Each test runs the gateway, the materializer and the coordinator in this process on fresh

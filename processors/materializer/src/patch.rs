@@ -1921,7 +1921,7 @@ mod tests {
                "settings": {"max_hops": 5}})
     }
 
-    /// Issue 12's first reproduction: 40 `copy` from the root, 2 KB of patch, each doubling
+    /// The copy bomb: 40 `copy` from the root, 2 KB of patch, each doubling
     /// the document. Rejected `budget_bytes` at the op that would pass 4 MiB, before it
     /// allocates, with the document unchanged.
     #[test]
@@ -1978,7 +1978,7 @@ mod tests {
         assert_eq!(head.definition, definition());
     }
 
-    /// Issue 12's second reproduction: 30,000 `copy` ops into one path, nesting the document
+    /// The nesting bomb: 30,000 `copy` ops into one path, nesting the document
     /// one level deeper each. Rejected without a stack overflow on a 256 KiB stack: by the
     /// operation count with the defaults, and by depth when the count is allowed.
     #[test]
