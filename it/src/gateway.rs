@@ -7,9 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
-use rdkafka::ClientConfig;
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -276,13 +274,7 @@ impl Gateway {
     /// Every event on topic `E` (from the start) until `want` of them are read (60 s at
     /// most); each must be keyed by its key.
     pub async fn events<E: TopicEvent>(&self, want: usize) -> Vec<E> {
-        let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.cfg.kafka.bootstrap_servers)
-            .set("group.id", random_name("gw-reader"))
-            .set("auto.offset.reset", "earliest")
-            .create()
-            .unwrap();
-        consumer.subscribe(&[&self.codec.topic::<E>()]).unwrap();
+        let consumer = crate::reader(&self.cfg, &[&self.codec.topic::<E>()]);
         let mut out = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(60);
         while out.len() < want {

@@ -38,6 +38,20 @@ pub fn random_name(kind: &str) -> String {
     format!("it-{kind}-{}", uuid::Uuid::now_v7().simple())
 }
 
+/// A consumer of `topics` from their first record, in a group of its own (nothing it reads
+/// is taken from another reader): how a test reads what weir produced.
+pub fn reader(cfg: &Config, topics: &[&str]) -> rdkafka::consumer::StreamConsumer {
+    use rdkafka::consumer::Consumer as _;
+    let consumer: rdkafka::consumer::StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &cfg.kafka.bootstrap_servers)
+        .set("group.id", random_name("reader"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("reader consumer");
+    consumer.subscribe(topics).expect("subscribe");
+    consumer
+}
+
 /// Creates the ledger table (idempotent).
 pub async fn create_ledger(pool: &sqlx::PgPool) -> anyhow::Result<()> {
     // CREATE TABLE IF NOT EXISTS races with itself across sessions (tests run in parallel).

@@ -12,9 +12,7 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
-use rdkafka::ClientConfig;
 use serde_json::{json, Value};
 use weir_cache::cache::{exact_lookup_batch, ExactRequest};
 use weir_cache::embed::normalize;
@@ -557,15 +555,7 @@ async fn processor_answers_exact_and_semantic_lookups_with_the_real_model() {
     ];
     produce_in_order(&producer, &codec, &lookups).await.unwrap();
 
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &cfg.kafka.bootstrap_servers)
-        .set("group.id", random_name("reader"))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    consumer
-        .subscribe(&[&codec.topic::<CacheAnswer>()])
-        .unwrap();
+    let consumer = weir_it::reader(&cfg, &[&codec.topic::<CacheAnswer>()]);
     let mut answers: HashMap<String, CacheAnswer> = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     while answers.len() < 4 && Instant::now() < deadline {

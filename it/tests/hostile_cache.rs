@@ -18,10 +18,8 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::FutureProducer;
-use rdkafka::ClientConfig;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
@@ -241,15 +239,7 @@ impl Stack {
     /// Dead letters of this test's cache topic, by the request id of the original record,
     /// until `want` are seen (60 s at most).
     async fn dead_letters(&self, want: &[&str]) -> HashMap<String, DeadLetter> {
-        let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.cfg.kafka.bootstrap_servers)
-            .set("group.id", random_name("hcache-dlq"))
-            .set("auto.offset.reset", "earliest")
-            .create()
-            .unwrap();
-        consumer
-            .subscribe(&[&self.codec.topic::<DeadLetter>()])
-            .unwrap();
+        let consumer = weir_it::reader(&self.cfg, &[&self.codec.topic::<DeadLetter>()]);
         let mut found = HashMap::new();
         let deadline = Instant::now() + Duration::from_secs(60);
         while want.iter().any(|w| !found.contains_key(*w)) {

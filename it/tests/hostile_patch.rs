@@ -13,9 +13,7 @@ use std::collections::HashMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
-use rdkafka::ClientConfig;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -92,15 +90,7 @@ async fn rejected_events(
     codec: &Codec,
     want: &[Uuid],
 ) -> HashMap<Uuid, String> {
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &cfg.kafka.bootstrap_servers)
-        .set("group.id", random_name("reader"))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    consumer
-        .subscribe(&[&codec.topic::<WorkflowEvent>()])
-        .unwrap();
+    let consumer = weir_it::reader(cfg, &[&codec.topic::<WorkflowEvent>()]);
     let mut out = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs(90);
     while !want.iter().all(|p| out.contains_key(p)) && Instant::now() < deadline {

@@ -11,10 +11,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::FutureProducer;
-use rdkafka::ClientConfig;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -96,15 +94,7 @@ impl Stack {
 
     /// Dead letters of this test's topics whose message contains `needle` (60 s at most).
     async fn dead_letter(&self, needle: &str) -> DeadLetter {
-        let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.cfg.kafka.bootstrap_servers)
-            .set("group.id", random_name("tenancy-dlq"))
-            .set("auto.offset.reset", "earliest")
-            .create()
-            .unwrap();
-        consumer
-            .subscribe(&[&self.codec.topic::<DeadLetter>()])
-            .unwrap();
+        let consumer = weir_it::reader(&self.cfg, &[&self.codec.topic::<DeadLetter>()]);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());

@@ -7,9 +7,7 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
-use rdkafka::ClientConfig;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use weir_it::{
@@ -92,15 +90,7 @@ async fn read_workflow_events(
     codec: &Codec,
     expected: usize,
 ) -> Vec<WorkflowEvent> {
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &cfg.kafka.bootstrap_servers)
-        .set("group.id", random_name("reader"))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    consumer
-        .subscribe(&[&codec.topic::<WorkflowEvent>()])
-        .unwrap();
+    let consumer = weir_it::reader(cfg, &[&codec.topic::<WorkflowEvent>()]);
     let mut out = Vec::new();
     let mut ids = HashSet::new();
     let deadline = Instant::now() + Duration::from_secs(180);

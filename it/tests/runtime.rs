@@ -9,9 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::ClientConfig;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use weir_it::{
@@ -209,13 +207,7 @@ async fn poison_records_are_dead_lettered_and_the_rest_apply() {
     assert_eq!(applied, 2, "the records after the poison must still apply");
 
     // Read the dead-letter topic.
-    let dlq: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &cfg.kafka.bootstrap_servers)
-        .set("group.id", random_name("dlq-reader"))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    dlq.subscribe(&[&codec.topic::<DeadLetter>()]).unwrap();
+    let dlq = weir_it::reader(&cfg, &[&codec.topic::<DeadLetter>()]);
     let mut letters = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while letters.len() < 4 && Instant::now() < deadline {
