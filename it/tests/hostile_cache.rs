@@ -509,19 +509,33 @@ async fn poison_cache_records_cost_one_record_and_others_carry_on() {
     let good_ws = random_name("ws-good");
     let writer = st.key(&poison_ws, Permission::Write).await;
 
-    // Through the gateway: an all-zero vector is finite, so it passes the gateway's check,
-    // and only the processor knows it has no direction.
-    let a = st
-        .post(
-            "/v1/cache/entries",
-            &writer,
-            json!({"node_type": "agent", "config": {"model": "m1"}, "inputs": {"z": 1},
-                   "prompt": "zero vector", "embedding": vec![0.0f32; DIMS],
-                   "result": {"ok": true}, "cost_ms": 5}),
-        )
-        .await;
-    assert_eq!(a.status, StatusCode::ACCEPTED, "{:?}", a.body);
-    let zero_id = a.body["request_id"].as_str().unwrap().to_string();
+    // Through the gateway: the processor's own vector and prompt checks answer 422, before
+    // anything is produced or stored.
+    for (body, needle) in [
+        (
+            json!({"prompt": "zero vector", "embedding": vec![0.0f32; DIMS]}),
+            "zero",
+        ),
+        (
+            json!({"prompt": "short", "embedding": vec![1.0f32; 3]}),
+            "3 dimensions",
+        ),
+        (json!({"prompt": "  "}), "prompt is empty"),
+    ] {
+        let mut entry = json!({"node_type": "agent", "config": {"model": "m1"},
+                               "inputs": {"z": 1}, "result": {"ok": true}, "cost_ms": 5});
+        entry
+            .as_object_mut()
+            .unwrap()
+            .extend(body.as_object().unwrap().clone());
+        let a = st.post("/v1/cache/entries", &writer, entry).await;
+        assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY, "{:?}", a.body);
+        assert!(
+            a.body["detail"].as_str().unwrap().contains(needle),
+            "{:?}",
+            a.body
+        );
+    }
 
     // Straight onto weir.cache.v1, in one batch.
     let mut nan = vec![0.1f32; DIMS];
@@ -561,6 +575,11 @@ async fn poison_cache_records_cost_one_record_and_others_carry_on() {
     let mut nan_lookup = lookup_event(&poison_ws, "nan-vector", None);
     nan_lookup.embedding = Some(nan);
     poison("nan-vector", CacheEvent::CacheLookup(nan_lookup));
+    // Producers that skip the gateway: the processor refuses an all-zero vector (finite,
+    // but without a direction) itself.
+    let mut zero = store_event(&poison_ws, "zero-vector", None, r#"{"a":5}"#);
+    zero.embedding = Some(vec![0.0; DIMS]);
+    poison("zero-vector", CacheEvent::CacheStore(zero));
     let mut short = store_event(&poison_ws, "short-vector", None, r#"{"a":3}"#);
     short.embedding = Some(vec![1.0; 3]);
     poison("short-vector", CacheEvent::CacheStore(short));
@@ -610,8 +629,7 @@ async fn poison_cache_records_cost_one_record_and_others_carry_on() {
         "the good workspace waited {took:?}"
     );
 
-    let mut want: Vec<&str> = records.iter().map(|(id, _)| id.as_str()).collect();
-    want.push(&zero_id);
+    let want: Vec<&str> = records.iter().map(|(id, _)| id.as_str()).collect();
     let letters = st.dead_letters(&want).await;
     let reason = |id: &str| letters[id].error_message.clone();
     for (id, needle) in [
@@ -622,7 +640,7 @@ async fn poison_cache_records_cost_one_record_and_others_carry_on() {
         ("nan-vector", "NaN"),
         ("short-vector", "3 dimensions"),
         ("above-own-level", "cannot store an entry requiring admin"),
-        (zero_id.as_str(), "zero"),
+        ("zero-vector", "zero"),
     ] {
         assert!(reason(id).contains(needle), "{id}: {}", reason(id));
         assert_eq!(letters[id].error_class, "invalid", "{id}");

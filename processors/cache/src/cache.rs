@@ -811,7 +811,9 @@ impl Cache {
             .await?;
         answers
             .pop()
-            .ok_or_else(|| CacheError::Invalid("no answer".into()))?
+            .ok_or(CacheError::Internal(
+                "a lookup of one request returned no answer",
+            ))?
             .map_err(CacheError::Invalid)
     }
 
@@ -821,8 +823,9 @@ impl Cache {
         let mut tx = self.pool.begin().await?;
         let mut out = self.store_in(&mut tx, std::slice::from_ref(req)).await?;
         tx.commit().await?;
-        out.pop()
-            .ok_or_else(|| CacheError::Invalid("no outcome".into()))
+        out.pop().ok_or(CacheError::Internal(
+            "a store of one request returned no outcome",
+        ))
     }
 
     /// The unit vectors of the requests that need one (`wanted`: semantic node types with a

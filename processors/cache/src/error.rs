@@ -19,6 +19,10 @@ pub enum CacheError {
     /// space (at start). A caller's vector of the wrong length is [`CacheError::Invalid`].
     #[error("embedding dimension mismatch: {0}")]
     Dimension(String),
+    /// A broken invariant of the cache itself (a batch call that returned fewer answers than
+    /// requests): never the caller's fault.
+    #[error("internal: {0}")]
+    Internal(&'static str),
     /// The embedder as a whole failed (not one prompt: a refused prompt is a rejection of
     /// its record, see [`crate::embed::Embedder::embed`]).
     #[error("embedder: {message}")]
@@ -52,7 +56,7 @@ impl CacheError {
         match self {
             CacheError::Invalid(_) => Disposition::DeadLetter,
             // Only at start (Cache::new, Embedder::from_config): the process refuses to run.
-            CacheError::Dimension(_) => Disposition::Fatal,
+            CacheError::Dimension(_) | CacheError::Internal(_) => Disposition::Fatal,
             // Both retried: nothing in a record can fix or cause them (a misconfiguration
             // is fixed by an operator while the consumer waits, not by a restart loop).
             CacheError::Embed { .. } => Disposition::Retry,
@@ -66,6 +70,7 @@ impl CacheError {
         match self {
             CacheError::Invalid(_) | CacheError::Dimension(_) => self.to_string(),
             CacheError::Embed { .. } => "embedder unavailable".into(),
+            CacheError::Internal(_) => "internal error".into(),
             CacheError::Postgres(_) => "database unavailable".into(),
             CacheError::Cas(_) => "result store unavailable".into(),
         }

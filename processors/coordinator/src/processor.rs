@@ -388,13 +388,22 @@ impl Coordinator {
         // 4. Plans of the stored running runs. A pinned definition that cannot be loaded or
         //    compiled (a missing or corrupt CAS blob, ...) goes to `broken` with the reason.
         let mut broken: HashMap<DefKey, String> = HashMap::new();
+        // The plans this batch uses, held for it: the shared cache may be emptied (full, or
+        // by the timer loop) while the batch runs, which must not fail a healthy run.
+        let mut plans: HashMap<DefKey, Arc<Plan>> = HashMap::new();
         let mut want: Vec<DefKey> = Vec::new();
         for (run_id, items) in &groups {
             if let Some(s) = stored.get(run_id) {
                 if let (Some(v), false) = (s.version, items.is_empty()) {
                     let key = (s.workspace_id.clone(), s.workflow_id.clone(), v);
-                    if self.cached_plan(&key).is_none() && !want.contains(&key) {
-                        want.push(key);
+                    if plans.contains_key(&key) || want.contains(&key) {
+                        continue;
+                    }
+                    match self.cached_plan(&key) {
+                        Some(plan) => {
+                            plans.insert(key, plan);
+                        }
+                        None => want.push(key),
                     }
                 }
             }
@@ -433,8 +442,13 @@ impl Coordinator {
             // A snapshot that no longer compiles (limits lowered since it was pinned) fails
             // its runs; it cannot stop the coordinator.
             for (k, p) in self.compile(docs).await? {
-                if let Err(e) = p {
-                    broken.insert(k, format!("pinned definition is invalid: {e}"));
+                match p {
+                    Ok(plan) => {
+                        plans.insert(k, plan);
+                    }
+                    Err(e) => {
+                        broken.insert(k, format!("pinned definition is invalid: {e}"));
+                    }
                 }
             }
         }
@@ -501,7 +515,7 @@ impl Coordinator {
                         continue;
                     };
                     let key = (s.workspace_id.clone(), s.workflow_id.clone(), version);
-                    let Some(plan) = self.cached_plan(&key) else {
+                    let Some(plan) = plans.get(&key).cloned() else {
                         // The run cannot go on without its definition: it fails (once; a run
                         // already ended just ignores what comes after).
                         if s.status == RunPhase::Running.as_str() {
@@ -688,6 +702,9 @@ impl Coordinator {
             definition: Option<Value>,
             definition_ref: Option<String>,
         }
+        // Plans taken from the shared cache, held for this call: the cache may be emptied
+        // (full, or by the timer loop) before they are used.
+        let mut held: HashMap<DefKey, Arc<Plan>> = HashMap::new();
         let (wss, wfs): (Vec<String>, Vec<String>) = starting
             .iter()
             .map(|r| (r.workspace_id.clone(), r.workflow_id.clone()))
@@ -779,7 +796,9 @@ impl Coordinator {
                     failures.push((req.run_id.clone(), unknown()));
                     continue;
                 }
-                if self.cached_plan(&key).is_none() {
+                if let Some(plan) = self.cached_plan(&key) {
+                    held.insert(key.clone(), plan);
+                } else {
                     docs.entry(key.clone()).or_insert((
                         s.workspace_id.clone(),
                         s.definition.clone(),
@@ -796,13 +815,16 @@ impl Coordinator {
                 ));
             } else if (1..head.version).contains(&version) {
                 if !docs.contains_key(&key) {
-                    let report = weir_materializer::replay::replay(
+                    // The materializer's configured budget: a patch it applied under raised
+                    // limits must replay as applied.
+                    let report = weir_materializer::replay::replay_with(
                         &self.pool,
                         &self.cas,
                         &req.workspace_id,
                         &req.workflow_id,
                         Some(version),
                         &self.limits,
+                        &weir_materializer::processor::budget(&self.cfg.materializer),
                     )
                     .await;
                     // Only an outage is retried; a log that cannot be replayed fails the run.
@@ -876,7 +898,9 @@ impl Coordinator {
                 sd.push(def.clone());
                 sr.push(rf.clone());
             }
-            if self.cached_plan(&key).is_none() {
+            if let Some(plan) = self.cached_plan(&key) {
+                held.insert(key, plan);
+            } else {
                 let doc = match (def, rf) {
                     (Some(d), _) => d,
                     (None, Some(r)) => match self.blob_json(&r).await? {
@@ -908,7 +932,14 @@ impl Coordinator {
         let compiled = self.compile(to_compile).await?;
         let mut pins = HashMap::new();
         for (run_id, key) in run_key {
-            match self.cached_plan(&key) {
+            let plan = held
+                .get(&key)
+                .cloned()
+                .or_else(|| match compiled.get(&key) {
+                    Some(Ok(plan)) => Some(plan.clone()),
+                    _ => None,
+                });
+            match plan {
                 Some(plan) => {
                     pins.insert(run_id, (key.2, plan));
                 }

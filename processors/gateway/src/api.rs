@@ -1205,13 +1205,22 @@ async fn post_cache_entry(
     let key = idempotency_key(&headers)?;
     let b = body(&s, b)?;
     let e: CacheEntryBody = parse_body(&b)?;
-    if e.node_type.is_empty() || e.node_type.len() > 128 {
-        return Err(Problem::unprocessable(
-            "node_type must be 1 to 128 characters",
-        ));
+    if e.node_type.is_empty() || e.node_type.len() > weir_cache::processor::MAX_NODE_TYPE_BYTES {
+        return Err(Problem::unprocessable(format!(
+            "node_type must be 1 to {} bytes",
+            weir_cache::processor::MAX_NODE_TYPE_BYTES
+        )));
     }
     if e.cost_ms < 0 {
         return Err(Problem::unprocessable("cost_ms must not be negative"));
+    }
+    // The cache processor's own checks, here so a client mistake is a 422 and not a dead
+    // letter the client never hears of; before anything is stored in the CAS.
+    weir_cache::cache::check_prompt(&s.0.cfg.cache, e.prompt.as_deref())
+        .map_err(|err| Problem::unprocessable(err.public_message()))?;
+    if let Some(v) = &e.embedding {
+        weir_cache::embed::validate_vector(v.clone(), s.0.cfg.cache.dimensions as usize)
+            .map_err(Problem::unprocessable)?;
     }
     let required_permission = e.required_permission.unwrap_or(caller.permission);
     if required_permission > caller.permission {
@@ -1238,14 +1247,6 @@ async fn post_cache_entry(
             (None, Some(r))
         }
     };
-    if e.embedding
-        .as_ref()
-        .is_some_and(|v| v.is_empty() || v.iter().any(|x| !x.is_finite()))
-    {
-        return Err(Problem::unprocessable(
-            "embedding must be a non-empty array of finite numbers",
-        ));
-    }
     let request_id = new_id(&caller, "cache-entry", key.as_deref());
     let event = CacheEvent::CacheStore(CacheStore {
         event_id: events::new_event_id(),

@@ -65,7 +65,13 @@ impl ServerLimits {
     pub fn from_config(g: &weir_runtime::config::GatewayConfig) -> Self {
         Self {
             max_connections: g.max_connections,
-            max_connections_per_client: g.max_connections_per_client,
+            // Behind a trusted proxy every TCP peer is the proxy, and one client's share of
+            // its connections is not knowable here: only the total cap applies.
+            max_connections_per_client: if g.client_ip_from_forwarded_for {
+                g.max_connections
+            } else {
+                g.max_connections_per_client
+            },
             header_read_timeout: Duration::from_millis(g.header_read_timeout_ms),
             idle_timeout: Duration::from_millis(g.idle_timeout_ms),
             body_read_timeout: Duration::from_millis(g.body_read_timeout_ms),

@@ -899,7 +899,12 @@ impl PatchRows {
         self.versions.push(version);
         self.shas.push(sha);
         self.operations.push(operations);
-        self.operation_refs.push(e.operations_ref.clone());
+        // A ref rejected `blob_missing` (not this workspace's, unparsable, or lost) is not
+        // logged: it would pin another workspace's blob against the collector, and an
+        // unbounded one could overflow the index on the column. The reason names it.
+        let missing = matches!(reason, Some(("blob_missing", _)));
+        self.operation_refs
+            .push(e.operations_ref.clone().filter(|_| !missing));
         let (code, text) = match reason {
             Some((c, t)) => (Some(c.to_string()), Some(t)),
             None => (None, None),

@@ -579,7 +579,8 @@ pub struct GatewayConfig {
     pub client_ip_from_forwarded_for: bool,
     /// Most open client connections; beyond it new connections are closed at once.
     pub max_connections: usize,
-    /// Most open connections per client address (TCP peer).
+    /// Most open connections per client address (TCP peer). Not applied with
+    /// `client_ip_from_forwarded_for`: every peer is then the proxy.
     pub max_connections_per_client: usize,
     /// Time a client has to send a request's headers once it started sending them, in ms;
     /// then the connection is closed (slow-header clients).

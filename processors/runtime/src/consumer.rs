@@ -550,6 +550,9 @@ impl<P: Processor> BatchConsumer<P> {
         shutdown: &CancellationToken,
     ) -> Result<(), RuntimeError> {
         let mut plan = Bisection::new(batch.len());
+        // Set while readiness is down for retries; any later commit, of whichever piece,
+        // brings it back (a piece bisected after its retries never commits itself).
+        let mut unready = false;
         while let Some(piece) = plan.next_piece() {
             let part = &batch[piece.start..piece.end];
             let mut attempt = 0u32;
@@ -574,15 +577,18 @@ impl<P: Processor> BatchConsumer<P> {
                 let e = match attempt_result {
                     Ok(outcome) => {
                         self.after_commit(consumer, outcome);
-                        if attempt >= UNREADY_AFTER_RETRIES {
+                        if unready {
                             self.health.set(&self.component(), true);
+                            unready = false;
                         }
                         break;
                     }
                     Err(e) => e,
                 };
                 let mut disposition = e.disposition();
-                if disposition == Disposition::Retry && e.is_suspect() {
+                // A dead-lettering attempt applies nothing of the processor's: a suspect error
+                // there is the environment's, so it is retried, never bisected into Fatal.
+                if piece.forced.is_none() && disposition == Disposition::Retry && e.is_suspect() {
                     suspect += 1;
                     if suspect > self.cfg.runtime.suspect_retries {
                         warn!(group = %self.group, first = %first, error = %e, suspect,
@@ -593,7 +599,8 @@ impl<P: Processor> BatchConsumer<P> {
                 match disposition {
                     Disposition::Retry => {
                         attempt += 1;
-                        if attempt == UNREADY_AFTER_RETRIES {
+                        if attempt == UNREADY_AFTER_RETRIES && !unready {
+                            unready = true;
                             // Postgres down, credentials rotated, a failover: not ready until
                             // a batch commits again, so a load balancer or an orchestrator
                             // sees it (the process itself keeps retrying).

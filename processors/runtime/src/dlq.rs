@@ -382,6 +382,16 @@ pub async fn redrive(
             )));
             continue;
         }
+        let Some(value) = e.letter.original_value.as_deref() else {
+            // Sent without a value it would be a tombstone: on a compacted topic it deletes
+            // the key's records, and it comes straight back as undecodable.
+            out.push(skip(format!(
+                "the letter holds no value (a tombstone, or left out as too large); the \
+                 original is at {}/{}/{}",
+                e.source_topic, e.letter.source_partition, e.letter.source_offset
+            )));
+            continue;
+        };
         let from = format!("{dlq_topic}/{}/{}", e.at.partition, e.at.offset);
         let mut headers = OwnedHeaders::new();
         for h in &e.letter.original_headers {
@@ -397,13 +407,11 @@ pub async fn redrive(
             key: REDRIVE_HEADER,
             value: Some(from.as_str()),
         });
-        let mut record: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(&e.source_topic).headers(headers);
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&e.source_topic)
+            .headers(headers)
+            .payload(value);
         if let Some(k) = e.letter.original_key.as_deref() {
             record = record.key(k);
-        }
-        if let Some(v) = e.letter.original_value.as_deref() {
-            record = record.payload(v);
         }
         let delivered = producer
             .send(record, Duration::from_secs(30))

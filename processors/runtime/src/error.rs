@@ -211,9 +211,8 @@ pub fn sqlstate_class(code: &str) -> PgClass {
         "57014" => PgClass::Suspect, // query_canceled: statement_timeout on a batch
         "55P03" | "55006" => PgClass::Transient, // lock_not_available, object_in_use
         "25006" | "25P03" => PgClass::Transient, // read-only (failover), idle-in-tx timeout
-        "42P01" | "42703" | "42883" | "42P07" => PgClass::Bug,
         _ => match code.get(..2).unwrap_or("") {
-            "08" | "40" | "53" | "57" | "58" | "28" | "72" | "25" => PgClass::Transient,
+            "08" | "40" | "53" | "57" | "58" | "28" | "72" => PgClass::Transient,
             "0A" | "09" | "20" | "21" | "22" | "23" | "27" | "2F" | "38" | "39" | "44" | "54"
             | "P0" => PgClass::Content,
             "03" | "0B" | "0F" | "0L" | "0P" | "0Z" | "24" | "26" | "2B" | "2D" | "34" | "3B"
@@ -301,10 +300,11 @@ mod tests {
             ("42501", Bug),
             ("3F000", Bug),
             ("3D000", Bug),
-            ("25P02", Transient),
             ("0B000", Bug),
             ("F0000", Bug),
-            // Unknown or ambiguous: bounded retries, then bisection.
+            // Unknown or ambiguous: bounded retries, then bisection. 25P02 (in failed SQL
+            // transaction) follows an earlier error of the same batch, so it may be content.
+            ("25P02", Suspect),
             ("XX000", Suspect),
             ("XX001", Suspect),
             ("55000", Suspect),
