@@ -844,7 +844,9 @@ fn wrong_type(location: &str, expected: &str, got: &Value) -> DefinitionError {
 /// Whether the compact serialization of `v` is at most `max` bytes, computed without
 /// building it and stopping as soon as the limit is passed.
 fn fits_in(v: &Value, max: usize) -> bool {
-    measure(v, max, usize::MAX).bytes <= max
+    // usize::MAX: the caller measured already (the fold checks its canonical text's length),
+    // and every document fits; skipping the walk keeps it off the per-patch path.
+    max == usize::MAX || measure(v, max, usize::MAX).bytes <= max
 }
 
 /// The compact JSON size and nesting depth of a value, as [`measure`] finds them.
