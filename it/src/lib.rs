@@ -207,10 +207,22 @@ pub async fn produce<E: TopicEvent>(
 pub async fn prepare(cfg: &Config) -> anyhow::Result<Arc<Codec>> {
     weir_runtime::kafka::create_topics(&cfg.kafka).await?;
     let schemas = weir_runtime::ops::load_schemas(None).map_err(anyhow::Error::msg)?;
-    anyhow::ensure!(
-        weir_runtime::ops::register_schemas(cfg, &schemas).await?,
-        "registering schemas"
-    );
+    // Tests register their prefixes' schemas in parallel; a request the registry drops now
+    // and then (a pooled keep-alive connection it closed) is retried, as the processors
+    // retry an unreachable registry. Registration is idempotent.
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match weir_runtime::ops::register_schemas(cfg, &schemas).await {
+            Ok(true) => break,
+            Ok(false) => anyhow::bail!("registering schemas"),
+            Err(e) if attempt < 5 => {
+                eprintln!("registering schemas (attempt {attempt}): {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(500 * attempt)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     let pool = weir_runtime::db::pool(&cfg.postgres)?;
     weir_runtime::db::MIGRATOR.run(&pool).await?;
     create_ledger(&pool).await?;
