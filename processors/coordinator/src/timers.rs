@@ -15,7 +15,9 @@
 //! A tick that fails on data (an error the consumer would bisect and dead-letter) is not
 //! retried as a whole forever, which would stop every workspace's timers: the due runs are
 //! applied one per transaction, and the due timers of a run that still fails alone are
-//! dropped (`weir_coordinator_timers_quarantined_total`, a warning naming the run).
+//! dropped (`weir_coordinator_timers_quarantined_total`, a warning naming the run). An error
+//! that only looks transient (a suspect SQLSTATE) is retried `runtime.suspect_retries` times,
+//! as a whole tick and then per run, before it is handled the same way.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,6 +32,13 @@ use weir_runtime::{ApplyError, Disposition, Outbox};
 use crate::machine::Input;
 use crate::metrics as m;
 use crate::processor::{Coordinator, Item};
+
+/// Counts one more suspect failure; true once there were more than `runtime.suspect_retries`
+/// in a row (then the failure is handled as if the data caused it).
+fn suspect_failures(count: &mut u32, cfg: &weir_runtime::config::Config) -> bool {
+    *count += 1;
+    *count > cfg.runtime.suspect_retries
+}
 
 /// What one tick did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -62,20 +71,29 @@ impl TimerLoop {
         let cfg = self.coordinator.config().clone();
         let poll = Duration::from_millis(cfg.coordinator.timer_poll_ms);
         let mut failures = 0u32;
+        let mut suspect = 0u32;
         let mut last_gauges = std::time::Instant::now() - Duration::from_secs(60);
         loop {
             let mut delay = poll;
             match self.tick().await {
                 Ok(t) => {
                     failures = 0;
+                    suspect = 0;
                     // A full batch means more is due: go again at once.
                     if t.timers as i64 >= cfg.coordinator.timer_batch {
                         delay = Duration::ZERO;
                     }
                 }
                 Err(e) if e.disposition() == Disposition::Fatal => return Err(e),
-                Err(e) if e.disposition() == Disposition::DeadLetter => {
+                // A suspect error that keeps coming back may be caused by one run's data:
+                // after `runtime.suspect_retries` ticks it is treated like a data error, so it
+                // cannot stop every workspace's timers forever.
+                Err(e)
+                    if e.disposition() == Disposition::DeadLetter
+                        || (e.is_suspect() && suspect_failures(&mut suspect, &cfg)) =>
+                {
                     tracing::warn!(error = %e, "timer tick failed on data; applying runs one by one");
+                    suspect = 0;
                     if let Err(e) = self.isolate().await {
                         failures += 1;
                         delay = cfg.runtime.backoff(failures);
@@ -134,9 +152,18 @@ impl TimerLoop {
         .await?;
         let mut quarantined = 0;
         for run_id in due {
-            match self.tick_scoped(Some(&run_id)).await {
+            let mut suspect = 0u32;
+            let outcome = loop {
+                match self.tick_scoped(Some(&run_id)).await {
+                    Err(e) if e.is_suspect() && !suspect_failures(&mut suspect, &cfg) => {
+                        tokio::time::sleep(cfg.runtime.backoff(suspect)).await;
+                    }
+                    other => break other,
+                }
+            };
+            match outcome {
                 Ok(_) => {}
-                Err(e) if e.disposition() == Disposition::DeadLetter => {
+                Err(e) if e.disposition() == Disposition::DeadLetter || e.is_suspect() => {
                     let dropped = sqlx::query!(
                         "DELETE FROM weir_run_timers WHERE run_id = $1 AND due_at <= now()",
                         run_id
