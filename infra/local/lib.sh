@@ -10,6 +10,20 @@ WEIR_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)"
 WEIR_INFRA="$WEIR_ROOT/infra/local"
 # Runtime data, pid files and logs: inside the repo, git-ignored (/.stack/).
 STACK="$WEIR_ROOT/.stack"
+# A second, independent stack on the same machine (e.g. one that fault-injection runs may
+# kill without disturbing the dev stack everyone's tests use): WEIR_STACK_NAME=NAME puts its
+# data in .stack-NAME/ and shifts every port by WEIR_STACK_PORT_OFFSET (default 10000:
+# Kafka 19092/19093, Postgres 15432, S3 19000, registry 18081/18082). Unset: the dev stack.
+WEIR_STACK_NAME="${WEIR_STACK_NAME:-}"
+STACK_PORT_OFFSET=0
+if [[ -n "$WEIR_STACK_NAME" ]]; then
+  if [[ ! "$WEIR_STACK_NAME" =~ ^[a-z0-9][a-z0-9-]{0,30}$ ]]; then
+    printf '[weir-stack] ERROR: WEIR_STACK_NAME must be lowercase letters, digits and dashes (got %q)\n' "$WEIR_STACK_NAME" >&2
+    return 1 2>/dev/null || exit 1
+  fi
+  STACK="$WEIR_ROOT/.stack-$WEIR_STACK_NAME"
+  STACK_PORT_OFFSET="${WEIR_STACK_PORT_OFFSET:-10000}"
+fi
 LOGS="$STACK/logs"
 # Downloads and builds: outside the repo, so `git clean` / a fresh clone / `down --purge`
 # do not throw away a multi-minute install.
@@ -29,25 +43,25 @@ PGVECTOR_SRC_SUITE="trixie"    # Debian suite whose *source* package gives pgvec
 
 # --- endpoints & credentials (what the app and tests see; `env` prints these) --------------
 KAFKA_HOST="127.0.0.1"
-KAFKA_PORT="9092"
-KAFKA_CONTROLLER_PORT="9093"
+KAFKA_PORT="$((9092 + STACK_PORT_OFFSET))"
+KAFKA_CONTROLLER_PORT="$((9093 + STACK_PORT_OFFSET))"
 PG_HOST="127.0.0.1"
-PG_PORT="${WEIR_PG_PORT:-5432}"   # override when a foreign Postgres owns 5432
+PG_PORT="${WEIR_PG_PORT:-$((5432 + STACK_PORT_OFFSET))}"   # override when a foreign Postgres owns 5432
 PG_USER="weir"
 PG_PASSWORD="weir"
 PG_DB="weir"
 PG_REGISTRY_DB="weir_registry"    # Apicurio's storage; kept apart from the app's schema
 S3_HOST="127.0.0.1"
-S3_PORT="9000"
+S3_PORT="$((9000 + STACK_PORT_OFFSET))"
 S3_BUCKET="weir-cas"
 S3_ACCESS_KEY="weir"
 S3_SECRET_KEY="weir-secret-key"
 S3_REGION="us-east-1"
 REGISTRY_HOST="127.0.0.1"
-REGISTRY_PORT="8081"
+REGISTRY_PORT="$((8081 + STACK_PORT_OFFSET))"
 # Quarkus turns on a separate management interface (health/metrics) whose default port is
 # 9000 -- the S3 port. Move it out of the way.
-REGISTRY_MGMT_PORT="8082"
+REGISTRY_MGMT_PORT="$((8082 + STACK_PORT_OFFSET))"
 
 KAFKA_BOOTSTRAP_SERVERS="$KAFKA_HOST:$KAFKA_PORT"
 DATABASE_URL="postgres://$PG_USER:$PG_PASSWORD@$PG_HOST:$PG_PORT/$PG_DB"
@@ -71,6 +85,9 @@ weir_env_lines() {
     # Single quotes: safe for eval in bash/zsh/sh; none of the values contain a quote.
     printf "export %s='%s'\n" "${kv[i]}" "${kv[i + 1]}"
   done
+  # A named stack says so: tools that act on the stack (infra/local/service, `weir chaos`)
+  # then find the same one.
+  if [[ -n "$WEIR_STACK_NAME" ]]; then printf "export WEIR_STACK_NAME='%s'\n" "$WEIR_STACK_NAME"; fi
 }
 
 # --- derived paths ------------------------------------------------------------------------
@@ -91,7 +108,7 @@ pg_data_dir() {
   if [[ -d "$STACK/pg" ]] || pg_user_can_reach "$WEIR_ROOT"; then
     echo "$STACK/pg"
   else
-    echo "/var/lib/weir-stack/$(printf '%s' "$WEIR_ROOT" | sha256sum | cut -c1-16)/pg"
+    echo "/var/lib/weir-stack/$(printf '%s' "$WEIR_ROOT${WEIR_STACK_NAME:+#$WEIR_STACK_NAME}" | sha256sum | cut -c1-16)/pg"
   fi
 }
 
