@@ -628,3 +628,102 @@ async fn a_retry_and_a_deadline_fire_after_a_restart() {
         .iter()
         .all(|n| n.status == "succeeded" && n.attempt == 2));
 }
+
+/// A run whose timers fail with an error that only looks transient (XX000 from the database,
+/// here raised by a trigger for that one run) must not stop the timers of every other run:
+/// after `runtime.suspect_retries` failed ticks the loop applies runs one by one, drops the
+/// due timers of the run that still fails, and the other run's deadline fires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_timers_keep_failing_does_not_stop_the_others() {
+    let _serial = SERIAL.lock().await;
+    let prefix = format!("{}.", random_name("coord-suspect"));
+    let cfg = config(&prefix);
+    let codec = prepare(&cfg).await.expect("prepare");
+    let pool = weir_runtime::db::pool(&cfg.postgres).unwrap();
+    let producer = weir_runtime::kafka::producer(&cfg.kafka).unwrap();
+    let ws = format!("ws-{}", Uuid::now_v7().simple());
+    let workflow_id = format!("{prefix}wf");
+    let def = json!({
+        "nodes": {"a": {"type": "agent", "config": {}, "deadline_ms": 4000,
+                        "retry": {"max_attempts": 2, "backoff_ms": 10}}},
+        "edges": []
+    });
+    create_workflow(&pool, &workflow_id, &ws, &def).await;
+    let (bad, good) = (Uuid::now_v7().to_string(), Uuid::now_v7().to_string());
+    let _relay = spawn_weir(&prefix, &["run", "relay"]);
+    let _coordinator = spawn_weir(&prefix, &["run", "coordinator"]);
+    // Nobody answers a first attempt: both runs' deadlines come due.
+    let policy: Arc<Policy> = Arc::new(|r: &NodeReady| (r.attempt > 1).then_some(true));
+    let stop = CancellationToken::new();
+    let seen = spawn_worker(&cfg, codec.clone(), producer.clone(), policy, stop.clone());
+    for run_id in [&bad, &good] {
+        produce(
+            &producer,
+            &codec,
+            &run_requested(run_id, &workflow_id, &ws, None),
+        )
+        .await
+        .unwrap();
+    }
+    // Once both first attempts are out, the bad run's row refuses every update (the deadline's
+    // included), and only while the trigger exists.
+    wait_for(&seen, "both first attempts", Duration::from_secs(60), |s| {
+        [&bad, &good].iter().all(|id| {
+            s.ready
+                .iter()
+                .any(|(r, _)| &&r.run_id == id && r.attempt == 1)
+        })
+    })
+    .await;
+    let trigger = format!("weir_it_suspect_{}", Uuid::now_v7().simple());
+    sqlx::raw_sql(&format!(
+        "CREATE FUNCTION {trigger}() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'simulated internal error' USING ERRCODE = 'XX000'; END $$;
+         CREATE TRIGGER {trigger} BEFORE UPDATE ON weir_runs FOR EACH ROW
+           WHEN (OLD.run_id = '{bad}') EXECUTE FUNCTION {trigger}();"
+    ))
+    .execute(&pool)
+    .await
+    .expect("install the trigger");
+    let result = tokio::time::timeout(
+        Duration::from_secs(90),
+        wait_for(
+            &seen,
+            "the good run to complete",
+            Duration::from_secs(120),
+            |s| {
+                s.runs
+                    .iter()
+                    .any(|e| matches!(e, RunEvent::RunCompleted(c) if c.run_id == good))
+            },
+        ),
+    )
+    .await;
+    stop.cancel();
+    let timers: i64 = sqlx::query_scalar("SELECT count(*) FROM weir_run_timers WHERE run_id = $1")
+        .bind(&bad)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let bad_status: String = sqlx::query_scalar("SELECT status FROM weir_runs WHERE run_id = $1")
+        .bind(&bad)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    sqlx::raw_sql(&format!(
+        "DROP TRIGGER {trigger} ON weir_runs; DROP FUNCTION {trigger}();"
+    ))
+    .execute(&pool)
+    .await
+    .expect("drop the trigger");
+    result.expect("the good run completed");
+    assert_eq!(timers, 0, "the bad run's due timers were dropped");
+    assert_eq!(bad_status, "running", "the bad run was left as it was");
+    let s = seen.lock().unwrap();
+    assert!(
+        !s.ready
+            .iter()
+            .any(|(r, _)| r.run_id == bad && r.attempt == 2),
+        "the bad run's deadline did not take effect"
+    );
+}
