@@ -174,6 +174,8 @@ impl ConsumerContext for Ctx {
         log.generation += 1;
         let generation = log.generation;
         if let Rebalance::Revoke(tpl) = rebalance {
+            metrics::counter!(m::REBALANCES, "group" => self.group.clone(), "kind" => "revoke")
+                .increment(1);
             for e in tpl.elements() {
                 log.fenced_at.insert(e.partition(), generation);
                 log.unpositioned.remove(&e.partition());
@@ -189,6 +191,8 @@ impl ConsumerContext for Ctx {
         let generation = log.generation;
         match rebalance {
             Rebalance::Assign(tpl) => {
+                metrics::counter!(m::REBALANCES, "group" => self.group.clone(), "kind" => "assign")
+                    .increment(1);
                 log.assigned += tpl.count();
                 // Kafka starts the partitions at its committed offsets; Postgres decides.
                 // SQL cannot run in this callback, so the loop seeks them (seek_to_positions)
@@ -203,7 +207,11 @@ impl ConsumerContext for Ctx {
                 self.wake.notify_one();
                 info!(group = %self.group, partitions = tpl.count(), "partitions assigned");
             }
-            Rebalance::Error(e) => warn!(group = %self.group, error = %e, "rebalance error"),
+            Rebalance::Error(e) => {
+                metrics::counter!(m::REBALANCES, "group" => self.group.clone(), "kind" => "error")
+                    .increment(1);
+                warn!(group = %self.group, error = %e, "rebalance error");
+            }
             Rebalance::Revoke(_) => {}
         }
         metrics::gauge!(m::ASSIGNED_PARTITIONS, "group" => self.group.clone())
@@ -565,7 +573,16 @@ impl<P: Processor> BatchConsumer<P> {
                     messaging.destination.name = %first.topic,
                     messaging.destination.partition.id = first.partition,
                     messaging.kafka.offset = first.offset,
-                    messaging.batch.message_count = part.len());
+                    messaging.batch.message_count = part.len(),
+                    otel.kind = "consumer",
+                    trace_id = tracing::field::Empty,
+                    span_id = tracing::field::Empty);
+                // With export on: a child of the first sampled record context, linked to all.
+                crate::trace::start_batch_span(
+                    &span,
+                    part.iter()
+                        .filter_map(|r| crate::trace::header_context(&r.headers)),
+                );
                 let deadline = Duration::from_millis(self.cfg.runtime.shutdown_deadline_ms);
                 let attempt_result = tokio::select! {
                     r = self.try_batch(part, piece.forced.as_deref()).instrument(span) => r,
@@ -664,6 +681,7 @@ impl<P: Processor> BatchConsumer<P> {
 
         let started = Instant::now();
         let mut tx = self.pool.begin().await?;
+        m::record_batch_acquire(started.elapsed());
         let mut partitions: Vec<i32> = batch.iter().map(|r| r.coords.partition).collect();
         partitions.sort_unstable();
         partitions.dedup();
@@ -788,6 +806,11 @@ impl<P: Processor> BatchConsumer<P> {
         metrics::counter!(m::BATCHES_COMMITTED, &labels).increment(1);
         metrics::counter!(m::RECORDS_APPLIED, &labels).increment(outcome.applied as u64);
         metrics::counter!(m::RECORDS_DUPLICATE, &labels).increment(outcome.duplicates as u64);
+        if let Some(newest) = batch.iter().filter_map(|r| r.timestamp_ms).max() {
+            let now_ms = chrono::Utc::now().timestamp_millis();
+            metrics::gauge!(m::CONSUMER_LAG_SECONDS, &labels)
+                .set((now_ms - newest).max(0) as f64 / 1e3);
+        }
         for p in &poison {
             metrics::counter!(m::RECORDS_DEAD_LETTERED, "group" => self.group.clone(),
                 "topic" => self.topic.clone(), "class" => p.class)

@@ -64,6 +64,20 @@ pub trait TopicEvent: Sized + Send + Sync + 'static {
     fn event_id(&self) -> Uuid;
     /// Tenant workspace of the event.
     fn workspace_id(&self) -> &str;
+    /// W3C traceparent of the event; "" when none.
+    fn traceparent(&self) -> &str {
+        ""
+    }
+    /// W3C tracestate of the event.
+    fn tracestate(&self) -> Option<&str> {
+        None
+    }
+    /// A copy of the event whose `traceparent` is `traceparent` (the outbox re-parents an
+    /// output event under the batch span that caused it). The default leaves it unchanged.
+    fn with_traceparent(&self, traceparent: String) -> Option<Self> {
+        let _ = traceparent;
+        None
+    }
 }
 
 /// Errors turning events into Avro values and back.
@@ -639,6 +653,26 @@ macro_rules! union_topic {
                     $( Self::$variant(e) => &e.workspace_id, )+
                 }
             }
+
+            fn traceparent(&self) -> &str {
+                match self {
+                    $( Self::$variant(e) => &e.traceparent, )+
+                }
+            }
+
+            fn tracestate(&self) -> Option<&str> {
+                match self {
+                    $( Self::$variant(e) => e.tracestate.as_deref(), )+
+                }
+            }
+
+            fn with_traceparent(&self, traceparent: String) -> Option<Self> {
+                let mut e = self.clone();
+                match &mut e {
+                    $( Self::$variant(r) => r.traceparent = traceparent, )+
+                }
+                Some(e)
+            }
         }
     };
 }
@@ -677,6 +711,21 @@ macro_rules! record_topic {
 
             fn workspace_id(&self) -> &str {
                 &self.workspace_id
+            }
+
+            fn traceparent(&self) -> &str {
+                &self.traceparent
+            }
+
+            fn tracestate(&self) -> Option<&str> {
+                self.tracestate.as_deref()
+            }
+
+            fn with_traceparent(&self, traceparent: String) -> Option<Self> {
+                Some(Self {
+                    traceparent,
+                    ..self.clone()
+                })
             }
         }
     };

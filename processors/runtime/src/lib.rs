@@ -6,6 +6,7 @@
 //! - [`consumer`]: the batch consumer, with positions committed in Postgres (effectively once).
 //! - [`outbox`]: output events written in the same transaction as the effect.
 //! - [`dlq`]: listing and redriving dead letters (`weir dlq`).
+//! - [`trace`]: W3C trace context across HTTP and Kafka, and the OTLP export of spans.
 //! - [`kafka`], [`db`], [`telemetry`], [`metrics`], [`error`]: the plumbing around them.
 
 pub mod app;
@@ -25,6 +26,7 @@ pub mod outbox;
 pub mod registry;
 pub mod s3;
 pub mod telemetry;
+pub mod trace;
 
 pub use config::Config;
 pub use consumer::{BatchConsumer, Processor, Record, Rejection};

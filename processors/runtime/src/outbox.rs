@@ -39,11 +39,18 @@ pub fn lane_of(key: &[u8], lanes: i32) -> i32 {
     (h % lanes.max(1) as u32) as i32
 }
 
-/// The outbox headers of an event: `{"event_id": ..., "workspace_id": ...}` as JSON text.
-/// Written directly rather than through a `serde_json::Value`: one small object per event,
-/// and building the map costs more than the text.
-fn headers_json(event_id: Uuid, workspace_id: &str) -> String {
-    let mut headers = String::with_capacity(80 + workspace_id.len());
+/// The outbox headers of an event: `{"event_id": ..., "workspace_id": ...}` as JSON text,
+/// plus `traceparent` and `tracestate` when the event carries a trace context (the relay
+/// publishes them as Kafka headers). Written directly rather than through a
+/// `serde_json::Value`: one small object per event, and building the map costs more than the
+/// text.
+fn headers_json(
+    event_id: Uuid,
+    workspace_id: &str,
+    traceparent: &str,
+    tracestate: Option<&str>,
+) -> String {
+    let mut headers = String::with_capacity(80 + workspace_id.len() + traceparent.len());
     headers.push_str("{\"event_id\":\"");
     headers.push_str(
         event_id
@@ -53,6 +60,15 @@ fn headers_json(event_id: Uuid, workspace_id: &str) -> String {
     headers.push_str("\",\"workspace_id\":");
     // A JSON string literal, escaped by serde_json.
     headers.push_str(&serde_json::Value::from(workspace_id).to_string());
+    if !traceparent.is_empty() {
+        // Escaped too: a record's context is input, whatever produced it.
+        headers.push_str(",\"traceparent\":");
+        headers.push_str(&serde_json::Value::from(traceparent).to_string());
+        if let Some(ts) = tracestate.filter(|t| !t.is_empty()) {
+            headers.push_str(",\"tracestate\":");
+            headers.push_str(&serde_json::Value::from(ts).to_string());
+        }
+    }
     headers.push('}');
     headers
 }
@@ -74,11 +90,21 @@ impl<'a> Outbox<'a> {
         }
     }
 
-    /// Encodes `event` for its topic and queues it, keyed by `event.key()`.
+    /// Encodes `event` for its topic and queues it, keyed by `event.key()`. Its trace context
+    /// goes into the row's headers; with export on, an event whose cause is in the current
+    /// (batch) span's trace is re-parented under that span first (`trace`).
     pub async fn push<E: TopicEvent>(&mut self, event: &E) -> Result<(), EncodeError> {
+        let reparented = crate::trace::continue_in_current_span(event.traceparent())
+            .and_then(|tp| event.with_traceparent(tp));
+        let event = reparented.as_ref().unwrap_or(event);
         let payload = self.codec.encode(event).await?;
         let key = event.key().as_bytes().to_vec();
-        let headers = headers_json(event.event_id(), event.workspace_id());
+        let headers = headers_json(
+            event.event_id(),
+            event.workspace_id(),
+            event.traceparent(),
+            event.tracestate(),
+        );
         self.rows.push(OutboxRow {
             topic: self.codec.topic::<E>(),
             lane: lane_of(&key, self.lanes),
@@ -136,12 +162,24 @@ mod tests {
     fn headers_are_a_json_object_of_strings() {
         let id = uuid::Uuid::now_v7();
         for ws in ["ws-1", "", "quote\" back\\ nl\n ü \u{1}"] {
-            let v: serde_json::Value = serde_json::from_str(&headers_json(id, ws)).unwrap();
+            let v: serde_json::Value =
+                serde_json::from_str(&headers_json(id, ws, "", Some("ignored"))).unwrap();
             assert_eq!(
                 v,
                 serde_json::json!({"event_id": id.to_string(), "workspace_id": ws}),
                 "{ws:?}"
             );
+        }
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        for ts in [None, Some(""), Some("k=v\"}")] {
+            let v: serde_json::Value =
+                serde_json::from_str(&headers_json(id, "ws", tp, ts)).unwrap();
+            let mut want = serde_json::json!({"event_id": id.to_string(), "workspace_id": "ws",
+                "traceparent": tp});
+            if let Some(ts) = ts.filter(|t| !t.is_empty()) {
+                want["tracestate"] = ts.into();
+            }
+            assert_eq!(v, want, "{ts:?}");
         }
     }
 

@@ -22,16 +22,57 @@ use crate::config::{LogFormat, TelemetryConfig};
 
 /// Installs the global tracing subscriber (RUST_LOG wins over the configured filter).
 /// Calling it twice is harmless: the second call does nothing.
+///
+/// With `OTEL_EXPORTER_OTLP_ENDPOINT` set (see [`crate::trace`]), weir's spans (info level and
+/// up, whatever the log filter) are also exported over OTLP, and the spans that carry a trace
+/// context record `trace_id`/`span_id` fields, which both log formats print. Without it the
+/// subscriber is exactly the logging one: no OpenTelemetry layer sees any span.
 pub fn init_tracing(cfg: &TelemetryConfig) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(cfg.log_filter.clone()));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match cfg.log_format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Human => builder.try_init(),
+    let tracer = crate::trace::init_exporter().unwrap_or_else(|e| {
+        // Logging is not up yet; a bad setting must not stop the processors.
+        eprintln!("traces are not exported: {e}");
+        None
+    });
+    let Some(tracer) = tracer else {
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr);
+        let _ = match cfg.log_format {
+            LogFormat::Json => builder.json().flatten_event(true).try_init(),
+            LogFormat::Human => builder.try_init(),
+        };
+        return;
     };
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match cfg.log_format {
+        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
+        LogFormat::Human => fmt.boxed(),
+    };
+    // Only weir's own spans are exported (dependencies' spans would flood the traces), at
+    // info and up whatever the log filter says.
+    let exported =
+        tracing_subscriber::filter::Targets::new().with_target("weir", tracing::Level::INFO);
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_tracked_inactivity(false)
+        .with_threads(false)
+        .with_location(false)
+        .with_filter(exported);
+    let _ = tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(otel)
+        .try_init();
+}
+
+/// Exports the spans still buffered and stops the exporter, within `deadline` (call once the
+/// processors have stopped). Does nothing when export is off.
+pub fn shutdown_tracing(deadline: std::time::Duration) {
+    crate::trace::shutdown(deadline);
 }
 
 /// Installs the Prometheus recorder once per process and returns its handle.
@@ -39,14 +80,27 @@ pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let buckets = [
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-            ];
-            let builder = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
-                .unwrap_or_else(|_| PrometheusBuilder::new());
+            // Every histogram gets buckets chosen for its unit (by name suffix, see
+            // crate::metrics): without them it renders as a summary, which
+            // histogram_quantile cannot aggregate across instances. The suffixes do not
+            // overlap, so the matcher order (a hash map) does not matter.
+            use crate::metrics as m;
+            let builder = [
+                ("_seconds", m::SECONDS_BUCKETS),
+                ("_ms", m::MS_BUCKETS),
+                ("_records", m::RECORDS_BUCKETS),
+                ("_similarity", m::SIMILARITY_BUCKETS),
+            ]
+            .into_iter()
+            .try_fold(PrometheusBuilder::new(), |b, (suffix, buckets)| {
+                b.set_buckets_for_metric(Matcher::Suffix(suffix.into()), buckets)
+            })
+            .unwrap_or_else(|_| PrometheusBuilder::new());
             match builder.install_recorder() {
-                Ok(handle) => handle,
+                Ok(handle) => {
+                    crate::metrics::describe();
+                    handle
+                }
                 // Another recorder is installed (only in tests that build their own);
                 // keep a detached one so /metrics still answers.
                 Err(_) => PrometheusBuilder::new().build_recorder().handle(),
@@ -64,11 +118,21 @@ pub struct Health {
 impl Health {
     /// Declares a component, not ready yet.
     pub fn register(&self, name: &str) {
-        self.lock().entry(name.to_string()).or_insert(false);
+        let mut c = self.lock();
+        c.entry(name.to_string()).or_insert(false);
+        Self::export(&c);
     }
     /// Marks a component ready or not.
     pub fn set(&self, name: &str, ready: bool) {
-        self.lock().insert(name.to_string(), ready);
+        let mut c = self.lock();
+        c.insert(name.to_string(), ready);
+        Self::export(&c);
+    }
+    /// `weir_ready`: what /readyz answers, for alerting on a process that runs but is not
+    /// ready (one unlabelled series; component names hold relay ids and groups).
+    fn export(c: &BTreeMap<String, bool>) {
+        let ready = !c.is_empty() && c.values().all(|r| *r);
+        metrics::gauge!(crate::metrics::READY).set(if ready { 1.0 } else { 0.0 });
     }
     /// Whether every component is ready (and there is at least one).
     pub fn ready(&self) -> bool {
