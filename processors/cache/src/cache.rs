@@ -327,7 +327,7 @@ pub async fn exact_lookup_batch(
     let mut out = vec![None; reqs.len()];
     for (f, bytes) in verified {
         let r = &reqs[f.ord];
-        count_hit(&r.workspace_id, &r.node_type, "exact", f.cost_ms, None);
+        count_hit(m::node_type_label(&r.node_type), "exact", f.cost_ms, None);
         let result_json = if bytes.len() <= INLINE_RESULT_BYTES {
             serde_json::from_slice(&bytes).ok()
         } else {
@@ -342,7 +342,7 @@ pub async fn exact_lookup_batch(
     }
     for (r, o) in reqs.iter().zip(&out) {
         if o.is_none() {
-            metrics::counter!(m::LOOKUPS, "workspace" => r.workspace_id.clone(), "node_type" => r.node_type.clone(), "outcome" => "miss").increment(1);
+            metrics::counter!(m::LOOKUPS, "node_type" => m::node_type_label(&r.node_type), "outcome" => "miss").increment(1);
         }
     }
     Ok(out)
@@ -607,20 +607,16 @@ async fn put_blobs(cas: &Cas, blobs: Vec<Bytes>) -> Vec<Result<CasRef, CasError>
     out
 }
 
-fn count_hit(
-    workspace: &str,
-    node_type: &str,
-    outcome: &'static str,
-    cost_ms: i64,
-    cost: Option<f64>,
-) {
-    let (ws, nt) = (workspace.to_string(), node_type.to_string());
-    metrics::counter!(m::LOOKUPS, "workspace" => ws.clone(), "node_type" => nt.clone(), "outcome" => outcome).increment(1);
-    metrics::counter!(m::SAVED_MS, "workspace" => ws.clone(), "node_type" => nt.clone())
+/// Counts a hit. No `workspace` label: workspace ids are not bounded by the configuration,
+/// so per-workspace figures come from the audit table, not from metrics.
+fn count_hit(node_type: &str, outcome: &'static str, cost_ms: i64, cost: Option<f64>) {
+    let nt = node_type.to_string();
+    metrics::counter!(m::LOOKUPS, "node_type" => nt.clone(), "outcome" => outcome).increment(1);
+    metrics::counter!(m::SAVED_MS, "node_type" => nt.clone())
         .increment(cost_ms.max(0) as u64);
     if let Some(c) = cost {
         // Counters are integers: cost is counted in thousandths of the configured unit.
-        metrics::counter!(m::SAVED_COST, "workspace" => ws, "node_type" => nt)
+        metrics::counter!(m::SAVED_COST, "node_type" => nt)
             .increment((c * 1000.0).round().max(0.0) as u64);
     }
 }
@@ -919,7 +915,6 @@ impl Cache {
         for (f, _) in verified {
             let r = &reqs[f.ord];
             count_hit(
-                &r.workspace_id,
                 &node_label(&self.cfg, &r.node_type),
                 "exact",
                 f.cost_ms,
@@ -962,7 +957,6 @@ impl Cache {
             for (f, _) in verified {
                 let r = &reqs[f.ord];
                 count_hit(
-                    &r.workspace_id,
                     &node_label(&self.cfg, &r.node_type),
                     "semantic",
                     f.cost_ms,
@@ -984,7 +978,7 @@ impl Cache {
                     // A NaN best match (an entry that slipped past validation) is no number.
                     let sim = sim.is_finite().then_some(sim);
                     if let Some(sim) = sim {
-                        metrics::histogram!(m::NEAR_MISS_SIMILARITY, "workspace" => r.workspace_id.clone(), "node_type" => node_label(&self.cfg, &r.node_type)).record(sim);
+                        metrics::histogram!(m::NEAR_MISS_SIMILARITY, "node_type" => node_label(&self.cfg, &r.node_type)).record(sim);
                     }
                     answers[i] = Some(Ok(Answer::miss(&r.request_id, sim)));
                 }
@@ -995,7 +989,7 @@ impl Cache {
             .zip(answers)
             .map(|(r, a)| {
                 a.unwrap_or_else(|| {
-                    metrics::counter!(m::LOOKUPS, "workspace" => r.workspace_id.clone(), "node_type" => node_label(&self.cfg, &r.node_type), "outcome" => "miss").increment(1);
+                    metrics::counter!(m::LOOKUPS, "node_type" => node_label(&self.cfg, &r.node_type), "outcome" => "miss").increment(1);
                     Ok(Answer::miss(&r.request_id, None))
                 })
             })
@@ -1221,9 +1215,9 @@ impl Cache {
                 }
             };
             if let Some(refusal) = refusal {
-                let (ws, nt) = (r.workspace_id.clone(), node_label(&self.cfg, &r.node_type));
+                let nt = node_label(&self.cfg, &r.node_type);
                 match refusal {
-                    Refusal::Pii(kind) => metrics::counter!(m::PII_REFUSED, "workspace" => ws, "node_type" => nt, "pattern" => kind.as_str()).increment(1),
+                    Refusal::Pii(kind) => metrics::counter!(m::PII_REFUSED, "node_type" => nt, "pattern" => kind.as_str()).increment(1),
                     other => metrics::counter!(m::REFUSED, "reason" => other.as_str()).increment(1),
                 }
                 outcomes[i] = Some(StoreOutcome::Refused(refusal));

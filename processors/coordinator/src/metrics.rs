@@ -35,3 +35,68 @@ pub const CACHE_SAVED_MS: &str = "weir_coordinator_cache_saved_ms_total";
 /// Due timers dropped because applying them failed on the run's own data, alone in its
 /// transaction: the run is left as it is, the other runs' timers go on (counter).
 pub const TIMERS_QUARANTINED: &str = "weir_coordinator_timers_quarantined_total";
+
+/// Help text and units of the coordinator's metrics. Call once at start, after the recorder
+/// is installed (`weir_runtime::telemetry::metrics_handle`). Labels: `type`, `from_type`,
+/// `to_type` are node types of a validated definition (six values); `status`, `reason`,
+/// `kind` come from fixed lists.
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        WORKFLOWS_STARTED,
+        Unit::Count,
+        "Runs started on a pinned workflow version."
+    );
+    describe_counter!(
+        RUNS_ENDED,
+        Unit::Count,
+        "Runs that ended, by status (completed, failed, cancelled)."
+    );
+    describe_counter!(NODE_EXECUTIONS, Unit::Count,
+        "Node attempts that ended, by node type and status (succeeded, failed, deadline_exceeded, cached).");
+    describe_counter!(
+        NODES_DISPATCHED,
+        Unit::Count,
+        "NodeReady events written, by node type."
+    );
+    describe_counter!(NODES_RETRIED, Unit::Count, "Node retries scheduled.");
+    describe_histogram!(HOP_LATENCY, Unit::Milliseconds,
+        "Milliseconds from a node's completion to its successor's NodeReady (measured before the commit of the batch that writes it), by from_type and to_type.");
+    describe_counter!(
+        IGNORED,
+        Unit::Count,
+        "Inputs that changed nothing, by reason."
+    );
+    describe_gauge!(
+        RUNS_IN_FLIGHT,
+        Unit::Count,
+        "Runs with status running, refreshed by the timer loop."
+    );
+    describe_gauge!(RUNS_STALLED, Unit::Count,
+        "Running runs flagged stalled (no progress within coordinator.stall_after), refreshed by the timer loop.");
+    describe_counter!(
+        STALLS,
+        Unit::Count,
+        "Stalls detected (RunStalled events written)."
+    );
+    describe_counter!(
+        TIMERS_FIRED,
+        Unit::Count,
+        "Timers applied by the timer loop, by kind (retry, deadline)."
+    );
+    describe_counter!(
+        CACHE_HITS,
+        Unit::Count,
+        "Dispatches answered by the result cache instead of a worker."
+    );
+    describe_counter!(
+        CACHE_SAVED_MS,
+        Unit::Milliseconds,
+        "Worker milliseconds the cache hits saved, as the cache reports them."
+    );
+    describe_counter!(
+        TIMERS_QUARANTINED,
+        Unit::Count,
+        "Due timers dropped because applying them failed on the run's own data."
+    );
+}

@@ -108,6 +108,7 @@ impl AppState {
         // which may start later, and what is recorded before a recorder exists is lost.
         weir_runtime::telemetry::metrics_handle();
         let g = &cfg.gateway;
+        metrics::describe();
         let m = &cfg.materializer;
         Self(Arc::new(Inner {
             keys: KeyStore::new(
@@ -138,6 +139,11 @@ impl AppState {
     }
 
     /// The configuration.
+    /// The gateway's Postgres pool (sampled into the `weir_db_pool_*` gauges).
+    pub fn pool(&self) -> &PgPool {
+        &self.0.pool
+    }
+
     pub fn config(&self) -> &Config {
         &self.0.cfg
     }
@@ -388,6 +394,7 @@ impl AppState {
             .unwrap_or(false);
             let was = self.0.ready.swap(db && kafka, Ordering::Relaxed);
             if was != (db && kafka) {
+            ::metrics::gauge!(metrics::READY).set(if db && kafka { 1.0 } else { 0.0 });
                 tracing::info!(postgres = db, kafka, "gateway readiness changed");
             }
             tokio::select! {

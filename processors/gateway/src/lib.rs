@@ -78,6 +78,11 @@ pub fn spawn(
     tokio::spawn(state.clone().watch_revocations(shutdown.clone()));
     let limits = server::ServerLimits::from_config(&state.config().gateway);
     let app = router(state);
+    tokio::spawn(weir_runtime::metrics::watch_pool(
+        state.pool().clone(),
+        "gateway",
+        shutdown.clone(),
+    ));
     let task = tokio::spawn(server::serve(listener, app, limits, shutdown));
     Ok(Running { addr, task })
 }

@@ -25,3 +25,61 @@ pub const BODY_TIMEOUTS: &str = "weir_gateway_body_timeouts_total";
 pub const OPEN_CONNECTIONS: &str = "weir_gateway_open_connections";
 /// Idempotency-Key reuses with a different body, answered 422 (counter).
 pub const IDEMPOTENCY_CONFLICTS: &str = "weir_gateway_idempotency_conflicts_total";
+
+/// 1 while the gateway's readiness check (Postgres and Kafka reachable) passes, else 0
+/// (gauge).
+pub const READY: &str = "weir_gateway_ready";
+
+/// Help text and units of the gateway's metrics. Call once at start, after the recorder is
+/// installed (`weir_runtime::telemetry::metrics_handle`). `route` is the matched route
+/// template (or `unmatched`), `topic` a configured topic, the rest fixed lists.
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        REQUESTS,
+        Unit::Count,
+        "HTTP requests answered, by route template and status code."
+    );
+    describe_histogram!(
+        REQUEST_SECONDS,
+        Unit::Seconds,
+        "Seconds from request to answer, by route template."
+    );
+    describe_histogram!(
+        PRODUCE_SECONDS,
+        Unit::Seconds,
+        "Seconds from enqueueing an event to the broker's acknowledgement, by topic."
+    );
+    describe_counter!(PRODUCE_REFUSED, Unit::Count,
+        "Events the broker did not take, by reason (queue_full, in_flight, timeout, kafka, encode, too_large).");
+    describe_counter!(
+        KEY_LOOKUPS,
+        Unit::Count,
+        "API key lookups that went to Postgres."
+    );
+    describe_counter!(
+        RATE_LIMITED,
+        Unit::Count,
+        "Requests refused by a workspace's rate limit."
+    );
+    describe_counter!(CLIENT_LIMITED, Unit::Count,
+        "Requests refused per client address before authentication, by reason (requests, unknown_keys, connections).");
+    describe_counter!(
+        CONNECTIONS_CLOSED,
+        Unit::Count,
+        "Connections closed on a client, by reason (header_timeout, idle_timeout)."
+    );
+    describe_counter!(
+        BODY_TIMEOUTS,
+        Unit::Count,
+        "Request bodies not received within gateway.body_read_timeout_ms."
+    );
+    describe_gauge!(OPEN_CONNECTIONS, Unit::Count, "Open client connections.");
+    describe_gauge!(READY, Unit::Count,
+        "1 while the gateway's readiness check (Postgres and Kafka reachable, every 2 s) passes, else 0.");
+    describe_counter!(
+        IDEMPOTENCY_CONFLICTS,
+        Unit::Count,
+        "Idempotency-Key reuses with a different body (answered 422)."
+    );
+}

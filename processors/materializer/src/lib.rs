@@ -13,6 +13,7 @@
 
 pub mod definition;
 pub mod fold;
+pub mod metrics;
 pub mod patch;
 pub mod pointer;
 pub mod processor;

@@ -274,6 +274,23 @@ impl CasError {
         }
     }
 
+    /// The bounded `kind` label of `weir_cas_errors_total`: `not_found`, `corrupt`,
+    /// `unavailable` (retryable: network, 5xx, throttling, full disk), `refused` (fatal S3 or
+    /// file errors: configuration, authorization) or `invalid` (bad ref, JSON, task).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CasError::NotFound(_) => "not_found",
+            CasError::Corrupt { .. } => "corrupt",
+            CasError::S3 { .. } | CasError::Io { .. } | CasError::Config(_) => {
+                match self.disposition() {
+                    Disposition::Retry => "unavailable",
+                    _ => "refused",
+                }
+            }
+            CasError::InvalidRef(_) | CasError::Json(_) | CasError::Task(_) => "invalid",
+        }
+    }
+
     fn io(op: &'static str, path: &Path, source: std::io::Error) -> CasError {
         CasError::Io {
             op,
@@ -575,9 +592,13 @@ impl Cas {
     pub async fn put_detailed(&self, content: impl Into<Bytes>) -> Result<PutReceipt, CasError> {
         let content = content.into();
         let receipt = match &self.inner.backend {
-            Backend::S3 { client, bucket } => self.put_s3(client, bucket, content).await?,
-            Backend::Local { root } => self.put_local(root, content).await?,
-        };
+            Backend::S3 { client, bucket } => self.put_s3(client, bucket, content).await,
+            Backend::Local { root } => self.put_local(root, content).await,
+        }
+        .inspect_err(|e| {
+            ::metrics::counter!(crate::metrics::CAS_ERRORS, "op" => "put", "kind" => e.kind())
+                .increment(1);
+        })?;
         let backend = self.backend_name();
         ::metrics::counter!(metrics::PUTS, "backend" => backend, "outcome" => receipt.outcome.as_str())
             .increment(1);
@@ -598,6 +619,10 @@ impl Cas {
             Backend::Local { root } => self.get_local(root, r).await,
         };
         let backend = self.backend_name();
+        if let Err(e) = &result {
+            ::metrics::counter!(crate::metrics::CAS_ERRORS, "op" => "get", "kind" => e.kind())
+                .increment(1);
+        }
         let outcome = match &result {
             Ok(_) => "ok",
             Err(CasError::NotFound(_)) => "not_found",

@@ -423,6 +423,25 @@ async fn run_processors(cfg: Arc<Config>, which: &[ProcessorName]) -> anyhow::Re
     // cache processor and the gateway when both run in this process (`weir dev`).
     let cas = weir_runtime::cas::Cas::from_config(&cfg).await?;
     let cache = if which
+    // The recorder first (what is described or recorded before it is lost), then every
+    // crate's help text and units, and the samplers that run beside the processors.
+    telemetry::metrics_handle();
+    weir_materializer::metrics::describe();
+    weir_coordinator::metrics::describe();
+    weir_cache::metrics::describe();
+    weir_relay::metrics::describe();
+    weir_gateway::metrics::describe();
+    tokio::spawn(weir_runtime::metrics::watch_pool(
+        services.pool.clone(),
+        "main",
+        shutdown.clone(),
+    ));
+    if which.iter().any(|p| matches!(p, ProcessorName::Relay)) {
+        tokio::spawn(weir_relay::metrics::sample_outbox(
+            services.pool.clone(),
+            shutdown.clone(),
+        ));
+    }
         .iter()
         .any(|p| matches!(p, ProcessorName::Cache | ProcessorName::Gateway))
     {
