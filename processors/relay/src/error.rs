@@ -93,6 +93,26 @@ pub fn enqueue_disposition(e: &KafkaError) -> Disposition {
     }
 }
 
+/// Whether a producer error says the destination topic is missing or unauthorized (a
+/// [`crate::destinations::Problem`] of that topic, not of the broker): unknown topic,
+/// partition or topic-or-partition, topic authorization failed. Everything else is not about
+/// the destination (broker down, timeouts, ...) and is retried as it always was.
+pub fn destination_problem(e: &KafkaError) -> Option<crate::destinations::Problem> {
+    code_problem(e.rdkafka_error_code()?)
+}
+
+/// [`destination_problem`] for a bare error code (metadata answers carry one per topic).
+pub fn code_problem(code: RDKafkaErrorCode) -> Option<crate::destinations::Problem> {
+    use crate::destinations::Problem;
+    match code {
+        RDKafkaErrorCode::UnknownTopic
+        | RDKafkaErrorCode::UnknownTopicOrPartition
+        | RDKafkaErrorCode::UnknownPartition => Some(Problem::Missing),
+        RDKafkaErrorCode::TopicAuthorizationFailed => Some(Problem::Unauthorized),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,6 +127,33 @@ mod tests {
         assert_eq!(enqueue_disposition(&fatal), Disposition::Fatal);
         let unknown = KafkaError::MessageProduction(RDKafkaErrorCode::UnknownTopic);
         assert_eq!(enqueue_disposition(&unknown), Disposition::Retry);
+        use crate::destinations::Problem;
+        assert_eq!(destination_problem(&unknown), Some(Problem::Missing));
+        assert_eq!(
+            destination_problem(&KafkaError::MessageProduction(
+                RDKafkaErrorCode::UnknownTopicOrPartition
+            )),
+            Some(Problem::Missing)
+        );
+        assert_eq!(
+            destination_problem(&KafkaError::MessageProduction(
+                RDKafkaErrorCode::TopicAuthorizationFailed
+            )),
+            Some(Problem::Unauthorized)
+        );
+        for transient in [
+            RDKafkaErrorCode::MessageTimedOut,
+            RDKafkaErrorCode::AllBrokersDown,
+            RDKafkaErrorCode::BrokerTransportFailure,
+            RDKafkaErrorCode::LeaderNotAvailable,
+            RDKafkaErrorCode::NotLeaderForPartition,
+            RDKafkaErrorCode::RequestTimedOut,
+            RDKafkaErrorCode::ClusterAuthorizationFailed,
+        ] {
+            let e = KafkaError::MessageProduction(transient);
+            assert_eq!(destination_problem(&e), None, "{transient:?}");
+        }
+        assert_eq!(destination_problem(&KafkaError::Canceled), None);
 
         let delivery = RelayError::Delivery {
             failed: 1,

@@ -15,15 +15,26 @@
 //!    expires a message (`message.timeout.ms = 0`, gap-less guarantee on, see [`producer`]):
 //!    what reaches a partition from one relay is an in-order prefix of what it queued, with no
 //!    gaps. (A message timeout can drop message 2 and still deliver 3; librdkafka documents it.)
-//! 3. Rows are deleted only after the broker acknowledged EVERY row of the batch; a failure
-//!    deletes nothing and the batch is retried from the lowest id after a capped backoff.
+//! 3. A row is deleted only once the broker acknowledged it, and what a batch deletes is, per
+//!    (topic, key), a prefix of that (topic, key)'s rows in the batch
+//!    ([`destinations::deletable`]). So the undeleted rows of every (topic, key) are always a
+//!    suffix of its rows in id order, and the next batch starts from its lowest undeleted id.
+//!    Rows of other (topic, key)s acknowledged in the same batch are deleted even when some
+//!    row failed: a failure holds back only its own (topic, key) (see 5), never the batch.
 //! 4. Lanes are given up only between batches, never while rows of a batch are in flight.
+//! 5. A destination topic that is missing or unauthorized is blocked as a whole
+//!    ([`destinations`]): none of its rows is queued, every other topic of every lane flows.
+//!    When it stays so for `relay.missing_destination_dead_after_ms`, its rows move to
+//!    `weir_outbox_dead` with the reason (`weir_relay_dead_total{reason}`). Transient broker
+//!    errors block nothing: the batch backs off and is retried, acknowledged rows deleted.
 //!
-//! Together: the first occurrence of every event in Kafka respects outbox id order per key,
-//! also when a relay dies at any point (its successor starts from the lowest undeleted id of
-//! the lane; at worst a suffix is published twice). Consumers de-duplicate by the `event_id`
-//! header. Writers must give the events of one key increasing ids in commit order, which the
-//! batch consumer guarantees (one transaction per partition at a time).
+//! Together: the first occurrence of every event in Kafka respects outbox id order per
+//! (topic, key), also when a relay dies at any point (its successor starts from the lowest
+//! undeleted id of the lane; at worst a suffix is published twice). Kafka orders nothing
+//! across topics, and neither does the relay: the events of one key on two topics may reach
+//! them in either order. Consumers de-duplicate by the `event_id` header. Writers must give
+//! the events of one key increasing ids in commit order, which the batch consumer guarantees
+//! (one transaction per partition at a time).
 //!
 //! # Balance and wake-up
 //! Each relay heartbeats into `weir_relays` every `relay.rebalance_interval_ms`, counts the
@@ -36,7 +47,7 @@
 //! # Panics
 //! None of the functions here panic.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,9 +69,12 @@ use weir_runtime::config::{Config, KafkaConfig};
 use weir_runtime::telemetry::Health;
 
 pub mod bench;
+pub mod destinations;
 pub mod error;
 pub mod metrics;
 mod sql;
+
+use destinations::{Check, Destinations, Problem, RowStatus, Verdict};
 
 pub use error::{Disposition, RelayError};
 
@@ -155,11 +169,25 @@ impl OutboxRow {
 /// What the producer did with a batch.
 #[derive(Debug, Default)]
 struct Published {
-    /// Acknowledged rows, in id order: a prefix of the batch.
-    acked: Vec<i64>,
-    /// The row after that prefix that the broker can never accept, with the reason.
-    dead: Option<(i64, String)>,
+    /// One per row of the batch.
+    status: Vec<RowStatus>,
+    /// Destinations the producer refused or failed as missing or unauthorized, with the
+    /// error, in the order first seen.
+    problems: Vec<(String, Problem, String)>,
+    /// The first failure that is not about a destination (broker down, ...), and how many
+    /// rows failed so: the batch is retried after a backoff.
+    transient: Option<(usize, KafkaError)>,
+    /// The producer failed fatally (idempotence or gap-less guarantee broken).
+    fatal: Option<String>,
 }
+
+/// Most metadata checks of destinations one batch makes; the rows of topics beyond them wait
+/// for the next batch (first batches after a start see many topics at once).
+const MAX_CHECKS_PER_BATCH: usize = 32;
+/// How long one metadata check of a destination may take; no answer is a transient problem.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
+/// Rows one statement moves to the dead table when a destination reaches its bound.
+const DEAD_CHUNK: i64 = 10_000;
 
 /// What a batch did.
 #[derive(Debug, Default, Clone, Copy)]
@@ -193,6 +221,11 @@ pub struct Relay {
     producer: FutureProducer,
     health: Health,
     relay_id: String,
+    /// First key of the lane locks: [`LOCK_NAMESPACE`] unless a benchmark isolates its relays.
+    namespace: i32,
+    /// Blocked and verified destinations. Only the relay's own loop uses it (one batch at a
+    /// time); the mutex is never held across an await.
+    destinations: std::sync::Mutex<Destinations>,
 }
 
 impl Relay {
@@ -206,13 +239,30 @@ impl Relay {
         health: Health,
         relay_id: String,
     ) -> Self {
+        let dead_after = Duration::from_millis(cfg.relay.missing_destination_dead_after_ms);
         Self {
             cfg,
             pool,
             producer,
             health,
             relay_id,
+            namespace: LOCK_NAMESPACE,
+            destinations: std::sync::Mutex::new(Destinations::new(dead_after)),
         }
+    }
+
+    /// Uses `namespace` instead of [`LOCK_NAMESPACE`] as the first key of the lane locks.
+    /// Only for relays of a separate outbox (a benchmark's own tables): relays of one outbox
+    /// must share the namespace, or two of them could hold one lane.
+    pub fn with_lock_namespace(mut self, namespace: i32) -> Self {
+        self.namespace = namespace;
+        self
+    }
+
+    fn dest(&self) -> std::sync::MutexGuard<'_, Destinations> {
+        self.destinations
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Publishes until `shutdown` is cancelled. Then the in-flight batch finishes (if the
@@ -399,19 +449,19 @@ impl Relay {
             .fetch_one(&mut s.conn)
             .await?;
         let fair = fair_share(lanes, live);
-        let held = held_lanes(&mut s.conn).await?;
+        let held = held_lanes(&mut s.conn, self.namespace).await?;
         if held.len() > fair {
             let mut extra = held.clone();
             shuffle(&mut extra);
             extra.truncate(held.len() - fair);
             sqlx::query(sql::RELEASE_LANES)
-                .bind(LOCK_NAMESPACE)
+                .bind(self.namespace)
                 .bind(&extra)
                 .execute(&mut s.conn)
                 .await?;
         } else if held.len() < fair {
             sqlx::query(sql::TAKE_LANES)
-                .bind(LOCK_NAMESPACE)
+                .bind(self.namespace)
                 .bind(lanes)
                 .bind(&held)
                 .bind(i64::try_from(fair - held.len()).unwrap_or(i64::MAX))
@@ -421,7 +471,7 @@ impl Relay {
         let now_held = if held.len() == fair {
             held
         } else {
-            held_lanes(&mut s.conn).await?
+            held_lanes(&mut s.conn, self.namespace).await?
         };
         if now_held != s.owned {
             debug!(relay = %self.relay_id, live, fair, lanes = now_held.len(), "lanes changed");
@@ -445,13 +495,17 @@ impl Relay {
         Ok(())
     }
 
-    /// One batch: read, publish, wait for every acknowledgement, delete.
+    /// One batch: read (leaving out blocked destinations), check destinations not verified
+    /// lately, publish, wait for every acknowledgement, delete what was acknowledged (a
+    /// per-(topic, key) prefix), move what must go to `weir_outbox_dead`.
     async fn batch(&self, s: &mut Session) -> Result<BatchOutcome, RelayError> {
         let started = std::time::Instant::now();
         let limit = i64::try_from(self.cfg.relay.batch_size).unwrap_or(i64::MAX);
+        let excluded = self.dest().excluded(Instant::now());
         let rows = sqlx::query(sql::SELECT_BATCH)
-            .bind(LOCK_NAMESPACE)
+            .bind(self.namespace)
             .bind(limit)
+            .bind(&excluded)
             .fetch_all(&mut s.conn)
             .await?
             .iter()
@@ -461,6 +515,7 @@ impl Relay {
         let oldest = rows.iter().map(|r| r.age_s).fold(0.0, f64::max);
         ::metrics::gauge!(metrics::OUTBOX_LAG).set(oldest);
         if rows.is_empty() {
+            ::metrics::gauge!(metrics::BLOCKED_DESTINATIONS).set(excluded.len() as f64);
             return Ok(BatchOutcome { selected });
         }
         let span = info_span!("relay.batch",
@@ -470,42 +525,231 @@ impl Relay {
             relay.id = %self.relay_id,
             outbox.first_id = rows.first().map_or(0, |r| r.id));
         async {
-            let published = self.publish(&rows).await?;
-            if !published.acked.is_empty() {
+            let (held, dead_topics) = self.check_destinations(&rows).await;
+            for (topic, reason, label) in &dead_topics {
+                self.dead_letter_topic(s, topic, reason, label).await?;
+            }
+            let published = self.publish(&rows, &held).await?;
+
+            // Acknowledged rows end their topic's episode; problems found on the way block it.
+            let now = Instant::now();
+            let mut late_dead = Vec::new();
+            {
+                let mut d = self.dest();
+                for (row, st) in rows.iter().zip(&published.status) {
+                    if *st == RowStatus::Acked {
+                        d.acknowledged(&row.topic);
+                    }
+                }
+                for (topic, problem, detail) in &published.problems {
+                    match d.problem(topic, *problem, detail, now, |n| self.backoff(n)) {
+                        Verdict::Wait => {
+                            warn!(topic = %topic, problem = ?problem, error = %detail, "destination missing or unauthorized: its rows wait, other topics flow");
+                        }
+                        Verdict::Dead { reason, label } => {
+                            late_dead.push((topic.clone(), reason, label));
+                        }
+                    }
+                }
+                ::metrics::gauge!(metrics::BLOCKED_DESTINATIONS).set(d.blocked_count() as f64);
+            }
+
+            let deletable = destinations::deletable(
+                rows.iter()
+                    .map(|r| (r.id, r.topic.as_str(), r.key.as_deref())),
+                &published.status,
+            );
+            if !deletable.is_empty() {
                 sqlx::query(sql::DELETE_PUBLISHED)
-                    .bind(&published.acked)
+                    .bind(&deletable)
                     .execute(&mut s.conn)
                     .await?;
             }
-            if let Some((id, reason)) = &published.dead {
-                error!(outbox.id = id, %reason, "outbox row can never be published; moved to weir_outbox_dead");
-                sqlx::query(sql::MOVE_TO_DEAD)
-                    .bind(id)
-                    .bind(reason)
+            let (dead_ids, dead_reasons): (Vec<i64>, Vec<String>) = rows
+                .iter()
+                .zip(&published.status)
+                .filter_map(|(r, st)| match st {
+                    RowStatus::Dead(reason) => Some((r.id, reason.clone())),
+                    _ => None,
+                })
+                .unzip();
+            if let (Some(id), Some(reason)) = (dead_ids.first(), dead_reasons.first()) {
+                error!(outbox.id = id, rows = dead_ids.len(), %reason, "outbox rows can never be published; moved to weir_outbox_dead");
+                let moved = sqlx::query(sql::MOVE_TO_DEAD)
+                    .bind(&dead_ids)
+                    .bind(&dead_reasons)
                     .execute(&mut s.conn)
-                    .await?;
-                ::metrics::counter!(metrics::DEAD).increment(1);
+                    .await?
+                    .rows_affected();
+                ::metrics::counter!(metrics::DEAD, "reason" => metrics::REASON_REJECTED)
+                    .increment(moved);
             }
-            ::metrics::counter!(metrics::PUBLISHED).increment(published.acked.len() as u64);
+            for (topic, reason, label) in &late_dead {
+                self.dead_letter_topic(s, topic, reason, label).await?;
+            }
+            ::metrics::counter!(metrics::PUBLISHED).increment(deletable.len() as u64);
             ::metrics::histogram!(metrics::BATCH_SECONDS).record(started.elapsed().as_secs_f64());
-            debug!(published = published.acked.len(), "batch published");
+            debug!(published = deletable.len(), held = held.len(), "batch published");
+            if let Some(fatal) = published.fatal {
+                return Err(RelayError::ProducerFatal(fatal));
+            }
+            if let Some((failed, first)) = published.transient {
+                return Err(RelayError::Delivery {
+                    failed,
+                    total: rows.len(),
+                    first,
+                });
+            }
             Ok(BatchOutcome { selected })
         }
         .instrument(span)
         .await
     }
 
-    /// Queues `rows` in id order and waits for every acknowledgement. Stops queueing at a row
-    /// the broker can never accept (it becomes `dead`, the rows after it stay for the next
-    /// batch). Any other failure fails the whole batch: nothing of it will be deleted.
-    async fn publish(&self, rows: &[OutboxRow]) -> Result<Published, RelayError> {
-        let mut pending = VecDeque::with_capacity(rows.len());
-        let mut out = Published {
-            acked: Vec::with_capacity(rows.len()),
-            dead: None,
+    /// Checks the destinations of `rows` that were not verified lately (at most
+    /// [`MAX_CHECKS_PER_BATCH`]). Returns the topics whose rows must not be queued in this
+    /// batch (blocked, or not checked yet) and the blocked topics whose rows must go to the
+    /// dead table now, with the reason and its metric label.
+    async fn check_destinations(
+        &self,
+        rows: &[OutboxRow],
+    ) -> (HashSet<String>, Vec<(String, String, &'static str)>) {
+        let now = Instant::now();
+        let mut topics: Vec<&str> = Vec::new();
+        let mut seen = HashSet::new();
+        for r in rows {
+            if seen.insert(r.topic.as_str()) {
+                topics.push(r.topic.as_str());
+            }
+        }
+        let to_check: Vec<&str> = {
+            let d = self.dest();
+            topics
+                .iter()
+                .copied()
+                .filter(|t| d.needs_check(t, now))
+                .collect()
         };
-        let mut failures: Vec<KafkaError> = Vec::new();
-        'rows: for row in rows {
+        let mut held = HashSet::new();
+        let mut dead = Vec::new();
+        for (i, topic) in to_check.into_iter().enumerate() {
+            if i >= MAX_CHECKS_PER_BATCH {
+                held.insert(topic.to_owned());
+                continue;
+            }
+            let check = self.check_topic(topic).await;
+            let now = Instant::now();
+            match check {
+                Check::Exists => {
+                    if self.dest().exists(topic, now) {
+                        info!(topic, "destination is back: publishing its rows");
+                    }
+                }
+                Check::Problem(problem, detail) => {
+                    let verdict = self
+                        .dest()
+                        .problem(topic, problem, &detail, now, |n| self.backoff(n));
+                    match verdict {
+                        Verdict::Wait => {
+                            warn!(topic, ?problem, error = %detail, "destination missing or unauthorized: its rows wait, other topics flow");
+                        }
+                        Verdict::Dead { reason, label } => {
+                            dead.push((topic.to_owned(), reason, label));
+                        }
+                    }
+                }
+                // No answer either way (broker down, leader election): publish as always;
+                // the producer waits for the broker.
+                Check::Unknown => {}
+            }
+        }
+        let d = self.dest();
+        for t in topics {
+            if d.is_blocked(t) {
+                held.insert(t.to_owned());
+            }
+        }
+        (held, dead)
+    }
+
+    /// One metadata request for `topic` (blocking client call, off the runtime's threads).
+    async fn check_topic(&self, topic: &str) -> Check {
+        let producer = self.producer.clone();
+        let name = topic.to_owned();
+        let answer = tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(Some(&name), METADATA_TIMEOUT)
+                .map(|md| {
+                    // One topic was asked for; the answer holds that one.
+                    md.topics()
+                        .first()
+                        .map(|t| (t.error().map(RDKafkaErrorCode::from), t.partitions().len()))
+                })
+        })
+        .await;
+        match answer {
+            Ok(Ok(Some((err, partitions)))) => classify_topic(err, partitions),
+            Ok(Ok(None)) => Check::Unknown,
+            Ok(Err(e)) => match e.rdkafka_error_code() {
+                Some(code) => classify_topic(Some(code), 0),
+                None => Check::Unknown,
+            },
+            Err(e) => {
+                debug!(topic, error = %e, "destination check task");
+                Check::Unknown
+            }
+        }
+    }
+
+    /// Moves every row of `topic` in this session's lanes to `weir_outbox_dead` with `reason`.
+    async fn dead_letter_topic(
+        &self,
+        s: &mut Session,
+        topic: &str,
+        reason: &str,
+        label: &'static str,
+    ) -> Result<(), RelayError> {
+        let mut total = 0u64;
+        loop {
+            let moved = sqlx::query(sql::MOVE_TOPIC_TO_DEAD)
+                .bind(self.namespace)
+                .bind(topic)
+                .bind(DEAD_CHUNK)
+                .bind(reason)
+                .execute(&mut s.conn)
+                .await?
+                .rows_affected();
+            total = total.saturating_add(moved);
+            ::metrics::counter!(metrics::DEAD, "reason" => label).increment(moved);
+            if moved < DEAD_CHUNK.unsigned_abs() {
+                break;
+            }
+        }
+        error!(topic, rows = total, %reason, "destination stayed missing or unauthorized past relay.missing_destination_dead_after_ms: its rows moved to weir_outbox_dead");
+        Ok(())
+    }
+
+    /// Queues the rows of `rows` in id order, except those of `held` topics and of topics the
+    /// producer refuses as missing or unauthorized on the way, and waits for every
+    /// acknowledgement. A row the producer can never accept becomes [`RowStatus::Dead`]; a
+    /// transient refusal stops queueing (the rest stays for the next batch). Rows of other
+    /// (topic, key)s are unaffected by any row's failure.
+    async fn publish(
+        &self,
+        rows: &[OutboxRow],
+        held: &HashSet<String>,
+    ) -> Result<Published, RelayError> {
+        let mut out = Published {
+            status: vec![RowStatus::Held; rows.len()],
+            ..Published::default()
+        };
+        let mut blocked: HashSet<&str> = HashSet::new();
+        let mut pending = VecDeque::with_capacity(rows.len());
+        'rows: for (i, row) in rows.iter().enumerate() {
+            if held.contains(&row.topic) || blocked.contains(row.topic.as_str()) {
+                continue;
+            }
             loop {
                 let mut record = FutureRecord::to(&row.topic)
                     .payload(&row.payload)
@@ -515,44 +759,46 @@ impl Relay {
                 }
                 match self.producer.send_result(record) {
                     Ok(delivery) => {
-                        pending.push_back((row.id, delivery));
+                        pending.push_back((i, delivery));
                         break;
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                         // Backpressure: wait for the oldest message, then queue again.
                         match pending.pop_front() {
-                            Some((id, delivery)) => {
-                                settle(id, delivery.await, &mut out.acked, &mut failures)
+                            Some((j, delivery)) => {
+                                settle(rows, j, delivery.await, &mut out, &mut blocked)
                             }
                             None => tokio::time::sleep(Duration::from_millis(5)).await,
                         }
                     }
-                    Err((e, _)) => match error::enqueue_disposition(&e) {
-                        Disposition::DeadLetter => {
-                            out.dead = Some((row.id, e.to_string()));
-                            break 'rows;
+                    Err((e, _)) => {
+                        if let Some(problem) = error::destination_problem(&e) {
+                            blocked.insert(&row.topic);
+                            out.problem(&row.topic, problem, &e);
+                            break;
                         }
-                        Disposition::Fatal => return Err(self.fatal_or(e, row.id)),
-                        Disposition::Retry => {
-                            failures.push(e);
-                            break 'rows;
+                        match error::enqueue_disposition(&e) {
+                            Disposition::DeadLetter => {
+                                out.status[i] = RowStatus::Dead(e.to_string());
+                                break;
+                            }
+                            Disposition::Fatal => return Err(self.fatal_or(e, row.id)),
+                            Disposition::Retry => {
+                                out.transient(e);
+                                break 'rows;
+                            }
                         }
-                    },
+                    }
                 }
             }
         }
-        while let Some((id, delivery)) = pending.pop_front() {
-            settle(id, delivery.await, &mut out.acked, &mut failures);
+        while let Some((j, delivery)) = pending.pop_front() {
+            settle(rows, j, delivery.await, &mut out, &mut blocked);
         }
-        if let Some(first) = failures.into_iter().next() {
+        if out.transient.is_some() || !out.problems.is_empty() {
             if let Some((code, reason)) = self.producer.client().fatal_error() {
-                return Err(RelayError::ProducerFatal(format!("{code:?}: {reason}")));
+                out.fatal = Some(format!("{code:?}: {reason}"));
             }
-            return Err(RelayError::Delivery {
-                failed: rows.len() - out.acked.len(),
-                total: rows.len(),
-                first,
-            });
         }
         Ok(out)
     }
@@ -603,24 +849,69 @@ pub fn idle_session_timeout_ms(cfg: &Config) -> u64 {
     longest.saturating_mul(3).max(15_000)
 }
 
-async fn held_lanes(conn: &mut PgConnection) -> Result<Vec<i32>, sqlx::Error> {
+async fn held_lanes(conn: &mut PgConnection, namespace: i32) -> Result<Vec<i32>, sqlx::Error> {
     sqlx::query_scalar(sql::HELD_LANES)
-        .bind(LOCK_NAMESPACE)
+        .bind(namespace)
         .fetch_one(conn)
         .await
 }
 
-/// Records one delivery report: acknowledged, refused, or dropped by the producer.
-fn settle<E>(
-    id: i64,
+impl Published {
+    /// Notes that `topic` is missing or unauthorized (once per topic).
+    fn problem(&mut self, topic: &str, problem: Problem, e: &KafkaError) {
+        if !self.problems.iter().any(|(t, _, _)| t == topic) {
+            self.problems
+                .push((topic.to_owned(), problem, e.to_string()));
+        }
+    }
+
+    /// Notes a failure that is not about a destination.
+    fn transient(&mut self, e: KafkaError) {
+        match &mut self.transient {
+            Some((n, _)) => *n += 1,
+            None => self.transient = Some((1, e)),
+        }
+    }
+}
+
+/// Records the delivery report of row `i`: acknowledged; failed for its destination (the topic
+/// is blocked for the rest of the batch); or failed otherwise, or dropped by the producer.
+fn settle<'a, E>(
+    rows: &'a [OutboxRow],
+    i: usize,
     result: Result<OwnedDeliveryResult, E>,
-    acked: &mut Vec<i64>,
-    failures: &mut Vec<KafkaError>,
+    out: &mut Published,
+    blocked: &mut HashSet<&'a str>,
 ) {
+    let Some(row) = rows.get(i) else {
+        return;
+    };
     match result {
-        Ok(Ok(_)) => acked.push(id),
-        Ok(Err((e, _))) => failures.push(e),
-        Err(_) => failures.push(KafkaError::Canceled),
+        Ok(Ok(_)) => {
+            if let Some(st) = out.status.get_mut(i) {
+                *st = RowStatus::Acked;
+            }
+        }
+        Ok(Err((e, _))) => match error::destination_problem(&e) {
+            Some(problem) => {
+                blocked.insert(&row.topic);
+                out.problem(&row.topic, problem, &e);
+            }
+            None => out.transient(e),
+        },
+        Err(_) => out.transient(KafkaError::Canceled),
+    }
+}
+
+/// What a metadata answer for one topic says: its error code (if any) and partition count.
+fn classify_topic(err: Option<RDKafkaErrorCode>, partitions: usize) -> Check {
+    match err {
+        None if partitions > 0 => Check::Exists,
+        None => Check::Unknown,
+        Some(code) => match error::code_problem(code) {
+            Some(problem) => Check::Problem(problem, format!("{code:?}")),
+            None => Check::Unknown,
+        },
     }
 }
 
@@ -735,6 +1026,96 @@ mod tests {
         assert!(t >= 15_000);
         assert!(t > cfg.runtime.retry_max_ms * 2);
         assert!(t > cfg.relay.poll_interval_ms * 2);
+    }
+
+    #[test]
+    fn metadata_answers() {
+        assert_eq!(classify_topic(None, 3), Check::Exists);
+        assert_eq!(classify_topic(None, 0), Check::Unknown);
+        assert_eq!(
+            classify_topic(Some(RDKafkaErrorCode::UnknownTopicOrPartition), 0),
+            Check::Problem(Problem::Missing, "UnknownTopicOrPartition".into())
+        );
+        assert!(matches!(
+            classify_topic(Some(RDKafkaErrorCode::TopicAuthorizationFailed), 0),
+            Check::Problem(Problem::Unauthorized, _)
+        ));
+        assert_eq!(
+            classify_topic(Some(RDKafkaErrorCode::LeaderNotAvailable), 3),
+            Check::Unknown
+        );
+        assert_eq!(
+            classify_topic(Some(RDKafkaErrorCode::OperationTimedOut), 0),
+            Check::Unknown
+        );
+    }
+
+    #[test]
+    fn settle_sorts_delivery_reports() {
+        let row = |id: i64, topic: &str| OutboxRow {
+            id,
+            topic: topic.into(),
+            key: None,
+            payload: Vec::new(),
+            headers: serde_json::Value::Null,
+            age_s: 0.0,
+        };
+        let rows = vec![row(1, "a"), row(2, "gone"), row(3, "b"), row(4, "c")];
+        let mut out = Published {
+            status: vec![RowStatus::Held; rows.len()],
+            ..Published::default()
+        };
+        let mut blocked = HashSet::new();
+        let failed = |code| {
+            Ok::<OwnedDeliveryResult, ()>(Err((
+                KafkaError::MessageProduction(code),
+                rdkafka::message::OwnedMessage::new(
+                    None,
+                    None,
+                    "t".into(),
+                    rdkafka::Timestamp::NotAvailable,
+                    0,
+                    0,
+                    None,
+                ),
+            )))
+        };
+        let delivered = rdkafka::producer::future_producer::Delivery {
+            partition: 0,
+            offset: 0,
+            timestamp: rdkafka::Timestamp::NotAvailable,
+        };
+        settle(
+            &rows,
+            0,
+            Ok::<OwnedDeliveryResult, ()>(Ok(delivered)),
+            &mut out,
+            &mut blocked,
+        );
+        settle(
+            &rows,
+            1,
+            failed(RDKafkaErrorCode::UnknownTopic),
+            &mut out,
+            &mut blocked,
+        );
+        settle(
+            &rows,
+            2,
+            failed(RDKafkaErrorCode::MessageTimedOut),
+            &mut out,
+            &mut blocked,
+        );
+        settle(&rows, 3, Err(()), &mut out, &mut blocked);
+        assert_eq!(out.status[0], RowStatus::Acked);
+        assert_eq!(
+            &out.status[1..],
+            &[RowStatus::Held, RowStatus::Held, RowStatus::Held]
+        );
+        assert!(blocked.contains("gone"));
+        assert_eq!(out.problems.len(), 1);
+        assert_eq!(out.problems[0].1, Problem::Missing);
+        assert!(matches!(out.transient, Some((2, _))), "{:?}", out.transient);
     }
 
     #[test]

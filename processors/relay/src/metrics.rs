@@ -104,7 +104,12 @@ pub fn describe() {
     describe_counter!(
         DEAD,
         Unit::Count,
-        "Outbox rows moved to weir_outbox_dead because the broker can never accept them."
+        "Outbox rows moved to weir_outbox_dead, by reason: rejected (the producer can never accept the row), missing_topic or unauthorized_topic (the destination stayed so past relay.missing_destination_dead_after_ms)."
+    );
+    describe_gauge!(
+        BLOCKED_DESTINATIONS,
+        Unit::Count,
+        "Destination topics whose outbox rows this relay holds back because they are missing or unauthorized."
     );
     describe_gauge!(OUTBOX_PENDING, Unit::Count,
         "Outbox rows waiting to be published (all lanes), counted up to 100000, sampled every 5 s by the relay process.");

@@ -91,8 +91,10 @@ pub const DELETE_HEARTBEAT: &str = "DELETE FROM weir_relays WHERE relay_id = $1"
 /// planned as a sequential scan of the whole outbox.
 pub const TOP_LANE: &str = "SELECT lane FROM weir_outbox ORDER BY lane DESC LIMIT 1";
 
-/// One batch (`$1` namespace, `$2` limit): the lowest ids of the lanes this session holds AT
-/// THIS STATEMENT, read from `pg_locks` in the same statement. A relay whose lock vanished
+/// One batch (`$1` namespace, `$2` limit, `$3` topics to leave out): the lowest ids of the
+/// lanes this session holds AT THIS STATEMENT, read from `pg_locks` in the same statement.
+/// `$3` are the destinations blocked as missing or unauthorized and not due for a re-check:
+/// every row of such a topic is left out, so per (topic, key) nothing is skipped over. A relay whose lock vanished
 /// cannot read, hence cannot publish, rows of that lane. `age_s` is the age of each row by the
 /// database clock (the lag metric).
 ///
@@ -119,18 +121,44 @@ SELECT o.id, o.topic, o.key, o.payload, o.headers,
 FROM weir_outbox o
 WHERE o.id >= (SELECT id FROM start)
   AND o.lane = ANY (ARRAY(SELECT unnest(held.lanes) FROM held))
+  AND o.topic <> ALL ($3::text[])
 ORDER BY o.id
 LIMIT $2";
 
 /// Removes the rows the broker acknowledged (`$1` ids), in one statement.
 pub const DELETE_PUBLISHED: &str = "DELETE FROM weir_outbox WHERE id = ANY ($1::bigint[])";
 
-/// Moves a row the broker can never accept (`$1` id) to `weir_outbox_dead` with the reason
-/// (`$2`), so its lane flows again.
+/// Moves rows the broker can never accept (`$1` ids) to `weir_outbox_dead`, each with its
+/// reason (`$2`, the same length), so their (topic, key) flows again.
 pub const MOVE_TO_DEAD: &str = "\
-WITH moved AS (
-    DELETE FROM weir_outbox WHERE id = $1
-    RETURNING id, lane, topic, key, payload, headers, created_at
+WITH dead AS (
+    SELECT * FROM unnest($1::bigint[], $2::text[]) AS d(id, reason)
+), moved AS (
+    DELETE FROM weir_outbox o USING dead d WHERE o.id = d.id
+    RETURNING o.id, o.lane, o.topic, o.key, o.payload, o.headers, o.created_at, d.reason
 )
 INSERT INTO weir_outbox_dead (id, lane, topic, key, payload, headers, created_at, reason)
-SELECT id, lane, topic, key, payload, headers, created_at, $2 FROM moved";
+SELECT id, lane, topic, key, payload, headers, created_at, reason FROM moved";
+
+/// Moves up to `$3` rows of destination topic `$2` (missing or unauthorized past the bound),
+/// lowest ids first, to `weir_outbox_dead` with reason `$4`: only rows of lanes this session
+/// holds at this statement (`$1` namespace), like a batch. Repeated until it moves fewer than
+/// `$3`, so each statement stays short.
+pub const MOVE_TOPIC_TO_DEAD: &str = "\
+WITH held AS MATERIALIZED (
+    SELECT COALESCE(array_agg(l.objid::bigint::int), '{}') AS lanes
+    FROM pg_locks l
+    WHERE l.locktype = 'advisory' AND l.pid = pg_backend_pid() AND l.granted
+      AND l.classid = $1::oid AND l.objsubid = 2
+), victims AS (
+    SELECT o.id
+    FROM weir_outbox o, held
+    WHERE o.topic = $2 AND o.lane = ANY (held.lanes)
+    ORDER BY o.id
+    LIMIT $3
+), moved AS (
+    DELETE FROM weir_outbox o USING victims v WHERE o.id = v.id
+    RETURNING o.id, o.lane, o.topic, o.key, o.payload, o.headers, o.created_at
+)
+INSERT INTO weir_outbox_dead (id, lane, topic, key, payload, headers, created_at, reason)
+SELECT id, lane, topic, key, payload, headers, created_at, $4 FROM moved";

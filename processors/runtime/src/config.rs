@@ -463,6 +463,12 @@ pub struct RelayConfig {
     pub rebalance_interval_ms: u64,
     /// A relay whose heartbeat is older than this is considered gone, in ms.
     pub heartbeat_timeout_ms: u64,
+    /// How long a destination topic may stay missing (unknown topic or partition) or
+    /// unauthorized (topic authorization failed) before the relay moves its outbox rows to
+    /// `weir_outbox_dead`, in ms. Until then its rows wait (other topics flow) and are
+    /// published in order if the topic appears; after it, its rows are dead-lettered with the
+    /// reason (`weir_relay_dead_total{reason}`). Transient broker errors never count.
+    pub missing_destination_dead_after_ms: u64,
 }
 
 impl Default for RelayConfig {
@@ -472,6 +478,7 @@ impl Default for RelayConfig {
             poll_interval_ms: 500,
             rebalance_interval_ms: 1_000,
             heartbeat_timeout_ms: 5_000,
+            missing_destination_dead_after_ms: 60_000,
         }
     }
 }
