@@ -109,6 +109,10 @@ enum Command {
         #[command(subcommand)]
         command: BenchCommand,
     },
+    /// Fault injection: several weir processes under load while processes, Kafka, Postgres,
+    /// S3 and the registry fail; then the invariants and a report (needs a stack of its own;
+    /// see docs/reliability.md).
+    Chaos(weir_chaos::Args),
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -882,6 +886,7 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
                 Ok(false)
             }
         }
+        Command::Chaos(args) => weir_chaos::run(cfg, args).await,
         Command::Bench { command } => {
             let (result, json) = match command {
                 BenchCommand::Materialize {
