@@ -62,6 +62,9 @@ pub enum Item {
         /// What the attempt cost the worker (NodeCompleted.duration_ms; 0 otherwise): the
         /// saving recorded with a result offered to the cache.
         duration_ms: i64,
+        /// W3C traceparent of the record that carried it ("" for the timer loop's): the
+        /// context of the events it causes.
+        traceparent: String,
     },
 }
 
@@ -123,6 +126,18 @@ struct Active {
     retries: Vec<(usize, i32, i32, i64, Option<String>)>,
     /// Lifecycle effects in order (Started, Completed, Failed, Cancelled, AttemptEnded).
     lifecycle: Vec<Effect>,
+    /// Trace context of the batch's latest record for this run that carried one (else the
+    /// run's own): what the run's output events of this batch carry.
+    cause: Option<String>,
+}
+
+impl Active {
+    /// The traceparent of this batch's output events for the run.
+    fn traceparent(&self) -> String {
+        self.cause
+            .clone()
+            .unwrap_or_else(|| self.run.traceparent.clone())
+    }
 }
 
 /// A RunRequested that could not start.
@@ -572,6 +587,7 @@ impl Coordinator {
                 dispatches: Vec::new(),
                 retries: Vec::new(),
                 lifecycle: Vec::new(),
+                cause: None,
             };
             let mut effects = Vec::new();
             for item in items {
@@ -582,10 +598,14 @@ impl Coordinator {
                         workspace_id,
                         at_us,
                         duration_ms,
+                        traceparent,
                     } => {
                         if workspace_id.is_some_and(|w| w != a.run.workspace_id) {
                             *ignored.entry("foreign_workspace").or_default() += 1;
                             continue;
+                        }
+                        if !traceparent.is_empty() {
+                            a.cause = Some(traceparent);
                         }
                         if let Input::Completed {
                             node_id,
@@ -1240,7 +1260,7 @@ impl Coordinator {
             let base = |event_id| (event_id, end_us, a.run.workspace_id.clone());
             for e in &a.lifecycle {
                 let (event_id, occurred_at, workspace_id) = base(events::new_event_id());
-                let traceparent = a.run.traceparent.clone();
+                let traceparent = a.traceparent();
                 match e {
                     Effect::Started => {
                         stats.started += 1;
@@ -1372,7 +1392,7 @@ impl Coordinator {
                         event_id: events::new_event_id(),
                         occurred_at: end_us,
                         workspace_id: a.run.workspace_id.clone(),
-                        traceparent: a.run.traceparent.clone(),
+                        traceparent: a.traceparent(),
                         tracestate: None,
                         run_id: a.run_id.clone(),
                         workflow_id: a.run.workflow_id.clone(),
@@ -1421,7 +1441,7 @@ impl Coordinator {
                         event_id: events::new_event_id(),
                         occurred_at: end_us,
                         workspace_id: a.run.workspace_id.clone(),
-                        traceparent: a.run.traceparent.clone(),
+                        traceparent: a.traceparent(),
                         tracestate: None,
                         run_id: a.run_id.clone(),
                         workflow_id: a.run.workflow_id.clone(),
@@ -1598,6 +1618,7 @@ fn group_except(
                         workspace_id: Some(e.workspace_id.clone()),
                         at_us: e.occurred_at,
                         duration_ms: e.duration_ms,
+                        traceparent: e.traceparent.clone(),
                     },
                 )
             }
@@ -1610,6 +1631,7 @@ fn group_except(
                     workspace_id: Some(e.workspace_id.clone()),
                     at_us: e.occurred_at,
                     duration_ms: 0,
+                    traceparent: e.traceparent.clone(),
                 },
             ),
         };

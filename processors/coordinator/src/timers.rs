@@ -247,6 +247,7 @@ impl TimerLoop {
                     workspace_id: None,
                     at_us: t.due_at.timestamp_micros(),
                     duration_ms: 0,
+                    traceparent: String::new(),
                 });
             }
             self.coordinator

@@ -49,6 +49,7 @@ use crate::limit::{ClientId, RateLimiter};
 use crate::metrics;
 use crate::problem::Problem;
 use crate::produce::Sender;
+use crate::trace::RequestTrace;
 use crate::server::{is_body_timeout, PeerAddr};
 use crate::sources::{CacheLookupRequest, CacheLookupSource, RunStatusSource};
 
@@ -107,8 +108,8 @@ impl AppState {
         // Install the process's recorder now: metrics are served by the telemetry listener,
         // which may start later, and what is recorded before a recorder exists is lost.
         weir_runtime::telemetry::metrics_handle();
-        let g = &cfg.gateway;
         metrics::describe();
+        let g = &cfg.gateway;
         let m = &cfg.materializer;
         Self(Arc::new(Inner {
             keys: KeyStore::new(
@@ -138,12 +139,12 @@ impl AppState {
         }))
     }
 
-    /// The configuration.
     /// The gateway's Postgres pool (sampled into the `weir_db_pool_*` gauges).
     pub fn pool(&self) -> &PgPool {
         &self.0.pool
     }
 
+    /// The configuration.
     pub fn config(&self) -> &Config {
         &self.0.cfg
     }
@@ -393,8 +394,8 @@ impl AppState {
             .await
             .unwrap_or(false);
             let was = self.0.ready.swap(db && kafka, Ordering::Relaxed);
-            if was != (db && kafka) {
             ::metrics::gauge!(metrics::READY).set(if db && kafka { 1.0 } else { 0.0 });
+            if was != (db && kafka) {
                 tracing::info!(postgres = db, kafka, "gateway readiness changed");
             }
             tokio::select! {
@@ -622,6 +623,7 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             client_gate,
         ))
+        .layer(axum::middleware::from_fn(crate::trace::trace_request))
         .layer(axum::middleware::from_fn(track))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
@@ -705,6 +707,7 @@ async fn openapi() -> Response {
 async fn submit_patch(
     s: &AppState,
     caller: &Caller,
+    trace: &RequestTrace,
     workflow_id: &str,
     base_version: Option<i64>,
     operations_json: String,
@@ -721,8 +724,8 @@ async fn submit_patch(
         event_id: events::new_event_id(),
         occurred_at: events::now_micros(),
         workspace_id: caller.workspace_id.clone(),
-        traceparent: String::new(),
-        tracestate: None,
+        traceparent: trace.traceparent.clone(),
+        tracestate: trace.tracestate.clone(),
         patch_id,
         workflow_id: workflow_id.to_string(),
         author: caller.key_id.clone(),
@@ -745,6 +748,7 @@ fn patch_over_budget(detail: String) -> Problem {
 
 async fn put_workflow(
     State(s): State<AppState>,
+    trace: RequestTrace,
     caller: Caller,
     p: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
@@ -796,7 +800,7 @@ async fn put_workflow(
     // (`null` for a workflow that does not exist yet).
     let operations = format!(r#"[{{"op":"add","path":"","value":{text}}}]"#);
     let patch_id = new_id(&caller, &format!("put:{workflow_id}"), key.as_deref());
-    let send = submit_patch(&s, &caller, &workflow_id, base, operations, patch_id);
+    let send = submit_patch(&s, &caller, &trace, &workflow_id, base, operations, patch_id);
     s.once(
         &caller,
         &format!("put:{workflow_id}"),
@@ -816,6 +820,7 @@ async fn put_workflow(
 
 async fn post_patches(
     State(s): State<AppState>,
+    trace: RequestTrace,
     caller: Caller,
     p: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
@@ -858,7 +863,15 @@ async fn post_patches(
         }
     }
     let patch_id = new_id(&caller, &format!("patch:{workflow_id}"), key.as_deref());
-    let send = submit_patch(&s, &caller, &workflow_id, base, text.to_string(), patch_id);
+    let send = submit_patch(
+        &s,
+        &caller,
+        &trace,
+        &workflow_id,
+        base,
+        text.to_string(),
+        patch_id,
+    );
     s.once(
         &caller,
         &format!("patch:{workflow_id}"),
@@ -987,6 +1000,7 @@ async fn inline_or_ref(
 
 async fn post_run(
     State(s): State<AppState>,
+    trace: RequestTrace,
     caller: Caller,
     headers: HeaderMap,
     b: Result<Bytes, BytesRejection>,
@@ -1014,8 +1028,8 @@ async fn post_run(
         event_id: events::new_event_id(),
         occurred_at: events::now_micros(),
         workspace_id: caller.workspace_id.clone(),
-        traceparent: String::new(),
-        tracestate: None,
+        traceparent: trace.traceparent.clone(),
+        tracestate: trace.tracestate.clone(),
         run_id: run_id.to_string(),
         workflow_id: run.workflow_id,
         version: run.version,
@@ -1065,6 +1079,7 @@ struct CancelBody {
 
 async fn cancel_run(
     State(s): State<AppState>,
+    trace: RequestTrace,
     caller: Caller,
     p: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
@@ -1085,8 +1100,8 @@ async fn cancel_run(
         event_id: events::new_event_id(),
         occurred_at: events::now_micros(),
         workspace_id: caller.workspace_id.clone(),
-        traceparent: String::new(),
-        tracestate: None,
+        traceparent: trace.traceparent.clone(),
+        tracestate: trace.tracestate.clone(),
         run_id: run_id.to_string(),
         reason: cancel.reason,
         requester: caller.key_id.clone(),
@@ -1116,6 +1131,7 @@ struct CompletionBody {
 
 async fn post_completion(
     State(s): State<AppState>,
+    trace: RequestTrace,
     caller: Caller,
     p: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
@@ -1160,8 +1176,8 @@ async fn post_completion(
         event_id: events::new_event_id(),
         occurred_at: events::now_micros(),
         workspace_id: caller.workspace_id.clone(),
-        traceparent: String::new(),
-        tracestate: None,
+        traceparent: trace.traceparent.clone(),
+        tracestate: trace.tracestate.clone(),
         run_id: run_id.to_string(),
         node_id: node_id.clone(),
         attempt: c.attempt,
@@ -1204,6 +1220,7 @@ struct CacheEntryBody {
 
 async fn post_cache_entry(
     State(s): State<AppState>,
+    trace: RequestTrace,
     caller: Caller,
     headers: HeaderMap,
     b: Result<Bytes, BytesRejection>,
@@ -1259,8 +1276,8 @@ async fn post_cache_entry(
         event_id: events::new_event_id(),
         occurred_at: events::now_micros(),
         workspace_id: caller.workspace_id.clone(),
-        traceparent: String::new(),
-        tracestate: None,
+        traceparent: trace.traceparent.clone(),
+        tracestate: trace.tracestate.clone(),
         request_id: request_id.to_string(),
         requester: caller.key_id.clone(),
         permission: caller.permission.as_str().to_string(),

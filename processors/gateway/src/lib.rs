@@ -8,6 +8,7 @@
 //! - [`server`]: the HTTP/1.1 server with connection caps and header, idle and body timeouts;
 //! - [`guard`]: checks every body gets (`\u0000`); [`idempotency`]: Idempotency-Key records;
 //! - [`produce`]: one event per request, 202 only after acks=all;
+//! - [`trace`]: the W3C trace context of a request, carried by its events;
 //! - [`sources`]: run status and cache lookups, plugged in by the process wiring;
 //! - [`bench`]: `weir bench gateway`.
 
@@ -22,6 +23,7 @@ pub mod problem;
 pub mod produce;
 pub mod server;
 pub mod sources;
+pub mod trace;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -76,13 +78,13 @@ pub fn spawn(
     );
     tokio::spawn(state.clone().sweep_idempotency(shutdown.clone()));
     tokio::spawn(state.clone().watch_revocations(shutdown.clone()));
-    let limits = server::ServerLimits::from_config(&state.config().gateway);
-    let app = router(state);
     tokio::spawn(weir_runtime::metrics::watch_pool(
         state.pool().clone(),
         "gateway",
         shutdown.clone(),
     ));
+    let limits = server::ServerLimits::from_config(&state.config().gateway);
+    let app = router(state);
     let task = tokio::spawn(server::serve(listener, app, limits, shutdown));
     Ok(Running { addr, task })
 }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::Semaphore;
@@ -103,7 +104,23 @@ impl Sender {
         })?;
         let topic = self.codec.topic::<E>();
         let start = Instant::now();
-        let record = FutureRecord::to(&topic).key(event.key()).payload(&bytes);
+        let mut record = FutureRecord::to(&topic).key(event.key()).payload(&bytes);
+        // The event's trace context, also as Kafka headers: a consumer joins the trace
+        // without decoding the value.
+        let traceparent = event.traceparent();
+        if !traceparent.is_empty() {
+            let mut headers = OwnedHeaders::new_with_capacity(2).insert(Header {
+                key: weir_runtime::trace::TRACEPARENT,
+                value: Some(traceparent),
+            });
+            if let Some(ts) = event.tracestate() {
+                headers = headers.insert(Header {
+                    key: weir_runtime::trace::TRACESTATE,
+                    value: Some(ts),
+                });
+            }
+            record = record.headers(headers);
+        }
         let delivery = match self.producer.send_result(record) {
             Ok(d) => d,
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {

@@ -379,19 +379,12 @@ impl PublishSpan {
         Some(Self(span))
     }
 
-    /// Ends the span: acknowledged at `partition`/`offset`, or failed with `error`.
-    pub fn end(mut self, outcome: Result<(i32, i64), String>) {
+    /// Ends the span: acknowledged by the broker, or not (an error status).
+    pub fn end(mut self, acknowledged: bool) {
         use opentelemetry::trace::Span as _;
-        match outcome {
-            Ok((partition, offset)) => {
-                self.0.set_attribute(KeyValue::new(
-                    "messaging.destination.partition.id",
-                    partition.to_string(),
-                ));
-                self.0
-                    .set_attribute(KeyValue::new("messaging.kafka.offset", offset));
-            }
-            Err(e) => self.0.set_status(Status::error(e)),
+        if !acknowledged {
+            self.0
+                .set_status(Status::error("not acknowledged by the broker"));
         }
         self.0.end();
     }

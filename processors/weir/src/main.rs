@@ -399,14 +399,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match runtime.block_on(run(cli.command, Arc::new(cfg))) {
+    let trace_deadline = std::time::Duration::from_millis(cfg.runtime.shutdown_deadline_ms);
+    let code = match runtime.block_on(run(cli.command, Arc::new(cfg))) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(1)
         }
-    }
+    };
+    // The spans still buffered (the last batches' and requests'), within the deadline.
+    telemetry::shutdown_tracing(trace_deadline);
+    code
 }
 
 fn limits(cfg: &Config) -> weir_materializer::definition::Limits {
