@@ -427,10 +427,6 @@ async fn run_processors(cfg: Arc<Config>, which: &[ProcessorName]) -> anyhow::Re
     let shutdown = CancellationToken::new();
     telemetry::cancel_on_signals(shutdown.clone());
     let services = weir_runtime::app::Services::new(cfg.clone())?;
-    // One CAS client, and one result cache (one embedding model in memory) shared by the
-    // cache processor and the gateway when both run in this process (`weir dev`).
-    let cas = weir_runtime::cas::Cas::from_config(&cfg).await?;
-    let cache = if which
     // The recorder first (what is described or recorded before it is lost), then every
     // crate's help text and units, and the samplers that run beside the processors.
     telemetry::metrics_handle();
@@ -439,6 +435,7 @@ async fn run_processors(cfg: Arc<Config>, which: &[ProcessorName]) -> anyhow::Re
     weir_cache::metrics::describe();
     weir_relay::metrics::describe();
     weir_gateway::metrics::describe();
+    weir_runtime::metrics::register_cas(&cfg);
     tokio::spawn(weir_runtime::metrics::watch_pool(
         services.pool.clone(),
         "main",
@@ -450,6 +447,10 @@ async fn run_processors(cfg: Arc<Config>, which: &[ProcessorName]) -> anyhow::Re
             shutdown.clone(),
         ));
     }
+    // One CAS client, and one result cache (one embedding model in memory) shared by the
+    // cache processor and the gateway when both run in this process (`weir dev`).
+    let cas = weir_runtime::cas::Cas::from_config(&cfg).await?;
+    let cache = if which
         .iter()
         .any(|p| matches!(p, ProcessorName::Cache | ProcessorName::Gateway))
     {
