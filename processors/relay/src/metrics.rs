@@ -58,6 +58,11 @@ const SAMPLE_SQL: &str = "SELECT
 /// [`SAMPLE_EVERY`] until `stop`. Runs beside the relay's loop, not in it: the gauges say
 /// "rows are waiting" even while the relay publishes nothing.
 pub async fn sample_outbox(pool: sqlx::PgPool, stop: tokio_util::sync::CancellationToken) {
+    // At 0 from the start: `increase()` misses the first increment of a new series.
+    ::metrics::counter!(DEAD).increment(0);
+    ::metrics::counter!(PUBLISHED).increment(0);
+    ::metrics::counter!(RETRIES).increment(0);
+    ::metrics::counter!(OUTBOX_SAMPLE_FAILURES).increment(0);
     let mut tick = tokio::time::interval(SAMPLE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -309,6 +309,7 @@ impl<P: Processor> BatchConsumer<P> {
         self.health.register(&component);
         self.wait_until_ready(&consumer, &shutdown).await?;
         consumer.subscribe(&[&self.topic])?;
+        m::register_consumer(&self.group, &self.topic);
         self.health.set(&component, true);
         info!(group = %self.group, topic = %self.topic, "consuming");
 

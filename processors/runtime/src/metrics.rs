@@ -206,11 +206,49 @@ pub fn describe() {
     );
 }
 
+/// Dead-letter classes of the consumer (`class` of [`RECORDS_DEAD_LETTERED`]): decode
+/// failures, records a forced dead-lettering took (`apply`), records the processor rejected.
+pub const DEAD_LETTER_CLASSES: &[&str] = &["framing", "unknown_schema", "avro", "apply", "invalid"];
+/// `kind` values of [`CAS_ERRORS`] ([`crate::cas::CasError::kind`]).
+pub const CAS_ERROR_KINDS: &[&str] = &["not_found", "corrupt", "unavailable", "refused", "invalid"];
+
+/// Creates a consumer's error counters at 0 when it starts. Prometheus' `increase()` cannot
+/// see the first increment of a series that appears with it, so an alert on dead letters
+/// would miss the first one; and a dashboard panel shows 0 rather than nothing.
+pub fn register_consumer(group: &str, topic: &str) {
+    for class in DEAD_LETTER_CLASSES {
+        metrics::counter!(RECORDS_DEAD_LETTERED, "group" => group.to_string(),
+            "topic" => topic.to_string(), "class" => *class)
+        .increment(0);
+    }
+    for kind in ["assign", "revoke", "error"] {
+        metrics::counter!(REBALANCES, "group" => group.to_string(), "kind" => kind).increment(0);
+    }
+    metrics::counter!(BATCH_RETRIES, "group" => group.to_string()).increment(0);
+    metrics::counter!(BATCH_SPLITS, "group" => group.to_string()).increment(0);
+}
+
+/// Creates the CAS error counters at 0 (see [`register_consumer`] for why), for the
+/// configured backend.
+pub fn register_cas(cfg: &crate::config::Config) {
+    let backend = match cfg.cas.backend {
+        crate::config::CasBackend::S3 => "s3",
+        crate::config::CasBackend::Local => "local",
+    };
+    metrics::counter!(crate::cas::metrics::CORRUPT, "backend" => backend).increment(0);
+    for op in ["get", "put"] {
+        for kind in CAS_ERROR_KINDS {
+            metrics::counter!(CAS_ERRORS, "op" => op, "kind" => *kind).increment(0);
+        }
+    }
+}
+
 /// Samples `pool` every [`POOL_SAMPLE_EVERY`] into the `weir_db_pool_*` gauges, labelled
 /// `pool = name`, and times one acquire per sample (`site = probe`), until `stop`. sqlx
 /// does not count the tasks waiting for a connection: the acquire time stands for them.
 pub async fn watch_pool(pool: PgPool, name: &'static str, stop: CancellationToken) {
     let max = pool.options().get_max_connections();
+    metrics::counter!(DB_POOL_ACQUIRE_FAILURES, "pool" => name).increment(0);
     let mut tick = tokio::time::interval(POOL_SAMPLE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
