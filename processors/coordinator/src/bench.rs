@@ -235,6 +235,14 @@ pub async fn run(base: Arc<Config>, runs: usize, naive_runs: usize) -> anyhow::R
             .execute(&pool)
             .await?;
     }
+    // NodeReady and run events go to an outbox of the benchmark's own (dropped at the end),
+    // where the simulated workers take them: a deployment's relays running beside it never
+    // see them (they would publish them to topics that do not exist, or take them from the
+    // workers).
+    let private = weir_relay::private::PrivateOutbox::create(&cfg.postgres, "bench_coordinator")
+        .await
+        .context("creating the benchmark's own outbox")?;
+    let pool = private.pool().clone();
     let codec = Arc::new(Codec::new(&cfg.schema_registry, &cfg.kafka)?);
     let cas = weir_runtime::cas::Cas::from_config(&cfg).await?;
     let workflow_id = format!("bench-{id}-wf");
@@ -305,6 +313,7 @@ pub async fn run(base: Arc<Config>, runs: usize, naive_runs: usize) -> anyhow::R
     )
     .execute(&pool)
     .await?;
+    private.drop_all().await?;
 
     anyhow::ensure!(
         fast.runs_completed == runs as i64 && naive.runs_completed == naive_runs as i64,

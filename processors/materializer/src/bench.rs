@@ -211,12 +211,19 @@ async fn wait_group_stable(cfg: &Config, members: usize, timeout: Duration) -> a
     }
 }
 
+/// The benchmark's configuration: `base` with its topics and consumer groups under
+/// `<prefix>bench-<run_id>.`, so a deployment running beside it (same prefix) never shares a
+/// topic or a consumer group with it.
+pub fn bench_config(base: &Config, run_id: &str) -> Config {
+    let mut cfg = base.clone();
+    cfg.kafka.topic_prefix = format!("{}bench-{run_id}.", base.kafka.topic_prefix);
+    cfg
+}
+
 /// Runs the benchmark and returns its figures as one JSON object.
 pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
     let run_id = Uuid::now_v7().simple().to_string();
-    let mut cfg = (*base).clone();
-    cfg.kafka.topic_prefix = format!("bench-{run_id}.");
-    let cfg = Arc::new(cfg);
+    let cfg = Arc::new(bench_config(&base, &run_id));
     weir_runtime::kafka::create_topics(&cfg.kafka)
         .await
         .context("creating topics")?;
@@ -229,15 +236,17 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
     weir_runtime::db::MIGRATOR.run(&pool).await?;
     // Earlier runs delete what they wrote; start every run from vacuumed tables with fresh
     // statistics so both paths meet the same database.
-    for table in [
-        "weir_workflow_heads",
-        "weir_workflow_patches",
-        "weir_outbox",
-    ] {
+    for table in ["weir_workflow_heads", "weir_workflow_patches"] {
         sqlx::query(&format!("VACUUM (ANALYZE) {table}"))
             .execute(&pool)
             .await?;
     }
+    // The outbox rows go to an outbox of the benchmark's own (dropped at the end): a
+    // deployment's relays running beside it never see them.
+    let private = weir_relay::private::PrivateOutbox::create(&cfg.postgres, "bench_materialize")
+        .await
+        .context("creating the benchmark's own outbox")?;
+    let pool = private.pool().clone();
     // A patch is done when the transaction that decided it commits: the end of its latency and
     // of the throughput window. The server keeps commit times only with track_commit_timestamp
     // (the local stack turns it on); without it the row's insertion time stands in, a few
@@ -417,6 +426,7 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
         .bind(format!("{}%", cfg.kafka.topic_prefix))
         .execute(&pool)
         .await?;
+    private.drop_all().await?;
     weir_runtime::kafka::delete_planned_topics(&cfg.kafka).await?;
 
     Ok(json!({
@@ -565,4 +575,25 @@ async fn copy_limit(pool: &sqlx::PgPool, rows: usize) -> anyhow::Result<f64> {
         .execute(&mut *conn)
         .await?;
     Ok(rows as f64 / secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bench_groups_and_topics_are_never_the_deployments() {
+        for prefix in ["", "dev.", "prod-eu."] {
+            let mut base = Config::default();
+            base.kafka.topic_prefix = prefix.into();
+            let cfg = bench_config(&base, "0190abc");
+            let group = cfg.kafka.group(crate::processor::GROUP);
+            assert_ne!(group, base.kafka.group(crate::processor::GROUP));
+            assert_eq!(group, format!("{prefix}bench-0190abc.weir-materializer"));
+            assert_ne!(
+                cfg.kafka.topic("weir.patches.v1"),
+                base.kafka.topic("weir.patches.v1")
+            );
+        }
+    }
 }

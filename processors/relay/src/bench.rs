@@ -14,9 +14,11 @@
 //!    the FIRST occurrences of the events come in sequence order (`order_violations`), counts
 //!    re-publications (`duplicates`) and events never seen (`missing`).
 //!
-//! Other relays running against the same database take their share of the lanes and publish
-//! some of the rows; that does not change what is checked (lanes are exclusive across all of
-//! them) but it does change the throughput: `other_relays` reports how many there were.
+//! A running deployment is left alone: the rows go to a [`PrivateOutbox`] (its own schema
+//! with its own `weir_outbox`, `weir_relays` and lane-lock namespace, dropped at the end), so
+//! the deployment's relays never see them and the benchmark's relays never take the
+//! deployment's lanes. `deployment_relays` reports how many live relays of the deployment
+//! ran beside it (they compete for the machine, not for the rows).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -34,6 +36,7 @@ use weir_runtime::config::Config;
 use weir_runtime::outbox::lane_of;
 use weir_runtime::telemetry::Health;
 
+use crate::private::PrivateOutbox;
 use crate::{Relay, RelayError};
 
 /// Partitions of the benchmark topic.
@@ -52,28 +55,41 @@ pub async fn bench(
 ) -> anyhow::Result<serde_json::Value> {
     anyhow::ensure!(events > 0, "--events must be at least 1");
     anyhow::ensure!(relays > 0, "--relays must be at least 1");
-    let pool = weir_runtime::db::pool(&cfg.postgres)?;
+    let deployment = weir_runtime::db::pool(&cfg.postgres)?;
     let migrated: bool =
         sqlx::query_scalar("SELECT to_regclass('weir_relays') IS NOT NULL AS migrated")
-            .fetch_one(&pool)
+            .fetch_one(&deployment)
             .await
             .context("connecting to Postgres")?;
     anyhow::ensure!(migrated, "the relay tables are missing: run `weir migrate`");
-    // Start from a vacuumed outbox: a run right after another benchmark's cleanup would
-    // otherwise scan its dead rows (the materializer benchmark leaves ~1,000,000) until
-    // autovacuum gets to them, and measure that instead of the relay.
-    sqlx::query("VACUUM (ANALYZE) weir_outbox")
-        .execute(&pool)
-        .await?;
-
-    // Relays of other processes share the lanes (and so the work): reported with the result.
-    let other_relays: i64 = sqlx::query_scalar(
+    // Live relays of the deployment, left alone: reported with the result.
+    let deployment_relays: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM weir_relays r
          WHERE seen_at > now() - interval '10 seconds'
            AND EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = r.pid)",
     )
-    .fetch_one(&pool)
+    .fetch_one(&deployment)
     .await?;
+    deployment.close().await;
+    let private = PrivateOutbox::create(&cfg.postgres, "bench_relay")
+        .await
+        .context("creating the benchmark's own outbox")?;
+    let result = run(cfg, &private, events, relays, deployment_relays).await;
+    if let Err(e) = private.drop_all().await {
+        tracing::warn!(error = %e, "dropping the benchmark's own outbox");
+    }
+    result
+}
+
+async fn run(
+    cfg: Arc<Config>,
+    private: &PrivateOutbox,
+    events: usize,
+    relays: usize,
+    deployment_relays: i64,
+) -> anyhow::Result<serde_json::Value> {
+    let pool = private.pool().clone();
+    let namespace = private.namespace();
 
     let run = uuid::Uuid::now_v7().simple().to_string();
     let topic = format!("{}weir.bench.relay.{run}", cfg.kafka.topic_prefix);
@@ -98,7 +114,15 @@ pub async fn bench(
     let _stop_relays_on_return = shutdown.clone().drop_guard();
     let started = Instant::now();
     let mut handles: Vec<JoinHandle<Result<(), RelayError>>> = (0..relays)
-        .map(|i| spawn_relay(&cfg, &pool, format!("bench-{run}-{i}"), &shutdown))
+        .map(|i| {
+            spawn_relay(
+                &cfg,
+                &pool,
+                namespace,
+                format!("bench-{run}-{i}"),
+                &shutdown,
+            )
+        })
         .collect::<anyhow::Result<_>>()?;
     let limit = Duration::from_secs(60 + (events / 2_000) as u64);
 
@@ -107,7 +131,8 @@ pub async fn bench(
     while started.elapsed() < limit {
         let seen = distinct.load(Ordering::Relaxed);
         if seen >= events / 3 {
-            let replacement = spawn_relay(&cfg, &pool, format!("bench-{run}-r"), &shutdown)?;
+            let replacement =
+                spawn_relay(&cfg, &pool, namespace, format!("bench-{run}-r"), &shutdown)?;
             if let Some(first) = handles.first_mut() {
                 first.abort();
                 let old = std::mem::replace(first, replacement);
@@ -178,7 +203,7 @@ pub async fn bench(
         "duplicates": check.duplicates,
         "missing": events - check.distinct,
         "killed_after_events": killed_after,
-        "other_relays": other_relays,
+        "deployment_relays": deployment_relays,
         "keys": keys,
         "lanes": cfg.outbox.lanes,
         "batch_size": cfg.relay.batch_size,
@@ -190,6 +215,7 @@ pub async fn bench(
 fn spawn_relay(
     cfg: &Arc<Config>,
     pool: &PgPool,
+    namespace: i32,
     relay_id: String,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<JoinHandle<Result<(), RelayError>>> {
@@ -200,7 +226,8 @@ fn spawn_relay(
         producer,
         Health::default(),
         relay_id,
-    );
+    )
+    .with_lock_namespace(namespace);
     Ok(tokio::spawn(relay.run(shutdown.clone())))
 }
 

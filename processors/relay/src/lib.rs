@@ -72,6 +72,7 @@ pub mod bench;
 pub mod destinations;
 pub mod error;
 pub mod metrics;
+pub mod private;
 mod sql;
 
 use destinations::{Check, Destinations, Problem, RowStatus, Verdict};
