@@ -1,0 +1,102 @@
+//! The chaos suite's workload and checker end to end, without faults: `weir dev` on fresh
+//! topics, the mixed load through its gateway for about 20 s (patches with rejections and
+//! refusals on purpose, fan-out/fan-in runs answered by the simulated workers with failed
+//! first attempts, cache entries and lookups, poison records), then the drain and every
+//! invariant. A healthy system must check clean: this is the baseline the fault runs are
+//! judged against, and it fails if the checker sees what is not there (or the product
+//! loses or duplicates anything under plain load).
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use weir_chaos::check;
+use weir_chaos::load::{self, Expect, LoadConfig, OVER_BUDGET};
+use weir_it::{config, prepare, random_name, weir_bin, ChildGuard};
+
+/// A free local port (bound, then released for the child to take).
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_seconds_of_mixed_load_check_clean() {
+    let prefix = format!("{}.", random_name("chaos"));
+    let cfg = config(&prefix);
+    prepare(&cfg).await.expect("prepare the stack");
+    let port = free_port();
+    let mut weir = ChildGuard(
+        Command::new(weir_bin())
+            .arg("dev")
+            .env("WEIR__KAFKA__TOPIC_PREFIX", &prefix)
+            .env("WEIR__KAFKA__PARTITIONS", "3")
+            .env("WEIR__GATEWAY__LISTEN", format!("127.0.0.1:{port}"))
+            .env("WEIR__TELEMETRY__LISTEN", "127.0.0.1:0")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn weir dev"),
+    );
+    let gateway = format!("http://127.0.0.1:{port}");
+
+    let stop = CancellationToken::new();
+    let running = load::start(
+        &cfg,
+        LoadConfig {
+            gateways: vec![gateway],
+            seed: 17,
+            workflows: 300,
+            patches_per_sec: 40.0,
+            runs_per_sec: 2.0,
+            cache_ops_per_sec: 10.0,
+            poison_per_min: 20.0,
+        },
+        stop.clone(),
+    )
+    .await
+    .expect("start the load");
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let snapshot = running.snapshot();
+    assert!(snapshot.acknowledged > 0, "{snapshot:?}");
+    assert!(
+        snapshot.recent_p99_ms.is_some(),
+        "patches became visible: {snapshot:?}"
+    );
+    stop.cancel();
+    let ledger = running
+        .finish(Duration::from_secs(120))
+        .await
+        .expect("finish the load");
+
+    // The workload did every kind of thing it promises.
+    assert_eq!(ledger.runs_unfinished, 0, "every acknowledged run ended");
+    assert!(ledger.runs.len() >= 20, "runs: {}", ledger.runs.len());
+    assert!(ledger.nodes_failed_on_purpose > 0, "failed first attempts");
+    assert!(ledger.patches.iter().any(|p| p.expect == Expect::Rejected));
+    assert!(ledger
+        .answers
+        .iter()
+        .any(|a| a.kind == OVER_BUDGET && a.status == 422));
+    assert!(!ledger.cache_entries.is_empty() && ledger.cache_lookups > 0);
+    assert!(!ledger.poison.is_empty(), "poison sent");
+    for kind in ["patch_visible", "next_node_ready"] {
+        assert!(
+            ledger.latencies.iter().any(|(_, k, _)| *k == kind),
+            "{kind} measured"
+        );
+    }
+
+    let report = check::check(&cfg, &ledger, Duration::from_secs(120))
+        .await
+        .expect("check");
+    let text = serde_json::to_string_pretty(&report).unwrap();
+    println!("{text}");
+    assert!(report.acknowledged > 0, "{text}");
+    assert_eq!(report.lost, 0, "{text}");
+    assert_eq!(report.duplicated_effects, 0, "{text}");
+    assert!(report.invariants.len() >= 15, "{text}");
+    assert!(report.clean(), "{text}");
+
+    weir.signal_and_wait(nix::sys::signal::Signal::SIGTERM);
+}
