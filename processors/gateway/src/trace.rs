@@ -111,9 +111,7 @@ pub async fn trace_request(matched: Option<MatchedPath>, mut req: Request, next:
     let state = caller.as_ref().and_then(|(_, s)| s.clone());
     trace::start_child_span(
         &span,
-        caller
-            .as_ref()
-            .map(|(tp, s)| tp.span_context(s.as_deref())),
+        caller.as_ref().map(|(tp, s)| tp.span_context(s.as_deref())),
     );
     let own = match trace::traceparent_of(&span) {
         Some(tp) => RequestTrace {
@@ -124,7 +122,10 @@ pub async fn trace_request(matched: Option<MatchedPath>, mut req: Request, next:
     };
     req.extensions_mut().insert(own);
     let res = next.run(req).instrument(span.clone()).await;
-    span.record("http.response.status_code", res.status().as_u16());
+    span.record(
+        "http.response.status_code",
+        i64::from(res.status().as_u16()),
+    );
     if res.status().is_server_error() {
         span.record("otel.status_code", "ERROR");
     }

@@ -747,9 +747,23 @@ impl Relay {
         };
         let mut blocked: HashSet<&str> = HashSet::new();
         let mut pending = VecDeque::with_capacity(rows.len());
+        // With span export on: a publish span per row, a child of the row's trace context.
+        let mut spans = Vec::new();
         'rows: for (i, row) in rows.iter().enumerate() {
             if held.contains(&row.topic) || blocked.contains(row.topic.as_str()) {
                 continue;
+            }
+            if weir_runtime::trace::enabled() {
+                let header = |k: &str| row.headers.get(k).and_then(serde_json::Value::as_str);
+                spans.extend(
+                    weir_runtime::trace::PublishSpan::start(
+                        header(weir_runtime::trace::TRACEPARENT),
+                        header(weir_runtime::trace::TRACESTATE),
+                        &row.topic,
+                        row.id,
+                    )
+                    .map(|span| (i, span)),
+                );
             }
             loop {
                 let mut record = FutureRecord::to(&row.topic)
@@ -795,6 +809,9 @@ impl Relay {
         }
         while let Some((j, delivery)) = pending.pop_front() {
             settle(rows, j, delivery.await, &mut out, &mut blocked);
+        }
+        for (i, span) in spans {
+            span.end(matches!(out.status.get(i), Some(RowStatus::Acked)));
         }
         if out.transient.is_some() || !out.problems.is_empty() {
             if let Some((code, reason)) = self.producer.client().fatal_error() {

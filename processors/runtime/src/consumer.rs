@@ -574,7 +574,7 @@ impl<P: Processor> BatchConsumer<P> {
                     messaging.destination.name = %first.topic,
                     messaging.destination.partition.id = first.partition,
                     messaging.kafka.offset = first.offset,
-                    messaging.batch.message_count = part.len(),
+                    messaging.batch.message_count = part.len() as i64,
                     otel.kind = "consumer",
                     trace_id = tracing::field::Empty,
                     span_id = tracing::field::Empty);

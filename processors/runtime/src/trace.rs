@@ -273,24 +273,23 @@ pub fn header_context(headers: &[(String, Option<Vec<u8>>)]) -> Option<SpanConte
 }
 
 /// Makes `span` a child of the first sampled context in `contexts` (if any) and links it to
-/// each of them (at most [`MAX_LINKS`]), then records its `trace_id`/`span_id` fields for the
-/// logs. Does nothing when export is off. Call before the span is first entered.
+/// each of the others (at most [`MAX_LINKS`] contexts are looked at; the parent is not linked
+/// again), then records its `trace_id`/`span_id` fields for the logs. Does nothing when export
+/// is off. Call before the span is first entered.
 pub fn start_batch_span(span: &tracing::Span, contexts: impl Iterator<Item = SpanContext>) {
     if !enabled() || span.is_disabled() {
         return;
     }
-    let mut parent = None;
-    for (n, cx) in contexts.enumerate() {
-        if n >= MAX_LINKS {
-            break;
+    let contexts: Vec<SpanContext> = contexts.take(MAX_LINKS).collect();
+    let parent = contexts.iter().position(SpanContext::is_sampled);
+    for (i, cx) in contexts.iter().enumerate() {
+        if Some(i) != parent && parent.is_none_or(|p| contexts[p] != *cx) {
+            span.add_link(cx.clone());
         }
-        if parent.is_none() && cx.is_sampled() {
-            parent = Some(cx.clone());
-        }
-        span.add_link(cx);
     }
     if let Some(p) = parent {
-        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(p));
+        let cx = contexts[p].clone();
+        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(cx));
     }
     record_ids(span);
 }
