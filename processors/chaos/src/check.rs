@@ -524,8 +524,11 @@ async fn read_topic<E: TopicEvent>(
     Ok(out)
 }
 
+/// `(partition, offset, value)` of one record.
+type RawRecord = (i32, i64, Option<Vec<u8>>);
+
 /// `(partition, offset, value)` of every record of `topic` below its high watermarks.
-fn read_raw(cfg: &Config, topic: &str) -> anyhow::Result<Vec<(i32, i64, Option<Vec<u8>>)>> {
+fn read_raw(cfg: &Config, topic: &str) -> anyhow::Result<Vec<RawRecord>> {
     let highs = crate::load::high_watermarks(cfg, topic)?;
     let group = format!("weir-chaos-check-{}", Uuid::now_v7().simple());
     let consumer: BaseConsumer = weir_runtime::kafka::consumer_config(&cfg.kafka, &group, 0)

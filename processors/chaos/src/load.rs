@@ -1080,7 +1080,7 @@ async fn read_outputs(
 fn fails_on_purpose(seed: u64, run_id: &str, node_id: &str) -> bool {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     (seed, run_id, node_id).hash(&mut h);
-    h.finish() % 8 == 0
+    h.finish().is_multiple_of(8)
 }
 
 /// A simulated worker's answer to one NodeReady: a few ms of "work", then the completion
