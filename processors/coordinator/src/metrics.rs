@@ -100,3 +100,22 @@ pub fn describe() {
         "Due timers dropped because applying them failed on the run's own data."
     );
 }
+
+/// Creates the coordinator's unlabelled counters, and the run endings by status, at 0 when a
+/// coordinator starts: Prometheus' `increase()` cannot see the first increment of a series
+/// that appears with it (a first stall would go unseen), and dashboards show 0, not nothing.
+pub fn register() {
+    for name in [
+        WORKFLOWS_STARTED,
+        NODES_RETRIED,
+        STALLS,
+        CACHE_HITS,
+        CACHE_SAVED_MS,
+        TIMERS_QUARANTINED,
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    for status in ["completed", "failed", "cancelled"] {
+        metrics::counter!(RUNS_ENDED, "status" => status).increment(0);
+    }
+}

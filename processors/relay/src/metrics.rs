@@ -59,7 +59,13 @@ const SAMPLE_SQL: &str = "SELECT
 /// "rows are waiting" even while the relay publishes nothing.
 pub async fn sample_outbox(pool: sqlx::PgPool, stop: tokio_util::sync::CancellationToken) {
     // At 0 from the start: `increase()` misses the first increment of a new series.
-    ::metrics::counter!(DEAD).increment(0);
+    for reason in [
+        REASON_REJECTED,
+        REASON_MISSING_TOPIC,
+        REASON_UNAUTHORIZED_TOPIC,
+    ] {
+        ::metrics::counter!(DEAD, "reason" => reason).increment(0);
+    }
     ::metrics::counter!(PUBLISHED).increment(0);
     ::metrics::counter!(RETRIES).increment(0);
     ::metrics::counter!(OUTBOX_SAMPLE_FAILURES).increment(0);
@@ -109,7 +115,7 @@ pub fn describe() {
     describe_counter!(
         DEAD,
         Unit::Count,
-        "Outbox rows moved to weir_outbox_dead, by reason: rejected (the producer can never accept the row), missing_topic or unauthorized_topic (the destination stayed so past relay.missing_destination_dead_after_ms)."
+        "Outbox rows moved to weir_outbox_dead because the broker can never accept them, by reason (rejected, missing_topic, unauthorized_topic)."
     );
     describe_gauge!(
         BLOCKED_DESTINATIONS,

@@ -441,6 +441,9 @@ async fn run_processors(cfg: Arc<Config>, which: &[ProcessorName]) -> anyhow::Re
         "main",
         shutdown.clone(),
     ));
+    if which.iter().any(|p| matches!(p, ProcessorName::Coordinator)) {
+        weir_coordinator::metrics::register();
+    }
     if which.iter().any(|p| matches!(p, ProcessorName::Relay)) {
         tokio::spawn(weir_relay::metrics::sample_outbox(
             services.pool.clone(),
