@@ -430,7 +430,11 @@ mod tests {
         assert_eq!(s.count(FaultKind::S3Stop), 1);
         assert_eq!(s.count(FaultKind::RegistryStop), 1);
         s.validate(5).unwrap();
-        let infra: Vec<_> = s.faults.iter().filter(|f| f.kind != FaultKind::ProcessKill).collect();
+        let infra: Vec<_> = s
+            .faults
+            .iter()
+            .filter(|f| f.kind != FaultKind::ProcessKill)
+            .collect();
         for w in infra.windows(2) {
             assert!(w[0].at_ms + w[0].duration_ms < w[1].at_ms, "{w:?}");
         }
@@ -440,9 +444,16 @@ mod tests {
                 assert!(f.duration_ms > 10_000);
             }
         }
-        let kills: Vec<_> = s.faults.iter().filter(|f| f.kind == FaultKind::ProcessKill).collect();
+        let kills: Vec<_> = s
+            .faults
+            .iter()
+            .filter(|f| f.kind == FaultKind::ProcessKill)
+            .collect();
         for w in kills.windows(2) {
-            assert!(w[0].at_ms + w[0].duration_ms < w[1].at_ms, "two processes down at once: {w:?}");
+            assert!(
+                w[0].at_ms + w[0].duration_ms < w[1].at_ms,
+                "two processes down at once: {w:?}"
+            );
         }
     }
 

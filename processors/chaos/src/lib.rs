@@ -39,13 +39,13 @@ use crate::report::{Sample, Thresholds};
 /// Exit 1 when an invariant fails.
 #[derive(Clone, Debug, clap::Args)]
 pub struct Args {
-    /// Seconds of load with faults (default 600; 150 with --ci).
+    /// Seconds of load with faults (default 600; 170 with --ci).
     #[arg(long)]
     pub duration: Option<u64>,
     /// Seed of the schedule and the workload (default: from the clock; printed).
     #[arg(long)]
     pub seed: Option<u64>,
-    /// The bounded run for CI: 150 s, one fault of each kind.
+    /// The bounded run for CI: 170 s, one fault of each kind.
     #[arg(long)]
     pub ci: bool,
     /// Replay a schedule file (JSON, as saved in the run's directory) instead of planning one.
@@ -127,16 +127,6 @@ async fn resolve_stack(args: &Args, cfg: &Config, out: &Path) -> anyhow::Result<
     let name = std::env::var("WEIR_STACK_NAME")
         .ok()
         .filter(|n| !n.is_empty());
-    if name.is_none() && !args.allow_shared_stack {
-        anyhow::bail!(
-            "weir chaos kills the stack's Kafka and Postgres, so it runs on a stack of its own:\n  \
-             WEIR_STACK_NAME=chaos infra/local/up\n  \
-             eval \"$(WEIR_STACK_NAME=chaos infra/local/env)\"\n  \
-             weir chaos ...\n\
-             (the loaded environment names no stack, i.e. the shared dev stack; \
-             --allow-shared-stack runs there anyway)"
-        );
-    }
     let stack = Stack {
         name,
         scripts,
@@ -209,6 +199,19 @@ pub async fn run(cfg: Arc<Config>, args: Args) -> anyhow::Result<bool> {
             "--split: unknown role {role:?} (gateway, materializer, coordinator, relay, cache)"
         );
     }
+    let stack_name = std::env::var("WEIR_STACK_NAME")
+        .ok()
+        .filter(|n| !n.is_empty());
+    if stack_name.is_none() && !args.allow_shared_stack {
+        anyhow::bail!(
+            "weir chaos kills the stack's Kafka and Postgres, so it runs on a stack of its own:\n  \
+             WEIR_STACK_NAME=chaos infra/local/up\n  \
+             eval \"$(WEIR_STACK_NAME=chaos infra/local/env)\"\n  \
+             weir chaos ...\n\
+             (the loaded environment names no stack, i.e. the shared dev stack; \
+             --allow-shared-stack runs there anyway)"
+        );
+    }
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?;
     let from_file = match &args.schedule {
         Some(p) => Some(Schedule::read(p)?),
@@ -228,9 +231,9 @@ pub async fn run(cfg: Arc<Config>, args: Args) -> anyhow::Result<bool> {
                 .parent()
                 .and_then(Path::parent)
                 .context("infra/local has no repository root")?;
-            let stack_dir = match std::env::var("WEIR_STACK_NAME") {
-                Ok(n) if !n.is_empty() => format!(".stack-{n}"),
-                _ => ".stack".into(),
+            let stack_dir = match &stack_name {
+                Some(n) => format!(".stack-{n}"),
+                None => ".stack".into(),
             };
             root.join(stack_dir).join("chaos").join(&run_id)
         }
@@ -250,7 +253,7 @@ pub async fn run(cfg: Arc<Config>, args: Args) -> anyhow::Result<bool> {
             .as_ref()
             .map(|s| s.duration_s)
             .or(args.duration)
-            .unwrap_or(if args.ci { 150 } else { 600 }),
+            .unwrap_or(if args.ci { 170 } else { 600 }),
     );
     let specs = procs::layout(args.processes, &args.split, args.port_base);
     let schedule = match from_file {
@@ -292,7 +295,10 @@ pub async fn run(cfg: Arc<Config>, args: Args) -> anyhow::Result<bool> {
     // from this file; the environment's own layers still apply on top, so the run's settings
     // are repeated there.
     let cfg_path = out.join("weir.toml");
-    write_private(&cfg_path, &toml::to_string(&run_cfg).context("config as TOML")?)?;
+    write_private(
+        &cfg_path,
+        &toml::to_string(&run_cfg).context("config as TOML")?,
+    )?;
     let child_env = vec![
         ("WEIR_CONFIG".to_string(), cfg_path.display().to_string()),
         ("WEIR__KAFKA__TOPIC_PREFIX".into(), prefix.clone()),
@@ -310,7 +316,10 @@ pub async fn run(cfg: Arc<Config>, args: Args) -> anyhow::Result<bool> {
     ] {
         run_weir(&bin, a, &child_env, &prep_log).await?;
     }
-    println!("topics and groups prefixed {prefix:?}; starting {} processes", specs.len());
+    println!(
+        "topics and groups prefixed {prefix:?}; starting {} processes",
+        specs.len()
+    );
 
     let abort = CancellationToken::new();
     let on_signal = abort.clone();
@@ -351,7 +360,10 @@ pub async fn run(cfg: Arc<Config>, args: Args) -> anyhow::Result<bool> {
         },
     });
     print!("{}", report.render());
-    std::fs::write(out.join("report.json"), serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(
+        out.join("report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
     println!("report: {}", out.join("report.json").display());
     println!("{}", report.json_line());
     Ok(report.ok)
@@ -369,6 +381,67 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))?;
     f.write_all(text.as_bytes())?;
     Ok(())
+}
+
+/// Injects one fault and ends it (restart, SIGCONT); what happened, with wall-clock times.
+async fn inject(
+    f: &faults::Fault,
+    fleet: &Fleet,
+    stack: &Stack,
+    start: tokio::time::Instant,
+) -> FaultRecord {
+    let started = SystemTime::now();
+    let down = Duration::from_millis(f.duration_ms);
+    let target = f.target.unwrap_or(0);
+    let who = f
+        .target
+        .and_then(|t| fleet.names().get(t).cloned())
+        .unwrap_or_default();
+    println!(
+        "  t={:>4}s fault {} {who} for {:.1}s",
+        start.elapsed().as_secs(),
+        f.kind.name(),
+        down.as_secs_f64()
+    );
+    let r = match f.kind {
+        FaultKind::ProcessKill => fleet.kill_restart(target, down).await,
+        FaultKind::ProcessPause => fleet.pause(target, down).await,
+        kind => {
+            let (svc, action) = match kind {
+                FaultKind::KafkaKill => ("kafka", "kill"),
+                FaultKind::PostgresStop => ("postgres", "immediate-stop"),
+                FaultKind::S3Stop => ("s3", "stop"),
+                _ => ("registry", "stop"),
+            };
+            match stack.service(svc, action).await {
+                Ok(()) => {
+                    tokio::time::sleep(down).await;
+                    stack.service(svc, "start").await
+                }
+                Err(e) => Err(e),
+            }
+        }
+    };
+    let ended = SystemTime::now();
+    println!(
+        "  t={:>4}s fault {} {who} over ({:.1}s){}",
+        start.elapsed().as_secs(),
+        f.kind.name(),
+        ended
+            .duration_since(started)
+            .unwrap_or_default()
+            .as_secs_f64(),
+        r.as_ref()
+            .err()
+            .map(|e| format!(": {e:#}"))
+            .unwrap_or_default()
+    );
+    FaultRecord {
+        fault: f.clone(),
+        started,
+        ended: r.is_ok().then_some(ended),
+        error: r.err().map(|e| format!("{e:#}")),
+    }
 }
 
 struct DriveOutcome {
@@ -477,56 +550,35 @@ async fn drive(
         start,
         samples: Vec::new(),
     };
-    // Faults.
+    // Faults, in two lanes that each run one fault at a time: the infrastructure and pauses
+    // in one, process kills in the other. A fault starts at its planned time or, when the
+    // previous one of its lane is still restarting, as soon as that one is over; a kill also
+    // waits while an infrastructure fault or a pause is in progress, so at most one thing is
+    // down at any moment and every answer during an outage is that outage's.
+    let busy = Arc::new(tokio::sync::RwLock::new(()));
+    let (kills, others): (Vec<_>, Vec<_>) = schedule
+        .faults
+        .iter()
+        .cloned()
+        .partition(|f| f.kind == FaultKind::ProcessKill);
     let mut tasks = tokio::task::JoinSet::new();
-    for f in schedule.faults.clone() {
-        let (fleet, stack) = (fleet.clone(), stack.clone());
-        let names = fleet.names();
+    for (lane, exclusive) in [(others, true), (kills, false)] {
+        let (fleet, stack, busy) = (fleet.clone(), stack.clone(), busy.clone());
         tasks.spawn(async move {
-            tokio::time::sleep_until(start + Duration::from_millis(f.at_ms)).await;
-            let started = SystemTime::now();
-            let down = Duration::from_millis(f.duration_ms);
-            let target = f.target.unwrap_or(0);
-            let who = f.target.and_then(|t| names.get(t).cloned()).unwrap_or_default();
-            println!(
-                "  t={:>4}s fault {} {who} for {:.1}s",
-                start.elapsed().as_secs(),
-                f.kind.name(),
-                down.as_secs_f64()
-            );
-            let r = match f.kind {
-                FaultKind::ProcessKill => fleet.kill_restart(target, down).await,
-                FaultKind::ProcessPause => fleet.pause(target, down).await,
-                kind => {
-                    let (svc, action) = match kind {
-                        FaultKind::KafkaKill => ("kafka", "kill"),
-                        FaultKind::PostgresStop => ("postgres", "immediate-stop"),
-                        FaultKind::S3Stop => ("s3", "stop"),
-                        _ => ("registry", "stop"),
-                    };
-                    match stack.service(svc, action).await {
-                        Ok(()) => {
-                            tokio::time::sleep(down).await;
-                            stack.service(svc, "start").await
-                        }
-                        Err(e) => Err(e),
-                    }
-                }
-            };
-            let ended = SystemTime::now();
-            println!(
-                "  t={:>4}s fault {} {who} over ({:.1}s){}",
-                start.elapsed().as_secs(),
-                f.kind.name(),
-                ended.duration_since(started).unwrap_or_default().as_secs_f64(),
-                r.as_ref().err().map(|e| format!(": {e:#}")).unwrap_or_default()
-            );
-            FaultRecord {
-                fault: f,
-                started,
-                ended: r.is_ok().then_some(ended),
-                error: r.err().map(|e| format!("{e:#}")),
+            let mut records = Vec::new();
+            for f in lane {
+                tokio::time::sleep_until(start + Duration::from_millis(f.at_ms)).await;
+                // The infrastructure lane holds the lock for its whole fault; kills take it
+                // shared, only to wait for the end of one.
+                let _guard = if exclusive {
+                    Some(busy.clone().write_owned().await)
+                } else {
+                    drop(busy.read().await);
+                    None
+                };
+                records.push(inject(&f, &fleet, &stack, start).await);
             }
+            records
         });
     }
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -543,7 +595,7 @@ async fn drive(
         tokio::select! {
             _ = tick.tick() => sampler.sample(Some(&load)),
             r = tasks.join_next() => match r {
-                Some(Ok(rec)) => records.push(rec),
+                Some(Ok(recs)) => records.extend(recs),
                 Some(Err(e)) => anyhow::bail!("a fault task failed: {e}"),
                 None => break,
             },

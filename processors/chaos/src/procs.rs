@@ -141,6 +141,8 @@ impl Fleet {
                 "WEIR__TELEMETRY__LISTEN",
                 format!("127.0.0.1:{}", p.spec.metrics_port),
             )
+            // Plain log files (tracing-subscriber honours NO_COLOR).
+            .env("NO_COLOR", "1")
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -190,14 +192,26 @@ impl Fleet {
             .build()?;
         let deadline = tokio::time::Instant::now() + timeout;
         for p in &self.procs {
-            let url = format!("http://127.0.0.1:{}/readyz", p.spec.metrics_port);
+            // The telemetry /readyz reports the processors' components; a gateway-only
+            // process registers none there, so its gateway's own /readyz is asked.
+            let mut urls = Vec::new();
+            if p.spec.args != ["run", "gateway"] {
+                urls.push(format!("http://127.0.0.1:{}/readyz", p.spec.metrics_port));
+            }
+            if let Some(port) = p.spec.gateway_port {
+                urls.push(format!("http://127.0.0.1:{port}/readyz"));
+            }
+            let url = urls.join(" and ");
             loop {
-                let ok = client
-                    .get(&url)
-                    .send()
-                    .await
-                    .map(|r| r.status().is_success())
-                    .unwrap_or(false);
+                let mut ok = true;
+                for u in &urls {
+                    ok &= client
+                        .get(u)
+                        .send()
+                        .await
+                        .map(|r| r.status().is_success())
+                        .unwrap_or(false);
+                }
                 if ok {
                     break;
                 }

@@ -96,6 +96,8 @@ pub struct Report {
     pub answers: BTreeMap<u16, u64>,
     /// Gateway answers by status while each dependency was down.
     pub answers_during_outage: BTreeMap<&'static str, BTreeMap<u16, u64>>,
+    /// The same, by request kind: `"<kind> <status>"` → count.
+    pub outage_answers_by_kind: BTreeMap<&'static str, BTreeMap<String, u64>>,
     /// 5xx answers other than 503 with Retry-After (must be 0).
     pub bad_5xx: u64,
     /// Exits nobody asked for (restarted by the driver).
@@ -145,7 +147,13 @@ pub fn recovery(
             .collect(),
     )
     .unwrap_or(0.0);
-    let p99_base = median(samples.iter().filter(before).filter_map(|s| s.p99_ms).collect());
+    let p99_base = median(
+        samples
+            .iter()
+            .filter(before)
+            .filter_map(|s| s.p99_ms)
+            .collect(),
+    );
     let lag_ok = (t.lag as f64).max(2.0 * lag_base);
     samples
         .iter()
@@ -198,6 +206,7 @@ pub struct Inputs<'a> {
 pub fn build(i: Inputs<'_>) -> Report {
     let mut each = Vec::new();
     let mut during: BTreeMap<&'static str, BTreeMap<u16, u64>> = BTreeMap::new();
+    let mut by_kind: BTreeMap<&'static str, BTreeMap<String, u64>> = BTreeMap::new();
     for r in i.records {
         let outage = r.ended.map(|e| secs(e, r.started));
         let rec = r
@@ -209,13 +218,23 @@ pub fn build(i: Inputs<'_>) -> Report {
             for (status, n) in answers_between(i.answers, r.started, end) {
                 *m.entry(status).or_insert(0) += n;
             }
+            let k = by_kind.entry(dep).or_default();
+            for a in i
+                .answers
+                .iter()
+                .filter(|a| a.at >= r.started && a.at <= end)
+            {
+                *k.entry(format!("{} {}", a.kind, a.status)).or_insert(0) += 1;
+            }
         }
         each.push(FaultFigures {
             kind: r.fault.kind,
-            target: r
-                .fault
-                .target
-                .map(|t| i.processes.get(t).cloned().unwrap_or_else(|| format!("#{t}"))),
+            target: r.fault.target.map(|t| {
+                i.processes
+                    .get(t)
+                    .cloned()
+                    .unwrap_or_else(|| format!("#{t}"))
+            }),
             at_s: secs(r.started, i.t0),
             outage_s: outage,
             recovery_s: rec,
@@ -296,9 +315,8 @@ pub fn build(i: Inputs<'_>) -> Report {
             unclean.join("; ")
         },
     });
-    let ok = invariants.iter().all(|v| v.holds)
-        && i.check.lost == 0
-        && i.check.duplicated_effects == 0;
+    let ok =
+        invariants.iter().all(|v| v.holds) && i.check.lost == 0 && i.check.duplicated_effects == 0;
     Report {
         seed: i.schedule.seed,
         duration_s: i.schedule.duration_s,
@@ -310,6 +328,7 @@ pub fn build(i: Inputs<'_>) -> Report {
         duplicated_effects: i.check.duplicated_effects,
         answers,
         answers_during_outage: during,
+        outage_answers_by_kind: by_kind,
         bad_5xx,
         crashes: i.crashes,
         stopped: i.stopped,
@@ -359,11 +378,19 @@ impl Report {
                     .unwrap_or_default()
             ));
         }
-        o.push_str("\ngateway answers by status while each dependency was down (0 = no connection):\n");
+        o.push_str(
+            "\ngateway answers by status while each dependency was down (0 = no connection):\n",
+        );
         for (dep, m) in &self.answers_during_outage {
             o.push_str(&format!("  {dep:<9} {m:?}\n"));
+            if let Some(k) = self.outage_answers_by_kind.get(dep) {
+                o.push_str(&format!("  {:<9} by request: {k:?}\n", ""));
+            }
         }
-        o.push_str(&format!("gateway answers over the whole run: {:?}\n", self.answers));
+        o.push_str(&format!(
+            "gateway answers over the whole run: {:?}\n",
+            self.answers
+        ));
         if !self.crashes.is_empty() {
             o.push_str(&format!(
                 "\nprocess exits nobody asked for (restarted): {}\n",
@@ -440,9 +467,14 @@ mod tests {
             v.push(sample(s, lag, p99));
         }
         let t = Thresholds { lag: 100 };
-        assert_eq!(recovery(&v, at(20), at(25), t), Some(Duration::from_secs(8)));
+        assert_eq!(
+            recovery(&v, at(20), at(25), t),
+            Some(Duration::from_secs(8))
+        );
         // Never recovered.
-        let v2: Vec<Sample> = (0..30).map(|s| sample(s, if s < 20 { 1 } else { 9_999 }, 1.0)).collect();
+        let v2: Vec<Sample> = (0..30)
+            .map(|s| sample(s, if s < 20 { 1 } else { 9_999 }, 1.0))
+            .collect();
         assert_eq!(recovery(&v2, at(20), at(25), t), None);
     }
 
