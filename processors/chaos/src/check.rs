@@ -380,6 +380,14 @@ pub async fn gather(cfg: &Config, ledger: &Ledger, drain: Duration) -> anyhow::R
         from_cache,
     })
     .collect();
+    // What the rows above wrote to the outbox is published before the topics are read, so
+    // a row read from Postgres always finds its event (the drain waited already; this covers
+    // timers that fired since).
+    let settle = Instant::now() + Duration::from_secs(30);
+    while outbox_rows(cfg, &pool).await.map(|(w, _)| w).unwrap_or(1) > 0 && Instant::now() < settle
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     pool.close().await;
 
     let codec = Codec::new(&cfg.schema_registry, &cfg.kafka)?;

@@ -210,7 +210,10 @@ const MAX_TRIES: u32 = 8;
 /// Most tries of a worker's completion: a run waits for it, so the worker insists longer.
 const COMPLETION_TRIES: u32 = 40;
 /// Requests in flight at once (HTTP connections stay under the gateway's per-client cap).
-const HTTP_CONCURRENCY: usize = 256;
+const HTTP_CONCURRENCY: usize = 512;
+/// How long a gateway that did not answer is passed over by new requests (a killed or
+/// paused process would otherwise take every n-th request for a connect error or a timeout).
+const SUSPECT_FOR: Duration = Duration::from_secs(2);
 /// Ticks waiting or in flight at once; more are shed (counted), memory stays bounded.
 const MAX_IN_FLIGHT: usize = 20_000;
 /// Workflows the runs use.
@@ -246,6 +249,9 @@ struct Shared {
     seed: u64,
     http_slots: Semaphore,
     next_gateway: AtomicUsize,
+    /// Per gateway: until when (ms after `epoch`) it is passed over.
+    suspect_until: Vec<AtomicU64>,
+    epoch: Instant,
     in_flight: AtomicUsize,
     acknowledged: AtomicU64,
     by_status: Mutex<BTreeMap<u16, u64>>,
@@ -301,6 +307,8 @@ pub async fn start(
         seed: load.seed,
         http_slots: Semaphore::new(HTTP_CONCURRENCY),
         next_gateway: AtomicUsize::new(0),
+        suspect_until: load.gateways.iter().map(|_| AtomicU64::new(0)).collect(),
+        epoch: Instant::now(),
         in_flight: AtomicUsize::new(0),
         acknowledged: AtomicU64::new(0),
         by_status: Mutex::new(BTreeMap::new()),
@@ -504,10 +512,10 @@ impl Shared {
     /// Sends `req`, retrying on another gateway while it cannot connect, times out or gets
     /// 503; every answer is recorded. Returns the last status (0: none) and body.
     async fn send(&self, req: Request) -> (u16, Value) {
-        let first = self.next_gateway.fetch_add(1, Ordering::Relaxed);
         let mut last = (0, Value::Null);
         for attempt in 0..req.tries {
-            let base = &self.gateways[(first + attempt as usize) % self.gateways.len()];
+            let gw = self.pick_gateway();
+            let base = &self.gateways[gw];
             let (status, retry_after, body) = {
                 let _slot = self.http_slots.acquire().await.expect("never closed");
                 let mut r = self
@@ -532,6 +540,10 @@ impl Shared {
                 }
             };
             self.record(req.kind, status, retry_after);
+            if status == 0 {
+                let until = self.epoch.elapsed() + SUSPECT_FOR;
+                self.suspect_until[gw].store(until.as_millis() as u64, Ordering::Relaxed);
+            }
             last = (status, body);
             if status != 0 && status != 503 {
                 break;
@@ -546,6 +558,17 @@ impl Shared {
             tokio::time::sleep(backoff.mul_f64(jitter)).await;
         }
         last
+    }
+
+    /// The next gateway in turn that is not suspect (any, when all are).
+    fn pick_gateway(&self) -> usize {
+        let n = self.gateways.len();
+        let first = self.next_gateway.fetch_add(1, Ordering::Relaxed);
+        let now = self.epoch.elapsed().as_millis() as u64;
+        (0..n)
+            .map(|i| (first + i) % n)
+            .find(|g| self.suspect_until[*g].load(Ordering::Relaxed) <= now)
+            .unwrap_or(first % n)
     }
 
     async fn get(&self, path: &str) -> (u16, Value) {
