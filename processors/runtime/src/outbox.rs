@@ -61,9 +61,19 @@ fn headers_json(
     // A JSON string literal, escaped by serde_json.
     headers.push_str(&serde_json::Value::from(workspace_id).to_string());
     if !traceparent.is_empty() {
-        // Escaped too: a record's context is input, whatever produced it.
         headers.push_str(",\"traceparent\":");
-        headers.push_str(&serde_json::Value::from(traceparent).to_string());
+        if traceparent
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() || b == b'-')
+        {
+            // The usual case, a well-formed context: nothing to escape.
+            headers.push('"');
+            headers.push_str(traceparent);
+            headers.push('"');
+        } else {
+            // A record's context is input, whatever produced it: escaped.
+            headers.push_str(&serde_json::Value::from(traceparent).to_string());
+        }
         if let Some(ts) = tracestate.filter(|t| !t.is_empty()) {
             headers.push_str(",\"tracestate\":");
             headers.push_str(&serde_json::Value::from(ts).to_string());
@@ -171,6 +181,10 @@ mod tests {
             );
         }
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let hostile = "00-\"},\"x\":\"1";
+        let v: serde_json::Value =
+            serde_json::from_str(&headers_json(id, "ws", hostile, None)).unwrap();
+        assert_eq!(v["traceparent"], hostile);
         for ts in [None, Some(""), Some("k=v\"}")] {
             let v: serde_json::Value =
                 serde_json::from_str(&headers_json(id, "ws", tp, ts)).unwrap();
