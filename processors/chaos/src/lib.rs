@@ -358,6 +358,7 @@ pub async fn run(cfg: Arc<Config>, args: Args) -> anyhow::Result<bool> {
         thresholds: Thresholds {
             lag: args.lag_threshold,
         },
+        logs: out.join("logs"),
     });
     print!("{}", report.render());
     std::fs::write(

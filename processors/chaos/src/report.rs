@@ -104,6 +104,8 @@ pub struct Report {
     pub crashes: Vec<Crash>,
     /// Each process at the graceful stop: clean exit or not.
     pub stopped: Vec<(String, bool, String)>,
+    /// Rebalance pauses by group: `(rebalances, median ms, p95 ms, max ms)`.
+    pub rebalance_pause_ms: BTreeMap<String, (usize, f64, f64, f64)>,
     /// Every invariant: the check's and the driver's.
     pub invariants: Vec<Invariant>,
     /// Whether every invariant holds.
@@ -200,6 +202,8 @@ pub struct Inputs<'a> {
     pub stopped: Vec<(String, bool, String)>,
     /// Recovery thresholds.
     pub thresholds: Thresholds,
+    /// The processes' logs (for the rebalance pauses).
+    pub logs: std::path::PathBuf,
 }
 
 /// Builds the report.
@@ -315,6 +319,17 @@ pub fn build(i: Inputs<'_>) -> Report {
             unclean.join("; ")
         },
     });
+    let mut pauses: BTreeMap<String, Vec<Duration>> = BTreeMap::new();
+    for (g, d) in rebalance_pauses(&i.logs) {
+        pauses.entry(g).or_default().push(d);
+    }
+    let rebalance_pause_ms = pauses
+        .into_iter()
+        .filter_map(|(g, v)| {
+            let n = v.len();
+            spread_ms(v).map(|(m, p, x)| (g, (n, m, p, x)))
+        })
+        .collect();
     let ok =
         invariants.iter().all(|v| v.holds) && i.check.lost == 0 && i.check.duplicated_effects == 0;
     Report {
@@ -332,6 +347,7 @@ pub fn build(i: Inputs<'_>) -> Report {
         bad_5xx,
         crashes: i.crashes,
         stopped: i.stopped,
+        rebalance_pause_ms,
         invariants,
         ok,
     }
@@ -391,6 +407,14 @@ impl Report {
             "gateway answers over the whole run: {:?}\n",
             self.answers
         ));
+        if !self.rebalance_pause_ms.is_empty() {
+            o.push_str("\nrebalance pauses (revoked -> assigned, per consumer):\n");
+            for (g, (n, m, p, x)) in &self.rebalance_pause_ms {
+                o.push_str(&format!(
+                    "  {g:<20} {n:>4} rebalances  median {m:>6.0} ms  p95 {p:>6.0} ms  max {x:>6.0} ms\n"
+                ));
+            }
+        }
         if !self.crashes.is_empty() {
             o.push_str(&format!(
                 "\nprocess exits nobody asked for (restarted): {}\n",
@@ -432,12 +456,74 @@ impl Report {
             "answers": self.answers,
             "answers_during_outage": self.answers_during_outage,
             "bad_5xx": self.bad_5xx,
+            "rebalance_pause_ms": self.rebalance_pause_ms,
             "crashes": self.crashes.len(),
             "invariants_failed": self.invariants.iter().filter(|v| !v.holds).map(|v| &v.name).collect::<Vec<_>>(),
             "ok": self.ok,
         });
         v.to_string()
     }
+}
+
+/// Pauses of consumer group rebalances, read from the processes' logs: for each consumer, the
+/// time from "partitions revoked" to its next "partitions assigned" (the eager protocol stops
+/// every partition of the group for that long). Returns `(group base name, pause)` pairs.
+pub fn rebalance_pauses(logs: &std::path::Path) -> Vec<(String, Duration)> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir(logs) else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Ok(text) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        // Per group, the revokes not yet matched by an assignment (a process runs several
+        // consumers of one group; they rebalance together, so pairing in order is fair).
+        let mut open: BTreeMap<String, Vec<chrono::DateTime<chrono::FixedOffset>>> =
+            BTreeMap::new();
+        for line in text.lines() {
+            let revoked = line.contains("partitions revoked");
+            if !revoked && !line.contains("partitions assigned") {
+                continue;
+            }
+            let Some(ts) = line
+                .split_whitespace()
+                .next()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            else {
+                continue;
+            };
+            let Some(group) = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("group="))
+            else {
+                continue;
+            };
+            // Without the run's prefix: weir-materializer, weir-coordinator, weir-cache.
+            let base = group.rsplit('.').next().unwrap_or(group).to_string();
+            let pending = open.entry(base.clone()).or_default();
+            if revoked {
+                pending.push(ts);
+            } else if !pending.is_empty() {
+                let from = pending.remove(0);
+                if let Ok(d) = (ts - from).to_std() {
+                    out.push((base, d));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Median, 95th percentile and maximum of some durations, in ms.
+pub fn spread_ms(mut v: Vec<Duration>) -> Option<(f64, f64, f64)> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let at = |q: f64| v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1];
+    Some((ms(at(0.5)), ms(at(0.95)), ms(v[v.len() - 1])))
 }
 
 #[cfg(test)]
@@ -476,6 +562,32 @@ mod tests {
             .map(|s| sample(s, if s < 20 { 1 } else { 9_999 }, 1.0))
             .collect();
         assert_eq!(recovery(&v2, at(20), at(25), t), None);
+    }
+
+    #[test]
+    fn rebalance_pauses_pair_revokes_with_the_next_assignment() {
+        let dir = std::env::temp_dir().join(format!("weir-chaos-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("p.log"),
+            "2026-12-06T08:39:25.800000Z  INFO weir_runtime::consumer: partitions revoked group=x.weir-cache partitions=1\n\
+             2026-12-06T08:39:25.900000Z  INFO weir_runtime::consumer: partitions assigned group=x.weir-materializer partitions=1\n\
+             2026-12-06T08:39:26.050000Z  INFO weir_runtime::consumer: partitions assigned group=x.weir-cache partitions=2\n\
+             garbage line\n",
+        )
+        .unwrap();
+        let p = rebalance_pauses(&dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            p,
+            vec![("weir-cache".to_string(), Duration::from_millis(250))]
+        );
+        let s = spread_ms(vec![
+            Duration::from_millis(10),
+            Duration::from_millis(30),
+            Duration::from_millis(20),
+        ]);
+        assert_eq!(s, Some((20.0, 30.0, 30.0)));
     }
 
     #[test]
