@@ -94,7 +94,10 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestTrace {
 pub async fn trace_request(matched: Option<MatchedPath>, mut req: Request, next: Next) -> Response {
     let caller = incoming(req.headers());
     if !trace::enabled() {
-        req.extensions_mut().insert(Incoming(caller));
+        // Without a caller's context the handler starts a trace only if it produces an event.
+        if caller.is_some() {
+            req.extensions_mut().insert(Incoming(caller));
+        }
         return next.run(req).await;
     }
     let route = matched.as_ref().map_or("unmatched", |m| m.as_str());
