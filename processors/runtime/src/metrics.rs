@@ -307,6 +307,29 @@ mod tests {
     }
 
     #[test]
+    fn histograms_render_with_buckets_and_help() {
+        let handle = crate::telemetry::metrics_handle();
+        metrics::histogram!("weir_unit_test_hop_ms").record(7.0);
+        metrics::histogram!("weir_unit_test_wait_seconds").record(0.003);
+        metrics::histogram!(BATCH_SIZE, "group" => "unit-test").record(12.0);
+        metrics::gauge!(READY).set(1.0);
+        let text = handle.render();
+        for want in [
+            "weir_unit_test_hop_ms_bucket{le=\"10\"} 1",
+            "weir_unit_test_hop_ms_bucket{le=\"1000\"} 1",
+            "weir_unit_test_wait_seconds_bucket{le=\"0.005\"} 1",
+            "weir_batch_records_bucket{group=\"unit-test\",le=\"25\"} 1",
+            "# HELP weir_ready 1 while every readiness component",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+        assert!(
+            !text.contains("quantile="),
+            "a histogram rendered as a summary:\n{text}"
+        );
+    }
+
+    #[test]
     fn every_histogram_name_gets_buckets() {
         for h in [BATCH_SIZE, BATCH_DURATION, DB_POOL_ACQUIRE] {
             assert!(HISTOGRAM_SUFFIXES.iter().any(|s| h.ends_with(s)), "{h}");
