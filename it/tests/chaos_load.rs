@@ -139,3 +139,89 @@ async fn twenty_seconds_of_mixed_load_check_clean() {
 
     weir.signal_and_wait(nix::sys::signal::Signal::SIGTERM);
 }
+
+/// A partition taken over from a process killed before its last auto-commit reports no lag
+/// once everything is applied, even when no new record arrives: the new owner stores the
+/// Postgres positions for Kafka's commit. (Found by the chaos suite's lag check: the group
+/// kept "lag" of records it had applied long ago, so "lag back to zero" never held.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_over_partition_reports_no_lag_once_applied() {
+    use weir_runtime::events::{new_event_id, now_micros, PatchSubmitted};
+    let prefix = format!("{}.", random_name("chaos-lag"));
+    let cfg = config(&prefix);
+    let codec = prepare(&cfg).await.expect("prepare the stack");
+    let pool = weir_runtime::db::pool(&cfg.postgres).unwrap();
+    let producer = weir_runtime::kafka::producer(&cfg.kafka).unwrap();
+    let def = r#"[{"op":"add","path":"","value":{"nodes":{"a":{"type":"function","config":{}}},"edges":[]}}]"#;
+    let patches: Vec<PatchSubmitted> = (0..30)
+        .map(|i| PatchSubmitted {
+            event_id: new_event_id(),
+            occurred_at: now_micros(),
+            workspace_id: "ws-lag".into(),
+            traceparent: String::new(),
+            tracestate: None,
+            patch_id: uuid::Uuid::now_v7(),
+            workflow_id: format!("wf-{i}"),
+            author: "it".into(),
+            base_version: None,
+            operations_json: def.into(),
+            operations_ref: None,
+        })
+        .collect();
+    // The first owner never commits to Kafka by itself (an hour between auto-commits), and
+    // is SIGKILLed, so it cannot commit on the way out either.
+    let mut first = weir_it::spawn_weir_run(
+        &prefix,
+        "materializer",
+        &[
+            ("WEIR__KAFKA__CONSUMER__AUTO_COMMIT_INTERVAL_MS", "3600000"),
+            ("WEIR__KAFKA__CONSUMER__SESSION_TIMEOUT_MS", "6000"),
+        ],
+    );
+    weir_it::produce_in_order(&producer, &codec, &patches)
+        .await
+        .unwrap();
+    let group = cfg.kafka.group(weir_materializer::processor::GROUP);
+    let topic = cfg.kafka.topic("weir.patches.v1");
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while weir_runtime::consumer::applied_records(&pool, &group, &topic)
+        .await
+        .unwrap()
+        < 30
+    {
+        assert!(std::time::Instant::now() < deadline, "patches applied");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    first.kill();
+    let lag = |cfg: &weir_runtime::config::Config| {
+        let cfg = cfg.clone();
+        async move {
+            tokio::task::spawn_blocking(move || check::consumer_lag(&cfg))
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    assert_eq!(lag(&cfg).await, 30, "nothing committed to Kafka yet");
+
+    let _second = weir_it::spawn_weir_run(&prefix, "materializer", &[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let l = lag(&cfg).await;
+        if l == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "lag stays at {l} although every record is applied"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(
+        weir_runtime::consumer::applied_records(&pool, &group, &topic)
+            .await
+            .unwrap(),
+        30,
+        "applied once"
+    );
+}

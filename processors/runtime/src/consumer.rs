@@ -427,6 +427,10 @@ impl<P: Processor> BatchConsumer<P> {
             .map(|r| (r.partition, r.next_offset))
             .collect();
         let mut positioned = TopicPartitionList::new();
+        // The Postgres positions are also stored for Kafka's next commit: a partition taken
+        // over from a process that died before its last auto-commit would otherwise report
+        // the records it applied as lag until a new record arrives (forever, if none does).
+        let mut report = TopicPartitionList::new();
         let mut left = 0usize;
         for p in pending {
             let offset = stored
@@ -437,6 +441,9 @@ impl<P: Processor> BatchConsumer<P> {
                     debug!(group = %self.group, partition = p, ?offset,
                         "partition positioned from Postgres");
                     positioned.add_partition(&self.topic, p);
+                    if matches!(offset, Offset::Offset(_)) {
+                        let _ = report.add_partition_offset(&self.topic, p, offset);
+                    }
                 }
                 Err(e) => {
                     debug!(group = %self.group, partition = p, error = %e,
@@ -452,6 +459,12 @@ impl<P: Processor> BatchConsumer<P> {
             for e in positioned.elements() {
                 log.unpositioned.remove(&e.partition());
                 log.fenced_at.insert(e.partition(), generation);
+            }
+        }
+        if report.count() > 0 {
+            if let Err(e) = consumer.store_offsets(&report) {
+                // Lag reporting only: the positions in Postgres decide.
+                debug!(group = %self.group, error = %e, "storing positions for Kafka");
             }
         }
         if positioned.count() > 0 {
@@ -807,7 +820,8 @@ impl<P: Processor> BatchConsumer<P> {
         metrics::counter!(m::BATCHES_COMMITTED, &labels).increment(1);
         metrics::counter!(m::RECORDS_APPLIED, &labels).increment(outcome.applied as u64);
         metrics::counter!(m::RECORDS_DUPLICATE, &labels).increment(outcome.duplicates as u64);
-        if let Some(newest) = batch.iter().filter_map(|r| r.timestamp_ms).max() {
+        // The batch's last record stands for its newest (O(1): nothing added per record).
+        if let Some(newest) = batch.iter().rev().find_map(|r| r.timestamp_ms) {
             let now_ms = chrono::Utc::now().timestamp_millis();
             metrics::gauge!(m::CONSUMER_LAG_SECONDS, &labels)
                 .set((now_ms - newest).max(0) as f64 / 1e3);
