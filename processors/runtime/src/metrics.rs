@@ -35,7 +35,7 @@ pub const BATCH_SIZE: &str = "weir_batch_records";
 pub const BATCH_DURATION: &str = "weir_batch_duration_seconds";
 /// Consumer lag per partition, from librdkafka statistics (gauge).
 pub const CONSUMER_LAG: &str = "weir_consumer_lag";
-/// Age of the newest record of the latest committed batch, at its commit, by `group` and
+/// Age of the last record of the latest committed batch, at its commit, by `group` and
 /// `topic` (gauge, seconds).
 pub const CONSUMER_LAG_SECONDS: &str = "weir_consumer_lag_seconds";
 /// Rebalance callbacks, by `group` and `kind` = assign | revoke | error (counter).
@@ -129,7 +129,7 @@ pub fn describe() {
     describe_gauge!(CONSUMER_LAG, Unit::Count,
         "Records between the consumer's position and the partition's end, from librdkafka statistics (telemetry.stats_interval_ms), by group, topic and partition.");
     describe_gauge!(CONSUMER_LAG_SECONDS, Unit::Seconds,
-        "Seconds between the Kafka timestamp of the newest record of the latest committed batch and that commit, by group and topic. Not refreshed while no batch commits: read it with weir_consumer_lag.");
+        "Seconds between the Kafka timestamp of the last record of the latest committed batch and that commit, by group and topic. Not refreshed while no batch commits: read it with weir_consumer_lag.");
     describe_counter!(
         REBALANCES,
         Unit::Count,
