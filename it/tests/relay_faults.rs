@@ -458,3 +458,80 @@ async fn the_relay_benchmark_leaves_a_live_deployment_alone() {
         .await
         .ok();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_topic_deleted_under_the_relay_stops_only_its_own_rows() {
+    let prefix = format!("{}.", random_name("relayfault"));
+    let bound = Duration::from_secs(5);
+    let cfg = Arc::new(relay_config(&prefix, bound.as_millis() as u64));
+    weir_runtime::telemetry::init_tracing(&cfg.telemetry);
+    let lanes = cfg.outbox.lanes;
+    let private = PrivateOutbox::create(&cfg.postgres, "it_relay_faults")
+        .await
+        .expect("private outbox");
+    let pool = private.pool().clone();
+    let good = cfg.kafka.topic("good");
+    let doomed = cfg.kafka.topic("doomed");
+    create_topic(&cfg, &good).await;
+    create_topic(&cfg, &doomed).await;
+    let shutdown = CancellationToken::new();
+    let relay = spawn_relay(&cfg, &pool, private.namespace(), "faults-4", &shutdown);
+
+    // Both topics get rows all along; one of them is deleted in the middle.
+    let keys: Vec<u32> = (0..5).collect();
+    let rounds = 60u32;
+    for round in 0..rounds {
+        insert_rows(&pool, &doomed, &keys, round..round + 1, lanes).await;
+        insert_rows(&pool, &good, &keys, round..round + 1, lanes).await;
+        if round == 20 {
+            weir_runtime::kafka::delete_topics(&cfg.kafka, std::slice::from_ref(&doomed))
+                .await
+                .expect("delete topic");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        wait_count(&pool, "weir_outbox", &good, 0, Duration::from_secs(20)).await,
+        0,
+        "the healthy topic's rows are all published"
+    );
+    assert!(!relay.is_finished(), "the relay survives a deleted topic");
+    let first = read_topic(
+        &cfg,
+        &good,
+        keys.len() * rounds as usize,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_in_order(&first, &keys, rounds, "healthy topic");
+    // The deleted topic's rows: published before the deletion, or dead-lettered at the bound.
+    assert_eq!(
+        wait_count(
+            &pool,
+            "weir_outbox",
+            &doomed,
+            0,
+            bound + Duration::from_secs(30)
+        )
+        .await,
+        0,
+        "the deleted topic's rows leave the outbox"
+    );
+    let dead = count(&pool, "weir_outbox_dead", &doomed).await;
+    assert!(
+        dead > 0,
+        "rows written after the deletion are dead-lettered"
+    );
+    eprintln!("{dead} rows of the deleted topic dead-lettered");
+    assert!(!relay.is_finished(), "the relay is still running");
+
+    shutdown.cancel();
+    relay
+        .await
+        .expect("relay task")
+        .expect("relay stops cleanly");
+    private.drop_all().await.expect("drop the private outbox");
+    weir_runtime::kafka::delete_topics(&cfg.kafka, &[good])
+        .await
+        .ok();
+}

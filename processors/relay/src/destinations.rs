@@ -143,6 +143,12 @@ impl Destinations {
         self.blocked.get(topic).is_some_and(|b| !b.cleared)
     }
 
+    /// How often `topic` was found missing or unauthorized in its current episode (0: not
+    /// blocked). The first sighting is worth a warning, the re-checks are not.
+    pub fn sightings(&self, topic: &str) -> u32 {
+        self.blocked.get(topic).map_or(0, |b| b.checks)
+    }
+
     /// Topics blocked now (the gauge).
     pub fn blocked_count(&self) -> usize {
         self.blocked.values().filter(|b| !b.cleared).count()
@@ -306,6 +312,8 @@ mod tests {
         );
         assert!(d.is_blocked("t"));
         assert_eq!(d.blocked_count(), 1);
+        assert_eq!(d.sightings("t"), 1);
+        assert_eq!(d.sightings("u"), 0);
         // Left out of batches until its re-check is due.
         assert_eq!(d.excluded(t0), vec!["t".to_string()]);
         assert!(d.excluded(t0 + Duration::from_millis(100)).is_empty());

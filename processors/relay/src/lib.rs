@@ -180,6 +180,11 @@ struct Published {
     transient: Option<(usize, KafkaError)>,
     /// The producer failed fatally (idempotence or gap-less guarantee broken).
     fatal: Option<String>,
+    /// Deliveries for a vanished destination were given up: the producer still holds their
+    /// messages and must be replaced.
+    stuck: bool,
+    /// The topics whose pending deliveries were given up.
+    given_up: Vec<String>,
 }
 
 /// Most metadata checks of destinations one batch makes; the rows of topics beyond them wait
@@ -189,6 +194,9 @@ const MAX_CHECKS_PER_BATCH: usize = 32;
 const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
 /// Rows one statement moves to the dead table when a destination reaches its bound.
 const DEAD_CHUNK: i64 = 10_000;
+/// How long a delivery report may be awaited before the row's destination is checked (a
+/// healthy broker answers in milliseconds).
+const STALL_CHECK: Duration = Duration::from_secs(2);
 
 /// What a batch did.
 #[derive(Debug, Default, Clone, Copy)]
@@ -219,7 +227,9 @@ impl Drop for ListenerTask {
 pub struct Relay {
     cfg: Arc<Config>,
     pool: PgPool,
-    producer: FutureProducer,
+    /// The producer; replaced (see [`Relay::replace_producer`]) when messages for a vanished
+    /// destination are stuck in it. Never held across an await: clone it out.
+    producer: std::sync::Mutex<FutureProducer>,
     health: Health,
     relay_id: String,
     /// First key of the lane locks: [`LOCK_NAMESPACE`] unless a benchmark isolates its relays.
@@ -244,7 +254,7 @@ impl Relay {
         Self {
             cfg,
             pool,
-            producer,
+            producer: std::sync::Mutex::new(producer),
             health,
             relay_id,
             namespace: LOCK_NAMESPACE,
@@ -258,6 +268,33 @@ impl Relay {
     pub fn with_lock_namespace(mut self, namespace: i32) -> Self {
         self.namespace = namespace;
         self
+    }
+
+    /// The current producer (a cheap handle).
+    fn producer(&self) -> FutureProducer {
+        self.producer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Swaps in a fresh producer and destroys the old one off the runtime's threads (its
+    /// drop purges what it still holds and waits up to 500 ms). Used when messages for a
+    /// destination that vanished are stuck in it: librdkafka retries them forever (no message
+    /// timeout) and would deliver them, out of any order the relay controls, if a topic of that
+    /// name came back. Only between batches: no delivery of the old producer is awaited.
+    fn replace_producer(&self) -> Result<(), RelayError> {
+        let fresh = producer(&self.cfg.kafka)
+            .map_err(|e| RelayError::ProducerFatal(format!("creating a new producer: {e}")))?;
+        let old = std::mem::replace(
+            &mut *self
+                .producer
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            fresh,
+        );
+        tokio::task::spawn_blocking(move || drop(old));
+        Ok(())
     }
 
     fn dest(&self) -> std::sync::MutexGuard<'_, Destinations> {
@@ -544,8 +581,11 @@ impl Relay {
                 }
                 for (topic, problem, detail) in &published.problems {
                     match d.problem(topic, *problem, detail, now, |n| self.backoff(n)) {
-                        Verdict::Wait => {
+                        Verdict::Wait if d.sightings(topic) == 1 => {
                             warn!(topic = %topic, problem = ?problem, error = %detail, "destination missing or unauthorized: its rows wait, other topics flow");
+                        }
+                        Verdict::Wait => {
+                            debug!(topic = %topic, problem = ?problem, error = %detail, "destination still missing or unauthorized");
                         }
                         Verdict::Dead { reason, label } => {
                             late_dead.push((topic.clone(), reason, label));
@@ -587,6 +627,9 @@ impl Relay {
             }
             for (topic, reason, label) in &late_dead {
                 self.dead_letter_topic(s, topic, reason, label).await?;
+            }
+            if published.stuck {
+                self.replace_producer()?;
             }
             ::metrics::counter!(metrics::PUBLISHED).increment(deletable.len() as u64);
             ::metrics::histogram!(metrics::BATCH_SECONDS).record(started.elapsed().as_secs_f64());
@@ -647,12 +690,17 @@ impl Relay {
                     }
                 }
                 Check::Problem(problem, detail) => {
-                    let verdict = self
-                        .dest()
-                        .problem(topic, problem, &detail, now, |n| self.backoff(n));
+                    let (verdict, sightings) = {
+                        let mut d = self.dest();
+                        let v = d.problem(topic, problem, &detail, now, |n| self.backoff(n));
+                        (v, d.sightings(topic))
+                    };
                     match verdict {
-                        Verdict::Wait => {
+                        Verdict::Wait if sightings == 1 => {
                             warn!(topic, ?problem, error = %detail, "destination missing or unauthorized: its rows wait, other topics flow");
+                        }
+                        Verdict::Wait => {
+                            debug!(topic, ?problem, error = %detail, "destination still missing or unauthorized");
                         }
                         Verdict::Dead { reason, label } => {
                             dead.push((topic.to_owned(), reason, label));
@@ -675,7 +723,7 @@ impl Relay {
 
     /// One metadata request for `topic` (blocking client call, off the runtime's threads).
     async fn check_topic(&self, topic: &str) -> Check {
-        let producer = self.producer.clone();
+        let producer = self.producer();
         let name = topic.to_owned();
         let answer = tokio::task::spawn_blocking(move || {
             producer
@@ -745,6 +793,7 @@ impl Relay {
             status: vec![RowStatus::Held; rows.len()],
             ..Published::default()
         };
+        let producer = self.producer();
         let mut blocked: HashSet<&str> = HashSet::new();
         let mut pending = VecDeque::with_capacity(rows.len());
         // With span export on: a publish span per row, a child of the row's trace context.
@@ -772,7 +821,7 @@ impl Relay {
                 if let Some(key) = &row.key {
                     record = record.key(key);
                 }
-                match self.producer.send_result(record) {
+                match producer.send_result(record) {
                     Ok(delivery) => {
                         pending.push_back((i, delivery));
                         break;
@@ -781,15 +830,19 @@ impl Relay {
                         // Backpressure: wait for the oldest message, then queue again.
                         match pending.pop_front() {
                             Some((j, delivery)) => {
-                                settle(rows, j, delivery.await, &mut out, &mut blocked)
+                                self.await_delivery(rows, j, delivery, &mut out, &mut blocked)
+                                    .await
                             }
+                            // The queue is full of messages for a vanished destination: end
+                            // the batch here; the producer is replaced after it.
+                            None if out.stuck => break 'rows,
                             None => tokio::time::sleep(Duration::from_millis(5)).await,
                         }
                     }
                     Err((e, _)) => {
                         if let Some(problem) = error::destination_problem(&e) {
                             blocked.insert(&row.topic);
-                            out.problem(&row.topic, problem, &e);
+                            out.problem(&row.topic, problem, e.to_string());
                             break;
                         }
                         match error::enqueue_disposition(&e) {
@@ -808,21 +861,63 @@ impl Relay {
             }
         }
         while let Some((j, delivery)) = pending.pop_front() {
-            settle(rows, j, delivery.await, &mut out, &mut blocked);
+            self.await_delivery(rows, j, delivery, &mut out, &mut blocked)
+                .await;
         }
         for (i, span) in spans {
             span.end(matches!(out.status.get(i), Some(RowStatus::Acked)));
         }
         if out.transient.is_some() || !out.problems.is_empty() {
-            if let Some((code, reason)) = self.producer.client().fatal_error() {
+            if let Some((code, reason)) = producer.client().fatal_error() {
                 out.fatal = Some(format!("{code:?}: {reason}"));
             }
         }
         Ok(out)
     }
 
+    /// Waits for the delivery report of row `j`. Every [`STALL_CHECK`] without one, checks
+    /// the row's destination: a topic deleted while its messages were queued leaves them
+    /// retried forever (no message timeout), so if it is missing or unauthorized the row is
+    /// given up (held, its topic blocked, `out.stuck` set: the producer is replaced after the
+    /// batch). Otherwise (broker down, slow) it keeps waiting, as order requires.
+    async fn await_delivery<'a>(
+        &self,
+        rows: &'a [OutboxRow],
+        j: usize,
+        mut delivery: rdkafka::producer::DeliveryFuture,
+        out: &mut Published,
+        blocked: &mut HashSet<&'a str>,
+    ) {
+        let Some(row) = rows.get(j) else {
+            return;
+        };
+        loop {
+            if blocked.contains(row.topic.as_str()) && out.given_up(&row.topic) {
+                // Its topic was given up while this row was queued: do not wait for it.
+                return;
+            }
+            match tokio::time::timeout(STALL_CHECK, &mut delivery).await {
+                Ok(result) => {
+                    settle(rows, j, result, out, blocked);
+                    return;
+                }
+                Err(_) => match self.check_topic(&row.topic).await {
+                    Check::Problem(problem, detail) => {
+                        warn!(topic = %row.topic, ?problem, error = %detail, "deliveries stuck on a destination that vanished: giving them up");
+                        blocked.insert(&row.topic);
+                        out.problem(&row.topic, problem, detail);
+                        out.stuck = true;
+                        out.give_up(&row.topic);
+                        return;
+                    }
+                    Check::Exists | Check::Unknown => {}
+                },
+            }
+        }
+    }
+
     fn fatal_or(&self, e: KafkaError, id: i64) -> RelayError {
-        match self.producer.client().fatal_error() {
+        match self.producer().client().fatal_error() {
             Some((code, reason)) => RelayError::ProducerFatal(format!("{code:?}: {reason}")),
             None => RelayError::Enqueue { id, source: e },
         }
@@ -876,11 +971,20 @@ async fn held_lanes(conn: &mut PgConnection, namespace: i32) -> Result<Vec<i32>,
 
 impl Published {
     /// Notes that `topic` is missing or unauthorized (once per topic).
-    fn problem(&mut self, topic: &str, problem: Problem, e: &KafkaError) {
+    fn problem(&mut self, topic: &str, problem: Problem, detail: String) {
         if !self.problems.iter().any(|(t, _, _)| t == topic) {
-            self.problems
-                .push((topic.to_owned(), problem, e.to_string()));
+            self.problems.push((topic.to_owned(), problem, detail));
         }
+    }
+
+    fn give_up(&mut self, topic: &str) {
+        if !self.given_up(topic) {
+            self.given_up.push(topic.to_owned());
+        }
+    }
+
+    fn given_up(&self, topic: &str) -> bool {
+        self.given_up.iter().any(|t| t == topic)
     }
 
     /// Notes a failure that is not about a destination.
@@ -913,7 +1017,7 @@ fn settle<'a, E>(
         Ok(Err((e, _))) => match error::destination_problem(&e) {
             Some(problem) => {
                 blocked.insert(&row.topic);
-                out.problem(&row.topic, problem, &e);
+                out.problem(&row.topic, problem, e.to_string());
             }
             None => out.transient(e),
         },
