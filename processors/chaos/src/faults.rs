@@ -227,8 +227,7 @@ pub fn plan(seed: u64, p: &PlanInput) -> Schedule {
         });
     }
     let kills = c.process_kill as u64;
-    if kills > 0 {
-        let step = window / kills;
+    if let Some(step) = window.checked_div(kills) {
         let mut last_end = 0u64;
         for i in 0..kills {
             let mut at_ms = start + i * step + rng.random_range(0..=(step / 2).max(1));

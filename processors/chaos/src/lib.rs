@@ -472,7 +472,7 @@ impl Sampler {
             g.filter(|(t, _)| t.elapsed() < Duration::from_secs(3))
                 .map(|(_, l)| l)
         });
-        if self.samples.len() % 10 == 0 {
+        if self.samples.len().is_multiple_of(10) {
             println!(
                 "  t={:>4}s lag={} p99={} acked={} answers={:?}",
                 self.start.elapsed().as_secs(),
