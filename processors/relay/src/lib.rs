@@ -27,6 +27,9 @@
 //!    When it stays so for `relay.missing_destination_dead_after_ms`, its rows move to
 //!    `weir_outbox_dead` with the reason (`weir_relay_dead_total{reason}`). Transient broker
 //!    errors block nothing: the batch backs off and is retried, acknowledged rows deleted.
+//!    A delivery awaited longer than `STALL_CHECK` (2 s) whose topic turns out missing (deleted
+//!    under the relay) is given up and the producer replaced, since librdkafka would retry it
+//!    forever; while the topic exists or the broker does not answer, the relay waits.
 //!
 //! Together: the first occurrence of every event in Kafka respects outbox id order per
 //! (topic, key), also when a relay dies at any point (its successor starts from the lowest
