@@ -535,3 +535,48 @@ async fn a_topic_deleted_under_the_relay_stops_only_its_own_rows() {
         .await
         .ok();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_coordinator_benchmark_writes_no_row_a_live_relay_would_publish() {
+    let prefix = format!("{}.", random_name("coordbench"));
+    let cfg = Arc::new(relay_config(&prefix, 60_000));
+    let pool = weir_runtime::db::pool(&cfg.postgres).expect("pool");
+    weir_runtime::db::MIGRATOR
+        .run(&pool)
+        .await
+        .expect("migrations");
+    let started = Instant::now();
+    let bench = tokio::spawn(weir_coordinator::bench::run(cfg.clone(), 20, 5));
+    // Its NodeReady and run events go to topics that do not exist: none may appear in the
+    // deployment's outbox, where a live relay would take them.
+    let mut max_seen = 0i64;
+    while !bench.is_finished() {
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM weir_outbox WHERE topic LIKE 'bench-%'")
+                .fetch_one(&pool)
+                .await
+                .expect("sample");
+        max_seen = max_seen.max(n);
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "benchmark too slow"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let result = bench
+        .await
+        .expect("bench task")
+        .expect("the coordinator benchmark completes every run");
+    assert_eq!(result["runs"], 20, "{result}");
+    assert_eq!(
+        max_seen, 0,
+        "benchmark rows seen in the deployment's outbox"
+    );
+    let leftovers: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'weir_private_bench_coordinator_%'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("schemas");
+    assert_eq!(leftovers, 0, "the benchmark's own outbox is dropped");
+}
