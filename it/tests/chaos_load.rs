@@ -33,26 +33,40 @@ async fn twenty_seconds_of_mixed_load_check_clean() {
     let prefix = format!("{}.", random_name("chaos"));
     let cfg = config(&prefix);
     prepare(&cfg).await.expect("prepare the stack");
-    let port = free_port();
-    let mut weir = ChildGuard(
-        Command::new(weir_bin())
-            .arg("dev")
-            .env("WEIR__KAFKA__TOPIC_PREFIX", &prefix)
-            .env("WEIR__KAFKA__PARTITIONS", "3")
-            .env("WEIR__GATEWAY__LISTEN", format!("127.0.0.1:{port}"))
-            .env("WEIR__TELEMETRY__LISTEN", "127.0.0.1:0")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn weir dev"),
-    );
-    let gateway = format!("http://127.0.0.1:{port}");
+    // One `weir dev` by default; `WEIR_IT_CHAOS_PROCS` more, and with `WEIR_IT_CHAOS_KILL_EVERY`
+    // seconds the second one is SIGKILLed and restarted (processes of this test only: the
+    // shared stack's services are never touched).
+    let spawn = |port: u16| {
+        ChildGuard(
+            Command::new(weir_bin())
+                .arg("dev")
+                .env("WEIR__KAFKA__TOPIC_PREFIX", &prefix)
+                .env("WEIR__KAFKA__PARTITIONS", "3")
+                .env("WEIR__GATEWAY__LISTEN", format!("127.0.0.1:{port}"))
+                .env("WEIR__TELEMETRY__LISTEN", "127.0.0.1:0")
+                // A killed member holds its partitions until its session times out.
+                .env("WEIR__KAFKA__CONSUMER__SESSION_TIMEOUT_MS", "6000")
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("spawn weir dev"),
+        )
+    };
+    let ports: Vec<u16> = (0..knob("PROCS", 1.0).max(1.0) as usize)
+        .map(|_| free_port())
+        .collect();
+    let mut fleet: Vec<ChildGuard> = ports.iter().map(|p| spawn(*p)).collect();
+    let gateways: Vec<String> = ports
+        .iter()
+        .map(|p| format!("http://127.0.0.1:{p}"))
+        .collect();
+    let kill_every = knob("KILL_EVERY", 0.0) as u64;
 
     let stop = CancellationToken::new();
     let running = load::start(
         &cfg,
         LoadConfig {
-            gateways: vec![gateway],
+            gateways,
             seed: 17,
             workflows: knob("WORKFLOWS", 300.0) as usize,
             patches_per_sec: knob("PATCHES", 40.0),
@@ -65,8 +79,14 @@ async fn twenty_seconds_of_mixed_load_check_clean() {
     .await
     .expect("start the load");
     let secs = knob("SECS", 20.0) as u64;
-    for _ in 0..secs {
+    for second in 1..=secs {
         tokio::time::sleep(Duration::from_secs(1)).await;
+        if kill_every > 0 && fleet.len() > 1 && second % kill_every == 0 {
+            fleet[1].kill();
+            eprintln!("killed weir dev #1 at {second} s");
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            fleet[1] = spawn(ports[1]);
+        }
         if std::env::var_os("WEIR_IT_CHAOS_VERBOSE").is_some() {
             eprintln!("{:?}", running.snapshot());
         }
@@ -74,7 +94,7 @@ async fn twenty_seconds_of_mixed_load_check_clean() {
     let snapshot = running.snapshot();
     assert!(snapshot.acknowledged > 0, "{snapshot:?}");
     assert!(
-        snapshot.recent_p99_ms.is_some(),
+        kill_every > 0 || snapshot.recent_p99_ms.is_some(),
         "patches became visible: {snapshot:?}"
     );
     stop.cancel();
@@ -137,7 +157,9 @@ async fn twenty_seconds_of_mixed_load_check_clean() {
     assert!(report.invariants.len() >= 15, "{text}");
     assert!(report.clean(), "{text}");
 
-    weir.signal_and_wait(nix::sys::signal::Signal::SIGTERM);
+    for mut weir in fleet {
+        weir.signal_and_wait(nix::sys::signal::Signal::SIGTERM);
+    }
 }
 
 /// A partition taken over from a process killed before its last auto-commit reports no lag
