@@ -580,3 +580,67 @@ async fn the_coordinator_benchmark_writes_no_row_a_live_relay_would_publish() {
     .expect("schemas");
     assert_eq!(leftovers, 0, "the benchmark's own outbox is dropped");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_materializer_benchmark_keeps_its_own_groups_and_outbox() {
+    let prefix = format!("{}.", random_name("matbench"));
+    let cfg = Arc::new(relay_config(&prefix, 60_000));
+    let pool = weir_runtime::db::pool(&cfg.postgres).expect("pool");
+    weir_runtime::db::MIGRATOR
+        .run(&pool)
+        .await
+        .expect("migrations");
+    let deployment_group = cfg.kafka.group(weir_materializer::processor::GROUP);
+    let params = weir_materializer::bench::Params {
+        warmup_patches: 0,
+        warmup_time: Duration::ZERO,
+        patches: 300,
+        workflows: 30,
+        latency_patches: 100,
+        naive_patches: 20,
+    };
+    let bench = tokio::spawn(weir_materializer::bench::run(cfg.clone(), params));
+    let started = Instant::now();
+    let mut samples = 0;
+    while !bench.is_finished() {
+        // The deployment's group (same prefix) is never joined, and none of the benchmark's
+        // outbox rows are in the deployment's outbox.
+        let kafka = cfg.kafka.clone();
+        let group = deployment_group.clone();
+        let state = tokio::task::spawn_blocking(move || {
+            weir_runtime::kafka::group_state(&kafka, &group, Duration::from_secs(5))
+        })
+        .await
+        .expect("probe task")
+        .expect("group state");
+        assert!(
+            state.as_ref().is_none_or(|(_, members)| *members == 0),
+            "the deployment's group {deployment_group} was joined: {state:?}"
+        );
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM weir_outbox WHERE topic LIKE $1")
+            .bind(format!("{prefix}bench-%"))
+            .fetch_one(&pool)
+            .await
+            .expect("sample");
+        assert_eq!(n, 0, "benchmark rows in the deployment's outbox");
+        samples += 1;
+        assert!(
+            started.elapsed() < Duration::from_secs(400),
+            "benchmark too slow"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let result = bench
+        .await
+        .expect("bench task")
+        .expect("the materializer benchmark runs");
+    assert_eq!(result["patches"], 300, "{result}");
+    assert!(samples > 0);
+    let leftovers: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'weir_private_bench_materialize_%'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("schemas");
+    assert_eq!(leftovers, 0, "the benchmark's own outbox is dropped");
+}
