@@ -143,6 +143,9 @@ impl Fleet {
             )
             // Plain log files (tracing-subscriber honours NO_COLOR).
             .env("NO_COLOR", "1")
+            // RUST_LOG is the driver's (e.g. quieting its own librdkafka clients while Kafka
+            // is down); the processes log at their configured `telemetry.log_filter`.
+            .env_remove("RUST_LOG")
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
