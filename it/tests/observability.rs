@@ -230,17 +230,25 @@ async fn dashboards_and_alerts_work_against_a_live_prometheus() {
         ("WEIR__COORDINATOR__TIMER_POLL_MS", "500".to_string()),
         ("RUST_LOG", "warn".to_string()),
     ];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dev_log = dir.path().join("weir-dev.log");
     let mut dev = ChildGuard(
         Command::new(weir_bin())
             .arg("dev")
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&dev_log).expect("weir dev log"))
             .spawn()
             .expect("spawn weir dev"),
     );
+    // What weir dev said, for a failure's message.
+    let dev_tail = || {
+        let text = std::fs::read_to_string(&dev_log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    };
 
     // Prometheus: 1 s scrapes and evaluations, the rules with shortened `for:`.
-    let dir = tempfile::tempdir().expect("tempdir");
     let original = std::fs::read_to_string(repo().join("infra/observability/rules/weir.rules.yml"))
         .expect("rules file");
     let alerts_in_file = original
@@ -344,51 +352,71 @@ async fn dashboards_and_alerts_work_against_a_live_prometheus() {
         .await
         .expect("PUT workflow");
     assert!(put.status().is_success(), "PUT workflow: {}", put.status());
-    // The materializer makes version 1; the run request waits for it.
-    let mut run_id = None;
-    for _ in 0..60 {
-        let res = http
-            .post(format!("http://{gateway}/v1/runs"))
-            .bearer_auth(&key)
-            .json(&json!({"workflow_id": "wait-for-a-human", "inputs": {}}))
-            .send()
-            .await
-            .expect("POST run");
-        if res.status().is_success() {
-            let v: Value = res.json().await.expect("run answer");
-            run_id = v["run_id"].as_str().map(str::to_string);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let run_id = run_id.expect("the stalled run was accepted");
-
-    // This coordinator's stall scan counts the run, and WorkflowStalled fires.
+    // The materializer makes version 1; a run of a workflow not materialized yet would fail.
     wait_for(
-        "this coordinator to count a stall",
+        "the workflow to be materialized",
         Duration::from_secs(120),
         || async {
-            !prom
-                .instant(&format!(
-                    "weir_coordinator_stalls_total{{instance=\"{telemetry}\"}} > 0"
-                ))
+            http.get(format!("http://{gateway}/v1/workflows/wait-for-a-human"))
+                .bearer_auth(&key)
+                .send()
                 .await
-                .is_empty()
+                .is_ok_and(|r| r.status().is_success())
         },
     )
     .await;
+    let res = http
+        .post(format!("http://{gateway}/v1/runs"))
+        .bearer_auth(&key)
+        .json(&json!({"workflow_id": "wait-for-a-human", "inputs": {}}))
+        .send()
+        .await
+        .expect("POST run");
+    assert!(res.status().is_success(), "POST run: {}", res.status());
+    let v: Value = res.json().await.expect("run answer");
+    let run_id = v["run_id"].as_str().map(str::to_string);
+    let run_id = run_id.expect("the stalled run was accepted");
+
+    // This coordinator starts the run, marks it stalled and counts the stall; WorkflowStalled
+    // fires.
+    let row = || async {
+        sqlx::query_as::<_, (String, bool)>(
+            "SELECT status, stalled FROM weir_runs WHERE run_id = $1",
+        )
+        .bind(&run_id)
+        .fetch_optional(&pool)
+        .await
+        .expect("weir_runs")
+    };
+    let counted = || async {
+        !prom
+            .instant(&format!(
+                "weir_coordinator_stalls_total{{instance=\"{telemetry}\"}} > 0"
+            ))
+            .await
+            .is_empty()
+    };
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !counted().await {
+        assert!(
+            Instant::now() < deadline,
+            "the stall of run {run_id} was not counted; its row: {:?}; weir dev's log:\n{}",
+            row().await,
+            dev_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     wait_for(
         "WorkflowStalled to fire",
         Duration::from_secs(60),
         || async { prom.firing("WorkflowStalled").await },
     )
     .await;
-    let stalled: bool = sqlx::query_scalar("SELECT stalled FROM weir_runs WHERE run_id = $1")
-        .bind(&run_id)
-        .fetch_one(&pool)
-        .await
-        .expect("the stalled run's row");
-    assert!(stalled, "run {run_id} is marked stalled");
+    assert_eq!(
+        row().await,
+        Some(("running".to_string(), true)),
+        "run {run_id} is running and marked stalled"
+    );
 
     // Every alert rule loaded (the test copy's expressions are the file's), evaluates without
     // error, and every metric it reads has series.
@@ -465,6 +493,30 @@ async fn dashboards_and_alerts_work_against_a_live_prometheus() {
         "the dashboard has its panels ({queries} queries)"
     );
     assert!(empty.is_empty(), "panel queries without data: {empty:#?}");
+
+    // Leave no stalled run behind for other tests' gauges.
+    let cancel = http
+        .post(format!("http://{gateway}/v1/runs/{run_id}/cancel"))
+        .bearer_auth(&key)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("cancel the stalled run");
+    assert!(cancel.status().is_success(), "cancel: {}", cancel.status());
+    wait_for(
+        "the stalled run to end",
+        Duration::from_secs(60),
+        || async {
+            let status: String =
+                sqlx::query_scalar("SELECT status FROM weir_runs WHERE run_id = $1")
+                    .bind(&run_id)
+                    .fetch_one(&pool)
+                    .await
+                    .expect("run row");
+            status != "running"
+        },
+    )
+    .await;
 
     let status = dev.signal_and_wait(nix::sys::signal::Signal::SIGTERM);
     assert!(status.success(), "weir dev stopped cleanly: {status}");
