@@ -17,6 +17,7 @@
 //! behaviour and is not a duplicate effect.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -90,10 +91,7 @@ fn kafka_lag(cfg: &Config) -> anyhow::Result<Vec<(String, String, i64)>> {
     for (base, topic) in GROUPS {
         let group = cfg.kafka.group(base);
         let topic = cfg.kafka.topic(topic);
-        // A consumer that never subscribes does not join the group: it only reads offsets.
-        let consumer: BaseConsumer = weir_runtime::kafka::consumer_config(&cfg.kafka, &group, 0)
-            .create()
-            .context("kafka consumer")?;
+        let consumer = offsets_reader(cfg, &group)?;
         let meta = consumer
             .fetch_metadata(Some(&topic), timeout)
             .with_context(|| format!("metadata of {topic}"))?;
@@ -120,6 +118,28 @@ fn kafka_lag(cfg: &Config) -> anyhow::Result<Vec<(String, String, i64)>> {
         out.push((group, topic, lag));
     }
     Ok(out)
+}
+
+/// A consumer of `group` that never subscribes, so it does not join the group: it only reads
+/// offsets. Kept per (brokers, group) because the driver asks every half second, and a new
+/// client per question would churn connections on a broker that is being restarted.
+pub(crate) fn offsets_reader(cfg: &Config, group: &str) -> anyhow::Result<Arc<BaseConsumer>> {
+    type Readers = Mutex<HashMap<(String, String), Arc<BaseConsumer>>>;
+    static READERS: OnceLock<Readers> = OnceLock::new();
+    let key = (cfg.kafka.bootstrap_servers.clone(), group.to_string());
+    let mut readers = READERS
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(c) = readers.get(&key) {
+        return Ok(c.clone());
+    }
+    let consumer: BaseConsumer = weir_runtime::kafka::consumer_config(&cfg.kafka, group, 0)
+        .create()
+        .context("kafka consumer")?;
+    let consumer = Arc::new(consumer);
+    readers.insert(key, consumer.clone());
+    Ok(consumer)
 }
 
 /// Lag per (group, topic) from the positions in Postgres, which move with the effects.
@@ -414,12 +434,17 @@ pub async fn gather(cfg: &Config, ledger: &Ledger, drain: Duration) -> anyhow::R
         .timeout(Duration::from_secs(15))
         .build()?;
     let key = ledger.api_key.expose().clone();
-    let base = ledger.gateways.first().cloned().unwrap_or_default();
+    let gateways = ledger.gateways.clone();
     let answers: Vec<(u64, Option<bool>)> = futures::stream::iter(ledger.cache_entries.clone())
         .map(|n| {
-            let (http, key, base) = (&http, &key, &base);
+            let (http, key, gateways) = (&http, &key, &gateways);
             async move {
-                for _ in 0..5 {
+                // Each try on the next gateway: one may be down when the check runs.
+                for attempt in 0..(5 * gateways.len().max(1)) {
+                    let base = gateways
+                        .get(attempt % gateways.len().max(1))
+                        .cloned()
+                        .unwrap_or_default();
                     let res = http
                         .post(format!("{base}/v1/cache/lookup"))
                         .bearer_auth(key)

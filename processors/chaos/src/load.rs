@@ -31,7 +31,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::FutureRecord;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde_json::{json, Value};
@@ -951,10 +951,7 @@ async fn offer_poison(s: &Shared, seq: u64) -> anyhow::Result<()> {
 
 /// The high watermark of every partition of `topic`.
 pub(crate) fn high_watermarks(cfg: &Config, topic: &str) -> anyhow::Result<Vec<(i32, i64)>> {
-    let consumer: BaseConsumer =
-        weir_runtime::kafka::consumer_config(&cfg.kafka, "weir-chaos-watermarks", 0)
-            .create()
-            .context("kafka consumer")?;
+    let consumer = crate::check::offsets_reader(cfg, "weir-chaos-watermarks")?;
     let meta = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .with_context(|| format!("metadata of {topic}"))?;
