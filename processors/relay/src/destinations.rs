@@ -10,6 +10,9 @@
 //! a blocked topic is still missing or unauthorized `relay.missing_destination_dead_after_ms`
 //! after it was first seen so, its rows go to `weir_outbox_dead` ([`Verdict::Dead`]).
 //!
+//! A sighting after a silence longer than the bound (no rows of the topic, so no checks)
+//! starts a new episode: nothing says the topic was missing all along.
+//!
 //! A check that finds the topic back only *clears* it for a try: the episode ends (and the
 //! bound restarts) only when the broker acknowledges a row of it, so a topic that flaps between
 //! "exists" in metadata and "unknown" on produce still reaches its bound.
@@ -82,6 +85,9 @@ pub enum Verdict {
 struct Blocked {
     problem: Problem,
     since: Instant,
+    /// The latest sighting. A sighting after a longer silence than the bound (no rows, so no
+    /// checks) starts a new episode: nothing says the topic was missing all along.
+    last_seen: Instant,
     checks: u32,
     retry_at: Instant,
     /// A check found the topic back: its rows are tried again, the episode stays open until
@@ -190,13 +196,24 @@ impl Destinations {
         backoff: impl Fn(u32) -> Duration,
     ) -> Verdict {
         self.verified.remove(topic);
+        if self.blocked.len() >= MAX_VERIFIED {
+            let keep = self.dead_after.max(VERIFIED_FOR);
+            self.blocked
+                .retain(|_, b| now.duration_since(b.last_seen) < keep);
+        }
         let b = self.blocked.entry(topic.to_owned()).or_insert(Blocked {
             problem,
             since: now,
+            last_seen: now,
             checks: 0,
             retry_at: now,
             cleared: false,
         });
+        if now.duration_since(b.last_seen) > self.dead_after {
+            b.since = now;
+            b.checks = 0;
+        }
+        b.last_seen = now;
         b.problem = problem;
         b.cleared = false;
         b.checks = b.checks.saturating_add(1);
@@ -358,7 +375,16 @@ mod tests {
         assert!(!d.is_blocked("t"));
         assert!(!d.needs_check("t", t0 + Duration::from_secs(1)));
         assert!(d.excluded(t0).is_empty());
-        // The producer still refuses it: the bound counts from the first sighting.
+        // The producer still refuses it, the metadata still shows it, again and again: the
+        // bound counts from the first sighting.
+        for s in [4, 8] {
+            let at = t0 + Duration::from_secs(s);
+            assert_eq!(
+                d.problem("t", Problem::Unauthorized, "x", at, backoff),
+                Verdict::Wait
+            );
+            assert!(d.exists("t", at));
+        }
         match d.problem(
             "t",
             Problem::Unauthorized,
@@ -394,6 +420,55 @@ mod tests {
             d.exists(&format!("x{i}"), t0);
         }
         assert!(d.verified.len() <= MAX_VERIFIED);
+    }
+
+    #[test]
+    fn a_sighting_after_a_long_silence_starts_a_new_episode() {
+        let t0 = Instant::now();
+        let mut d = Destinations::new(Duration::from_secs(10));
+        d.problem("t", Problem::Missing, "x", t0, backoff);
+        // Rows keep coming and the topic stays missing: one episode, dead at the bound.
+        for s in 1..10 {
+            d.problem(
+                "t",
+                Problem::Missing,
+                "x",
+                t0 + Duration::from_secs(s),
+                backoff,
+            );
+        }
+        assert!(matches!(
+            d.problem(
+                "t",
+                Problem::Missing,
+                "x",
+                t0 + Duration::from_secs(10),
+                backoff
+            ),
+            Verdict::Dead { .. }
+        ));
+        assert!(matches!(
+            d.problem(
+                "t",
+                Problem::Missing,
+                "x",
+                t0 + Duration::from_secs(15),
+                backoff
+            ),
+            Verdict::Dead { .. }
+        ));
+        // No sighting for longer than the bound (no rows of it): a new row waits again.
+        assert_eq!(
+            d.problem(
+                "t",
+                Problem::Missing,
+                "x",
+                t0 + Duration::from_secs(26),
+                backoff
+            ),
+            Verdict::Wait
+        );
+        assert_eq!(d.sightings("t"), 1);
     }
 
     #[test]

@@ -679,12 +679,21 @@ impl Relay {
         };
         let mut held = HashSet::new();
         let mut dead = Vec::new();
+        let mut answering = true;
         for (i, topic) in to_check.into_iter().enumerate() {
             if i >= MAX_CHECKS_PER_BATCH {
                 held.insert(topic.to_owned());
                 continue;
             }
+            if !answering {
+                // The broker did not answer the previous check: the others would wait as
+                // long (up to METADATA_TIMEOUT each) and delay recovery; publish their rows
+                // unchecked, as before any check (a vanished topic is still caught when its
+                // deliveries stall).
+                continue;
+            }
             let check = self.check_topic(topic).await;
+            answering = check != Check::Unknown;
             let now = Instant::now();
             match check {
                 Check::Exists => {
