@@ -612,8 +612,7 @@ async fn put_blobs(cas: &Cas, blobs: Vec<Bytes>) -> Vec<Result<CasRef, CasError>
 fn count_hit(node_type: &str, outcome: &'static str, cost_ms: i64, cost: Option<f64>) {
     let nt = node_type.to_string();
     metrics::counter!(m::LOOKUPS, "node_type" => nt.clone(), "outcome" => outcome).increment(1);
-    metrics::counter!(m::SAVED_MS, "node_type" => nt.clone())
-        .increment(cost_ms.max(0) as u64);
+    metrics::counter!(m::SAVED_MS, "node_type" => nt.clone()).increment(cost_ms.max(0) as u64);
     if let Some(c) = cost {
         // Counters are integers: cost is counted in thousandths of the configured unit.
         metrics::counter!(m::SAVED_COST, "node_type" => nt)

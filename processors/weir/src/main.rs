@@ -441,7 +441,10 @@ async fn run_processors(cfg: Arc<Config>, which: &[ProcessorName]) -> anyhow::Re
         "main",
         shutdown.clone(),
     ));
-    if which.iter().any(|p| matches!(p, ProcessorName::Coordinator)) {
+    if which
+        .iter()
+        .any(|p| matches!(p, ProcessorName::Coordinator))
+    {
         weir_coordinator::metrics::register();
     }
     if which.iter().any(|p| matches!(p, ProcessorName::Relay)) {
