@@ -120,8 +120,9 @@ fn find_scripts(given: Option<&Path>) -> anyhow::Result<PathBuf> {
     )
 }
 
-/// The stack the run drives; refuses the shared dev stack unless allowed, and a loaded
-/// environment that does not point at the stack whose services the faults would stop.
+/// The stack the run drives (named by `WEIR_STACK_NAME`; [`run`] has already refused the
+/// unnamed dev stack unless allowed); refuses a configuration that does not point at the
+/// Kafka and Postgres of the stack whose services the faults would stop.
 async fn resolve_stack(args: &Args, cfg: &Config, out: &Path) -> anyhow::Result<Stack> {
     let scripts = find_scripts(args.stack_scripts.as_deref())?;
     let name = std::env::var("WEIR_STACK_NAME")

@@ -63,7 +63,7 @@ pub fn layout(full: usize, split: &[String], port_base: u16) -> Vec<ProcSpec> {
 pub struct Crash {
     /// Which process.
     pub process: String,
-    /// Seconds since the epoch.
+    /// When the driver noticed the exit.
     #[serde(skip)]
     pub at: SystemTime,
     /// Exit status as printed.
