@@ -90,7 +90,7 @@ impl PrivateOutbox {
     pub async fn drop_all(self) -> Result<(), sqlx::Error> {
         self.pool.close().await;
         sqlx::raw_sql(&format!(
-            "DROP SCHEMA IF EXISTS {} CASCADE",
+            "SET client_min_messages = warning; DROP SCHEMA IF EXISTS {} CASCADE",
             quote_ident(&self.schema)
         ))
         .execute(&self.admin)
