@@ -8,7 +8,9 @@
 //!    unit vectors around 1,000 random cluster centres (Gaussian noise), clusters shared by
 //!    all workspaces, so most of a query's global nearest neighbours belong to other
 //!    workspaces — the case where a post-filtered HNSW scan loses recall. The HNSW index is
-//!    rebuilt after the load (timed).
+//!    rebuilt after the load (timed). Entries, audit rows and index live in a private schema
+//!    (`weir_runtime::db::PrivateSchema`) dropped at the end: a live deployment's cache
+//!    tables and index are left alone.
 //! 2. Exact: `queries` lookups of random stored keys through [`Cache::lookup`] — the
 //!    gateway's path: its own transaction, the lookup statement with its audit row, the CAS
 //!    read and verification. p50/p99 of the whole call.
@@ -79,8 +81,33 @@ pub async fn run(
         entries >= WORKSPACES,
         "--entries must be at least {WORKSPACES}"
     );
-    let pool = weir_runtime::db::pool(&cfg.postgres)?;
-    let cas = Cas::from_config(&cfg).await?;
+    // The run's entries, audit rows and HNSW index live in a schema of their own: a live
+    // deployment's lookups never walk them and its index is never dropped or rebuilt.
+    let private = weir_runtime::db::PrivateSchema::create(
+        &cfg.postgres,
+        "bench_cache",
+        &[
+            "cache_entries",
+            "cache_semantic",
+            "cache_audit",
+            "cache_embedding_space",
+        ],
+    )
+    .await
+    .context("creating the benchmark's own cache tables")?;
+    let result = measure(&cfg, &private, entries, queries).await;
+    private.drop_all().await?;
+    result
+}
+
+async fn measure(
+    cfg: &Config,
+    private: &weir_runtime::db::PrivateSchema,
+    entries: usize,
+    queries: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let pool = private.pool().clone();
+    let cas = Cas::from_config(cfg).await?;
     let d = cfg.cache.dimensions as usize;
     let run_id = uuid::Uuid::now_v7().simple().to_string();
     let ws_name = |w: usize| format!("bench-{run_id}-{w:03}");
@@ -98,12 +125,23 @@ pub async fn run(
     let mut vectors: Vec<Vec<f32>> = Vec::with_capacity(entries);
     let mut owners: Vec<usize> = Vec::with_capacity(entries);
     let started = Instant::now();
-    sqlx::query(&format!(
-        "DROP INDEX IF EXISTS {}",
-        hnsw_index_name(d as u32)
-    ))
-    .execute(&pool)
+    // The copies' indexes were made from the deployment's (any HNSW index included, under
+    // another name): drop the vector ones, always naming the private schema.
+    let copied: Vec<String> = sqlx::query_scalar(
+        "SELECT indexname::text FROM pg_indexes WHERE schemaname = $1 AND indexdef ILIKE '%USING hnsw%'",
+    )
+    .bind(private.schema())
+    .fetch_all(&pool)
     .await?;
+    let ours = hnsw_index_name(d as u32);
+    for index in copied.iter().chain([&ours]) {
+        sqlx::query(&format!(
+            "DROP INDEX IF EXISTS {}",
+            private.qualified(index)
+        ))
+        .execute(&pool)
+        .await?;
+    }
     for start in (0..entries).step_by(CHUNK) {
         let end = (start + CHUNK).min(entries);
         let (mut keys, mut skeys, mut wss, mut embs) =
@@ -290,17 +328,7 @@ pub async fn run(
         }
     };
 
-    // Clean up this run's rows (the index stays).
-    for w in 0..WORKSPACES {
-        crate::maintenance::purge(&pool, &ws_name(w), None).await?;
-    }
-    sqlx::query("DELETE FROM cache_audit WHERE workspace_id LIKE $1")
-        .bind(format!("bench-{run_id}-%"))
-        .execute(&pool)
-        .await?;
-    // The purge leaves `entries` dead rows in the HNSW index: vacuum them away, or the next
-    // filtered lookups (tests, the next run) walk them.
-    crate::maintenance::vacuum_semantic(&pool).await?;
+    // The run's rows and index go with the private schema (dropped by the caller).
 
     let (exact_p50, exact_p99) = ms(exact);
     let (cas_p50, cas_p99) = ms(cas_gets);

@@ -16,17 +16,13 @@
 //! - Never run migrations through the private pool: they would create their tables in the
 //!   private schema (the first of the search path).
 
-use std::time::Duration;
-
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 use weir_runtime::config::PostgresConfig;
+use weir_runtime::db::PrivateSchema;
 
 /// A private outbox; see the module docs.
 pub struct PrivateOutbox {
-    schema: String,
-    pool: PgPool,
-    admin: PgPool,
+    schema: PrivateSchema,
     namespace: i32,
 }
 
@@ -34,51 +30,24 @@ impl PrivateOutbox {
     /// Creates the schema and its tables (copies of the deployment's, migrations applied) and
     /// a pool that uses them. `label` (letters, digits and `_` are kept) names it for humans.
     pub async fn create(cfg: &PostgresConfig, label: &str) -> Result<Self, sqlx::Error> {
-        let label: String = label
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
-            .take(20)
-            .collect::<String>()
-            .to_ascii_lowercase();
-        let schema = format!("weir_private_{label}_{}", uuid::Uuid::now_v7().simple());
-        let admin = weir_runtime::db::pool(cfg)?;
-        let home: String = sqlx::query_scalar("SELECT current_schema()::text")
-            .fetch_one(&admin)
-            .await?;
-        let (s, h) = (quote_ident(&schema), quote_ident(&home));
-        sqlx::raw_sql(&format!(
-            "CREATE SCHEMA {s};
-             CREATE TABLE {s}.weir_outbox (LIKE {h}.weir_outbox INCLUDING ALL);
-             CREATE TABLE {s}.weir_outbox_dead (LIKE {h}.weir_outbox_dead INCLUDING ALL);
-             CREATE TABLE {s}.weir_relays (LIKE {h}.weir_relays INCLUDING ALL);"
-        ))
-        .execute(&admin)
+        let schema = PrivateSchema::create(
+            cfg,
+            label,
+            &["weir_outbox", "weir_outbox_dead", "weir_relays"],
+        )
         .await?;
-        let options: PgConnectOptions = cfg.url.expose().parse()?;
-        let options = options
-            .application_name("weir-private-outbox")
-            .options([("search_path", format!("{s},{h}"))]);
-        let pool = PgPoolOptions::new()
-            .max_connections(cfg.max_connections)
-            .acquire_timeout(Duration::from_millis(cfg.acquire_timeout_ms))
-            .connect_lazy_with(options);
-        let namespace = namespace_of(&schema);
-        Ok(Self {
-            schema,
-            pool,
-            admin,
-            namespace,
-        })
+        let namespace = namespace_of(schema.schema());
+        Ok(Self { schema, namespace })
     }
 
     /// The pool whose sessions use the private tables.
     pub fn pool(&self) -> &PgPool {
-        &self.pool
+        self.schema.pool()
     }
 
     /// The schema's name.
     pub fn schema(&self) -> &str {
-        &self.schema
+        self.schema.schema()
     }
 
     /// The lane-lock namespace of relays of this outbox.
@@ -88,20 +57,8 @@ impl PrivateOutbox {
 
     /// Closes the pool and drops the schema with its tables (stop the relays first).
     pub async fn drop_all(self) -> Result<(), sqlx::Error> {
-        self.pool.close().await;
-        sqlx::raw_sql(&format!(
-            "SET client_min_messages = warning; DROP SCHEMA IF EXISTS {} CASCADE",
-            quote_ident(&self.schema)
-        ))
-        .execute(&self.admin)
-        .await?;
-        self.admin.close().await;
-        Ok(())
+        self.schema.drop_all().await
     }
-}
-
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// A lock namespace derived from the schema name (FNV-1a), never the deployment's.
@@ -130,6 +87,6 @@ mod tests {
             namespace_of("weir_private_a"),
             namespace_of("weir_private_b")
         );
-        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(weir_runtime::db::quote_ident("a\"b"), "\"a\"\"b\"");
     }
 }
