@@ -54,6 +54,24 @@ pub async fn state(cfg: Arc<Config>, sources: Sources) -> anyhow::Result<AppStat
     Ok(AppState::new(cfg, pool, cas, sender, sources))
 }
 
+/// The gateway's name among the process's health components.
+const HEALTH_COMPONENT: &str = "gateway";
+
+/// Copies the gateway's readiness into the process's health until `shutdown`.
+async fn mirror_readiness(
+    state: AppState,
+    health: weir_runtime::telemetry::Health,
+    shutdown: CancellationToken,
+) {
+    loop {
+        health.set(HEALTH_COMPONENT, state.is_ready());
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(READINESS_INTERVAL) => {}
+        }
+    }
+}
+
 /// A running gateway: its address and the task serving it.
 pub struct Running {
     /// Where it listens.
@@ -90,13 +108,20 @@ pub fn spawn(
 }
 
 /// `weir run gateway`: binds `gateway.listen` and serves until `shutdown`.
+///
+/// `health` is the process's (served on `telemetry.listen`): the gateway registers itself
+/// there as `gateway`, ready when its own `/readyz` is, so a gateway-only process reports
+/// ready too.
 pub async fn run(
     cfg: Arc<Config>,
     sources: Sources,
+    health: weir_runtime::telemetry::Health,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let listener = TcpListener::bind(cfg.gateway.listen).await?;
     let state = state(cfg, sources).await?;
+    health.register(HEALTH_COMPONENT);
+    tokio::spawn(mirror_readiness(state.clone(), health, shutdown.clone()));
     let running = spawn(listener, state, shutdown)?;
     tracing::info!(addr = %running.addr, "gateway listening");
     running.task.await??;

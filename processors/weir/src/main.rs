@@ -562,7 +562,8 @@ async fn run_processors(cfg: Arc<Config>, which: &[ProcessorName]) -> anyhow::Re
                         cache,
                     ))),
                 };
-                tasks.spawn(async move { weir_gateway::run(cfg, sources, stop).await });
+                let health = s.health.clone();
+                tasks.spawn(async move { weir_gateway::run(cfg, sources, health, stop).await });
             }
         }
     }
