@@ -195,12 +195,9 @@ impl Fleet {
             .build()?;
         let deadline = tokio::time::Instant::now() + timeout;
         for p in &self.procs {
-            // The telemetry /readyz reports the processors' components; a gateway-only
-            // process registers none there, so its gateway's own /readyz is asked.
-            let mut urls = Vec::new();
-            if p.spec.args != ["run", "gateway"] {
-                urls.push(format!("http://127.0.0.1:{}/readyz", p.spec.metrics_port));
-            }
+            // The telemetry /readyz reports every component (the gateway's included); the
+            // gateway's own /readyz is asked as well, as its clients' balancer would.
+            let mut urls = vec![format!("http://127.0.0.1:{}/readyz", p.spec.metrics_port)];
             if let Some(port) = p.spec.gateway_port {
                 urls.push(format!("http://127.0.0.1:{port}/readyz"));
             }
