@@ -64,6 +64,44 @@ REGISTRY_PORT="$((8081 + STACK_PORT_OFFSET))"
 REGISTRY_MGMT_PORT="$((8082 + STACK_PORT_OFFSET))"
 
 KAFKA_BOOTSTRAP_SERVERS="$KAFKA_HOST:$KAFKA_PORT"
+
+# Kafka nodes: 1 (one JVM, broker and controller), or, with WEIR_KAFKA_BROKERS=3 on a named
+# stack, three combined broker+controller KRaft nodes (ids 1..3, a three-voter quorum;
+# replication factor 3, min.insync.replicas 2), so that one broker can die without losing an
+# acknowledged write. Node I listens on KAFKA_PORT + 2(I-1), its controller on
+# KAFKA_CONTROLLER_PORT + 2(I-1). `up` records the count in the stack's directory, so the
+# other scripts (down, env, service) find the same cluster without the variable.
+KAFKA_BROKERS="${WEIR_KAFKA_BROKERS:-}"
+if [[ -z "$KAFKA_BROKERS" && -n "$WEIR_STACK_NAME" && -s "$STACK/kafka-brokers" ]]; then
+  KAFKA_BROKERS="$(cat "$STACK/kafka-brokers")"
+fi
+KAFKA_BROKERS="${KAFKA_BROKERS:-1}"
+if [[ "$KAFKA_BROKERS" != 1 && "$KAFKA_BROKERS" != 3 ]]; then
+  printf '[weir-stack] ERROR: WEIR_KAFKA_BROKERS must be 1 or 3 (got %q)\n' "$KAFKA_BROKERS" >&2
+  return 1 2>/dev/null || exit 1
+fi
+if [[ "$KAFKA_BROKERS" == 3 && -z "$WEIR_STACK_NAME" ]]; then
+  printf '[weir-stack] ERROR: WEIR_KAFKA_BROKERS=3 is for a named stack (e.g. WEIR_STACK_NAME=chaos3), never the dev stack\n' >&2
+  return 1 2>/dev/null || exit 1
+fi
+if [[ "$KAFKA_BROKERS" == 3 ]]; then
+  KAFKA_BOOTSTRAP_SERVERS="$KAFKA_HOST:$KAFKA_PORT,$KAFKA_HOST:$((KAFKA_PORT + 2)),$KAFKA_HOST:$((KAFKA_PORT + 4))"
+fi
+
+# kafka_node I: the paths and ports of Kafka node I (1..KAFKA_BROKERS), in KN_DIR, KN_PID,
+# KN_LOG, KN_MARKER (what its command line holds), KN_PORT and KN_CONTROLLER_PORT. The single
+# node keeps the historical names (.stack/kafka, kafka.pid, logs/kafka.log).
+kafka_node() {
+  local i="$1"
+  if [[ "$KAFKA_BROKERS" == 1 ]]; then
+    KN_DIR="$STACK/kafka" KN_PID="$STACK/kafka.pid" KN_LOG="$LOGS/kafka.log"
+  else
+    KN_DIR="$STACK/kafka-$i" KN_PID="$STACK/kafka-$i.pid" KN_LOG="$LOGS/kafka-$i.log"
+  fi
+  KN_MARKER="kafka.Kafka $KN_DIR/server.properties"
+  KN_PORT="$((KAFKA_PORT + 2 * (i - 1)))"
+  KN_CONTROLLER_PORT="$((KAFKA_CONTROLLER_PORT + 2 * (i - 1)))"
+}
 DATABASE_URL="postgres://$PG_USER:$PG_PASSWORD@$PG_HOST:$PG_PORT/$PG_DB"
 S3_ENDPOINT_URL="http://$S3_HOST:$S3_PORT"
 SCHEMA_REGISTRY_URL="http://$REGISTRY_HOST:$REGISTRY_PORT/apis/ccompat/v7"
@@ -88,6 +126,12 @@ weir_env_lines() {
   # A named stack says so: tools that act on the stack (infra/local/service, `weir chaos`)
   # then find the same one.
   if [[ -n "$WEIR_STACK_NAME" ]]; then printf "export WEIR_STACK_NAME='%s'\n" "$WEIR_STACK_NAME"; fi
+  # A three-broker stack: its topics are created with three replicas (docs/configuration.md,
+  # kafka.replication_factor), and infra/local/service knows the cluster's size.
+  if [[ "$KAFKA_BROKERS" != 1 ]]; then
+    printf "export WEIR_KAFKA_BROKERS='%s'\n" "$KAFKA_BROKERS"
+    printf "export WEIR__KAFKA__REPLICATION_FACTOR='%s'\n" "$KAFKA_BROKERS"
+  fi
 }
 
 # --- derived paths ------------------------------------------------------------------------

@@ -7,7 +7,9 @@ the KRaft controller and can serve clients. This sends one real Kafka Metadata r
 least one live broker. Starting a JVM for kafka's own TopicCommand costs ~2-3 s, too slow
 for the warm `up` path; `up` still runs TopicCommand once after a fresh start.
 
-usage: ready.py HOST PORT   -> exit 0 when ready, 1 otherwise (reason on stderr)
+usage: ready.py HOST PORT [MIN_BROKERS]   -> exit 0 when ready, 1 otherwise (reason on stderr)
+MIN_BROKERS (default 1): live brokers the answer must list (a three-broker stack waits until
+the node sees the whole cluster).
 """
 import socket
 import struct
@@ -26,6 +28,7 @@ def read_exact(sock, n):
 
 def main():
     host, port = sys.argv[1], int(sys.argv[2])
+    min_brokers = int(sys.argv[3]) if len(sys.argv) > 3 else 1
     client_id = b"weir-ready"
     # Request header v1: api_key=3 (Metadata), api_version=4, correlation_id, client_id.
     header = struct.pack(">hhih", 3, 4, 7, len(client_id)) + client_id
@@ -42,6 +45,8 @@ def main():
         raise RuntimeError(f"unexpected correlation id {correlation_id}")
     if n_brokers < 1:
         raise RuntimeError("broker up but no live brokers in metadata yet")
+    if n_brokers < min_brokers:
+        raise RuntimeError(f"{n_brokers} of {min_brokers} brokers live in metadata")
     return 0
 
 

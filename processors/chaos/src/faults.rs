@@ -9,7 +9,7 @@
 //!
 //! Infrastructure faults go through `infra/local/service` of the stack the run drives
 //! ([`Stack`]): Kafka is killed with SIGKILL (no controlled shutdown, log recovery on
-//! restart), Postgres is shut down with `pg_ctl stop -m immediate` (open transactions lost, as
+//! restart; on a three-broker stack one broker at a time, [`Fault::broker`]), Postgres is shut down with `pg_ctl stop -m immediate` (open transactions lost, as
 //! in a failover), S3 and the registry are stopped and started again. A fault's end is the
 //! moment its service answers again (restart included), so an outage is what clients saw.
 
@@ -30,7 +30,8 @@ pub enum FaultKind {
     /// SIGSTOP of a weir process for `duration` (longer than the group session timeout), then
     /// SIGCONT: it wakes up as a zombie whose partitions moved.
     ProcessPause,
-    /// SIGKILL of the Kafka broker, restarted after `duration`.
+    /// SIGKILL of the Kafka broker (of one broker, [`Fault::broker`], on a three-broker
+    /// stack), restarted after `duration`.
     KafkaKill,
     /// `pg_ctl stop -m immediate`, restarted after `duration`.
     PostgresStop,
@@ -93,6 +94,10 @@ pub struct Fault {
     /// Index of the weir process it acts on (process faults only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<usize>,
+    /// The Kafka node a `kafka_kill` kills on a multi-broker stack (1-based, the `N` of
+    /// `infra/local/service kafka:N`); none: every node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker: Option<usize>,
 }
 
 /// A run's faults, in start order.
@@ -169,6 +174,9 @@ pub struct PlanInput {
     pub session_timeout: Duration,
     /// Number of weir processes (targets are `0..processes`).
     pub processes: usize,
+    /// Kafka brokers of the stack: above 1, each Kafka kill takes one of them, drawn from
+    /// the seed (with 1 the draw is skipped, so single-broker schedules stay as they were).
+    pub brokers: usize,
 }
 
 /// Plans a schedule from a seed. Infrastructure faults and pauses each get an equal slot of
@@ -217,6 +225,8 @@ pub fn plan(seed: u64, p: &PlanInput) -> Schedule {
         let target = kind
             .on_process()
             .then(|| rng.random_range(0..p.processes.max(1)));
+        let broker = (kind == FaultKind::KafkaKill && p.brokers > 1)
+            .then(|| rng.random_range(1..=p.brokers));
         // A restart takes time after the fault's own duration (Kafka ~10 s).
         outages.push((at_ms.saturating_sub(2_000), at_ms + duration_ms + 12_000));
         faults.push(Fault {
@@ -224,6 +234,7 @@ pub fn plan(seed: u64, p: &PlanInput) -> Schedule {
             at_ms,
             duration_ms,
             target,
+            broker,
         });
     }
     let kills = c.process_kill as u64;
@@ -243,6 +254,7 @@ pub fn plan(seed: u64, p: &PlanInput) -> Schedule {
                 at_ms,
                 duration_ms,
                 target: Some(rng.random_range(0..p.processes.max(1))),
+                broker: None,
             });
         }
     }
@@ -264,9 +276,19 @@ impl Schedule {
         Ok(s)
     }
 
-    /// Checks the schedule fits a run: targets exist, faults start within the run.
-    pub fn validate(&self, processes: usize) -> anyhow::Result<()> {
+    /// Checks the schedule fits a run: targets and brokers exist, faults start within the run.
+    pub fn validate(&self, processes: usize, brokers: usize) -> anyhow::Result<()> {
         for f in &self.faults {
+            match f.broker {
+                Some(b) if f.kind != FaultKind::KafkaKill || b == 0 || b > brokers => {
+                    anyhow::bail!(
+                        "{} at {} ms: broker {b} is not a Kafka node of this stack (1..={brokers}, kafka_kill only)",
+                        f.kind.name(),
+                        f.at_ms
+                    )
+                }
+                _ => {}
+            }
             match (f.kind.on_process(), f.target) {
                 (true, Some(t)) if t < processes => {}
                 (true, _) => anyhow::bail!(
@@ -315,6 +337,7 @@ impl Schedule {
                         names.get(t).cloned().unwrap_or_else(|| format!("#{t}"))
                     )
                 })
+                .or_else(|| f.broker.map(|b| format!(" broker {b}")))
                 .unwrap_or_default();
             out.push_str(&format!(
                 "  at {:>6.1}s  {:<14}{:<14} for {:.1}s\n",
@@ -415,6 +438,7 @@ mod tests {
             counts,
             session_timeout: Duration::from_secs(10),
             processes: 5,
+            brokers: 1,
         }
     }
 
@@ -428,7 +452,7 @@ mod tests {
         assert_eq!(s.count(FaultKind::ProcessPause), 2);
         assert_eq!(s.count(FaultKind::S3Stop), 1);
         assert_eq!(s.count(FaultKind::RegistryStop), 1);
-        s.validate(5).unwrap();
+        s.validate(5, 1).unwrap();
         let infra: Vec<_> = s
             .faults
             .iter()
@@ -480,19 +504,66 @@ mod tests {
                 at_ms: 1_000,
                 duration_ms: 1_000,
                 target: Some(9),
+                broker: None,
             }],
         };
-        assert!(s.validate(3).is_err());
-        assert!(s.validate(10).is_ok());
+        assert!(s.validate(3, 1).is_err());
+        assert!(s.validate(10, 1).is_ok());
         let s = Schedule {
             faults: vec![Fault {
                 kind: FaultKind::KafkaKill,
                 at_ms: 1_000,
                 duration_ms: 1_000,
                 target: Some(0),
+                broker: None,
             }],
             ..s
         };
-        assert!(s.validate(3).is_err());
+        assert!(s.validate(3, 1).is_err());
+        let broker = |b| Schedule {
+            faults: vec![Fault {
+                kind: FaultKind::KafkaKill,
+                at_ms: 1_000,
+                duration_ms: 1_000,
+                target: None,
+                broker: Some(b),
+            }],
+            ..s.clone()
+        };
+        assert!(broker(2).validate(3, 3).is_ok());
+        assert!(broker(2).validate(3, 1).is_err());
+        assert!(broker(0).validate(3, 3).is_err());
+        assert!(broker(4).validate(3, 3).is_err());
+    }
+
+    #[test]
+    fn three_brokers_kill_one_broker_at_a_time_and_one_broker_schedules_are_unchanged() {
+        let one = plan(11, &input(600, Counts::full(Duration::from_secs(600))));
+        assert!(one.faults.iter().all(|f| f.broker.is_none()));
+        // A one-broker schedule never mentions brokers, so earlier schedule files still read.
+        assert!(!serde_json::to_string(&one).unwrap().contains("broker"));
+        let three = plan(
+            11,
+            &PlanInput {
+                brokers: 3,
+                ..input(600, Counts::full(Duration::from_secs(600)))
+            },
+        );
+        three.validate(5, 3).unwrap();
+        assert!(three.validate(5, 1).is_err());
+        let kafka: Vec<_> = three
+            .faults
+            .iter()
+            .filter(|f| f.kind == FaultKind::KafkaKill)
+            .collect();
+        assert_eq!(kafka.len(), 3);
+        for f in &kafka {
+            assert!(matches!(f.broker, Some(1..=3)), "{f:?}");
+        }
+        assert!(three
+            .faults
+            .iter()
+            .all(|f| f.kind == FaultKind::KafkaKill || f.broker.is_none()));
+        assert!(three.describe(&[]).contains("kafka_kill     broker "));
     }
 }

@@ -57,8 +57,10 @@ pub struct Args {
     /// Processes split by role, one per role (`weir run <role>`), comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "gateway,materializer")]
     pub split: Vec<String>,
-    /// Kafka brokers of the stack. Only 1 is supported so far.
-    #[arg(long, default_value_t = 1)]
+    /// Kafka brokers of the stack: 1, or 3 (a stack started with `WEIR_KAFKA_BROKERS=3`,
+    /// whose `infra/local/env` exports it; topics get three replicas, and each Kafka fault
+    /// kills one broker).
+    #[arg(long, env = "WEIR_KAFKA_BROKERS", default_value_t = 1)]
     pub brokers: usize,
     /// Consumer group session timeout of the processes, in ms (a pause lasts longer).
     #[arg(long, default_value_t = 10_000)]
@@ -140,6 +142,19 @@ async fn resolve_stack(args: &Args, cfg: &Config, out: &Path) -> anyhow::Result<
             .map(|(_, v)| v.clone())
             .unwrap_or_default()
     };
+    // The stack's size decides what a Kafka fault is: with one broker, a kill of that broker;
+    // with three, a kill of one of them. A run that guessed wrong would test something else.
+    let brokers = get("KAFKA_BOOTSTRAP_SERVERS")
+        .split(',')
+        .filter(|a| !a.trim().is_empty())
+        .count();
+    anyhow::ensure!(
+        brokers == args.brokers,
+        "--brokers {}: stack {:?} has {brokers} Kafka broker(s) (start a three-broker stack with \
+         WEIR_KAFKA_BROKERS=3 WEIR_STACK_NAME=... infra/local/up)",
+        args.brokers,
+        stack.name.as_deref().unwrap_or("(default)"),
+    );
     anyhow::ensure!(
         get("KAFKA_BOOTSTRAP_SERVERS") == cfg.kafka.bootstrap_servers
             && get("DATABASE_URL") == *cfg.postgres.url.expose(),
@@ -186,8 +201,8 @@ async fn run_weir(
 /// Runs the whole suite; `Ok(false)` when an invariant fails.
 pub async fn run(cfg: Arc<Config>, args: Args) -> anyhow::Result<bool> {
     anyhow::ensure!(
-        args.brokers == 1,
-        "--brokers {}: only the single-broker stack is supported so far",
+        args.brokers == 1 || args.brokers == 3,
+        "--brokers {}: the local stack runs 1 or 3 Kafka brokers",
         args.brokers
     );
     anyhow::ensure!(
@@ -272,10 +287,11 @@ pub async fn run(cfg: Arc<Config>, args: Args) -> anyhow::Result<bool> {
                 },
                 session_timeout: Duration::from_millis(args.session_timeout_ms),
                 processes: specs.len(),
+                brokers: args.brokers,
             },
         ),
     };
-    schedule.validate(specs.len())?;
+    schedule.validate(specs.len(), args.brokers)?;
     let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
     print!("{}", schedule.describe(&names));
     std::fs::write(
@@ -292,6 +308,10 @@ pub async fn run(cfg: Arc<Config>, args: Args) -> anyhow::Result<bool> {
         "session.timeout.ms".into(),
         args.session_timeout_ms.to_string(),
     );
+    // Every topic on every broker (min.insync.replicas 2 is the brokers' default), so that
+    // acks=all means two copies and one broker down loses nothing.
+    let replication = i32::try_from(args.brokers).context("--brokers")?;
+    run_cfg.kafka.replication_factor = replication;
     // The processes read the driver's effective configuration (file and environment alike)
     // from this file; the environment's own layers still apply on top, so the run's settings
     // are repeated there.
@@ -306,6 +326,10 @@ pub async fn run(cfg: Arc<Config>, args: Args) -> anyhow::Result<bool> {
         (
             "WEIR__KAFKA__CONSUMER__SESSION__TIMEOUT__MS".into(),
             args.session_timeout_ms.to_string(),
+        ),
+        (
+            "WEIR__KAFKA__REPLICATION_FACTOR".into(),
+            replication.to_string(),
         ),
     ];
     let bin = std::env::current_exe().context("the weir binary's path")?;
@@ -398,6 +422,7 @@ async fn inject(
     let who = f
         .target
         .and_then(|t| fleet.names().get(t).cloned())
+        .or_else(|| f.broker.map(|b| format!("broker {b}")))
         .unwrap_or_default();
     println!(
         "  t={:>4}s fault {} {who} for {:.1}s",
@@ -410,15 +435,21 @@ async fn inject(
         FaultKind::ProcessPause => fleet.pause(target, down).await,
         kind => {
             let (svc, action) = match kind {
-                FaultKind::KafkaKill => ("kafka", "kill"),
-                FaultKind::PostgresStop => ("postgres", "immediate-stop"),
-                FaultKind::S3Stop => ("s3", "stop"),
-                _ => ("registry", "stop"),
+                // One node of a three-broker cluster (`kafka:N`), or the single broker.
+                FaultKind::KafkaKill => (
+                    f.broker
+                        .map(|b| format!("kafka:{b}"))
+                        .unwrap_or_else(|| "kafka".into()),
+                    "kill",
+                ),
+                FaultKind::PostgresStop => ("postgres".into(), "immediate-stop"),
+                FaultKind::S3Stop => ("s3".into(), "stop"),
+                _ => ("registry".into(), "stop"),
             };
-            match stack.service(svc, action).await {
+            match stack.service(&svc, action).await {
                 Ok(()) => {
                     tokio::time::sleep(down).await;
-                    stack.service(svc, "start").await
+                    stack.service(&svc, "start").await
                 }
                 Err(e) => Err(e),
             }
