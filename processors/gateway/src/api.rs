@@ -49,9 +49,9 @@ use crate::limit::{ClientId, RateLimiter};
 use crate::metrics;
 use crate::problem::Problem;
 use crate::produce::Sender;
-use crate::trace::RequestTrace;
 use crate::server::{is_body_timeout, PeerAddr};
 use crate::sources::{CacheLookupRequest, CacheLookupSource, RunStatusSource};
+use crate::trace::RequestTrace;
 
 /// The OpenAPI 3.1 document, served at /openapi.json; the file is docs/openapi.json.
 pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
@@ -800,7 +800,15 @@ async fn put_workflow(
     // (`null` for a workflow that does not exist yet).
     let operations = format!(r#"[{{"op":"add","path":"","value":{text}}}]"#);
     let patch_id = new_id(&caller, &format!("put:{workflow_id}"), key.as_deref());
-    let send = submit_patch(&s, &caller, &trace, &workflow_id, base, operations, patch_id);
+    let send = submit_patch(
+        &s,
+        &caller,
+        &trace,
+        &workflow_id,
+        base,
+        operations,
+        patch_id,
+    );
     s.once(
         &caller,
         &format!("put:{workflow_id}"),
