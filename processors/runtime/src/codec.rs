@@ -106,7 +106,13 @@ impl Codec {
             return Ok(w.clone());
         }
         let fetched = self.decoder.get_schema(id).await.map_err(|e| {
-            if e.retriable {
+            if registry_unavailable(&e) {
+                // The client caches errors it thinks final (any HTTP status but 502/503): a
+                // 500 while the registry's own database restarts would then dead-letter every
+                // record of that schema until this process restarts. Forget it, retry later.
+                if !e.retriable {
+                    self.decoder.remove_errors_from_cache();
+                }
                 DecodeError::new(DecodeClass::RegistryUnavailable, e.to_string())
             } else {
                 DecodeError::new(
@@ -152,5 +158,47 @@ impl Codec {
         };
         events::decode(&bytes[5..], writer)
             .map_err(|e| DecodeError::new(DecodeClass::Avro, format!("schema id {id}: {e}")))
+    }
+}
+
+/// Whether a schema lookup failed because of the registry (retry), not because the record
+/// names a schema that does not exist (dead letter). Only an answer of 404 says the latter;
+/// any other HTTP status (500 while its storage is down, 401/403 while credentials rotate,
+/// 429) and every connection error is the registry's, whatever the client's own flag says.
+fn registry_unavailable(e: &schema_registry_converter::error::SRCError) -> bool {
+    const STATUS: &str = "failed with status ";
+    if e.retriable {
+        return true;
+    }
+    match e.error.find(STATUS) {
+        Some(at) => !e.error[at + STATUS.len()..].starts_with("404"),
+        // Not an HTTP answer: the registry's reply could not be read as a schema.
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_404_makes_a_schema_unknown() {
+        use schema_registry_converter::error::SRCError;
+        let status = |code: &str| {
+            SRCError::non_retryable_without_cause(&format!(
+                "HTTP request to schema registry failed with status {code}"
+            ))
+        };
+        assert!(!registry_unavailable(&status("404 Not Found")));
+        assert!(registry_unavailable(&status("500 Internal Server Error")));
+        assert!(registry_unavailable(&status("401 Unauthorized")));
+        assert!(registry_unavailable(&SRCError::new(
+            "http call to schema registry failed",
+            None,
+            true
+        )));
+        assert!(!registry_unavailable(
+            &SRCError::non_retryable_without_cause("could not parse to RawRegisteredSchema")
+        ));
     }
 }
