@@ -521,7 +521,7 @@ async fn a_retry_and_a_deadline_fire_after_a_restart() {
     let def = json!({
         "nodes": {
             "a": {"type": "http_request", "config": {}, "retry": {"max_attempts": 2, "backoff_ms": 3000}},
-            "b": {"type": "agent", "config": {}, "deadline_ms": 3000, "retry": {"max_attempts": 2, "backoff_ms": 10}}
+            "b": {"type": "agent", "config": {}, "deadline_ms": 8000, "retry": {"max_attempts": 2, "backoff_ms": 10}}
         },
         "edges": [{"from": "a", "to": "b"}]
     });
@@ -583,7 +583,10 @@ async fn a_retry_and_a_deadline_fire_after_a_restart() {
             .unwrap();
         assert!(a2.1 > restarted, "a's retry fired before the restart");
     }
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    // Longer than b's deadline and than the group's session timeout (6 s): the restarted
+    // coordinator finds the killed one's partitions free at once, so b's second attempt is
+    // not left waiting for its completion behind a rebalance while its own deadline runs.
+    tokio::time::sleep(Duration::from_millis(8500)).await;
     let restarted = Instant::now();
     let _coordinator = spawn_weir(&prefix, &["run", "coordinator"]);
 
