@@ -137,6 +137,25 @@ fn spawn_relay(
     tokio::spawn(relay.run(shutdown.clone()))
 }
 
+/// Stops the relay (it must stop cleanly), drops the private outbox and the test's topics.
+async fn stop(
+    relay: JoinHandle<Result<(), RelayError>>,
+    shutdown: &CancellationToken,
+    private: PrivateOutbox,
+    cfg: &Config,
+    topics: &[String],
+) {
+    shutdown.cancel();
+    relay
+        .await
+        .expect("relay task")
+        .expect("relay stops cleanly");
+    private.drop_all().await.expect("drop the private outbox");
+    weir_runtime::kafka::delete_topics(&cfg.kafka, topics)
+        .await
+        .ok();
+}
+
 /// Per key, the sequence numbers in the order of their first occurrence in the topic.
 async fn read_topic(
     cfg: &Config,
@@ -277,15 +296,7 @@ async fn a_missing_topic_holds_only_its_own_rows_then_goes_dead() {
     );
     assert!(!relay.is_finished(), "the relay is still running");
 
-    shutdown.cancel();
-    relay
-        .await
-        .expect("relay task")
-        .expect("relay stops cleanly");
-    private.drop_all().await.expect("drop the private outbox");
-    weir_runtime::kafka::delete_topics(&cfg.kafka, &[good])
-        .await
-        .ok();
+    stop(relay, &shutdown, private, &cfg, &[good]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -345,15 +356,7 @@ async fn a_topic_created_before_the_bound_gets_its_rows_in_order() {
     let others: Vec<u32> = keys.iter().copied().filter(|k| *k != 3).collect();
     assert_in_order(&first, &others, 10, "late topic");
 
-    shutdown.cancel();
-    relay
-        .await
-        .expect("relay task")
-        .expect("relay stops cleanly");
-    private.drop_all().await.expect("drop the private outbox");
-    weir_runtime::kafka::delete_topics(&cfg.kafka, &[good, late])
-        .await
-        .ok();
+    stop(relay, &shutdown, private, &cfg, &[good, late]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -525,15 +528,7 @@ async fn a_topic_deleted_under_the_relay_stops_only_its_own_rows() {
     eprintln!("{dead} rows of the deleted topic dead-lettered");
     assert!(!relay.is_finished(), "the relay is still running");
 
-    shutdown.cancel();
-    relay
-        .await
-        .expect("relay task")
-        .expect("relay stops cleanly");
-    private.drop_all().await.expect("drop the private outbox");
-    weir_runtime::kafka::delete_topics(&cfg.kafka, &[good])
-        .await
-        .ok();
+    stop(relay, &shutdown, private, &cfg, &[good]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
