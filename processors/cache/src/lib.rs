@@ -8,13 +8,12 @@
 //! - [`processor`]: the weir.cache.v1 processor answering on weir.cache-answers.v1;
 //! - [`embed`]: the built-in all-MiniLM-L6-v2 (candle) and the OpenAI-compatible embedder;
 //! - [`pii`]: the guard that keeps personal data and secrets out of the cache;
-//! - [`maintenance`]: sweeper, purge, CAS garbage collection; [`bench`]: `weir bench cache`.
+//! - [`maintenance`]: sweeper, purge, CAS garbage collection.
 //!
 //! Invariants (see docs/cache.md): a result never crosses a workspace or goes to a requester
 //! below the entry's required permission (enforced in SQL); expired entries are never
 //! served; a hit is served only if its CAS blob exists and verifies.
 
-pub mod bench;
 pub mod cache;
 pub mod embed;
 pub mod error;

@@ -20,4 +20,3 @@ pub use cache::{CacheCandidate, CacheSeamError, CachedResult, DispatchCache, Res
 pub use processor::{Coordinator, GROUP};
 pub use status::{run_status, NodeStatusView, RunStatus};
 pub use timers::TimerLoop;
-pub mod bench;

@@ -9,12 +9,10 @@
 //! - [`guard`]: checks every body gets (`\u0000`); [`idempotency`]: Idempotency-Key records;
 //! - [`produce`]: one event per request, 202 only after acks=all;
 //! - [`trace`]: the W3C trace context of a request, carried by its events;
-//! - [`sources`]: run status and cache lookups, plugged in by the process wiring;
-//! - [`bench`]: `weir bench gateway`.
+//! - [`sources`]: run status and cache lookups, plugged in by the process wiring.
 
 pub mod api;
 pub mod auth;
-pub mod bench;
 pub mod guard;
 pub mod idempotency;
 pub mod limit;

@@ -20,4 +20,3 @@ pub mod processor;
 pub mod replay;
 
 pub use processor::Materializer;
-pub mod bench;

@@ -71,11 +71,9 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 use weir_runtime::config::{Config, KafkaConfig};
 use weir_runtime::telemetry::Health;
 
-pub mod bench;
 pub mod destinations;
 pub mod error;
 pub mod metrics;
-pub mod private;
 mod sql;
 
 use destinations::{Check, Destinations, Problem, RowStatus, Verdict};

@@ -670,18 +670,18 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
                 let _ = tokio::signal::ctrl_c().await;
                 on_signal.cancel();
             });
-            let opts = weir_demo::Options {
+            let opts = weir_tools::demo::Options {
                 gateway,
                 runs,
                 metrics_url,
                 timeout: std::time::Duration::from_secs(timeout_secs),
             };
-            let summary = weir_demo::run(cfg, opts.clone(), shutdown).await?;
+            let summary = weir_tools::demo::run(cfg, opts.clone(), shutdown).await?;
             if json {
                 println!("{}", serde_json::to_string(&summary)?);
             }
             if check {
-                let unmet = weir_demo::unmet_expectations(&summary, &opts);
+                let unmet = weir_tools::demo::unmet_expectations(&summary, &opts);
                 for u in &unmet {
                     eprintln!("demo check failed: expected {u}");
                 }
@@ -910,7 +910,7 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
                     naive_patches,
                     json,
                 } => {
-                    let params = weir_materializer::bench::Params {
+                    let params = weir_tools::bench::materializer::Params {
                         warmup_patches,
                         warmup_time: std::time::Duration::from_secs(warmup_seconds),
                         patches,
@@ -918,14 +918,14 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
                         latency_patches,
                         naive_patches,
                     };
-                    (weir_materializer::bench::run(cfg, params).await?, json)
+                    (weir_tools::bench::materializer::run(cfg, params).await?, json)
                 }
                 BenchCommand::Coordinator {
                     runs,
                     naive_runs,
                     json,
                 } => (
-                    weir_coordinator::bench::run(
+                    weir_tools::bench::coordinator::run(
                         cfg,
                         runs,
                         naive_runs.unwrap_or((runs / 10).max(1)),
@@ -937,12 +937,12 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
                     entries,
                     queries,
                     json,
-                } => (weir_cache::bench::run(cfg, entries, queries).await?, json),
+                } => (weir_tools::bench::cache::run(cfg, entries, queries).await?, json),
                 BenchCommand::Relay {
                     events,
                     relays,
                     json,
-                } => (weir_relay::bench::bench(cfg, events, relays).await?, json),
+                } => (weir_tools::bench::relay::run(cfg, events, relays).await?, json),
                 BenchCommand::Gateway {
                     connections,
                     seconds,
@@ -950,13 +950,13 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
                     wrk,
                     json,
                 } => {
-                    let params = weir_gateway::bench::Params {
+                    let params = weir_tools::bench::gateway::Params {
                         connections,
                         seconds,
                         workflows,
                         wrk,
                     };
-                    (weir_gateway::bench::run(cfg, params).await?, json)
+                    (weir_tools::bench::gateway::run(cfg, params).await?, json)
                 }
             };
             if !json {

@@ -28,9 +28,9 @@ use weir_runtime::config::Config;
 use weir_runtime::events::{self, PatchSubmitted};
 use weir_runtime::{telemetry, BatchConsumer};
 
-use crate::definition::Limits;
-use crate::fold::{self, Decision, Head, Submitted};
-use crate::patch::Patch;
+use weir_materializer::definition::Limits;
+use weir_materializer::fold::{self, Decision, Head, Submitted};
+use weir_materializer::patch::Patch;
 
 /// Benchmark parameters.
 #[derive(Debug, Clone)]
@@ -93,7 +93,7 @@ fn stream(prefix: &str, from: usize, count: usize, workflows: usize) -> Vec<Patc
             } else {
                 change_ops(round, i)
             };
-            crate::processor::patch_submitted(
+            weir_materializer::processor::patch_submitted(
                 &format!("{prefix}wf-{w}"),
                 &format!("ws-{}", w % 16),
                 "bench",
@@ -195,7 +195,7 @@ async fn wait_group_stable(cfg: &Config, members: usize, timeout: Duration) -> a
     loop {
         let kafka = cfg.kafka.clone();
         let state = tokio::task::spawn_blocking(move || {
-            let group = kafka.group(crate::processor::GROUP);
+            let group = kafka.group(weir_materializer::processor::GROUP);
             weir_runtime::kafka::group_state(&kafka, &group, Duration::from_secs(5))
         })
         .await??;
@@ -205,7 +205,7 @@ async fn wait_group_stable(cfg: &Config, members: usize, timeout: Duration) -> a
         anyhow::ensure!(
             start.elapsed() < timeout,
             "consumer group {} not stable with {members} members: {state:?}",
-            cfg.kafka.group(crate::processor::GROUP)
+            cfg.kafka.group(weir_materializer::processor::GROUP)
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -243,7 +243,7 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
     }
     // The outbox rows go to an outbox of the benchmark's own (dropped at the end): a
     // deployment's relays running beside it never see them.
-    let private = weir_relay::private::PrivateOutbox::create(&cfg.postgres, "bench_materialize")
+    let private = crate::private::PrivateOutbox::create(&cfg.postgres, "bench_materialize")
         .await
         .context("creating the benchmark's own outbox")?;
     let pool = private.pool().clone();
@@ -272,7 +272,7 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
     let producer: rdkafka::producer::FutureProducer = producer_config.create()?;
     let cas = weir_runtime::cas::Cas::from_config(&cfg).await?;
     let topic = codec.topic::<PatchSubmitted>();
-    let group = cfg.kafka.group(crate::processor::GROUP);
+    let group = cfg.kafka.group(weir_materializer::processor::GROUP);
 
     // Phase 1: throughput on a backlog. The consumers start first and the backlog is
     // produced once their group is stable with every member assigned: otherwise the first
@@ -285,7 +285,7 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
     for _ in 0..cfg.runtime.consumers {
         let consumer = BatchConsumer::new(
             cfg.clone(),
-            Arc::new(crate::Materializer::new(cfg.clone(), cas.clone())),
+            Arc::new(weir_materializer::Materializer::new(cfg.clone(), cas.clone())),
             pool.clone(),
             codec.clone(),
             producer.clone(),
@@ -480,7 +480,7 @@ async fn naive_apply(
         workspace_id: e.workspace_id.clone(),
         base_version: e.base_version,
         operations: serde_json::from_str(&e.operations_json)
-            .map_err(|x| crate::patch::PatchError::InvalidJson {
+            .map_err(|x| weir_materializer::patch::PatchError::InvalidJson {
                 message: x.to_string(),
             })
             .and_then(|v| Patch::from_value(&v)),
@@ -587,8 +587,8 @@ mod tests {
             let mut base = Config::default();
             base.kafka.topic_prefix = prefix.into();
             let cfg = bench_config(&base, "0190abc");
-            let group = cfg.kafka.group(crate::processor::GROUP);
-            assert_ne!(group, base.kafka.group(crate::processor::GROUP));
+            let group = cfg.kafka.group(weir_materializer::processor::GROUP);
+            assert_ne!(group, base.kafka.group(weir_materializer::processor::GROUP));
             assert_eq!(group, format!("{prefix}bench-0190abc.weir-materializer"));
             assert_ne!(
                 cfg.kafka.topic("weir.patches.v1"),

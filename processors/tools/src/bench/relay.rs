@@ -37,7 +37,7 @@ use weir_runtime::outbox::lane_of;
 use weir_runtime::telemetry::Health;
 
 use crate::private::PrivateOutbox;
-use crate::{Relay, RelayError};
+use weir_relay::{Relay, RelayError};
 
 /// Partitions of the benchmark topic.
 const PARTITIONS: i32 = 6;
@@ -48,7 +48,7 @@ const COPY_CHUNK: usize = 20_000;
 
 /// Runs the benchmark against the stack `cfg` points at (migrations applied) and returns
 /// `{"events","relays","seconds","events_per_sec","order_violations","duplicates","missing",..}`.
-pub async fn bench(
+pub async fn run(
     cfg: Arc<Config>,
     events: usize,
     relays: usize,
@@ -219,7 +219,7 @@ fn spawn_relay(
     relay_id: String,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<JoinHandle<Result<(), RelayError>>> {
-    let producer = crate::producer(&cfg.kafka)?;
+    let producer = weir_relay::producer(&cfg.kafka)?;
     let relay = Relay::new(
         cfg.clone(),
         pool.clone(),

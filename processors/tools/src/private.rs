@@ -6,7 +6,7 @@
 //! Benchmarks write and publish through it so that a running deployment is left alone: its
 //! relays never see (so never publish, never trip on) the benchmark's rows, and the
 //! benchmark's relays never take the deployment's lanes. Give the [`PrivateOutbox::pool`] to
-//! whatever writes the outbox and to the relays, with [`crate::Relay::with_lock_namespace`]`(
+//! whatever writes the outbox and to the relays, with [`weir_relay::Relay::with_lock_namespace`]`(
 //! `[`PrivateOutbox::namespace`]`)`.
 //!
 //! # Invariants
@@ -69,7 +69,7 @@ fn namespace_of(schema: &str) -> i32 {
         h = h.wrapping_mul(0x0100_0193);
     }
     let ns = i32::from_ne_bytes(h.to_ne_bytes());
-    if ns == crate::LOCK_NAMESPACE {
+    if ns == weir_relay::LOCK_NAMESPACE {
         ns.wrapping_add(1)
     } else {
         ns
@@ -82,7 +82,7 @@ mod tests {
 
     #[test]
     fn namespaces_differ_from_the_deployment() {
-        assert_ne!(namespace_of("weir_private_a"), crate::LOCK_NAMESPACE);
+        assert_ne!(namespace_of("weir_private_a"), weir_relay::LOCK_NAMESPACE);
         assert_ne!(
             namespace_of("weir_private_a"),
             namespace_of("weir_private_b")

@@ -32,9 +32,9 @@ use serde_json::json;
 use weir_runtime::cas::Cas;
 use weir_runtime::config::{CacheConfig, Config, EmbedderKind};
 
-use crate::cache::{hnsw_index_name, vector_text, Cache, LookupRequest};
-use crate::embed::{dot, normalize, Embedder};
-use crate::key::{entry_key, json_hash, semantic_key, Permission};
+use weir_cache::cache::{hnsw_index_name, vector_text, Cache, LookupRequest};
+use weir_cache::embed::{dot, normalize, Embedder};
+use weir_cache::key::{entry_key, json_hash, semantic_key, Permission};
 
 /// Workspaces the entries are spread over (one holds 1%).
 pub const WORKSPACES: usize = 100;
@@ -255,7 +255,7 @@ async fn measure(
     let mut batch = Vec::with_capacity(queries / 4);
     for q in 0..queries / 4 {
         let i = rng.random_range(0..entries);
-        let req = crate::cache::ExactRequest {
+        let req = weir_cache::cache::ExactRequest {
             workspace_id: ws_name(owners[i]),
             permission: Permission::Read,
             node_type: node_type.into(),
@@ -268,7 +268,7 @@ async fn measure(
         let mut conn = pool.acquire().await?;
         let t = Instant::now();
         let hit =
-            crate::cache::exact_lookup_batch(&mut conn, &cas, std::slice::from_ref(&req)).await?;
+            weir_cache::cache::exact_lookup_batch(&mut conn, &cas, std::slice::from_ref(&req)).await?;
         batch.push(t.elapsed().as_secs_f64() * 1000.0);
         anyhow::ensure!(hit[0].is_some(), "a stored key missed");
     }

@@ -29,7 +29,7 @@ use weir_runtime::events::{
 };
 use weir_runtime::{Coordinates, Outbox, Processor, Record};
 
-use crate::processor::Coordinator;
+use weir_coordinator::processor::Coordinator;
 
 /// The benchmark DAG: root → f0..f7 → join → tail.
 pub fn dag() -> Value {
@@ -239,7 +239,7 @@ pub async fn run(base: Arc<Config>, runs: usize, naive_runs: usize) -> anyhow::R
     // where the simulated workers take them: a deployment's relays running beside it never
     // see them (they would publish them to topics that do not exist, or take them from the
     // workers).
-    let private = weir_relay::private::PrivateOutbox::create(&cfg.postgres, "bench_coordinator")
+    let private = crate::private::PrivateOutbox::create(&cfg.postgres, "bench_coordinator")
         .await
         .context("creating the benchmark's own outbox")?;
     let pool = private.pool().clone();

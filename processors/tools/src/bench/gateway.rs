@@ -23,7 +23,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use weir_runtime::config::Config;
 
-use crate::auth::{create_key, Permission};
+use weir_gateway::auth::{create_key, Permission};
 
 /// Benchmark parameters.
 #[derive(Debug, Clone)]
@@ -262,13 +262,13 @@ pub async fn run(cfg: Arc<Config>, params: Params) -> anyhow::Result<Value> {
         weir_runtime::ops::register_schemas(&cfg, &schemas).await?,
         "registering schemas"
     );
-    let state = crate::state(cfg.clone(), crate::Sources::default()).await?;
+    let state = weir_gateway::state(cfg.clone(), weir_gateway::Sources::default()).await?;
     let pool = weir_runtime::db::pool(&cfg.postgres)?;
     let workspace = format!("bench-{}", uuid::Uuid::now_v7().simple());
     let key = create_key(&pool, &workspace, Permission::Write).await?.key;
     let shutdown = CancellationToken::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let running = crate::spawn(listener, state, shutdown.clone())?;
+    let running = weir_gateway::spawn(listener, state, shutdown.clone())?;
     let addr = running.addr;
 
     // Create the workflows through the gateway (this gateway then knows they exist).

@@ -1,0 +1,8 @@
+//! The benchmarks behind `weir bench`, one module per processor. Each prints what it measured
+//! and returns a JSON summary (`--json` prints it as one line).
+
+pub mod cache;
+pub mod coordinator;
+pub mod gateway;
+pub mod materializer;
+pub mod relay;

@@ -1,0 +1,14 @@
+//! weir's tools outside the data path: nothing a running deployment loads.
+//!
+//! - [`bench`]: the benchmarks behind `weir bench <materialize|coordinator|cache|relay|gateway>`,
+//!   one module per processor, driving each through its public API.
+//! - [`demo`]: the workload behind `weir demo` (workflows, patches, runs with simulated workers
+//!   and both caches, all through the HTTP gateway).
+//! - [`private`]: an outbox of its own beside a live deployment, which the benchmarks and the
+//!   relay's fault tests publish through.
+//!
+//! Invariant: no processor crate depends on this one; it depends on them.
+
+pub mod bench;
+pub mod demo;
+pub mod private;
