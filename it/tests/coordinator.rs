@@ -175,9 +175,9 @@ fn run_requested(run_id: &str, workflow_id: &str, ws: &str, key: Option<&str>) -
 
 /// Creates a workflow head directly (the materializer's table), as the materializer would.
 async fn create_workflow(pool: &PgPool, workflow_id: &str, ws: &str, def: &Value) {
-    weir_materializer::definition::validate(def, &Default::default()).expect("valid definition");
+    weir_model::definition::validate(def, &Default::default()).expect("valid definition");
     let sha =
-        weir_materializer::fold::sha256_hex(&weir_materializer::definition::canonical_json(def));
+        weir_model::fold::sha256_hex(&weir_model::definition::canonical_json(def));
     sqlx::query(
         "INSERT INTO weir_workflow_heads (workflow_id, workspace_id, version, definition, definition_sha256)
          VALUES ($1, $2, 1, $3, $4)",

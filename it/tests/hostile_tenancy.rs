@@ -286,7 +286,7 @@ async fn workflow_ids_are_scoped_per_workspace_and_reveal_nothing() {
     }
 
     // Replay is per workspace too.
-    let limits = weir_materializer::definition::Limits::default();
+    let limits = weir_model::definition::Limits::default();
     for (ws, tag) in [(&ws_a, "a2"), (&ws_b, "b2")] {
         let report = weir_materializer::replay::replay(&st.pool, &st.cas, ws, &x, None, &limits)
             .await
@@ -551,7 +551,7 @@ async fn cas_gc_never_deletes_a_blob_a_run_needs() {
         .map(|c| (b'a' + c.to_digit(16).unwrap_or(0) as u8) as char)
         .collect();
     let def = definition(&tag);
-    let canonical = weir_materializer::definition::canonical_json(&def);
+    let canonical = weir_model::definition::canonical_json(&def);
     let pinned_ref = CasRef::of(canonical.as_bytes());
 
     // A's workflow, its definition in the CAS; a run pins it.
@@ -678,7 +678,7 @@ async fn cas_gc_never_deletes_a_blob_a_run_needs() {
             .unwrap();
     assert_eq!(owners, 0, "its ownership went with it");
     assert_eq!(
-        weir_materializer::definition::canonical_json(
+        weir_model::definition::canonical_json(
             &st.cas
                 .get_json::<Value>(&pinned_ref)
                 .await

@@ -14,9 +14,9 @@ use weir_it::{
     config, prepare, produce, produce_in_order, produce_raw, random_name, spawn_weir_run,
     ChildGuard,
 };
-use weir_materializer::definition::{canonical_json, Limits};
-use weir_materializer::fold::{self, Decision, Head, Submitted};
-use weir_materializer::patch::Patch;
+use weir_model::definition::{canonical_json, Limits};
+use weir_model::fold::{self, Decision, Head, Submitted};
+use weir_model::patch::Patch;
 use weir_materializer::processor::patch_submitted;
 use weir_runtime::codec::Codec;
 use weir_runtime::events::{PatchSubmitted, WorkflowEvent};

@@ -26,9 +26,9 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde_json::Value;
 use uuid::Uuid;
-use weir_materializer::definition::{canonical_json, Limits};
-use weir_materializer::fold::{self, Decision, Head, Submitted};
-use weir_materializer::patch::{json_equal, Budget, Patch};
+use weir_model::definition::{canonical_json, Limits};
+use weir_model::fold::{self, Decision, Head, Submitted};
+use weir_model::patch::{json_equal, Budget, Patch};
 use weir_runtime::codec::Codec;
 use weir_runtime::config::Config;
 use weir_runtime::events::{

@@ -1171,8 +1171,8 @@ mod tests {
 
     #[test]
     fn the_flow_is_a_valid_definition() {
-        let limits = weir_materializer::definition::Limits::default();
-        weir_materializer::definition::check(&flow_definition(), &limits).unwrap();
-        weir_materializer::definition::check(&small_definition(), &limits).unwrap();
+        let limits = weir_model::definition::Limits::default();
+        weir_model::definition::check(&flow_definition(), &limits).unwrap();
+        weir_model::definition::check(&small_definition(), &limits).unwrap();
     }
 }

@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 
-use weir_materializer::definition::Definition;
+use weir_model::definition::Definition;
 
 /// Hard cap on one retry delay: exponential growth stops here.
 pub const DEFAULT_MAX_BACKOFF_MS: u64 = 300_000;

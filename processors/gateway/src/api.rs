@@ -33,8 +33,8 @@ use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-use weir_materializer::definition::{self, Limits};
-use weir_materializer::patch::{parse_json_strict, Patch};
+use weir_model::definition::{self, Limits};
+use weir_model::patch::{parse_json_strict, Patch};
 use weir_runtime::cas::{Cas, CasRef};
 use weir_runtime::config::Config;
 use weir_runtime::events::{
@@ -853,7 +853,7 @@ async fn post_patches(
     // pointers, the values' size and depth) is a 422 now instead of a PatchRejected later:
     // the same function and limits as the materializer's.
     let budget = weir_materializer::processor::budget(&s.0.cfg.materializer);
-    if let Err(e) = weir_materializer::patch::check_static(&patch, &budget) {
+    if let Err(e) = weir_model::patch::check_static(&patch, &budget) {
         return Err(patch_over_budget(e.to_string()).with_code(e.code()));
     }
     if ops.as_array().is_some_and(Vec::is_empty) {

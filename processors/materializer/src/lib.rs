@@ -1,21 +1,14 @@
 //! The materializer: folds patch events into workflow versions.
 //!
-//! This crate's core is pure and dependency-light (serde, serde_json, thiserror):
+//! The pure part (JSON Pointer and Patch, definition validation, the fold) is the domain
+//! model's ([`weir_model`]); this crate is the processor around it: batches from Kafka, the
+//! patch log and heads in Postgres, large documents in the CAS ([`processor`]), and the
+//! rebuild of a workflow from its patch log ([`replay`]).
 //!
-//! - [`pointer`](mod@pointer): RFC 6901 JSON Pointer (parsing, escaping, array index rules).
-//! - [`patch`]: RFC 6902 JSON Patch, applied atomically (all operations or none) without
-//!   copying the document, and revertible so a result that fails validation can be undone.
-//! - [`definition`]: the workflow definition format, its validation into a typed DAG view,
-//!   and canonical JSON for hashing.
-//!
-//! Invariant kept by everything built on these modules: every materialized version is a
-//! document that [`definition::validate`] accepts.
+//! Invariant kept by everything built here: every materialized version is a document that
+//! [`weir_model::definition::validate`] accepts.
 
-pub mod definition;
-pub mod fold;
 pub mod metrics;
-pub mod patch;
-pub mod pointer;
 pub mod processor;
 pub mod replay;
 

@@ -14,7 +14,7 @@
 //! (`weir_cas_owners`); any other ref is rejected `blob_missing` without being read.
 //!
 //! No content stops it: each patch is applied within the patch budget
-//! (`materializer.patch_max_*`, see [`crate::patch::Budget`]); a patch whose operations blob
+//! (`materializer.patch_max_*`, see [`weir_model::patch::Budget`]); a patch whose operations blob
 //! is missing or corrupt is rejected (`blob_missing`, `blob_corrupt`), and the patches of a
 //! workflow whose stored head cannot be read are rejected (`head_unavailable`). Only the
 //! environment's failures (Postgres, a CAS that does not answer) fail the batch.
@@ -38,10 +38,10 @@ use weir_runtime::events::{
 };
 use weir_runtime::{ApplyError, Disposition, Outbox, Processor, Record, Rejection};
 
-use crate::definition::Limits;
-use crate::fold::{self, Decision, Head, Submitted};
-use crate::patch::Budget;
-use crate::patch::{Patch, PatchError};
+use weir_model::definition::Limits;
+use weir_model::fold::{self, Decision, Head, Submitted};
+use weir_model::patch::Budget;
+use weir_model::patch::{Patch, PatchError};
 
 /// Consumer group of the materializer.
 pub const GROUP: &str = "weir-materializer";
@@ -242,7 +242,7 @@ fn cas_error(e: weir_runtime::cas::CasError) -> ApplyError {
 /// Parses a patch's operations (inline JSON text or a CAS blob); also says whether the text
 /// is valid JSON, which decides how the patch log stores it.
 fn parse_operations(text: &[u8]) -> (bool, Result<Patch, PatchError>) {
-    match crate::patch::parse_json_strict(&String::from_utf8_lossy(text)) {
+    match weir_model::patch::parse_json_strict(&String::from_utf8_lossy(text)) {
         Ok(v) => (true, Patch::from_owned(v)),
         Err(e) => (
             false,

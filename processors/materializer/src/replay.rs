@@ -6,9 +6,9 @@ use serde_json::Value;
 use sqlx::PgPool;
 use weir_runtime::cas::{Cas, CasRef};
 
-use crate::definition::{canonical_json, Limits};
-use crate::fold::{self, Decision, Head, Submitted};
-use crate::patch::{Budget, Patch};
+use weir_model::definition::{canonical_json, Limits};
+use weir_model::fold::{self, Decision, Head, Submitted};
+use weir_model::patch::{Budget, Patch};
 
 /// What a replay found.
 #[derive(Debug)]
@@ -135,7 +135,7 @@ pub async fn replay_with(
             workspace_id: row.workspace_id.clone(),
             base_version: None,
             operations: ops
-                .map_err(|m| crate::patch::PatchError::InvalidJson { message: m })
+                .map_err(|m| weir_model::patch::PatchError::InvalidJson { message: m })
                 .and_then(|v| Patch::from_value(&v)),
         };
         match fold::step_with(&mut head, &submitted, limits, budget) {

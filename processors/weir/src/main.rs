@@ -413,8 +413,8 @@ fn main() -> ExitCode {
     code
 }
 
-fn limits(cfg: &Config) -> weir_materializer::definition::Limits {
-    weir_materializer::definition::Limits {
+fn limits(cfg: &Config) -> weir_model::definition::Limits {
+    weir_model::definition::Limits {
         max_bytes: cfg.materializer.max_definition_bytes,
         max_nodes: cfg.materializer.max_nodes,
         max_edges: cfg.materializer.max_edges,
@@ -824,9 +824,9 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
                 }
             };
             let mut doc: serde_json::Value =
-                weir_materializer::patch::parse_json_strict(&read(&doc)?)
+                weir_model::patch::parse_json_strict(&read(&doc)?)
                     .context("the document is not valid JSON")?;
-            let ops = match weir_materializer::patch::Patch::from_json_str(&read(&patch)?) {
+            let ops = match weir_model::patch::Patch::from_json_str(&read(&patch)?) {
                 Ok(ops) => ops,
                 Err(e) => {
                     eprintln!("error ({}): {e}", e.code());
@@ -845,7 +845,7 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
             }
             if !no_validate {
                 let limits = limits(&cfg);
-                if let Err(e) = weir_materializer::definition::check(&doc, &limits) {
+                if let Err(e) = weir_model::definition::check(&doc, &limits) {
                     eprintln!(
                         "error ({}): the result is not a valid workflow definition: {e}",
                         e.code()

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
 use serde_json::json;
-use weir_materializer::definition::{validate, Limits};
+use weir_model::definition::{validate, Limits};
 
 use super::*;
 

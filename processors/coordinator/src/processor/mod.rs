@@ -21,7 +21,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
-use weir_materializer::definition::{self, Limits};
+use weir_model::definition::{self, Limits};
 use weir_materializer::replay::ReplayError;
 use weir_runtime::cas::{Cas, CasError, CasRef};
 use weir_runtime::config::Config;

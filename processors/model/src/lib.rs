@@ -1,0 +1,18 @@
+//! weir's domain model: the vocabulary every layer shares, with no I/O.
+//!
+//! - [`pointer`](mod@pointer): RFC 6901 JSON Pointer (parsing, escaping, array index rules).
+//! - [`patch`]: RFC 6902 JSON Patch, applied atomically (all operations or none) without
+//!   copying the document, and revertible so a result that fails validation can be undone.
+//! - [`definition`]: the workflow definition format, its validation into a typed DAG view
+//!   ([`definition::Definition`]) within [`definition::Limits`], and canonical JSON for hashing.
+//! - [`fold`]: one workflow's patches folded onto its head, shared by the materializer, replay
+//!   and the benchmarks.
+//!
+//! Invariants: nothing here reads a clock, a socket or a file, so everything is property
+//! tested; every materialized version is a document that [`definition::validate`] accepts.
+//! This crate depends on no other weir crate: it is the bottom layer.
+
+pub mod definition;
+pub mod fold;
+pub mod patch;
+pub mod pointer;
