@@ -247,7 +247,7 @@ pub async fn run(base: Arc<Config>, runs: usize, naive_runs: usize) -> anyhow::R
     let cas = weir_runtime::cas::Cas::from_config(&cfg).await?;
     let workflow_id = format!("bench-{id}-wf");
     let definition = dag();
-    let sha = weir_materializer::fold::sha256_hex(&weir_materializer::definition::canonical_json(
+    let sha = weir_model::fold::sha256_hex(&weir_model::definition::canonical_json(
         &definition,
     ));
     sqlx::query!(

@@ -28,9 +28,9 @@ use weir_runtime::config::Config;
 use weir_runtime::events::{self, PatchSubmitted};
 use weir_runtime::{telemetry, BatchConsumer};
 
-use weir_materializer::definition::Limits;
-use weir_materializer::fold::{self, Decision, Head, Submitted};
-use weir_materializer::patch::Patch;
+use weir_model::definition::Limits;
+use weir_model::fold::{self, Decision, Head, Submitted};
+use weir_model::patch::Patch;
 
 /// Benchmark parameters.
 #[derive(Debug, Clone)]
@@ -480,7 +480,7 @@ async fn naive_apply(
         workspace_id: e.workspace_id.clone(),
         base_version: e.base_version,
         operations: serde_json::from_str(&e.operations_json)
-            .map_err(|x| weir_materializer::patch::PatchError::InvalidJson {
+            .map_err(|x| weir_model::patch::PatchError::InvalidJson {
                 message: x.to_string(),
             })
             .and_then(|v| Patch::from_value(&v)),
