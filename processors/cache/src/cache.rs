@@ -633,8 +633,9 @@ struct SemanticRow {
     audit_id: Uuid,
 }
 
-/// Text form of a vector for a `::vector` cast.
-pub(crate) fn vector_text(v: &[f32]) -> String {
+/// Text form of a vector for a `::vector` cast. Public for `weir bench cache`, which seeds
+/// the semantic table in bulk with the same form.
+pub fn vector_text(v: &[f32]) -> String {
     let mut s = String::with_capacity(v.len() * 10 + 2);
     s.push('[');
     for (i, x) in v.iter().enumerate() {
@@ -1509,7 +1510,7 @@ fn semantic_entry_key(r: &StoreRequest, config_hash: &[u8; 32]) -> [u8; 32] {
     // JSON is not the same entry.
     let basis = match &r.prompt {
         Some(p) => format!("prompt:{p}"),
-        None => format!("inputs:{}", crate::key::canonical_json(&r.inputs)),
+        None => format!("inputs:{}", crate::key::canonical_json_normalized_numbers(&r.inputs)),
     };
     semantic_key(
         &r.workspace_id,

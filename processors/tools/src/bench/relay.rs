@@ -74,14 +74,15 @@ pub async fn run(
     let private = PrivateOutbox::create(&cfg.postgres, "bench_relay")
         .await
         .context("creating the benchmark's own outbox")?;
-    let result = run(cfg, &private, events, relays, deployment_relays).await;
+    let result = measure(cfg, &private, events, relays, deployment_relays).await;
     if let Err(e) = private.drop_all().await {
         tracing::warn!(error = %e, "dropping the benchmark's own outbox");
     }
     result
 }
 
-async fn run(
+/// One measured run in the private outbox.
+async fn measure(
     cfg: Arc<Config>,
     private: &PrivateOutbox,
     events: usize,
