@@ -45,7 +45,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest as _, Sha256};
 
 use crate::config::{CasBackend, CasConfig, Config};
-use crate::error::Disposition;
+use crate::error::{Classify, Disposition};
 
 pub mod owners;
 
@@ -198,7 +198,7 @@ impl<'de> Deserialize<'de> for CasRef {
 // Errors
 // ---------------------------------------------------------------------------------------
 
-/// A CAS operation failed. [`CasError::disposition`] says whether retrying can help.
+/// A CAS operation failed. Its [`Classify`] implementation says whether retrying can help.
 #[derive(Debug, thiserror::Error)]
 pub enum CasError {
     /// A string is not a valid ref.
@@ -255,23 +255,38 @@ pub enum CasError {
     Task(String),
 }
 
-impl CasError {
+impl Classify for CasError {
     /// What a consumer loop should do: `Retry` for network failures, 5xx, throttling and
-    /// full disks; `Fatal` for configuration, authorization and bugs. Never `DeadLetter`:
-    /// [`CasError::NotFound`] and [`CasError::Corrupt`] report `Fatal` here, and a caller
-    /// that would rather dead-letter the record that referenced the blob matches those
+    /// full disks; `DeadLetter` for a ref that is not one (only a record can carry it);
+    /// `Fatal` for configuration, authorization and bugs. [`CasError::NotFound`] and
+    /// [`CasError::Corrupt`] report `Fatal` here: a blob weir wrote is gone or damaged, and
+    /// a caller that would rather reject the record that referenced it matches those
     /// variants itself.
-    pub fn disposition(&self) -> Disposition {
+    fn disposition(&self) -> Disposition {
         match self {
             CasError::S3 { disposition, .. } => *disposition,
             CasError::Io { source, .. } => io_disposition(source),
-            CasError::InvalidRef(_)
-            | CasError::NotFound(_)
+            CasError::InvalidRef(e) => e.disposition(),
+            CasError::NotFound(_)
             | CasError::Corrupt { .. }
             | CasError::Config(_)
             | CasError::Json(_)
             | CasError::Task(_) => Disposition::Fatal,
         }
+    }
+}
+
+/// A ref that does not parse came with a record: its content, so it is dead-lettered.
+impl Classify for ParseRefError {
+    fn disposition(&self) -> Disposition {
+        Disposition::DeadLetter
+    }
+}
+
+impl CasError {
+    /// Its [`Classify::disposition`]. Kept for callers written before [`Classify`].
+    pub fn disposition(&self) -> Disposition {
+        Classify::disposition(self)
     }
 
     /// The bounded `kind` label of `weir_cas_errors_total`: `not_found`, `corrupt`,
@@ -1212,8 +1227,13 @@ mod tests {
         let long = "x".repeat(10_000);
         let err = long.parse::<CasRef>().unwrap_err();
         assert!(err.input.chars().count() <= MAX_REF_ECHO + 1);
+        assert_eq!(err.disposition(), Disposition::DeadLetter);
         let err: CasError = err.into();
-        assert_eq!(err.disposition(), Disposition::Fatal);
+        assert_eq!(
+            err.disposition(),
+            Disposition::DeadLetter,
+            "a bad ref is the record's"
+        );
     }
 
     #[tokio::test]

@@ -49,7 +49,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::codec::Codec;
 use crate::config::Config;
-use crate::error::{ApplyError, Coordinates, Disposition, RuntimeError};
+use crate::error::{ApplyError, ConsumerError, Coordinates, Disposition, RuntimeError};
 use crate::events::{self, DeadLetter, Header as DeadLetterHeader, TopicEvent};
 use crate::metrics as m;
 use crate::outbox::Outbox;
@@ -682,10 +682,11 @@ impl<P: Processor> BatchConsumer<P> {
                 (Some(bytes), None) => match self.codec.decode::<P::Event>(bytes).await {
                     Ok(e) => Ok(e),
                     Err(e) if e.disposition() == Disposition::Retry => {
-                        return Err(ApplyError::Other {
-                            message: e.to_string(),
-                            disposition: Disposition::Retry,
-                        })
+                        return Err(ConsumerError::Decode {
+                            at: raw.coords.clone(),
+                            source: e,
+                        }
+                        .into())
                     }
                     Err(e) => Err((e.class.as_str(), e.message)),
                 },
@@ -757,14 +758,11 @@ impl<P: Processor> BatchConsumer<P> {
             let rejected = self.processor.apply(&mut tx, &records, &mut outbox).await?;
             for r in rejected {
                 let Some(raw) = sources.get(r.index) else {
-                    return Err(ApplyError::Other {
-                        message: format!(
-                            "processor rejected index {} of {}",
-                            r.index,
-                            sources.len()
-                        ),
-                        disposition: Disposition::Fatal,
-                    });
+                    return Err(ConsumerError::RejectedOutOfRange {
+                        index: r.index,
+                        len: sources.len(),
+                    }
+                    .into());
                 };
                 poison.push(Poison {
                     raw,
@@ -792,13 +790,10 @@ impl<P: Processor> BatchConsumer<P> {
 
         if !poison.is_empty() {
             if !self.cfg.runtime.dead_letter {
-                return Err(ApplyError::Other {
-                    message: format!(
-                        "{} poison record(s) and runtime.dead_letter is off",
-                        poison.len()
-                    ),
-                    disposition: Disposition::Fatal,
-                });
+                return Err(ConsumerError::DeadLetterOff {
+                    count: poison.len(),
+                }
+                .into());
             }
             self.dead_letter(&poison).await?;
         }
@@ -929,30 +924,25 @@ impl<P: Processor> BatchConsumer<P> {
                 .key(&key)
                 .payload(&payload)
                 .headers(headers);
-            let delivery =
-                self.producer
-                    .send_result(record)
-                    .map_err(|(e, _)| ApplyError::Other {
-                        message: format!("dead-letter queue full: {e}"),
-                        disposition: Disposition::Retry,
-                    })?;
-            pending.push(delivery);
+            let delivery = self.producer.send_result(record).map_err(|(source, _)| {
+                ConsumerError::DeadLetterQueueFull {
+                    at: raw.coords.clone(),
+                    source,
+                }
+            })?;
+            pending.push((&raw.coords, delivery));
         }
-        for d in pending {
+        for (at, d) in pending {
             match d.await {
                 Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => {
-                    return Err(ApplyError::Other {
-                        message: format!("dead letter not acknowledged: {e}"),
-                        disposition: Disposition::Retry,
-                    })
+                Ok(Err((source, _))) => {
+                    return Err(ConsumerError::DeadLetterNotAcknowledged {
+                        at: at.clone(),
+                        source,
+                    }
+                    .into())
                 }
-                Err(_) => {
-                    return Err(ApplyError::Other {
-                        message: "dead-letter producer dropped the delivery".into(),
-                        disposition: Disposition::Retry,
-                    })
-                }
+                Err(_) => return Err(ConsumerError::DeadLetterDropped { at: at.clone() }.into()),
             }
         }
         Ok(())

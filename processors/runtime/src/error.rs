@@ -1,10 +1,23 @@
-//! Typed errors of the runtime. Each error says what the consumer loop does with it:
-//! retry the batch later ([`Disposition::Retry`]), send the record to the dead-letter topic
-//! ([`Disposition::DeadLetter`]) or stop the process ([`Disposition::Fatal`]).
+//! Typed errors of the runtime, classified once, where they arise.
 //!
-//! Record-level errors carry the record's Kafka coordinates so that logs and dead letters
-//! name exactly which record failed.
+//! Every leaf error type implements [`Classify`]: it says what the consumer loop does with
+//! it — retry the batch later ([`Disposition::Retry`]), send the record to the dead-letter
+//! topic ([`Disposition::DeadLetter`]) or stop the process ([`Disposition::Fatal`]) — and
+//! whether a `Retry` is only suspected to be transient ([`Classify::is_suspect`]). A
+//! processor's apply fails with an [`ApplyError`], which holds its source error (so
+//! [`std::error::Error::source`] walks the chain down to the sqlx or S3 error) and takes
+//! the disposition from it: nothing re-classifies an error by hand on the way up.
+//!
+//! Invariants:
+//! - A type that wraps another classified error forwards both [`Classify::disposition`] and
+//!   [`Classify::is_suspect`] to it, so a Postgres error keeps its SQLSTATE class however
+//!   deep it travels.
+//! - Content a tenant sends never classifies as `Fatal`: a bad CAS ref, undecodable bytes, a
+//!   data exception are dead-lettered; `Fatal` is kept for weir's bugs and its deployment.
+//! - Record-level errors carry the record's Kafka coordinates so that logs and dead letters
+//!   name exactly which record failed.
 
+use std::error::Error as StdError;
 use std::fmt;
 
 /// Where a record lives in Kafka: the idempotency key of everything weir applies.
@@ -34,6 +47,30 @@ pub enum Disposition {
     /// A programming or configuration error that retrying cannot fix.
     Fatal,
 }
+
+/// An error that knows what the consumer loop does with it. Implemented by every leaf error
+/// type (sqlx's, the codec's, the CAS's, each processor's own enum); [`ApplyError`] takes its
+/// disposition from the source it holds.
+pub trait Classify {
+    /// Retry, dead-letter or stop.
+    fn disposition(&self) -> Disposition;
+
+    /// A [`Disposition::Retry`] that may well be the batch's own fault (an unknown SQLSTATE,
+    /// an internal error, a statement timeout, out of memory): the consumer retries it only
+    /// `runtime.suspect_retries` times, then treats it as a data error and bisects, so that a
+    /// record whose content triggers it cannot stop its partitions forever. `false` unless a
+    /// type says otherwise: a `Retry` raised for an outage (a CAS that does not answer) is
+    /// taken at its word. Wrappers forward it to the error they wrap.
+    fn is_suspect(&self) -> bool {
+        false
+    }
+}
+
+/// A classified error that can be an [`ApplyError`]'s source: any `Classify + Error` that can
+/// cross threads.
+pub trait ClassifiedError: Classify + StdError + Send + Sync + 'static {}
+
+impl<T: Classify + StdError + Send + Sync + 'static> ClassifiedError for T {}
 
 /// Why a record could not be decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,9 +114,18 @@ impl DecodeError {
             message: message.into(),
         }
     }
+}
 
-    /// Retry for an unreachable registry, dead-letter otherwise.
+impl DecodeError {
+    /// Its [`Classify::disposition`]. Kept for callers written before [`Classify`].
     pub fn disposition(&self) -> Disposition {
+        Classify::disposition(self)
+    }
+}
+
+impl Classify for DecodeError {
+    /// Retry for an unreachable registry, dead-letter otherwise.
+    fn disposition(&self) -> Disposition {
         match self.class {
             DecodeClass::RegistryUnavailable => Disposition::Retry,
             _ => Disposition::DeadLetter,
@@ -110,8 +156,15 @@ pub enum EncodeError {
 }
 
 impl EncodeError {
-    /// Registry outages are retried; the rest cannot be fixed by waiting.
+    /// Its [`Classify::disposition`]. Kept for callers written before [`Classify`].
     pub fn disposition(&self) -> Disposition {
+        Classify::disposition(self)
+    }
+}
+
+impl Classify for EncodeError {
+    /// Registry outages are retried; the rest cannot be fixed by waiting.
+    fn disposition(&self) -> Disposition {
         match self {
             EncodeError::Registry(_) => Disposition::Retry,
             EncodeError::NotRegistered { .. } | EncodeError::Schema { .. } => Disposition::Fatal,
@@ -119,17 +172,23 @@ impl EncodeError {
     }
 }
 
-/// A processor's batch could not be applied.
-#[derive(Debug, thiserror::Error)]
+/// A processor's batch could not be applied: holds the classified error that caused it.
+///
+/// Any [`ClassifiedError`] converts into it (`?` works on sqlx, codec, CAS and a processor's
+/// own errors alike); its [`Display`](fmt::Display) is the source's, its
+/// [`source`](StdError::source) is the source itself, and [`ApplyError::disposition`] and
+/// [`ApplyError::is_suspect`] are the source's classification.
+#[derive(Debug)]
 pub enum ApplyError {
-    /// Postgres failed; classified by SQLSTATE.
-    #[error("postgres: {0}")]
-    Postgres(#[from] sqlx::Error),
-    /// Encoding an output event failed.
-    #[error(transparent)]
-    Encode(#[from] EncodeError),
-    /// Any other failure, with its retry hint.
-    #[error("{message}")]
+    /// The classified error that failed the batch.
+    Source(Box<dyn ClassifiedError>),
+    /// A Postgres error, built by hand. Kept for callers written before [`Classify`]:
+    /// `?` on a `sqlx::Error` gives [`ApplyError::Source`], classified the same way.
+    Postgres(sqlx::Error),
+    /// An encoding error, built by hand. Kept for callers written before [`Classify`].
+    Encode(EncodeError),
+    /// A message with a hand-picked disposition. Kept for callers written before
+    /// [`Classify`]; new code returns a typed error that implements it.
     Other {
         /// Detail.
         message: String,
@@ -138,25 +197,144 @@ pub enum ApplyError {
     },
 }
 
+impl<E: ClassifiedError> From<E> for ApplyError {
+    fn from(e: E) -> Self {
+        ApplyError::Source(Box::new(e))
+    }
+}
+
+impl fmt::Display for ApplyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ApplyError::Source(e) => fmt::Display::fmt(e, f),
+            ApplyError::Postgres(e) => write!(f, "postgres: {e}"),
+            ApplyError::Encode(e) => fmt::Display::fmt(e, f),
+            ApplyError::Other { message, .. } => f.write_str(message),
+        }
+    }
+}
+
+impl StdError for ApplyError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match self {
+            ApplyError::Source(e) => Some(&**e),
+            ApplyError::Postgres(e) => Some(e),
+            ApplyError::Encode(e) => Some(e),
+            ApplyError::Other { .. } => None,
+        }
+    }
+}
+
 impl ApplyError {
-    /// What the consumer loop does with it. Postgres errors are classified by SQLSTATE
-    /// class ([`postgres_class`]): environmental ones are retried, content-caused ones are
-    /// dead-lettered after the batch is bisected to find the record, bugs are fatal.
+    /// What the consumer loop does with it: the source's [`Classify::disposition`]. Postgres
+    /// errors are classified by SQLSTATE class ([`postgres_class`]): environmental ones are
+    /// retried, content-caused ones are dead-lettered after the batch is bisected to find
+    /// the record, bugs are fatal.
     pub fn disposition(&self) -> Disposition {
         match self {
-            ApplyError::Postgres(e) => postgres_disposition(e),
+            ApplyError::Source(e) => e.disposition(),
+            ApplyError::Postgres(e) => e.disposition(),
             ApplyError::Encode(e) => e.disposition(),
             ApplyError::Other { disposition, .. } => *disposition,
         }
     }
 
-    /// A `Retry` that may well be the batch's own fault (an unknown SQLSTATE, an internal
-    /// error, a statement timeout, out of memory): the consumer retries it only
-    /// `runtime.suspect_retries` times, then treats it as a data error and bisects, so that a
-    /// record whose content triggers it cannot stop its partitions forever. Errors a
-    /// processor raises itself with `Retry` (a CAS outage, ...) are taken at their word.
+    /// The source's [`Classify::is_suspect`]: a `Retry` the consumer retries only
+    /// `runtime.suspect_retries` times before bisecting the batch.
     pub fn is_suspect(&self) -> bool {
-        matches!(self, ApplyError::Postgres(e) if postgres_class(e) == PgClass::Suspect)
+        match self {
+            ApplyError::Source(e) => e.is_suspect(),
+            ApplyError::Postgres(e) => e.is_suspect(),
+            ApplyError::Encode(e) => e.is_suspect(),
+            ApplyError::Other { .. } => false,
+        }
+    }
+
+    /// The source error as `T`, if it is one (the error itself, not its causes).
+    pub fn downcast_ref<T: StdError + 'static>(&self) -> Option<&T> {
+        match self {
+            ApplyError::Source(e) => (&**e as &(dyn StdError + 'static)).downcast_ref(),
+            ApplyError::Postgres(e) => (e as &(dyn StdError + 'static)).downcast_ref(),
+            ApplyError::Encode(e) => (e as &(dyn StdError + 'static)).downcast_ref(),
+            ApplyError::Other { .. } => None,
+        }
+    }
+}
+
+/// A failure of the consumer's own steps around a processor's `apply`. Record-level ones
+/// name the record; the batch's first record is in [`RuntimeError::FatalBatch`] and the logs.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    /// The registry could not be reached to decode a record (other decode failures are the
+    /// record's and dead-letter it without failing the batch).
+    #[error("decoding {at}: {source}")]
+    Decode {
+        /// The record.
+        at: Coordinates,
+        /// The cause.
+        #[source]
+        source: DecodeError,
+    },
+    /// The processor rejected a record that is not in the batch it was given.
+    #[error("processor rejected index {index} of {len}")]
+    RejectedOutOfRange {
+        /// The index it returned.
+        index: usize,
+        /// How many records it was given.
+        len: usize,
+    },
+    /// Records must be dead-lettered but `runtime.dead_letter` is off.
+    #[error("{count} poison record(s) and runtime.dead_letter is off")]
+    DeadLetterOff {
+        /// How many.
+        count: usize,
+    },
+    /// The producer's queue refused a dead letter.
+    #[error("dead-letter queue full (dead letter of {at}): {source}")]
+    DeadLetterQueueFull {
+        /// The record being dead-lettered.
+        at: Coordinates,
+        /// The cause.
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    /// The broker did not acknowledge a dead letter.
+    #[error("dead letter of {at} not acknowledged: {source}")]
+    DeadLetterNotAcknowledged {
+        /// The record being dead-lettered.
+        at: Coordinates,
+        /// The cause.
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    /// The producer dropped a dead letter's delivery report (it is shutting down).
+    #[error("dead-letter producer dropped the delivery of {at}")]
+    DeadLetterDropped {
+        /// The record being dead-lettered.
+        at: Coordinates,
+    },
+}
+
+impl Classify for ConsumerError {
+    fn disposition(&self) -> Disposition {
+        match self {
+            ConsumerError::Decode { source, .. } => source.disposition(),
+            // The broker is the environment: retried with the batch.
+            ConsumerError::DeadLetterQueueFull { .. }
+            | ConsumerError::DeadLetterNotAcknowledged { .. }
+            | ConsumerError::DeadLetterDropped { .. } => Disposition::Retry,
+            // A processor's bug, or a deployment that refuses to lose records.
+            ConsumerError::RejectedOutOfRange { .. } | ConsumerError::DeadLetterOff { .. } => {
+                Disposition::Fatal
+            }
+        }
+    }
+
+    fn is_suspect(&self) -> bool {
+        match self {
+            ConsumerError::Decode { source, .. } => source.is_suspect(),
+            _ => false,
+        }
     }
 }
 
@@ -229,6 +407,18 @@ pub fn postgres_disposition(e: &sqlx::Error) -> Disposition {
         PgClass::Transient | PgClass::Suspect => Disposition::Retry,
         PgClass::Content => Disposition::DeadLetter,
         PgClass::Bug => Disposition::Fatal,
+    }
+}
+
+/// Postgres errors by SQLSTATE class ([`PgClass`]); a [`PgClass::Suspect`] one is retried a
+/// bounded number of times.
+impl Classify for sqlx::Error {
+    fn disposition(&self) -> Disposition {
+        postgres_disposition(self)
+    }
+
+    fn is_suspect(&self) -> bool {
+        postgres_class(self) == PgClass::Suspect
     }
 }
 
@@ -349,6 +539,182 @@ mod tests {
         assert!(
             !own.is_suspect(),
             "a processor's own Retry is taken at its word"
+        );
+    }
+
+    /// A Postgres error as the server reports it: only the SQLSTATE matters here.
+    #[derive(Debug)]
+    struct Db(&'static str);
+
+    impl fmt::Display for Db {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "server error {}", self.0)
+        }
+    }
+
+    impl StdError for Db {}
+
+    impl sqlx::error::DatabaseError for Db {
+        fn message(&self) -> &str {
+            "server error"
+        }
+        fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+            Some(self.0.into())
+        }
+        fn as_error(&self) -> &(dyn StdError + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn StdError + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn StdError + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    fn db(code: &'static str) -> sqlx::Error {
+        sqlx::Error::Database(Box::new(Db(code)))
+    }
+
+    /// A processor's own error wrapping a Postgres one, the way processors write them.
+    #[derive(Debug, thiserror::Error)]
+    enum Step {
+        #[error("loading heads: {0}")]
+        Load(#[source] sqlx::Error),
+        #[error("a head without a definition")]
+        NoDefinition,
+    }
+
+    impl Classify for Step {
+        fn disposition(&self) -> Disposition {
+            match self {
+                Step::Load(e) => e.disposition(),
+                Step::NoDefinition => Disposition::Retry,
+            }
+        }
+        fn is_suspect(&self) -> bool {
+            match self {
+                Step::Load(e) => e.is_suspect(),
+                Step::NoDefinition => false,
+            }
+        }
+    }
+
+    fn apply(r: Result<(), Step>) -> Result<(), ApplyError> {
+        r?;
+        Ok(())
+    }
+
+    #[test]
+    fn a_sqlx_error_of_each_class_keeps_its_disposition_through_apply_error() {
+        for (code, disposition, suspect) in [
+            ("40001", Disposition::Retry, false),
+            ("23505", Disposition::DeadLetter, false),
+            ("42P01", Disposition::Fatal, false),
+            ("XX000", Disposition::Retry, true),
+        ] {
+            let direct: ApplyError = db(code).into();
+            assert_eq!(direct.disposition(), disposition, "{code}");
+            assert_eq!(direct.is_suspect(), suspect, "{code}");
+            let wrapped = apply(Err(Step::Load(db(code)))).unwrap_err();
+            assert_eq!(wrapped.disposition(), disposition, "{code} wrapped");
+            assert_eq!(wrapped.is_suspect(), suspect, "{code} wrapped");
+        }
+    }
+
+    #[test]
+    fn the_source_chain_survives() {
+        let e = apply(Err(Step::Load(db("23505")))).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "loading heads: error returned from database: server error 23505"
+        );
+        let step = e.source().expect("the processor's error");
+        assert!(step.downcast_ref::<Step>().is_some(), "{step:?}");
+        assert!(e.downcast_ref::<Step>().is_some());
+        let sql = step.source().expect("the sqlx error");
+        let sql = sql.downcast_ref::<sqlx::Error>().expect("a sqlx::Error");
+        assert_eq!(
+            sql.as_database_error().and_then(|d| d.code()).as_deref(),
+            Some("23505")
+        );
+        // The runtime's fatal batch error keeps the whole chain under it.
+        let fatal = RuntimeError::FatalBatch {
+            first: Coordinates {
+                topic: "t".into(),
+                partition: 0,
+                offset: 7,
+            },
+            source: apply(Err(Step::NoDefinition)).unwrap_err(),
+        };
+        let chain: Vec<String> =
+            std::iter::successors(Some(&fatal as &(dyn StdError + 'static)), |&e| e.source())
+                .map(ToString::to_string)
+                .collect();
+        assert_eq!(
+            chain,
+            [
+                "batch t[0]@7 .. failed fatally: a head without a definition",
+                "a head without a definition",
+                "a head without a definition",
+            ]
+        );
+    }
+
+    #[test]
+    fn leaf_errors_classify_themselves() {
+        let registry = DecodeError::new(DecodeClass::RegistryUnavailable, "refused");
+        assert_eq!(Classify::disposition(&registry), Disposition::Retry);
+        for class in [
+            DecodeClass::Framing,
+            DecodeClass::UnknownSchema,
+            DecodeClass::Avro,
+        ] {
+            let e = DecodeError::new(class, "x");
+            assert_eq!(Classify::disposition(&e), Disposition::DeadLetter);
+        }
+        let at = Coordinates {
+            topic: "weir.patches.v1".into(),
+            partition: 3,
+            offset: 41,
+        };
+        let decode = ApplyError::from(ConsumerError::Decode {
+            at: at.clone(),
+            source: registry,
+        });
+        assert_eq!(decode.disposition(), Disposition::Retry);
+        assert!(
+            !decode.is_suspect(),
+            "an unreachable registry is waited out"
+        );
+        assert!(
+            decode.to_string().contains("weir.patches.v1[3]@41"),
+            "{decode}"
+        );
+        assert_eq!(
+            Classify::disposition(&EncodeError::Registry("down".into())),
+            Disposition::Retry
+        );
+        assert_eq!(
+            ApplyError::from(EncodeError::NotRegistered { topic: "t".into() }).disposition(),
+            Disposition::Fatal
+        );
+        assert_eq!(
+            ApplyError::from(ConsumerError::DeadLetterDropped { at }).disposition(),
+            Disposition::Retry
+        );
+        assert_eq!(
+            ApplyError::from(ConsumerError::DeadLetterOff { count: 2 }).disposition(),
+            Disposition::Fatal
+        );
+        let bad_ref = "sha256:nope".parse::<crate::cas::CasRef>().unwrap_err();
+        assert_eq!(
+            ApplyError::from(crate::cas::CasError::from(bad_ref)).disposition(),
+            Disposition::DeadLetter,
+            "a bad CAS ref comes with a record"
         );
     }
 }

@@ -30,5 +30,5 @@ pub mod trace;
 
 pub use config::Config;
 pub use consumer::{BatchConsumer, Processor, Record, Rejection};
-pub use error::{ApplyError, Coordinates, Disposition};
+pub use error::{ApplyError, ClassifiedError, Classify, Coordinates, Disposition, EncodeError};
 pub use outbox::Outbox;

@@ -43,6 +43,19 @@ pub enum RegistryError {
     Parse(String),
 }
 
+impl crate::error::Classify for RegistryError {
+    /// An unreachable registry is waited out; a refusal or a schema that does not parse is
+    /// the deployment's to fix.
+    fn disposition(&self) -> crate::error::Disposition {
+        match self {
+            RegistryError::Unavailable(_) => crate::error::Disposition::Retry,
+            RegistryError::Refused { .. } | RegistryError::Parse(_) => {
+                crate::error::Disposition::Fatal
+            }
+        }
+    }
+}
+
 /// One registered version of a subject.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Registered {
