@@ -1510,7 +1510,7 @@ fn semantic_entry_key(r: &StoreRequest, config_hash: &[u8; 32]) -> [u8; 32] {
     // JSON is not the same entry.
     let basis = match &r.prompt {
         Some(p) => format!("prompt:{p}"),
-        None => format!("inputs:{}", crate::key::canonical_json_normalized_numbers(&r.inputs)),
+        None => format!("inputs:{}", crate::key::canonical_json(&r.inputs)),
     };
     semantic_key(
         &r.workspace_id,
