@@ -38,10 +38,12 @@ locals {
     WEIR__CAS__BACKEND                        = "s3"
     S3_BUCKET                                 = aws_s3_bucket.cas.id
     AWS_REGION                                = var.region
-    WEIR__CAS__SERVER_SIDE_ENCRYPTION         = "aws:kms"
-    WEIR__CAS__KMS_KEY_ID                     = aws_kms_key.weir.arn
-    WEIR__TELEMETRY__LOG_FORMAT               = "json"
-    WEIR__TELEMETRY__LISTEN                   = "0.0.0.0:${local.metrics_port}"
+    # AWS itself: no endpoint, no static keys (the task role), local-stack credentials refused.
+    WEIR__S3__PROFILE                 = "aws"
+    WEIR__CAS__SERVER_SIDE_ENCRYPTION = "aws:kms"
+    WEIR__CAS__KMS_KEY_ID             = aws_kms_key.weir.arn
+    WEIR__TELEMETRY__LOG_FORMAT       = "json"
+    WEIR__TELEMETRY__LISTEN           = "0.0.0.0:${local.metrics_port}"
   }, var.extra_environment)
 
   # The Kafka password is the "password" key of the MSK SCRAM secret (a JSON document).
@@ -67,10 +69,16 @@ locals {
     cache   = local.embedder_secrets
     gateway = local.embedder_secrets
   }
+
+  # Variables weir must never see in AWS: they point the blob store at the local stack or
+  # give it static keys instead of the task role (checked by terraform/tests).
+  forbidden_environment = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "WEIR__S3__ACCESS_KEY_ID", "WEIR__S3__SECRET_ACCESS_KEY", "WEIR__S3__ENDPOINT_URL"]
 }
 
 resource "aws_ecs_task_definition" "processor" {
-  for_each                 = var.processors
+  for_each = var.processors
+  # Old revisions stay registered: a rollback points the service back at one.
+  skip_destroy             = true
   family                   = "${local.prefix}-${each.key}"
   requires_compatibilities = ["FARGATE"]
   network_mode             = "awsvpc"
@@ -89,6 +97,9 @@ resource "aws_ecs_task_definition" "processor" {
     image     = local.weir_image
     command   = ["run", each.key]
     essential = true
+    # weir needs no file system of its own: everything is in Kafka, Postgres and S3.
+    readonlyRootFilesystem = true
+    user                   = "10001"
     # weir stops on SIGTERM within runtime.shutdown_deadline_ms (final commit, then leave the group).
     stopTimeout = 60
     environment = [for k, v in merge(local.weir_environment, lookup(local.processor_environment, each.key, {})) : { name = k, value = v }]
@@ -116,10 +127,12 @@ resource "aws_ecs_task_definition" "processor" {
 }
 
 resource "aws_ecs_service" "processor" {
-  for_each               = var.processors
-  name                   = each.key
-  cluster                = aws_ecs_cluster.weir.id
-  task_definition        = aws_ecs_task_definition.processor[each.key].arn
+  for_each = var.processors
+  name     = each.key
+  cluster  = aws_ecs_cluster.weir.id
+  # From the release (release.tf), not from the task definition directly: a service can only
+  # move to a new revision after the setup task of that release has succeeded.
+  task_definition        = terraform_data.release.output[each.key]
   desired_count          = each.value.desired_count
   launch_type            = "FARGATE"
   enable_execute_command = false
@@ -150,58 +163,3 @@ resource "aws_ecs_service" "processor" {
   }
 }
 
-resource "aws_appautoscaling_target" "processor" {
-  for_each           = var.processors
-  service_namespace  = "ecs"
-  resource_id        = "service/${aws_ecs_cluster.weir.name}/${aws_ecs_service.processor[each.key].name}"
-  scalable_dimension = "ecs:service:DesiredCount"
-  min_capacity       = each.value.desired_count
-  max_capacity       = each.value.max_count
-}
-
-resource "aws_appautoscaling_policy" "processor_cpu" {
-  for_each           = var.processors
-  name               = "${local.prefix}-${each.key}-cpu"
-  service_namespace  = "ecs"
-  resource_id        = aws_appautoscaling_target.processor[each.key].resource_id
-  scalable_dimension = aws_appautoscaling_target.processor[each.key].scalable_dimension
-  policy_type        = "TargetTrackingScaling"
-
-  target_tracking_scaling_policy_configuration {
-    target_value       = 60
-    scale_in_cooldown  = 300
-    scale_out_cooldown = 60
-    predefined_metric_specification {
-      predefined_metric_type = "ECSServiceAverageCPUUtilization"
-    }
-  }
-}
-
-# Run once per release, before updating the services (docs/deploy-aws.md shows the command).
-resource "aws_ecs_task_definition" "setup" {
-  family                   = "${local.prefix}-setup"
-  requires_compatibilities = ["FARGATE"]
-  network_mode             = "awsvpc"
-  cpu                      = 512
-  memory                   = 1024
-  execution_role_arn       = aws_iam_role.execution.arn
-  task_role_arn            = aws_iam_role.task.arn
-
-  container_definitions = jsonencode([{
-    name        = "setup"
-    image       = local.weir_image
-    entryPoint  = ["/bin/sh", "-c"]
-    command     = ["weir migrate && weir topics create && weir schemas register && weir doctor"]
-    essential   = true
-    environment = [for k, v in local.weir_environment : { name = k, value = v }]
-    secrets     = local.weir_secrets
-    logConfiguration = {
-      logDriver = "awslogs"
-      options = {
-        awslogs-group         = aws_cloudwatch_log_group.weir.name
-        awslogs-region        = var.region
-        awslogs-stream-prefix = "setup"
-      }
-    }
-  }])
-}

@@ -28,7 +28,40 @@ output "ecr_repository_url" {
   value       = aws_ecr_repository.weir.repository_url
 }
 
-output "setup_command" {
-  description = "Runs migrations, topic creation, schema registration and doctor once per release."
-  value       = "aws ecs run-task --cluster ${aws_ecs_cluster.weir.name} --launch-type FARGATE --task-definition ${aws_ecs_task_definition.setup.family} --network-configuration 'awsvpcConfiguration={subnets=[${join(",", var.private_subnet_ids)}],securityGroups=[${aws_security_group.tasks.id}],assignPublicIp=DISABLED}'"
+output "setup_task" {
+  description = "The setup task of the current release (migrations, roles, topics, schemas, doctor); terraform apply runs it before the services move."
+  value = {
+    cluster         = aws_ecs_cluster.weir.name
+    task_definition = aws_ecs_task_definition.setup.arn
+    subnets         = join(",", var.private_subnet_ids)
+    security_groups = aws_security_group.tasks.id
+    region          = var.region
+  }
+}
+
+output "api_key_task" {
+  description = "What scripts/create-api-key runs."
+  value = {
+    cluster         = aws_ecs_cluster.weir.name
+    task_definition = aws_ecs_task_definition.api_key.arn
+    subnets         = join(",", var.private_subnet_ids)
+    security_groups = aws_security_group.tasks.id
+    region          = var.region
+    secret_prefix   = "${local.prefix}/api-keys/"
+  }
+}
+
+output "prometheus_endpoint" {
+  description = "Managed Prometheus query endpoint (the Grafana data source, SigV4)."
+  value       = aws_prometheus_workspace.weir.prometheus_endpoint
+}
+
+output "alarm_topic_arn" {
+  description = "SNS topic of the CloudWatch alarms and the Prometheus alerts."
+  value       = aws_sns_topic.alarms.arn
+}
+
+output "database_master_secret_arn" {
+  description = "Secrets Manager ARN of the RDS master user (managed and rotated by RDS; used only by the setup task)."
+  value       = aws_db_instance.weir.master_user_secret[0].secret_arn
 }

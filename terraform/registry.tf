@@ -1,6 +1,8 @@
 # The schema registry, when no existing one is given: Apicurio Registry with its
-# Confluent-compatible API (/apis/ccompat/v7), stored in the weir database (its tables do not
-# share names with weir's, which start with weir_ or cache_). Reached as registry.<name>.internal.
+# Confluent-compatible API (/apis/ccompat/v7), stored in its own database `registry` on the
+# weir instance, as its own role weir_registry (created by the setup task, infra/aws/setup).
+# Reached as registry.<name>.internal. Until the setup task has created its role on a first
+# deploy the registry's tasks fail and ECS restarts them; the setup task waits for it.
 
 resource "aws_service_discovery_service" "registry" {
   count = local.run_registry ? 1 : 0
@@ -23,23 +25,24 @@ resource "aws_ecs_task_definition" "registry" {
   network_mode             = "awsvpc"
   cpu                      = 1024
   memory                   = 2048
-  execution_role_arn       = aws_iam_role.execution.arn
+  execution_role_arn       = aws_iam_role.execution_registry[0].arn
 
+  # checkov:skip=CKV_AWS_336: Apicurio (Quarkus) writes temporary files under its root file system
   container_definitions = jsonencode([{
     name         = "registry"
-    image        = var.apicurio_image
+    image        = local.apicurio_image
     essential    = true
     portMappings = [{ containerPort = 8080, protocol = "tcp" }]
     environment = [
       { name = "APICURIO_STORAGE_KIND", value = "sql" },
       { name = "APICURIO_STORAGE_SQL_KIND", value = "postgresql" },
-      { name = "APICURIO_DATASOURCE_URL", value = "jdbc:postgresql://${aws_db_instance.weir.address}:5432/weir?sslmode=require" },
-      { name = "APICURIO_DATASOURCE_USERNAME", value = "weir" },
+      { name = "APICURIO_DATASOURCE_URL", value = "jdbc:postgresql://${aws_db_instance.weir.address}:5432/registry?sslmode=require" },
+      { name = "APICURIO_DATASOURCE_USERNAME", value = local.db_registry_user },
       # Confluent clients expect the global id in the wire format.
       { name = "APICURIO_CCOMPAT_LEGACY_ID_MODE_ENABLED", value = "true" },
     ]
     secrets = [
-      { name = "APICURIO_DATASOURCE_PASSWORD", valueFrom = aws_secretsmanager_secret.db_password.arn },
+      { name = "APICURIO_DATASOURCE_PASSWORD", valueFrom = aws_secretsmanager_secret.db_registry_password.arn },
     ]
     logConfiguration = {
       logDriver = "awslogs"
@@ -71,15 +74,16 @@ resource "aws_ecs_service" "registry" {
   }
 }
 
-# The registry's JDBC password (the weir database user's), as its own secret.
-resource "aws_secretsmanager_secret" "db_password" {
-  name       = "${local.prefix}/database-password"
+# The registry role's password (the setup task sets it on weir_registry).
+resource "aws_secretsmanager_secret" "db_registry_password" {
+  # checkov:skip=CKV2_AWS_57: rotated by the documented procedure (docs/deploy-aws.md, "Secret rotation")
+  name       = "${local.prefix}/database-registry-password"
   kms_key_id = aws_kms_key.weir.arn
 }
 
-resource "aws_secretsmanager_secret_version" "db_password" {
-  secret_id     = aws_secretsmanager_secret.db_password.id
-  secret_string = data.aws_secretsmanager_random_password.db.random_password
+resource "aws_secretsmanager_secret_version" "db_registry_password" {
+  secret_id     = aws_secretsmanager_secret.db_registry_password.id
+  secret_string = data.aws_secretsmanager_random_password.db_registry.random_password
 
   lifecycle {
     ignore_changes = [secret_string]
