@@ -6,7 +6,9 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, Serializer};
+
+use super::secret::{is_redacting, REDACTED};
 
 /// Kafka settings. Its `Debug` output (`weir config`, logs) hides the value of every
 /// secret-looking key of the librdkafka maps ([`is_secret_key`]).
@@ -25,10 +27,13 @@ pub struct KafkaConfig {
     /// Replication factor of created topics (3 on MSK, 1 on the local single broker).
     pub replication_factor: i32,
     /// Topic-level configs applied to every created topic (e.g. `retention.ms`).
+    #[serde(serialize_with = "redacted_options")]
     pub topic_config: BTreeMap<String, String>,
     /// librdkafka options for consumers, passed through as is (e.g. `fetch.wait.max.ms`).
+    #[serde(serialize_with = "redacted_options")]
     pub consumer: BTreeMap<String, String>,
     /// librdkafka options for producers, passed through as is (e.g. `linger.ms`).
+    #[serde(serialize_with = "redacted_options")]
     pub producer: BTreeMap<String, String>,
 }
 
@@ -113,4 +118,19 @@ impl KafkaConfig {
     pub fn group(&self, name: &str) -> String {
         format!("{}{}", self.topic_prefix, name)
     }
+}
+
+/// Serializes a librdkafka map; inside [`super::secret::redacting`] the values of
+/// secret-looking keys are [`REDACTED`].
+fn redacted_options<S: Serializer>(
+    map: &BTreeMap<String, String>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    if !is_redacting() {
+        return map.serialize(serializer);
+    }
+    serializer.collect_map(map.iter().map(|(k, v)| {
+        let shown: &str = if is_secret_key(k) { REDACTED } else { v };
+        (k, shown)
+    }))
 }

@@ -78,6 +78,24 @@ impl Config {
         Self::load_from(file, std::env::vars())
     }
 
+    /// The configuration as the TOML file it would be loaded from: what `weir config` prints.
+    /// Secrets, and the secret-looking keys of the Kafka maps, are commented out and shown as
+    /// `"***"`, so a file made from the output loads back to this configuration with its
+    /// secrets taken from the environment (or filled in).
+    pub fn to_toml_redacted(&self) -> Result<String, toml::ser::Error> {
+        let text = secret::redacting(|| toml::to_string(self))?;
+        let marker = format!(" = {}", toml::Value::String(secret::REDACTED.into()));
+        let mut out = String::with_capacity(text.len());
+        for line in text.lines() {
+            match line.strip_suffix(marker.as_str()) {
+                Some(key) => out.push_str(&format!("# {key} = \"***\"  # secret, not shown")),
+                None => out.push_str(line),
+            }
+            out.push('\n');
+        }
+        Ok(out)
+    }
+
     /// Checks values that parse but make no sense; returns one line per problem.
     pub fn validate(&self) -> Vec<String> {
         let mut p = Vec::new();

@@ -210,3 +210,103 @@ fn every_problem_is_reported_at_once() {
         (500, 3)
     );
 }
+
+/// The secrets of `cfg`, filled back into the commented lines of its `weir config` output.
+fn fill_secrets(printed: &str, cfg: &Config) -> String {
+    let values = serde_json::to_value(cfg).unwrap();
+    let mut section: Vec<String> = Vec::new();
+    let mut out = String::new();
+    for line in printed.lines() {
+        if let Some(header) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = toml::from_str::<toml::Value>(&format!("{header} = 0"))
+                .map(|_| header.split('.').map(str::to_string).collect())
+                .unwrap();
+        }
+        match line
+            .strip_prefix("# ")
+            .and_then(|l| l.strip_suffix(" = \"***\"  # secret, not shown"))
+        {
+            Some(key) => {
+                let name = key.trim_matches('"');
+                let mut v = &values;
+                for part in &section {
+                    v = &v[part.as_str()];
+                }
+                let real = v[name].as_str().unwrap();
+                out.push_str(&format!("{key} = {}\n", toml::Value::String(real.into())));
+            }
+            None => out.push_str(&format!("{line}\n")),
+        }
+    }
+    out
+}
+
+#[test]
+fn weir_config_prints_a_file_that_loads_back_with_secrets_hidden() {
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    writeln!(
+        file,
+        "[runtime]\nmax_batch = 100\n[kafka]\ntopic_prefix = \"dev.\"\ntopic_partitions = {{ \"weir.patches.v1\" = 12 }}\n[kafka.consumer]\n\"fetch.wait.max.ms\" = \"20\"\n\"sasl.password\" = \"file-hunter2\"\n[cache]\nthreshold_overrides = {{ \"ws-1/agent\" = 0.97 }}\nsimilarity_threshold = 0.9"
+    )
+    .unwrap();
+    let environment = env(&[
+        ("DATABASE_URL", "postgres://u:pg-pass-1@db:5432/x"),
+        ("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE"),
+        ("AWS_SECRET_ACCESS_KEY", "s3-secret-2"),
+        ("WEIR__SCHEMA_REGISTRY__PASSWORD", "registry-pass-3"),
+        ("WEIR__CACHE__OPENAI_API_KEY", "sk-openai-4"),
+        ("WEIR__KAFKA__PRODUCER__SSL__KEY__PASSWORD", "keypass-5"),
+        ("WEIR__KAFKA__PRODUCER__LINGER_MS", "3"),
+        ("WEIR__GATEWAY__CLIENT_IP_FROM_FORWARDED_FOR", "yes"),
+    ]);
+    let cfg = Config::load_from(Some(file.path()), environment.clone()).unwrap();
+    let printed = cfg.to_toml_redacted().unwrap();
+    for secret in [
+        "pg-pass-1",
+        "s3-secret-2",
+        "registry-pass-3",
+        "sk-openai-4",
+        "keypass-5",
+        "file-hunter2",
+        "weir:secret",
+    ] {
+        assert!(!printed.contains(secret), "{secret} printed:\n{printed}");
+    }
+    for shown in [
+        "max_batch = 100",
+        "\"fetch.wait.max.ms\" = \"20\"",
+        "\"linger.ms\" = \"3\"",
+        "access_key_id = \"AKIAEXAMPLE\"",
+        "client_ip_from_forwarded_for = true",
+        "# url = \"***\"  # secret, not shown",
+        "# \"sasl.password\" = \"***\"  # secret, not shown",
+    ] {
+        assert!(printed.contains(shown), "{shown} missing:\n{printed}");
+    }
+    let as_json = |c: &Config| serde_json::to_value(c).unwrap();
+
+    // With its secrets filled back in, the output alone is the same configuration.
+    let mut back = tempfile::NamedTempFile::new().unwrap();
+    write!(back, "{}", fill_secrets(&printed, &cfg)).unwrap();
+    let loaded = Config::load_from(Some(back.path()), env(&[])).unwrap();
+    assert_eq!(as_json(&loaded), as_json(&cfg));
+
+    // Copied as it is, it loads back unchanged where the secrets come from the environment.
+    let mut copied = tempfile::NamedTempFile::new().unwrap();
+    write!(copied, "{printed}").unwrap();
+    let mut with_env = environment;
+    with_env.push((
+        "WEIR__KAFKA__CONSUMER__SASL__PASSWORD".into(),
+        "file-hunter2".into(),
+    ));
+    let loaded = Config::load_from(Some(copied.path()), with_env).unwrap();
+    assert_eq!(as_json(&loaded), as_json(&cfg));
+
+    // The file is the one named: no `NAME.toml` when NAME is missing.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(back.path(), dir.path().join("weir.toml")).unwrap();
+    let err = Config::load_from(Some(&dir.path().join("weir")), env(&[]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("cannot read"), "{err}");
+}
