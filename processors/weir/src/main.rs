@@ -49,7 +49,7 @@ enum Command {
     },
     /// Check every dependency and print what to fix.
     Doctor,
-    /// Print the effective configuration (secrets hidden).
+    /// Print the effective configuration as a TOML file (secrets hidden, as comments).
     Config,
     /// Run every processor and the relay in this one process, with /metrics, /healthz and
     /// /readyz, until interrupted.
@@ -637,7 +637,7 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
         }
         Command::Doctor => Ok(ops::doctor(&cfg).await),
         Command::Config => {
-            println!("{cfg:#?}");
+            print!("{}", cfg.to_toml_redacted()?);
             Ok(true)
         }
         Command::Dlq { command } => dlq(&cfg, command).await,
