@@ -6,7 +6,7 @@
 //! API key must not turn into a crash loop that a restart cannot end.
 
 use weir_runtime::cas::CasError;
-use weir_runtime::error::{postgres_disposition, Disposition};
+use weir_runtime::{Classify, Disposition};
 
 /// What can go wrong looking up or storing a result.
 #[derive(Debug, thiserror::Error)]
@@ -50,9 +50,9 @@ pub enum EmbedClass {
     Misconfigured,
 }
 
-impl CacheError {
+impl Classify for CacheError {
     /// What the consumer loop does with this error.
-    pub fn disposition(&self) -> Disposition {
+    fn disposition(&self) -> Disposition {
         match self {
             CacheError::Invalid(_) => Disposition::DeadLetter,
             // Only at start (Cache::new, Embedder::from_config): the process refuses to run.
@@ -60,9 +60,26 @@ impl CacheError {
             // Both retried: nothing in a record can fix or cause them (a misconfiguration
             // is fixed by an operator while the consumer waits, not by a restart loop).
             CacheError::Embed { .. } => Disposition::Retry,
-            CacheError::Postgres(e) => postgres_disposition(e),
+            CacheError::Postgres(e) => e.disposition(),
             CacheError::Cas(e) => e.disposition(),
         }
+    }
+
+    /// A Postgres error keeps its SQLSTATE class: a suspect one is retried a bounded number
+    /// of times, then bisected.
+    fn is_suspect(&self) -> bool {
+        match self {
+            CacheError::Postgres(e) => e.is_suspect(),
+            CacheError::Cas(e) => e.is_suspect(),
+            _ => false,
+        }
+    }
+}
+
+impl CacheError {
+    /// Its [`Classify::disposition`]. Kept for callers written before [`Classify`].
+    pub fn disposition(&self) -> Disposition {
+        Classify::disposition(self)
     }
 
     /// A message safe to show an API caller: database and storage details stay in the logs.
@@ -73,18 +90,6 @@ impl CacheError {
             CacheError::Internal(_) => "internal error".into(),
             CacheError::Postgres(_) => "database unavailable".into(),
             CacheError::Cas(_) => "result store unavailable".into(),
-        }
-    }
-}
-
-impl From<CacheError> for weir_runtime::ApplyError {
-    fn from(e: CacheError) -> Self {
-        match e {
-            CacheError::Postgres(e) => weir_runtime::ApplyError::Postgres(e),
-            other => weir_runtime::ApplyError::Other {
-                disposition: other.disposition(),
-                message: other.to_string(),
-            },
         }
     }
 }

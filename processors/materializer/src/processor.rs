@@ -36,7 +36,9 @@ use weir_runtime::copy::CopyRows;
 use weir_runtime::events::{
     self, PatchRejected, PatchSubmitted, WorkflowEvent, WorkflowMaterialized,
 };
-use weir_runtime::{ApplyError, Disposition, Outbox, Processor, Record, Rejection};
+use weir_runtime::{ApplyError, Outbox, Processor, Record, Rejection};
+
+use crate::error::MaterializerError;
 
 use weir_model::definition::Limits;
 use weir_model::fold::{self, Decision, Head, Submitted};
@@ -229,13 +231,6 @@ fn unreadable(e: &weir_runtime::cas::CasError) -> Option<&'static str> {
         E::NotFound(_) | E::InvalidRef(_) => Some("blob_missing"),
         E::Corrupt { .. } => Some("blob_corrupt"),
         _ => None,
-    }
-}
-
-fn cas_error(e: weir_runtime::cas::CasError) -> ApplyError {
-    ApplyError::Other {
-        message: format!("cas: {e}"),
-        disposition: e.disposition(),
     }
 }
 
@@ -444,7 +439,7 @@ impl Processor for Materializer {
                     Ok(bytes) => Ok(bytes),
                     Err(e) => match unreadable(&e) {
                         Some(code) => Err((code, e.to_string())),
-                        None => return Err(cas_error(e)),
+                        None => return Err(MaterializerError::Cas(e).into()),
                     },
                 },
             };
@@ -469,12 +464,10 @@ impl Processor for Materializer {
                     let definition = match (from_cache, h.definition, &h.definition_ref) {
                         (Some(d), _, _) | (None, Some(d), _) => d,
                         (None, None, Some(r)) => {
-                            let blob = blobs.get(r).ok_or_else(|| ApplyError::Other {
-                                message: format!(
-                                    "head of {workflow_id} is marked cached but no copy is held"
-                                ),
-                                disposition: Disposition::Retry,
-                            })?;
+                            let blob =
+                                blobs.get(r).ok_or_else(|| MaterializerError::HeadNotHeld {
+                                    workflow_id: workflow_id.clone(),
+                                })?;
                             let parsed = match blob {
                                 Ok(blob) => serde_json::from_slice(blob)
                                     .map_err(|e| format!("its definition {r} is not JSON: {e}")),
@@ -492,10 +485,9 @@ impl Processor for Materializer {
                         // The table's CHECK rules out neither; `cached` without a copy
                         // cannot happen either (the flag comes from the copies sent).
                         (None, None, None) => {
-                            return Err(ApplyError::Other {
-                                message: format!("head of {workflow_id}: no definition to load"),
-                                disposition: Disposition::Retry,
-                            })
+                            return Err(
+                                MaterializerError::HeadWithoutDefinition { workflow_id }.into()
+                            )
                         }
                     };
                     Head {
@@ -587,18 +579,7 @@ impl Processor for Materializer {
             batches
         })
         .await
-        .map_err(|e| ApplyError::Other {
-            message: format!("fold task failed: {e}"),
-            // The fold is pure: a panic there is a bug that a record's content triggers,
-            // and would again on every restart. Dead-lettering makes the runtime apply the
-            // batch's records one by one and dead-letter the one that does it. A
-            // cancelled task is the runtime shutting down: retry.
-            disposition: if e.is_panic() {
-                Disposition::DeadLetter
-            } else {
-                Disposition::Retry
-            },
-        })?;
+        .map_err(MaterializerError::FoldTask)?;
 
         let folded = started.elapsed();
         let fresh = self.write(conn, records, &mut batches, outbox).await?;
@@ -663,12 +644,9 @@ impl Materializer {
                         let (definition_json, definition_ref) = if bytes > inline_max {
                             metrics::counter!(names::DEFINITIONS_IN_CAS).increment(1);
                             // The fold hashed the canonical text: that is its CAS ref.
-                            let r: CasRef = format!("sha256:{sha256}").parse().map_err(|e| {
-                                ApplyError::Other {
-                                    message: format!("definition hash: {e}"),
-                                    disposition: Disposition::Fatal,
-                                }
-                            })?;
+                            let r: CasRef = format!("sha256:{sha256}")
+                                .parse()
+                                .map_err(MaterializerError::DefinitionRef)?;
                             puts.push((
                                 b.head.workspace_id.clone(),
                                 r,
@@ -695,10 +673,7 @@ impl Materializer {
                         // The event is encoded; its text and hash move on to the log and head.
                         let WorkflowEvent::WorkflowMaterialized(m) = event else {
                             // Built as WorkflowMaterialized just above; an error, not a panic.
-                            return Err(ApplyError::Other {
-                                message: "materialized event changed kind".into(),
-                                disposition: Disposition::Fatal,
-                            });
+                            return Err(MaterializerError::EventKind.into());
                         };
                         log.push(
                             r,
@@ -786,7 +761,7 @@ impl Materializer {
                 puts.iter().map(|(ws, r, _)| (ws.clone(), *r)).collect();
             weir_runtime::cas::owners::record(conn, &owners, true).await?;
             for (_, _, blob) in puts {
-                self.cas.put(blob).await.map_err(cas_error)?;
+                self.cas.put(blob).await.map_err(MaterializerError::Cas)?;
             }
         }
         let encoded = std::time::Instant::now();
