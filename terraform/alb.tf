@@ -6,6 +6,8 @@
 
 resource "aws_lb" "gateway" {
   # checkov:skip=CKV2_AWS_28: a WAF web ACL is the operator's choice (gateway_waf_acl_arn associates one); the gateway authenticates every request and rate-limits per key and per client
+  # checkov:skip=CKV2_AWS_76: same: the web ACL and its rule groups are the operator's (gateway_waf_acl_arn)
+  # checkov:skip=CKV2_AWS_20: with a certificate port 80 is aws_lb_listener.gateway_redirect (redirect only, checked by terraform/tests); checkov does not follow the counted listener
   name                       = "${local.prefix}-gateway"
   load_balancer_type         = "application"
   internal                   = !local.public_gateway

@@ -2,20 +2,7 @@
 # secrets injected into it) are split so each task can read only its own secrets; task roles
 # (what the code in the task may do) name their resources.
 
-data "aws_iam_policy_document" "ecs_assume" {
-  statement {
-    actions = ["sts:AssumeRole"]
-    principals {
-      type        = "Service"
-      identifiers = ["ecs-tasks.amazonaws.com"]
-    }
-    condition {
-      test     = "StringEquals"
-      variable = "aws:SourceAccount"
-      values   = [data.aws_caller_identity.current.account_id]
-    }
-  }
-}
+
 
 locals {
   # Images through the pull-through caches: the first pull creates the cached repository.
@@ -29,7 +16,7 @@ locals {
 
 resource "aws_iam_role" "execution" {
   name               = "${local.prefix}-execution"
-  assume_role_policy = data.aws_iam_policy_document.ecs_assume.json
+  assume_role_policy = module.policies.ecs_assume
 }
 
 resource "aws_iam_role_policy_attachment" "execution" {
@@ -37,39 +24,19 @@ resource "aws_iam_role_policy_attachment" "execution" {
   policy_arn = "arn:aws:iam::aws:policy/service-role/AmazonECSTaskExecutionRolePolicy"
 }
 
-data "aws_iam_policy_document" "execution_secrets" {
-  statement {
-    sid     = "Secrets"
-    actions = ["secretsmanager:GetSecretValue"]
-    resources = compact([
-      aws_secretsmanager_secret.database_url.arn,
-      aws_secretsmanager_secret.kafka.arn,
-      var.embedder_api_key_secret_arn,
-    ])
-  }
-  statement {
-    sid       = "SecretsKey"
-    actions   = ["kms:Decrypt"]
-    resources = [aws_kms_key.weir.arn]
-  }
-  statement {
-    sid       = "PullThroughCache"
-    actions   = ["ecr:CreateRepository", "ecr:BatchImportUpstreamImage"]
-    resources = local.pull_through_repositories
-  }
-}
+
 
 resource "aws_iam_role_policy" "execution_secrets" {
   name   = "secrets"
   role   = aws_iam_role.execution.id
-  policy = data.aws_iam_policy_document.execution_secrets.json
+  policy = module.policies.execution_secrets
 }
 
 # --- the setup task: also the master user's secret and the role passwords ---------------------
 
 resource "aws_iam_role" "execution_setup" {
   name               = "${local.prefix}-execution-setup"
-  assume_role_policy = data.aws_iam_policy_document.ecs_assume.json
+  assume_role_policy = module.policies.ecs_assume
 }
 
 resource "aws_iam_role_policy_attachment" "execution_setup" {
@@ -77,29 +44,12 @@ resource "aws_iam_role_policy_attachment" "execution_setup" {
   policy_arn = "arn:aws:iam::aws:policy/service-role/AmazonECSTaskExecutionRolePolicy"
 }
 
-data "aws_iam_policy_document" "execution_setup" {
-  statement {
-    sid     = "Secrets"
-    actions = ["secretsmanager:GetSecretValue"]
-    resources = [
-      aws_secretsmanager_secret.database_url.arn,
-      aws_secretsmanager_secret.kafka.arn,
-      aws_secretsmanager_secret.db_app_password.arn,
-      aws_secretsmanager_secret.db_registry_password.arn,
-      aws_db_instance.weir.master_user_secret[0].secret_arn,
-    ]
-  }
-  statement {
-    sid       = "SecretsKey"
-    actions   = ["kms:Decrypt"]
-    resources = [aws_kms_key.weir.arn]
-  }
-}
+
 
 resource "aws_iam_role_policy" "execution_setup" {
   name   = "secrets"
   role   = aws_iam_role.execution_setup.id
-  policy = data.aws_iam_policy_document.execution_setup.json
+  policy = module.policies.execution_setup
 }
 
 # --- the registry: its own password only ------------------------------------------------------
@@ -107,7 +57,7 @@ resource "aws_iam_role_policy" "execution_setup" {
 resource "aws_iam_role" "execution_registry" {
   count              = local.run_registry ? 1 : 0
   name               = "${local.prefix}-execution-registry"
-  assume_role_policy = data.aws_iam_policy_document.ecs_assume.json
+  assume_role_policy = module.policies.ecs_assume
 }
 
 resource "aws_iam_role_policy_attachment" "execution_registry" {
@@ -116,147 +66,58 @@ resource "aws_iam_role_policy_attachment" "execution_registry" {
   policy_arn = "arn:aws:iam::aws:policy/service-role/AmazonECSTaskExecutionRolePolicy"
 }
 
-data "aws_iam_policy_document" "execution_registry" {
-  statement {
-    sid       = "Secrets"
-    actions   = ["secretsmanager:GetSecretValue"]
-    resources = [aws_secretsmanager_secret.db_registry_password.arn]
-  }
-  statement {
-    sid       = "SecretsKey"
-    actions   = ["kms:Decrypt"]
-    resources = [aws_kms_key.weir.arn]
-  }
-  statement {
-    sid       = "PullThroughCache"
-    actions   = ["ecr:CreateRepository", "ecr:BatchImportUpstreamImage"]
-    resources = local.pull_through_repositories
-  }
-}
+
 
 resource "aws_iam_role_policy" "execution_registry" {
   count  = local.run_registry ? 1 : 0
   name   = "secrets"
   role   = aws_iam_role.execution_registry[0].id
-  policy = data.aws_iam_policy_document.execution_registry.json
+  policy = module.policies.execution_registry
 }
 
 # --- weir itself: only the CAS bucket, with the weir key ----------------------------------------
 
 resource "aws_iam_role" "task" {
   name               = "${local.prefix}-task"
-  assume_role_policy = data.aws_iam_policy_document.ecs_assume.json
+  assume_role_policy = module.policies.ecs_assume
 }
 
-data "aws_iam_policy_document" "task" {
-  # DeleteObject on a versioned bucket only adds a delete marker: weir's GC can hide a blob,
-  # never destroy a version (no s3:DeleteObjectVersion).
-  statement {
-    sid = "CasObjects"
-    actions = [
-      "s3:GetObject", "s3:PutObject", "s3:DeleteObject",
-      "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts",
-    ]
-    resources = ["${aws_s3_bucket.cas.arn}/*"]
-  }
-  statement {
-    sid       = "CasBucket"
-    actions   = ["s3:ListBucket", "s3:ListBucketMultipartUploads"]
-    resources = [aws_s3_bucket.cas.arn]
-  }
-  statement {
-    sid       = "CasKey"
-    actions   = ["kms:Encrypt", "kms:Decrypt", "kms:GenerateDataKey", "kms:DescribeKey"]
-    resources = [aws_kms_key.weir.arn]
-  }
-}
+
 
 resource "aws_iam_role_policy" "task" {
   name   = "cas"
   role   = aws_iam_role.task.id
-  policy = data.aws_iam_policy_document.task.json
+  policy = module.policies.task
 }
 
 # --- the collector: discover the tasks, write to AMP and the backlog log group --------------------
 
 resource "aws_iam_role" "collector" {
   name               = "${local.prefix}-collector"
-  assume_role_policy = data.aws_iam_policy_document.ecs_assume.json
+  assume_role_policy = module.policies.ecs_assume
 }
 
-data "aws_iam_policy_document" "collector" {
-  statement {
-    sid       = "RemoteWrite"
-    actions   = ["aps:RemoteWrite"]
-    resources = [aws_prometheus_workspace.weir.arn]
-  }
-  statement {
-    sid       = "DiscoverClusterTasks"
-    actions   = ["ecs:ListTasks", "ecs:ListServices"]
-    resources = ["*"]
-    condition {
-      test     = "ArnEquals"
-      variable = "ecs:cluster"
-      values   = [aws_ecs_cluster.weir.arn]
-    }
-  }
-  statement {
-    sid     = "DescribeClusterTasks"
-    actions = ["ecs:DescribeTasks", "ecs:DescribeServices", "ecs:DescribeContainerInstances"]
-    resources = [
-      "arn:aws:ecs:${var.region}:${data.aws_caller_identity.current.account_id}:task/${aws_ecs_cluster.weir.name}/*",
-      "arn:aws:ecs:${var.region}:${data.aws_caller_identity.current.account_id}:service/${aws_ecs_cluster.weir.name}/*",
-      "arn:aws:ecs:${var.region}:${data.aws_caller_identity.current.account_id}:container-instance/${aws_ecs_cluster.weir.name}/*",
-    ]
-  }
-  statement {
-    # DescribeTaskDefinition supports no resource-level permissions.
-    sid       = "DescribeTaskDefinitions"
-    actions   = ["ecs:DescribeTaskDefinition"]
-    resources = ["*"]
-  }
-  statement {
-    sid       = "BacklogMetrics"
-    actions   = ["logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"]
-    resources = ["${aws_cloudwatch_log_group.metrics.arn}:*"]
-  }
-  statement {
-    sid       = "MetricsKey"
-    actions   = ["kms:GenerateDataKey", "kms:Decrypt"]
-    resources = [aws_kms_key.weir.arn]
-  }
-}
+
 
 resource "aws_iam_role_policy" "collector" {
   name   = "collector"
   role   = aws_iam_role.collector.id
-  policy = data.aws_iam_policy_document.collector.json
+  policy = module.policies.collector
 }
 
 # --- the API key task: store new keys under <name>/api-keys/ --------------------------------------
 
 resource "aws_iam_role" "api_key" {
   name               = "${local.prefix}-api-key"
-  assume_role_policy = data.aws_iam_policy_document.ecs_assume.json
+  assume_role_policy = module.policies.ecs_assume
 }
 
-data "aws_iam_policy_document" "api_key" {
-  statement {
-    sid       = "StoreKeys"
-    actions   = ["secretsmanager:CreateSecret", "secretsmanager:TagResource"]
-    resources = ["arn:aws:secretsmanager:${var.region}:${data.aws_caller_identity.current.account_id}:secret:${local.prefix}/api-keys/*"]
-  }
-  statement {
-    sid       = "KeysKey"
-    actions   = ["kms:GenerateDataKey", "kms:Encrypt"]
-    resources = [aws_kms_key.weir.arn]
-  }
-}
+
 
 resource "aws_iam_role_policy" "api_key" {
   name   = "api-keys"
   role   = aws_iam_role.api_key.id
-  policy = data.aws_iam_policy_document.api_key.json
+  policy = module.policies.api_key
 }
 
 # --- RDS enhanced monitoring ------------------------------------------------------------------------
@@ -279,4 +140,24 @@ resource "aws_iam_role" "rds_monitoring" {
 resource "aws_iam_role_policy_attachment" "rds_monitoring" {
   role       = aws_iam_role.rds_monitoring.name
   policy_arn = "arn:aws:iam::aws:policy/service-role/AmazonRDSEnhancedMonitoringRole"
+}
+
+module "policies" {
+  source                          = "./modules/policies"
+  account_id                      = data.aws_caller_identity.current.account_id
+  region                          = var.region
+  prefix                          = local.prefix
+  database_url_secret_arn         = aws_secretsmanager_secret.database_url.arn
+  kafka_secret_arn                = aws_secretsmanager_secret.kafka.arn
+  embedder_secret_arn             = var.embedder_api_key_secret_arn
+  kms_key_arn                     = aws_kms_key.weir.arn
+  db_app_password_secret_arn      = aws_secretsmanager_secret.db_app_password.arn
+  db_registry_password_secret_arn = aws_secretsmanager_secret.db_registry_password.arn
+  db_master_secret_arn            = aws_db_instance.weir.master_user_secret[0].secret_arn
+  cas_bucket_arn                  = aws_s3_bucket.cas.arn
+  prometheus_workspace_arn        = aws_prometheus_workspace.weir.arn
+  cluster_arn                     = aws_ecs_cluster.weir.arn
+  cluster_name                    = aws_ecs_cluster.weir.name
+  metrics_log_group_arn           = aws_cloudwatch_log_group.metrics.arn
+  pull_through_repositories       = local.pull_through_repositories
 }
