@@ -36,7 +36,6 @@ resource "aws_ecs_task_definition" "setup" {
       WEIR_SETUP_APP_ROLE           = local.db_app_user
       WEIR_SETUP_REGISTRY_ROLE      = local.run_registry ? local.db_registry_user : ""
       WEIR_SETUP_REGISTRY_WAIT_SECS = "900"
-      WEIR_SETUP_DLQ_RETENTION_MS   = tostring(var.dlq_retention_days * 86400000)
     }) : { name = k, value = v }]
     secrets = concat(local.weir_secrets, [
       { name = "WEIR_SETUP_MASTER_USER", valueFrom = "${aws_db_instance.weir.master_user_secret[0].secret_arn}:username::" },

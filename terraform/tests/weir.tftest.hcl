@@ -311,10 +311,6 @@ run "versioning_and_retention" {
     error_message = "RDS logs go to CloudWatch"
   }
   assert {
-    condition     = [for e in jsondecode(aws_ecs_task_definition.setup.container_definitions)[0].environment : e.value if e.name == "WEIR_SETUP_DLQ_RETENTION_MS"][0] == "2592000000"
-    error_message = "the dead-letter topic keeps 30 days by default"
-  }
-  assert {
     condition     = aws_db_instance.weir.engine_version == "16.8" && !aws_db_instance.weir.auto_minor_version_upgrade
     error_message = "the Postgres minor is pinned"
   }
