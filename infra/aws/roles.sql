@@ -5,7 +5,8 @@
 --   registry_password (the schema registry's own role and database).
 \set ON_ERROR_STOP on
 
--- weir_app: what the processes connect as. Rows only: no DDL, no TRUNCATE, no roles.
+-- weir_app: what the processes connect as. Rows only (no TRUNCATE, no roles, no ALTER or DROP
+-- of weir's tables), with one exception, below: the semantic cache's index.
 SELECT format('CREATE ROLE %I LOGIN', :'app_role')
  WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = :'app_role') \gexec
 ALTER ROLE :"app_role" WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS
@@ -26,10 +27,13 @@ ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT, INSERT, UPDATE, DELETE O
 ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT USAGE, SELECT, UPDATE ON SEQUENCES TO :"app_role";
 -- The migration history is read (weir doctor), never written, by the application.
 REVOKE INSERT, UPDATE, DELETE ON _sqlx_migrations FROM :"app_role";
--- The one exception to "no DDL": the cache creates the HNSW index of cache_semantic for the
--- configured embedding dimension when it starts (a migration cannot know the dimension), and
--- CREATE INDEX needs the table's owner.
+-- The one exception: the cache creates the HNSW index of cache_semantic for the configured
+-- embedding dimension when it starts (a migration cannot know the dimension). PostgreSQL lets
+-- only the table's owner create an index, and only with CREATE on the schema: weir_app owns
+-- cache_semantic (no other table) and may create in the schema (objects it would create are its
+-- own; it still cannot alter, drop or truncate any other weir table).
 ALTER TABLE cache_semantic OWNER TO :"app_role";
+GRANT CREATE ON SCHEMA public TO :"app_role";
 
 \if :{?registry_role}
 -- weir_registry: Apicurio, owner of its own database `registry` and nothing in weir's.
