@@ -11,7 +11,8 @@ use rdkafka::message::Message;
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
-use weir_gateway::{create_key, Permission, Sources};
+use weir_gateway::{create_key, Sources};
+use weir_model::Permission;
 use weir_runtime::app::Services;
 use weir_runtime::cas::Cas;
 use weir_runtime::codec::Codec;
@@ -97,8 +98,8 @@ impl Setup {
         if options.coordinator {
             let consumer = services.consumer(weir_coordinator::Coordinator::new(
                 cfg.clone(),
-                pool.clone(),
                 cas.clone(),
+                Arc::new(weir_wiring::PatchLogReplay::new(pool.clone(), cas.clone())),
             ));
             tokio::spawn(consumer.run(shutdown.clone()));
         }

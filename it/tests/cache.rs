@@ -18,10 +18,9 @@ use weir_cache::cache::{exact_lookup_batch, ExactRequest};
 use weir_cache::embed::normalize;
 use weir_cache::maintenance::{gc_once, purge, sweep_all, GcWindow};
 use weir_cache::pii::PiiKind;
-use weir_cache::{
-    Cache, LookupRequest, Permission, Refusal, StoreOutcome, StoreRequest, StoreResult,
-};
+use weir_cache::{Cache, LookupRequest, Refusal, StoreOutcome, StoreRequest, StoreResult};
 use weir_it::{config, prepare, produce_in_order, random_name, weir_bin, ChildGuard};
+use weir_model::Permission;
 use weir_runtime::cas::{Cas, CasRef};
 use weir_runtime::config::{CasBackend, Config};
 use weir_runtime::events::{

@@ -176,8 +176,9 @@ fn run_requested(run_id: &str, workflow_id: &str, ws: &str, key: Option<&str>) -
 /// Creates a workflow head directly (the materializer's table), as the materializer would.
 async fn create_workflow(pool: &PgPool, workflow_id: &str, ws: &str, def: &Value) {
     weir_model::definition::validate(def, &Default::default()).expect("valid definition");
-    let sha =
-        weir_model::fold::sha256_hex(&weir_model::definition::canonical_json(def));
+    let sha = weir_model::fold::sha256_hex(
+        &weir_model::definition::canonical_json_verbatim_numbers(def),
+    );
     sqlx::query(
         "INSERT INTO weir_workflow_heads (workflow_id, workspace_id, version, definition, definition_sha256)
          VALUES ($1, $2, 1, $3, $4)",

@@ -12,9 +12,10 @@ use async_trait::async_trait;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use uuid::Uuid;
-use weir_gateway::{Permission, RunStatus, RunStatusSource, SourceError, Sources};
+use weir_gateway::{RunStatusSource, SourceError, Sources};
 use weir_it::gateway::{Gateway, Options};
 use weir_it::{config, random_name};
+use weir_model::{Permission, RunStatus};
 use weir_runtime::config::Config;
 use weir_runtime::events::{CacheEvent, CompletionEvent, NodeStatus, PatchSubmitted};
 
@@ -637,7 +638,7 @@ async fn run_status_rate_limit_and_kafka_down() {
         version: Some(1),
         status: "running".into(),
         reason: None,
-        nodes: vec![weir_gateway::NodeState {
+        nodes: vec![weir_model::run::NodeState {
             node_id: "fetch".into(),
             node_type: "http_request".into(),
             status: "running".into(),
@@ -785,12 +786,12 @@ async fn real_sources() -> Sources {
     .await
     .unwrap();
     Sources {
-        run_status: Some(std::sync::Arc::new(
-            weir_gateway::sources::CoordinatorRunStatus::new(pool),
-        )),
-        cache_lookup: Some(std::sync::Arc::new(
-            weir_gateway::sources::ResultCacheLookup::new(cache),
-        )),
+        run_status: Some(std::sync::Arc::new(weir_wiring::CoordinatorRunStatus::new(
+            pool,
+        ))),
+        cache_lookup: Some(std::sync::Arc::new(weir_wiring::ResultCacheLookup::new(
+            cache,
+        ))),
     }
 }
 

@@ -23,9 +23,10 @@ use rdkafka::producer::FutureProducer;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
-use weir_gateway::{create_key, Permission, Sources};
+use weir_gateway::{create_key, Sources};
 use weir_it::gateway::{Answer, Gateway, Options, Setup};
 use weir_it::{config, produce_in_order, random_name};
+use weir_model::Permission;
 use weir_runtime::config::{CasBackend, Config, EmbedderKind, Secret};
 use weir_runtime::events::{
     new_event_id, now_micros, CacheEvent, CacheLookup, CacheStore, DeadLetter,
@@ -182,9 +183,7 @@ async fn start_with(tweak: impl FnOnce(&mut Config)) -> Stack {
     let processor = tokio::spawn(processor.run(setup.shutdown.clone()));
     let sources = Sources {
         run_status: None,
-        cache_lookup: Some(Arc::new(weir_gateway::sources::ResultCacheLookup::new(
-            cache,
-        ))),
+        cache_lookup: Some(Arc::new(weir_wiring::ResultCacheLookup::new(cache))),
     };
     let gw = setup
         .serve(Options {
@@ -672,7 +671,8 @@ async fn poison_cache_records_cost_one_record_and_others_carry_on() {
 /// miss; the batch transaction stays usable and the hit it could not serve is not audited.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_dispatch_cache_means_misses_not_a_stopped_coordinator() {
-    use weir_coordinator::{CacheCandidate, DispatchCache, ResultCache};
+    use weir_coordinator::{CacheCandidate, DispatchCache};
+    use weir_wiring::ResultCache;
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config("it-hcache-seam");
     cfg.cas.backend = CasBackend::Local;
@@ -693,7 +693,7 @@ async fn a_broken_dispatch_cache_means_misses_not_a_stopped_coordinator() {
             request_id: "seam".into(),
             workspace_id: ws.clone(),
             requester: "run:seed".into(),
-            permission: weir_cache::Permission::Write,
+            permission: weir_model::Permission::Write,
             node_type: "function".into(),
             config: config_v.clone(),
             inputs: inputs.clone(),
@@ -701,7 +701,7 @@ async fn a_broken_dispatch_cache_means_misses_not_a_stopped_coordinator() {
             prompt: None,
             embedding: None,
             cost_ms: 40,
-            required_permission: weir_cache::Permission::Read,
+            required_permission: weir_model::Permission::Read,
         })
         .await
         .unwrap();

@@ -15,9 +15,10 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use uuid::Uuid;
-use weir_gateway::{create_key, Permission, Sources};
+use weir_gateway::{create_key, Sources};
 use weir_it::gateway::{Gateway, Options};
 use weir_it::{config, random_name, weir_bin};
+use weir_model::Permission;
 use weir_runtime::config::Config;
 
 /// A gateway, a materializer and the telemetry listener in this process, on fresh topics.
@@ -110,9 +111,7 @@ async fn cache_sources() -> Sources {
         .unwrap();
     Sources {
         run_status: None,
-        cache_lookup: Some(Arc::new(weir_gateway::sources::ResultCacheLookup::new(
-            cache,
-        ))),
+        cache_lookup: Some(Arc::new(weir_wiring::ResultCacheLookup::new(cache))),
     }
 }
 

@@ -420,7 +420,7 @@ async fn the_gateway_refuses_what_it_can_know_and_forwards_the_rest() {
         ..Options::default()
     };
     let gw = &Gateway::start("hpgw", |_| {}, options).await;
-    let key = |ws: String| async move { gw.key(&ws, weir_gateway::Permission::Write).await };
+    let key = |ws: String| async move { gw.key(&ws, weir_model::Permission::Write).await };
     let call = |method: reqwest::Method, path: String, key: String, body: Option<String>| async move {
         let a = gw.call(method, &path, Some(&key), &[], body).await;
         (a.status, a.problem, a.body)

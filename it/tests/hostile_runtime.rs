@@ -599,7 +599,11 @@ fn start_coordinator(
     cas: &weir_runtime::cas::Cas,
 ) -> (CancellationToken, JoinHandle<Result<(), RuntimeError>>) {
     let shutdown = CancellationToken::new();
-    let coordinator = weir_coordinator::Coordinator::new(cfg.clone(), pool.clone(), cas.clone());
+    let coordinator = weir_coordinator::Coordinator::new(
+        cfg.clone(),
+        cas.clone(),
+        Arc::new(weir_wiring::PatchLogReplay::new(pool.clone(), cas.clone())),
+    );
     let consumer = BatchConsumer::new(
         cfg.clone(),
         Arc::new(coordinator),

@@ -17,12 +17,10 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use uuid::Uuid;
 use weir_cache::maintenance::{gc_once, sweep_all, GcWindow};
-use weir_cache::{
-    Cache, Permission as CachePermission, Refusal, StoreOutcome, StoreRequest, StoreResult,
-};
-use weir_gateway::Permission;
+use weir_cache::{Cache, Refusal, StoreOutcome, StoreRequest, StoreResult};
 use weir_it::gateway::{Answer, Gateway, Options};
 use weir_it::{produce, random_name};
+use weir_model::Permission;
 use weir_runtime::cas::CasRef;
 use weir_runtime::config::{CasBackend, Config};
 use weir_runtime::events::{self, CompletionEvent, DeadLetter, NodeCompleted, NodeStatus};
@@ -399,7 +397,7 @@ async fn cas_refs_are_accepted_only_from_their_workspace() {
         request_id: random_name("st"),
         workspace_id: ws.into(),
         requester: format!("{ws}-worker"),
-        permission: CachePermission::Write,
+        permission: Permission::Write,
         node_type: "function".into(),
         config: json!({"f": 1}),
         inputs: json!({"i": 3}),
@@ -407,7 +405,7 @@ async fn cas_refs_are_accepted_only_from_their_workspace() {
         prompt: None,
         embedding: None,
         cost_ms: 5,
-        required_permission: CachePermission::Write,
+        required_permission: Permission::Write,
     };
     assert_eq!(
         cache.store(&store(&ws_b, r_a)).await.unwrap(),
@@ -551,7 +549,7 @@ async fn cas_gc_never_deletes_a_blob_a_run_needs() {
         .map(|c| (b'a' + c.to_digit(16).unwrap_or(0) as u8) as char)
         .collect();
     let def = definition(&tag);
-    let canonical = weir_model::definition::canonical_json(&def);
+    let canonical = weir_model::definition::canonical_json_verbatim_numbers(&def);
     let pinned_ref = CasRef::of(canonical.as_bytes());
 
     // A's workflow, its definition in the CAS; a run pins it.
@@ -604,7 +602,7 @@ async fn cas_gc_never_deletes_a_blob_a_run_needs() {
         request_id: random_name("st"),
         workspace_id: ws.into(),
         requester: format!("{ws}-worker"),
-        permission: CachePermission::Write,
+        permission: Permission::Write,
         node_type: "pure".into(),
         config: json!({}),
         inputs,
@@ -612,7 +610,7 @@ async fn cas_gc_never_deletes_a_blob_a_run_needs() {
         prompt: None,
         embedding: None,
         cost_ms: 5,
-        required_permission: CachePermission::Write,
+        required_permission: Permission::Write,
     };
     let output = json!({"output": tag}).to_string();
     let output_ref = CasRef::of(output.as_bytes());
@@ -678,7 +676,7 @@ async fn cas_gc_never_deletes_a_blob_a_run_needs() {
             .unwrap();
     assert_eq!(owners, 0, "its ownership went with it");
     assert_eq!(
-        weir_model::definition::canonical_json(
+        weir_model::definition::canonical_json_verbatim_numbers(
             &st.cas
                 .get_json::<Value>(&pinned_ref)
                 .await

@@ -14,10 +14,10 @@ use weir_it::{
     config, prepare, produce, produce_in_order, produce_raw, random_name, spawn_weir_run,
     ChildGuard,
 };
-use weir_model::definition::{canonical_json, Limits};
+use weir_materializer::processor::patch_submitted;
+use weir_model::definition::{canonical_json_verbatim_numbers, Limits};
 use weir_model::fold::{self, Decision, Head, Submitted};
 use weir_model::patch::Patch;
-use weir_materializer::processor::patch_submitted;
 use weir_runtime::codec::Codec;
 use weir_runtime::events::{PatchSubmitted, WorkflowEvent};
 
@@ -203,8 +203,8 @@ async fn ten_thousand_patches_fold_exactly_once_through_crashes() {
         let want = &heads[id];
         assert_eq!(*version, want.version, "{id} version");
         assert_eq!(
-            canonical_json(definition),
-            canonical_json(&want.definition),
+            canonical_json_verbatim_numbers(definition),
+            canonical_json_verbatim_numbers(&want.definition),
             "{id} definition"
         );
     }

@@ -339,7 +339,7 @@ async fn dashboards_and_alerts_work_against_a_live_prometheus() {
     // A run left stalled on purpose: one `human` node, and nobody answers it.
     let pool = weir_runtime::db::pool(&cfg.postgres).expect("pool");
     let workspace = random_name("obs-ws");
-    let key = weir_gateway::create_key(&pool, &workspace, weir_gateway::Permission::Admin)
+    let key = weir_gateway::create_key(&pool, &workspace, weir_model::Permission::Admin)
         .await
         .expect("api key")
         .key;

@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 use rdkafka::message::{Headers as _, Message as _};
 use serde_json::{json, Value};
 use uuid::Uuid;
-use weir_gateway::{create_key, Permission};
+use weir_gateway::create_key;
 use weir_it::{config, prepare, random_name, reader, spawn_weir_run, ChildGuard};
+use weir_model::Permission;
 use weir_runtime::codec::Codec;
 use weir_runtime::events::{NodeReady, TopicEvent, WorkflowEvent};
 

@@ -37,18 +37,19 @@ use weir_runtime::cas::{Cas, CasError, CasRef};
 use weir_runtime::config::CacheConfig;
 use weir_runtime::events::CacheKind;
 
-use crate::embed::{validate_vector, Embedded, Embedder};
+use weir_model::cache::validate_vector;
+use weir_model::Permission;
+
+use crate::embed::{Embedded, Embedder};
 use crate::error::CacheError;
-use crate::key::{entry_key, json_hash, semantic_key, Permission};
+use crate::key::{entry_key, json_hash, semantic_key};
 use crate::metrics as m;
 use crate::pii;
 
-/// Whether results of `node_type` may be cached. Default: `function`, `pure`,
-/// `http_request`, `database_query` and `agent`; never `human` (a person's decision is not
-/// a reusable result) and never an unknown type. `cache.cacheable_node_types` overrides the
-/// list (e.g. drop `http_request` where HTTP nodes have side effects).
-pub fn is_cacheable(cfg: &CacheConfig, node_type: &str) -> bool {
-    cfg.cacheable_node_types.iter().any(|t| t == node_type)
+/// Whether results of `node_type` may be cached under `cfg`
+/// ([`weir_model::cache::is_cacheable`] of `cache.cacheable_node_types`).
+fn is_cacheable(cfg: &CacheConfig, node_type: &str) -> bool {
+    weir_model::cache::is_cacheable(&cfg.cacheable_node_types, node_type)
 }
 
 /// The `node_type` metric label: a configured (cacheable or semantic) type, else `other`, so
@@ -61,21 +62,10 @@ pub fn node_label(cfg: &CacheConfig, node_type: &str) -> String {
     }
 }
 
-/// Refuses a prompt the cache will not hash or embed: empty (or only whitespace: not a
-/// question) or longer than `cache.max_prompt_bytes`.
+/// Refuses a prompt the cache will not hash or embed ([`weir_model::cache::check_prompt`]
+/// within `cache.max_prompt_bytes`), as an invalid request.
 pub fn check_prompt(cfg: &CacheConfig, prompt: Option<&str>) -> Result<(), CacheError> {
-    let Some(p) = prompt else { return Ok(()) };
-    if p.trim().is_empty() {
-        return Err(CacheError::Invalid("prompt is empty".into()));
-    }
-    if p.len() > cfg.max_prompt_bytes {
-        return Err(CacheError::Invalid(format!(
-            "prompt is {} bytes, more than cache.max_prompt_bytes ({})",
-            p.len(),
-            cfg.max_prompt_bytes
-        )));
-    }
-    Ok(())
+    weir_model::cache::check_prompt(prompt, cfg.max_prompt_bytes).map_err(CacheError::Invalid)
 }
 
 /// Whether lookups of `node_type` may be answered by a semantic (prompt) match.
@@ -1510,7 +1500,10 @@ fn semantic_entry_key(r: &StoreRequest, config_hash: &[u8; 32]) -> [u8; 32] {
     // JSON is not the same entry.
     let basis = match &r.prompt {
         Some(p) => format!("prompt:{p}"),
-        None => format!("inputs:{}", crate::key::canonical_json(&r.inputs)),
+        None => format!(
+            "inputs:{}",
+            crate::key::canonical_json_normalized_numbers(&r.inputs)
+        ),
     };
     semantic_key(
         &r.workspace_id,

@@ -27,6 +27,8 @@ use candle_transformers::models::bert::{BertModel, Config as BertConfig};
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 use weir_runtime::config::{CacheConfig, EmbedderKind, Secret};
 
+use weir_model::cache::validate_vector;
+
 use crate::error::{CacheError, EmbedClass};
 use crate::metrics as m;
 
@@ -473,41 +475,6 @@ impl Failure {
             }
         }
     }
-}
-
-/// Smallest norm a vector may have before normalization: below it, the direction is noise
-/// (and zero has none: cosine with it is NaN).
-pub const MIN_NORM: f64 = 1e-6;
-
-/// Checks a vector (from an embedder or a caller) and scales it to unit length: exactly
-/// `dims` components, all finite, norm at least [`MIN_NORM`] and finite (computed in f64,
-/// so huge finite components cannot overflow it to infinity). The error is the reason.
-pub fn validate_vector(mut v: Vec<f32>, dims: usize) -> Result<Vec<f32>, String> {
-    if v.len() != dims {
-        return Err(format!(
-            "an embedding has {} dimensions, this deployment uses {dims} (cache.dimensions)",
-            v.len()
-        ));
-    }
-    if v.iter().any(|x| !x.is_finite()) {
-        return Err("an embedding holds NaN or infinity".into());
-    }
-    let norm = v
-        .iter()
-        .map(|x| f64::from(*x) * f64::from(*x))
-        .sum::<f64>()
-        .sqrt();
-    if !norm.is_finite() || norm < MIN_NORM {
-        return Err(format!(
-            "an embedding has length {norm:e}: a zero (or near-zero) vector has no direction"
-        ));
-    }
-    v.iter_mut()
-        .for_each(|x| *x = (f64::from(*x) / norm) as f32);
-    if v.iter().any(|x| !x.is_finite()) {
-        return Err("an embedding cannot be normalized".into());
-    }
-    Ok(v)
 }
 
 /// Scales `v` to unit length (a zero vector stays zero). For synthetic vectors (benchmarks,

@@ -93,3 +93,10 @@ impl CacheError {
         }
     }
 }
+
+/// An unknown permission name in a request is the request's fault.
+impl From<weir_model::permission::UnknownPermission> for CacheError {
+    fn from(e: weir_model::permission::UnknownPermission) -> Self {
+        CacheError::Invalid(e.to_string())
+    }
+}

@@ -1,4 +1,4 @@
-//! Cache keys: canonical JSON, its hash, permission levels and the entry key.
+//! Cache keys: canonical JSON, its hash and the entry key (over the permission level).
 //!
 //! Invariants: equal JSON values hash equally whatever their member order or number spelling
 //! (`1`, `1.0` and `1e0` are one number); the entry key binds the workspace, the entry's
@@ -10,59 +10,14 @@ use std::fmt::Write as _;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use weir_model::Permission;
+
 use crate::error::CacheError;
 
-/// Permission levels, ordered: read < write < admin.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Permission {
-    /// May read.
-    Read = 1,
-    /// May write.
-    Write = 2,
-    /// May administer.
-    Admin = 3,
-}
-
-impl Permission {
-    /// Every level, lowest first.
-    pub const ALL: [Permission; 3] = [Permission::Read, Permission::Write, Permission::Admin];
-
-    /// The level as stored in Postgres (1, 2, 3).
-    pub fn level(self) -> i16 {
-        self as i16
-    }
-
-    /// The level's name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Permission::Read => "read",
-            Permission::Write => "write",
-            Permission::Admin => "admin",
-        }
-    }
-
-    /// Parses `read`, `write` or `admin`; anything else is an invalid request.
-    pub fn parse(s: &str) -> Result<Permission, CacheError> {
-        match s {
-            "read" => Ok(Permission::Read),
-            "write" => Ok(Permission::Write),
-            "admin" => Ok(Permission::Admin),
-            other => Err(CacheError::Invalid(format!(
-                "permission must be read, write or admin, not {:?}",
-                other.chars().take(40).collect::<String>()
-            ))),
-        }
-    }
-
-    /// This level and every lower one: the levels of entries a requester may be served.
-    pub fn and_below(self) -> impl Iterator<Item = Permission> {
-        Permission::ALL.into_iter().filter(move |p| *p <= self)
-    }
-}
-
+/// Canonical JSON with numbers normalized by value: `1`, `1.0` and `1e0` give the same text (a
+/// cache key must not miss over a number's spelling). The definition hash's
+/// [`weir_model::definition::canonical_json_verbatim_numbers`] keeps them apart.
+///
 /// Canonical JSON text: object members sorted by key (byte order), no whitespace, strings
 /// escaped as serde_json escapes them, numbers normalized: an integral value within ±2^53 is
 /// printed as an integer (`1.0` → `1`), other integers as they are, other floats in the
@@ -70,7 +25,7 @@ impl Permission {
 ///
 /// Iterative, not recursive: a value built in memory (a definition grown by patches) may nest
 /// deeper than the parser's limit, and hashing it must not overflow the stack.
-pub fn canonical_json(v: &Value) -> String {
+pub fn canonical_json_normalized_numbers(v: &Value) -> String {
     enum Step<'a> {
         Value(&'a Value),
         Raw(&'static str),
@@ -144,7 +99,7 @@ fn write_string(out: &mut String, s: &str) {
 
 /// SHA-256 of the canonical JSON of `v`.
 pub fn json_hash(v: &Value) -> [u8; 32] {
-    Sha256::digest(canonical_json(v).as_bytes()).into()
+    Sha256::digest(canonical_json_normalized_numbers(v).as_bytes()).into()
 }
 
 /// Parses JSON text from an event; an invalid text is an invalid request.
@@ -224,13 +179,16 @@ mod tests {
             serde_json::from_str(r#"{"b":[1.0,2.50,{"y":1e2,"x":-0.0}],"a":"é\n"}"#).unwrap();
         let b: Value = serde_json::from_str(r#"{"a":"é\n","b":[1,2.5,{"x":0,"y":100}]}"#).unwrap();
         assert_eq!(
-            canonical_json(&a),
+            canonical_json_normalized_numbers(&a),
             r#"{"a":"é\n","b":[1,2.5,{"x":0,"y":100}]}"#
         );
         assert_eq!(json_hash(&a), json_hash(&b));
         assert_ne!(json_hash(&json!({"a": 1})), json_hash(&json!({"a": "1"})));
-        assert_eq!(canonical_json(&json!(u64::MAX)), "18446744073709551615");
-        assert_eq!(canonical_json(&json!(0.1)), "0.1");
+        assert_eq!(
+            canonical_json_normalized_numbers(&json!(u64::MAX)),
+            "18446744073709551615"
+        );
+        assert_eq!(canonical_json_normalized_numbers(&json!(0.1)), "0.1");
         let k = |ws: &str, p, t: &str| {
             entry_key(ws, p, t, &json_hash(&json!({})), &json_hash(&a), None)
         };
@@ -250,7 +208,6 @@ mod tests {
             k("ab", Permission::Read, "c"),
             k("a", Permission::Read, "bc")
         );
-        assert!(Permission::parse("root").is_err());
         // The prompt is part of the question.
         let (c, i) = (
             json_hash(&json!({"model": "m"})),
@@ -283,7 +240,7 @@ mod tests {
         for _ in 0..100_000 {
             v = Value::Array(vec![v]);
         }
-        let text = canonical_json(&v);
+        let text = canonical_json_normalized_numbers(&v);
         assert_eq!(text.len(), 200_001);
         let (open, close) = ("[".repeat(100_000), "]".repeat(100_000));
         assert_eq!(text, format!("{open}1{close}"));
@@ -320,9 +277,9 @@ mod tests {
 
         #[test]
         fn canonical_text_parses_back_to_the_same_hash(v in arb_json()) {
-            let text = canonical_json(&v);
+            let text = canonical_json_normalized_numbers(&v);
             let back: Value = serde_json::from_str(&text).unwrap();
-            prop_assert_eq!(canonical_json(&back), text.clone());
+            prop_assert_eq!(canonical_json_normalized_numbers(&back), text.clone());
             // Integers written as floats hash like the integers.
             let floaty = serde_json::from_str::<Value>(&text.replace(",1,", ",1.0,")).unwrap();
             prop_assert_eq!(json_hash(&floaty), json_hash(&v));

@@ -4,7 +4,7 @@
 //! - [`cache`]: exact lookup/store (key = sha256 of workspace, permission level, node type,
 //!   config hash, inputs hash over canonical JSON) and semantic lookup/store (prompt
 //!   embeddings in pgvector, HNSW with iterative index scans), as a library ([`Cache`],
-//!   [`exact_lookup_batch`], [`is_cacheable`]);
+//!   [`exact_lookup_batch`]; which node types are cacheable is [`weir_model::cache`]'s rule);
 //! - [`processor`]: the weir.cache.v1 processor answering on weir.cache-answers.v1;
 //! - [`embed`]: the built-in all-MiniLM-L6-v2 (candle) and the OpenAI-compatible embedder;
 //! - [`pii`]: the guard that keeps personal data and secrets out of the cache;
@@ -24,10 +24,9 @@ pub mod pii;
 pub mod processor;
 
 pub use cache::{
-    exact_lookup_batch, is_cacheable, Answer, Cache, ExactHit, ExactRequest, LookupRequest,
-    Refusal, StoreOutcome, StoreRequest, StoreResult,
+    exact_lookup_batch, Answer, Cache, ExactHit, ExactRequest, LookupRequest, Refusal,
+    StoreOutcome, StoreRequest, StoreResult,
 };
 pub use embed::Embedder;
 pub use error::CacheError;
-pub use key::Permission;
 pub use processor::CacheProcessor;

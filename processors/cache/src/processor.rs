@@ -24,10 +24,11 @@ use weir_runtime::telemetry::Health;
 use weir_runtime::{ApplyError, Outbox, Processor, Record, Rejection};
 
 use crate::cache::{check_prompt, Cache, LookupRequest, StoreOutcome, StoreRequest, StoreResult};
-use crate::embed::validate_vector;
 use crate::error::{CacheError, EmbedClass};
-use crate::key::{parse_json, Permission};
+use crate::key::parse_json;
 use crate::metrics as m;
+use weir_model::cache::{validate_vector, MAX_NODE_TYPE_BYTES};
+use weir_model::Permission;
 
 /// Base consumer group of the cache processor; the group is
 /// [`KafkaConfig::group`](weir_runtime::config::KafkaConfig::group) of it.
@@ -38,8 +39,6 @@ pub const EMBEDDER_COMPONENT: &str = "cache-embedder";
 
 /// Longest workspace id, requester or request id accepted, in bytes.
 pub const MAX_NAME_BYTES: usize = 256;
-/// Longest node type accepted, in bytes (the gateway's limit too).
-pub const MAX_NODE_TYPE_BYTES: usize = 128;
 
 /// The processor.
 pub struct CacheProcessor {

@@ -26,7 +26,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde_json::Value;
 use uuid::Uuid;
-use weir_model::definition::{canonical_json, Limits};
+use weir_model::definition::{canonical_json_verbatim_numbers, Limits};
 use weir_model::fold::{self, Decision, Head, Submitted};
 use weir_model::patch::{json_equal, Budget, Patch};
 use weir_runtime::codec::Codec;
@@ -299,13 +299,8 @@ pub struct Observed {
 /// invariant.
 pub async fn check(cfg: &Config, ledger: &Ledger, drain: Duration) -> anyhow::Result<CheckReport> {
     let observed = gather(cfg, ledger, drain).await?;
-    let m = &cfg.materializer;
-    let limits = Limits {
-        max_bytes: m.max_definition_bytes,
-        max_nodes: m.max_nodes,
-        max_edges: m.max_edges,
-    };
-    let budget = weir_materializer::processor::budget(m);
+    let limits = cfg.materializer.limits();
+    let budget = cfg.materializer.budget();
     Ok(verify(ledger, &observed, &limits, &budget))
 }
 
@@ -808,7 +803,7 @@ pub fn verify(ledger: &Ledger, obs: &Observed, limits: &Limits, budget: &Budget)
             match head {
                 None => wrong = Some(format!("{workflow}: no head")),
                 Some(h) => {
-                    let sha = fold::sha256_hex(&canonical_json(&state.definition));
+                    let sha = fold::sha256_hex(&canonical_json_verbatim_numbers(&state.definition));
                     let same_doc = h
                         .definition
                         .as_ref()
@@ -1454,7 +1449,7 @@ mod tests {
             workflow_id: "wf-1".into(),
             version: head.version,
             definition: Some(head.definition.clone()),
-            sha256: fold::sha256_hex(&canonical_json(&head.definition)),
+            sha256: fold::sha256_hex(&canonical_json_verbatim_numbers(&head.definition)),
         });
         obs.runs.push(("r1".into(), "completed".into()));
         for (node, attempt) in [("split", 2), ("join", 1)] {

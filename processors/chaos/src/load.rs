@@ -288,7 +288,7 @@ pub async fn start(
         load.seed,
         &Uuid::now_v7().simple().to_string()[20..]
     );
-    let key = weir_gateway::create_key(&pool, &workspace, weir_gateway::Permission::Admin)
+    let key = weir_gateway::create_key(&pool, &workspace, weir_model::Permission::Admin)
         .await
         .context("creating the workload's API key (has `weir migrate` run?)")?
         .key;

@@ -10,17 +10,14 @@
 //! decision (answer `None` for the others).
 //!
 //! A cache is an optimization: nothing wrong with it may stop runs or drop a completion.
-//! [`ResultCache`] runs its lookup under a savepoint; a failure that retrying cannot fix (the
+//! weir's result cache (`weir_wiring::ResultCache`, so this crate
+//! depends on no other processor) runs its lookup under a savepoint; a failure that retrying cannot fix (the
 //! cache's own data, a CAS misconfiguration, a data error in its statements) is rolled back
 //! to the savepoint and answered as all misses — the attempts go to workers — with an error
 //! logged. Only transient failures (connection lost, CAS unreachable) retry the batch.
 
-use std::sync::Arc;
-
 use futures::future::BoxFuture;
 use sqlx::PgConnection;
-use weir_runtime::cas::Cas;
-use weir_runtime::config::CacheConfig;
 use weir_runtime::Disposition;
 
 /// One attempt about to be dispatched.
@@ -66,7 +63,7 @@ pub enum CacheSeamError {
     #[error("postgres: {0}")]
     Postgres(#[from] sqlx::Error),
     /// The cache answered a different number of results than candidates: a broken
-    /// [`DispatchCache`] implementation (no record can cause it; [`ResultCache`] never does).
+    /// [`DispatchCache`] implementation (no record can cause it; weir's result cache never does).
     #[error("cache answered {answers} results for {candidates} candidates")]
     Mismatch {
         /// Candidates asked.
@@ -80,7 +77,7 @@ pub enum CacheSeamError {
         /// Detail.
         message: String,
         /// Retry the batch (else the process stops: a cache bug must not drop runs).
-        /// [`ResultCache`] returns only retryable ones: it degrades to misses otherwise.
+        /// weir's result cache returns only retryable ones: it degrades to misses otherwise.
         retryable: bool,
     },
 }
@@ -112,106 +109,4 @@ pub trait DispatchCache: Send + Sync {
     /// CacheStore event through the outbox, stored by the cache processor), so a later run
     /// with the same node, config and inputs is served from it.
     fn stores(&self, node_type: &str) -> bool;
-}
-
-/// weir's result cache (weir-cache) as the dispatch cache: exact lookups of cacheable node
-/// types in the batch's transaction (one statement for every candidate, with the audit rows),
-/// and results of those types offered back to it.
-pub struct ResultCache {
-    cas: Cas,
-    cfg: Arc<CacheConfig>,
-}
-
-impl ResultCache {
-    /// Looks up with `cfg`'s cacheable node types; blobs are verified through `cas`.
-    pub fn new(cas: Cas, cfg: Arc<CacheConfig>) -> Self {
-        Self { cas, cfg }
-    }
-}
-
-impl DispatchCache for ResultCache {
-    fn lookup<'a>(
-        &'a self,
-        conn: &'a mut PgConnection,
-        candidates: &'a [CacheCandidate],
-    ) -> BoxFuture<'a, Result<Vec<Option<CachedResult>>, CacheSeamError>> {
-        Box::pin(async move {
-            let mut asked = Vec::new();
-            let mut reqs = Vec::new();
-            for (i, c) in candidates.iter().enumerate() {
-                if !weir_cache::is_cacheable(&self.cfg, &c.node_type) {
-                    continue;
-                }
-                // The run's permission was checked when it started; an unknown level asks nothing.
-                let Ok(permission) = weir_cache::Permission::parse(&c.permission) else {
-                    continue;
-                };
-                asked.push(i);
-                reqs.push(weir_cache::ExactRequest {
-                    workspace_id: c.workspace_id.clone(),
-                    permission,
-                    node_type: c.node_type.clone(),
-                    config: c.config.clone(),
-                    inputs: c.inputs.clone(),
-                    // The coordinator offers results without a prompt (its CacheStore events
-                    // carry none), so it looks them up without one.
-                    prompt: None,
-                    // The audit names who asked: the key that requested the run (the run and
-                    // node are in the request id).
-                    requester: c.requester.clone(),
-                    request_id: format!("{}/{}", c.run_id, c.node_id),
-                });
-            }
-            let mut answers = vec![None; candidates.len()];
-            if reqs.is_empty() {
-                return Ok(answers);
-            }
-            // Under a savepoint (the batch transaction is open): a failure that is not
-            // transient is undone and answered as misses instead of stopping the batch.
-            sqlx::query("SAVEPOINT weir_dispatch_cache")
-                .execute(&mut *conn)
-                .await?;
-            let hits = match weir_cache::exact_lookup_batch(conn, &self.cas, &reqs).await {
-                Ok(hits) => {
-                    sqlx::query("RELEASE SAVEPOINT weir_dispatch_cache")
-                        .execute(&mut *conn)
-                        .await?;
-                    hits
-                }
-                Err(e) if e.disposition() == Disposition::Retry => {
-                    return Err(match e {
-                        weir_cache::CacheError::Postgres(e) => CacheSeamError::Postgres(e),
-                        other => CacheSeamError::Other {
-                            retryable: true,
-                            message: other.to_string(),
-                        },
-                    })
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, candidates = reqs.len(),
-                        "dispatch cache lookup failed; dispatching to workers without the cache");
-                    sqlx::query("ROLLBACK TO SAVEPOINT weir_dispatch_cache")
-                        .execute(&mut *conn)
-                        .await?;
-                    return Ok(answers);
-                }
-            };
-            for (i, hit) in asked.into_iter().zip(hits) {
-                answers[i] = hit.map(|h| {
-                    let inline = h.result_json.map(|v| v.to_string());
-                    CachedResult {
-                        output_ref: inline.is_none().then(|| h.result_ref.to_string()),
-                        output_json: inline,
-                        saved_ms: h.saved_ms,
-                        entry_key: h.entry_key,
-                    }
-                });
-            }
-            Ok(answers)
-        })
-    }
-
-    fn stores(&self, node_type: &str) -> bool {
-        weir_cache::is_cacheable(&self.cfg, node_type)
-    }
 }

@@ -7,16 +7,19 @@
 //! - [`processor`]: the batch processor; per batch a handful of set-based statements.
 //! - [`timers`]: the durable timer loop (retries, deadlines, stall detection).
 //! - [`cache`]: the dispatch-time result cache seam.
+//! - [`history`]: the patch-log seam that rebuilds older versions.
 //! - [`status`]: the run status read by the HTTP gateway.
 
 pub mod cache;
+pub mod history;
 pub mod machine;
 pub mod metrics;
 pub mod processor;
 pub mod status;
 pub mod timers;
 
-pub use cache::{CacheCandidate, CacheSeamError, CachedResult, DispatchCache, ResultCache};
+pub use cache::{CacheCandidate, CacheSeamError, CachedResult, DispatchCache};
+pub use history::{PatchLog, RebuildError, Rebuilt};
 pub use processor::{Coordinator, GROUP};
-pub use status::{run_status, NodeStatusView, RunStatus};
+pub use status::run_status;
 pub use timers::TimerLoop;

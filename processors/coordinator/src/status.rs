@@ -1,38 +1,8 @@
 //! The status of one run, for the HTTP gateway's `GET /v1/runs/{run_id}`.
 
-use serde::Serialize;
 use sqlx::PgPool;
 use uuid::Uuid;
-
-/// One node of a run.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct NodeStatusView {
-    /// Node id.
-    pub node_id: String,
-    /// Node type.
-    pub node_type: String,
-    /// waiting, running, retry_wait, succeeded, failed or cancelled.
-    pub status: String,
-    /// Current attempt (0 while waiting).
-    pub attempt: i32,
-}
-
-/// A run as the gateway shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct RunStatus {
-    /// The run.
-    pub run_id: Uuid,
-    /// Its workflow.
-    pub workflow_id: String,
-    /// The pinned version (`None` when the run failed before pinning one).
-    pub version: Option<i64>,
-    /// running, completed, failed or cancelled.
-    pub status: String,
-    /// Why it failed or was cancelled.
-    pub reason: Option<String>,
-    /// Every node of the pinned definition, by id.
-    pub nodes: Vec<NodeStatusView>,
-}
+use weir_model::run::{NodeState, RunStatus};
 
 /// The status of run `run_id` (looked up by its hyphenated lowercase text) if it belongs to
 /// `workspace_id`; `None` otherwise, so a caller cannot probe other workspaces' runs.
@@ -75,7 +45,7 @@ pub async fn run_status(
     .fetch_all(pool)
     .await?
     .into_iter()
-    .map(|n| NodeStatusView {
+    .map(|n| NodeState {
         node_id: n.node_id,
         node_type: n.node_type,
         status: n.status,

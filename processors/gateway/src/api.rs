@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use weir_model::definition::{self, Limits};
 use weir_model::patch::{parse_json_strict, Patch};
+use weir_model::Permission;
 use weir_runtime::cas::{Cas, CasRef};
 use weir_runtime::config::Config;
 use weir_runtime::events::{
@@ -42,7 +43,7 @@ use weir_runtime::events::{
     RunCancelRequested, RunRequested,
 };
 
-use crate::auth::{Caller, KeyStore, KeyStoreLimits, Permission, Resolved};
+use crate::auth::{Caller, KeyStore, KeyStoreLimits, Resolved};
 use crate::guard;
 use crate::idempotency::{self, Claim};
 use crate::limit::{ClientId, RateLimiter};
@@ -124,11 +125,7 @@ impl AppState {
             ),
             limiter: RateLimiter::new(g.rate_limit_per_sec, g.rate_limit_burst),
             clients: RateLimiter::new(g.client_rate_limit_per_sec, g.client_rate_limit_burst),
-            limits: Limits {
-                max_bytes: m.max_definition_bytes,
-                max_nodes: m.max_nodes,
-                max_edges: m.max_edges,
-            },
+            limits: m.limits(),
             owners: RwLock::new(HashMap::new()),
             ready: AtomicBool::new(false),
             cfg,
@@ -510,11 +507,7 @@ fn path<T>(p: Result<Path<T>, PathRejection>) -> Result<T, Problem> {
 
 /// Workflow and node ids: `^[A-Za-z0-9_.:-]{1,128}$` (node ids without `:`).
 fn check_id(kind: &str, id: &str, colon: bool) -> Result<(), Problem> {
-    let ok = (1..=128).contains(&id.len())
-        && id.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-') || (colon && b == b':')
-        });
-    if ok {
+    if weir_model::id::valid_id(id, colon) {
         Ok(())
     } else {
         Err(Problem::bad_request(format!(
@@ -852,7 +845,7 @@ async fn post_patches(
     // What the materializer's patch budget rejects without the document (operation count,
     // pointers, the values' size and depth) is a 422 now instead of a PatchRejected later:
     // the same function and limits as the materializer's.
-    let budget = weir_materializer::processor::budget(&s.0.cfg.materializer);
+    let budget = s.0.cfg.materializer.budget();
     if let Err(e) = weir_model::patch::check_static(&patch, &budget) {
         return Err(patch_over_budget(e.to_string()).with_code(e.code()));
     }
@@ -1237,10 +1230,10 @@ async fn post_cache_entry(
     let key = idempotency_key(&headers)?;
     let b = body(&s, b)?;
     let e: CacheEntryBody = parse_body(&b)?;
-    if e.node_type.is_empty() || e.node_type.len() > weir_cache::processor::MAX_NODE_TYPE_BYTES {
+    if e.node_type.is_empty() || e.node_type.len() > weir_model::cache::MAX_NODE_TYPE_BYTES {
         return Err(Problem::unprocessable(format!(
             "node_type must be 1 to {} bytes",
-            weir_cache::processor::MAX_NODE_TYPE_BYTES
+            weir_model::cache::MAX_NODE_TYPE_BYTES
         )));
     }
     if e.cost_ms < 0 {
@@ -1248,10 +1241,11 @@ async fn post_cache_entry(
     }
     // The cache processor's own checks, here so a client mistake is a 422 and not a dead
     // letter the client never hears of; before anything is stored in the CAS.
-    weir_cache::cache::check_prompt(&s.0.cfg.cache, e.prompt.as_deref())
-        .map_err(|err| Problem::unprocessable(err.public_message()))?;
+    // The text is the cache processor's own refusal (`invalid cache request: ...`).
+    weir_model::cache::check_prompt(e.prompt.as_deref(), s.0.cfg.cache.max_prompt_bytes)
+        .map_err(|why| Problem::unprocessable(format!("invalid cache request: {why}")))?;
     if let Some(v) = &e.embedding {
-        weir_cache::embed::validate_vector(v.clone(), s.0.cfg.cache.dimensions as usize)
+        weir_model::cache::validate_vector(v.clone(), s.0.cfg.cache.dimensions as usize)
             .map_err(Problem::unprocessable)?;
     }
     let required_permission = e.required_permission.unwrap_or(caller.permission);
@@ -1290,8 +1284,8 @@ async fn post_cache_entry(
         requester: caller.key_id.clone(),
         permission: caller.permission.as_str().to_string(),
         node_type: e.node_type,
-        config_json: definition::canonical_json(&e.config),
-        inputs_json: definition::canonical_json(&e.inputs),
+        config_json: definition::canonical_json_verbatim_numbers(&e.config),
+        inputs_json: definition::canonical_json_verbatim_numbers(&e.inputs),
         result_json,
         result_ref,
         prompt: e.prompt,

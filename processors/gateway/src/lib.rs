@@ -33,10 +33,10 @@ use weir_runtime::codec::Codec;
 use weir_runtime::config::Config;
 
 pub use api::{router, AppState, Sources, OPENAPI};
-pub use auth::{create_key, Caller, NewKey, Permission};
+pub use auth::{create_key, Caller, NewKey};
 pub use sources::{
-    CacheLookupAnswer, CacheLookupRequest, CacheLookupSource, HitKind, NodeState, RunStatus,
-    RunStatusSource, SourceError,
+    CacheLookupAnswer, CacheLookupRequest, CacheLookupSource, HitKind, RunStatusSource,
+    SourceError,
 };
 
 /// How often readiness (Postgres and Kafka reachable) is checked.
@@ -116,7 +116,7 @@ pub async fn run(
     health: weir_runtime::telemetry::Health,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(cfg.gateway.listen).await?;
+    let listener = server::bind(cfg.gateway.listen, cfg.gateway.listen_backlog)?;
     let state = state(cfg, sources).await?;
     health.register(HEALTH_COMPONENT);
     tokio::spawn(mirror_readiness(state.clone(), health, shutdown.clone()));

@@ -87,18 +87,6 @@ pub fn patch_submitted(
 /// unique within its workspace only.
 type WorkflowKey = (String, String);
 
-/// The patch [`Budget`] configured by `materializer.patch_max_*`: one definition for the
-/// materializer, the gateway's static check and `weir patch apply`.
-pub fn budget(m: &weir_runtime::config::MaterializerConfig) -> Budget {
-    Budget {
-        max_operations: m.patch_max_operations,
-        max_bytes: m.patch_max_bytes,
-        max_depth: m.patch_max_depth,
-        max_pointer_bytes: m.patch_max_pointer_bytes,
-        max_array_shifts: m.patch_max_array_shifts,
-    }
-}
-
 /// The materializer.
 pub struct Materializer {
     cfg: Arc<Config>,
@@ -129,13 +117,8 @@ struct CachedHead {
 impl Materializer {
     /// A materializer with limits from `cfg.materializer`.
     pub fn new(cfg: Arc<Config>, cas: Cas) -> Self {
-        let m = &cfg.materializer;
-        let limits = Limits {
-            max_bytes: m.max_definition_bytes,
-            max_nodes: m.max_nodes,
-            max_edges: m.max_edges,
-        };
-        let budget = budget(m);
+        let limits = cfg.materializer.limits();
+        let budget = cfg.materializer.budget();
         Self {
             cfg,
             cas,

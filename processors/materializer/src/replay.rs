@@ -6,7 +6,7 @@ use serde_json::Value;
 use sqlx::PgPool;
 use weir_runtime::cas::{Cas, CasRef};
 
-use weir_model::definition::{canonical_json, Limits};
+use weir_model::definition::{canonical_json_verbatim_numbers, Limits};
 use weir_model::fold::{self, Decision, Head, Submitted};
 use weir_model::patch::{Budget, Patch};
 
@@ -83,7 +83,7 @@ pub async fn replay(
 }
 
 /// [`replay`] within `budget`: pass the materializer's configured budget
-/// ([`crate::processor::budget`]), or a patch the materializer applied under raised limits
+/// ([`MaterializerConfig::budget`](weir_runtime::config::MaterializerConfig::budget)), or a patch the materializer applied under raised limits
 /// would replay as rejected.
 pub async fn replay_with(
     pool: &PgPool,
@@ -181,7 +181,10 @@ pub async fn replay_with(
             match stored_def {
                 Err(m) => differences.push(m),
                 Ok(d) => {
-                    let (ours, theirs) = (canonical_json(&head.definition), canonical_json(&d));
+                    let (ours, theirs) = (
+                        canonical_json_verbatim_numbers(&head.definition),
+                        canonical_json_verbatim_numbers(&d),
+                    );
                     if ours != theirs {
                         differences
                             .push("stored head definition differs from the replayed one".into());

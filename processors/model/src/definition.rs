@@ -45,6 +45,7 @@ use std::sync::LazyLock;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use crate::id::valid_node_id;
 use crate::pointer::{escape_token, json_kind};
 
 /// The node types the orchestrator knows (the seed's list).
@@ -787,14 +788,6 @@ fn check_edge(i: usize, v: &Value) -> Result<(&str, &str), DefinitionError> {
     Ok((end("from")?, end("to")?))
 }
 
-/// `^[A-Za-z0-9_.-]{1,128}$`
-fn valid_node_id(id: &str) -> bool {
-    (1..=128).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-}
-
 /// An integer (JSON Schema sense: no fractional part, so `3.0` counts) in `lo..=hi`.
 /// The caller casts the result to a type that holds `lo..=hi`.
 fn int_in_range(
@@ -852,7 +845,7 @@ fn fits_in(v: &Value, max: usize) -> bool {
 /// The compact JSON size and nesting depth of a value, as [`measure`] finds them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Measure {
-    /// Bytes of the compact serialization (the length of [`canonical_json`]); only a lower
+    /// Bytes of the compact serialization (the length of [`canonical_json_verbatim_numbers`]); only a lower
     /// bound once it passed the walk's `max_bytes`.
     pub bytes: usize,
     /// Nesting depth: 0 for a scalar, 1 + the deepest member's depth for an array or an
@@ -957,13 +950,17 @@ fn escape(b: u8) -> Escape {
     }
 }
 
+/// Canonical JSON keeping numbers as written: `1` and `1.0` give different text (a definition's
+/// hash changes when its author changes a number's spelling). The cache's
+/// `canonical_json_normalized_numbers` is the one where they are equal.
+///
 /// Canonical JSON text of `v`, for hashing: object members sorted by key (Unicode code point
 /// order, which is UTF-8 byte order), no whitespace, strings escaped exactly as serde_json
 /// escapes them, numbers printed exactly as serde_json prints them (so `1` and `1.0` stay
 /// different). Equal values (as `serde_json::Value`s) give equal text. This is *not*
 /// RFC 8785 (JCS), which orders keys by UTF-16 code units and prints numbers the ECMAScript
 /// way.
-pub fn canonical_json(v: &Value) -> String {
+pub fn canonical_json_verbatim_numbers(v: &Value) -> String {
     // serde_json's own printer gives exactly these bytes when its maps iterate in key order
     // (a BTreeMap, unless some crate turns on its `preserve_order` feature), and is about
     // twice as fast as the writer below, which stays as the fallback and the reference.
@@ -983,7 +980,7 @@ static MAPS_ITERATE_SORTED: LazyLock<bool> = LazyLock::new(|| {
     m.keys().map(String::as_str).eq(["a", "b"])
 });
 
-/// [`canonical_json`] written member by member, sorting any object whose keys are not in
+/// [`canonical_json_verbatim_numbers`] written member by member, sorting any object whose keys are not in
 /// order.
 fn canonical_json_by_hand(v: &Value) -> String {
     let mut out = String::new();
@@ -1162,7 +1159,7 @@ mod tests {
             validate(&brief_example(), &small).unwrap_err(),
             E::TooLarge { max_bytes: 100 }
         );
-        let exact = canonical_json(&brief_example()).len();
+        let exact = canonical_json_verbatim_numbers(&brief_example()).len();
         assert!(validate(
             &brief_example(),
             &Limits {
@@ -1465,12 +1462,18 @@ mod tests {
     #[test]
     fn canonical_json_sorts_and_escapes() {
         let v = json!({"b": [1, 1.0, -2.5e-7, null, true], "a": {"z": "\"\\\n\u{1}\u{7f}é😀", "y": {}}, "": []});
-        assert_eq!(canonical_json(&v), canonical_json_by_hand(&v));
         assert_eq!(
-            canonical_json(&v),
+            canonical_json_verbatim_numbers(&v),
+            canonical_json_by_hand(&v)
+        );
+        assert_eq!(
+            canonical_json_verbatim_numbers(&v),
             "{\"\":[],\"a\":{\"y\":{},\"z\":\"\\\"\\\\\\n\\u0001\u{7f}é😀\"},\"b\":[1,1.0,-2.5e-7,null,true]}"
         );
-        assert_eq!(canonical_json(&json!(u64::MAX)), "18446744073709551615");
+        assert_eq!(
+            canonical_json_verbatim_numbers(&json!(u64::MAX)),
+            "18446744073709551615"
+        );
     }
 
     /// `v` rebuilt with object members inserted in sorted order (so that serde_json's
@@ -1559,7 +1562,7 @@ mod tests {
         fn canonical_json_matches_serde_json_on_sorted_values(v in arb_json()) {
             let c = canonical_json_by_hand(&v);
             prop_assert_eq!(&c, &serde_json::to_string(&sorted(&v)).unwrap());
-            prop_assert_eq!(&c, &canonical_json(&v), "the fast path gives the same text");
+            prop_assert_eq!(&c, &canonical_json_verbatim_numbers(&v), "the fast path gives the same text");
             // The size check counts exactly the compact serialization's bytes.
             prop_assert!(fits_in(&v, c.len()));
             prop_assert!(!fits_in(&v, c.len() - 1));

@@ -9,7 +9,7 @@
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::definition::{self, canonical_json, Limits};
+use crate::definition::{self, canonical_json_verbatim_numbers, Limits};
 use crate::patch::{Budget, Patch, PatchError};
 
 /// The state of one workflow between patches.
@@ -145,7 +145,7 @@ pub fn step_with(head: &mut Head, patch: &Submitted, limits: &Limits, budget: &B
     // The canonical text is needed for an applied patch anyway, and its length is exactly
     // what the size limit counts: check the size on it, then the rest without re-measuring
     // (same order, so the same error, as `definition::check`).
-    let canonical = canonical_json(&head.definition);
+    let canonical = canonical_json_verbatim_numbers(&head.definition);
     let checked = if canonical.len() > limits.max_bytes {
         Err(definition::DefinitionError::TooLarge {
             max_bytes: limits.max_bytes,
@@ -282,7 +282,10 @@ mod tests {
         else {
             panic!()
         };
-        assert_eq!(*canonical, canonical_json(&head.definition));
+        assert_eq!(
+            *canonical,
+            canonical_json_verbatim_numbers(&head.definition)
+        );
         assert_eq!(*sha256, sha256_hex(canonical));
     }
 

@@ -7,12 +7,24 @@
 //!   ([`definition::Definition`]) within [`definition::Limits`], and canonical JSON for hashing.
 //! - [`fold`]: one workflow's patches folded onto its head, shared by the materializer, replay
 //!   and the benchmarks.
+//! - [`permission`]: `read < write < admin`, the one [`Permission`] of keys, runs and cache
+//!   entries.
+//! - [`id`]: workflow and node ids and their validation.
+//! - [`run`]: a run's status as clients see it ([`RunStatus`]).
+//! - [`cache`]: the result cache's request rules (cacheable node types, prompts, vectors).
 //!
 //! Invariants: nothing here reads a clock, a socket or a file, so everything is property
 //! tested; every materialized version is a document that [`definition::validate`] accepts.
 //! This crate depends on no other weir crate: it is the bottom layer.
 
+pub mod cache;
 pub mod definition;
 pub mod fold;
+pub mod id;
 pub mod patch;
+pub mod permission;
 pub mod pointer;
+pub mod run;
+
+pub use permission::Permission;
+pub use run::RunStatus;

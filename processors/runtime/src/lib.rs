@@ -20,6 +20,7 @@ pub mod dlq;
 pub mod error;
 pub mod events;
 pub mod kafka;
+mod limits;
 pub mod metrics;
 pub mod ops;
 pub mod outbox;

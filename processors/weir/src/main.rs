@@ -152,8 +152,8 @@ enum KeysCommand {
         #[arg(long)]
         workspace: String,
         /// read, write or admin.
-        #[arg(long, value_parser = ["read", "write", "admin"])]
-        permission: String,
+        #[arg(long, value_parser = weir_model::Permission::parse)]
+        permission: weir_model::Permission,
     },
     /// List keys (id, workspace, permission, created, revoked); never a key or its hash.
     List {
@@ -413,14 +413,6 @@ fn main() -> ExitCode {
     code
 }
 
-fn limits(cfg: &Config) -> weir_model::definition::Limits {
-    weir_model::definition::Limits {
-        max_bytes: cfg.materializer.max_definition_bytes,
-        max_nodes: cfg.materializer.max_nodes,
-        max_edges: cfg.materializer.max_edges,
-    }
-}
-
 /// Runs processors until SIGINT/SIGTERM, with the health server; returns false if any
 /// ended with an error.
 async fn run_processors(cfg: Arc<Config>, which: &[ProcessorName]) -> anyhow::Result<bool> {
@@ -491,11 +483,18 @@ async fn run_processors(cfg: Arc<Config>, which: &[ProcessorName]) -> anyhow::Re
             }
             ProcessorName::Coordinator => {
                 let coordinator = Arc::new(
-                    weir_coordinator::Coordinator::new(cfg.clone(), s.pool.clone(), cas.clone())
-                        .with_cache(Arc::new(weir_coordinator::ResultCache::new(
+                    weir_coordinator::Coordinator::new(
+                        cfg.clone(),
+                        cas.clone(),
+                        Arc::new(weir_wiring::PatchLogReplay::new(
+                            s.pool.clone(),
                             cas.clone(),
-                            Arc::new(cfg.cache.clone()),
-                        ))),
+                        )),
+                    )
+                    .with_cache(Arc::new(weir_wiring::ResultCache::new(
+                        cas.clone(),
+                        Arc::new(cfg.cache.clone()),
+                    ))),
                 );
                 for _ in 0..cfg.runtime.consumers {
                     let consumer = weir_runtime::BatchConsumer::new(
@@ -555,12 +554,10 @@ async fn run_processors(cfg: Arc<Config>, which: &[ProcessorName]) -> anyhow::Re
                     .clone()
                     .context("the result cache is built for the gateway")?;
                 let sources = weir_gateway::Sources {
-                    run_status: Some(Arc::new(weir_gateway::sources::CoordinatorRunStatus::new(
+                    run_status: Some(Arc::new(weir_wiring::CoordinatorRunStatus::new(
                         s.pool.clone(),
                     ))),
-                    cache_lookup: Some(Arc::new(weir_gateway::sources::ResultCacheLookup::new(
-                        cache,
-                    ))),
+                    cache_lookup: Some(Arc::new(weir_wiring::ResultCacheLookup::new(cache))),
                 };
                 let health = s.health.clone();
                 tasks.spawn(async move { weir_gateway::run(cfg, sources, health, stop).await });
@@ -732,9 +729,6 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
                     permission,
                 },
         } => {
-            let Some(permission) = weir_gateway::Permission::parse(&permission) else {
-                anyhow::bail!("--permission must be read, write or admin");
-            };
             anyhow::ensure!(!workspace.is_empty(), "--workspace must not be empty");
             let pool = weir_runtime::db::pool(&cfg.postgres)?;
             let key = weir_gateway::create_key(&pool, &workspace, permission)
@@ -823,9 +817,8 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
                     std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
                 }
             };
-            let mut doc: serde_json::Value =
-                weir_model::patch::parse_json_strict(&read(&doc)?)
-                    .context("the document is not valid JSON")?;
+            let mut doc: serde_json::Value = weir_model::patch::parse_json_strict(&read(&doc)?)
+                .context("the document is not valid JSON")?;
             let ops = match weir_model::patch::Patch::from_json_str(&read(&patch)?) {
                 Ok(ops) => ops,
                 Err(e) => {
@@ -835,7 +828,7 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
             };
             // The materializer's budget, so a patch that would be rejected there is rejected
             // here, with its reason, instead of exhausting memory or the stack.
-            let budget = weir_materializer::processor::budget(&cfg.materializer);
+            let budget = cfg.materializer.budget();
             if let Err(e) = ops.apply_with(&mut doc, &budget) {
                 eprintln!("error ({}): {e}", e.code());
                 if e.is_over_budget() {
@@ -844,7 +837,7 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
                 return Ok(false);
             }
             if !no_validate {
-                let limits = limits(&cfg);
+                let limits = cfg.materializer.limits();
                 if let Err(e) = weir_model::definition::check(&doc, &limits) {
                     eprintln!(
                         "error ({}): the result is not a valid workflow definition: {e}",
@@ -872,8 +865,8 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
                 &workspace,
                 &workflow_id,
                 to_version,
-                &limits(&cfg),
-                &weir_materializer::processor::budget(&cfg.materializer),
+                &cfg.materializer.limits(),
+                &cfg.materializer.budget(),
             )
             .await?;
             if to_version.is_some() {
