@@ -31,7 +31,7 @@ use bytes::Bytes;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Notify;
 use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
@@ -140,6 +140,22 @@ impl Drop for Slot {
         ::metrics::gauge!(metrics::OPEN_CONNECTIONS).set(total as f64);
         self.table.closed.notify_waiters();
     }
+}
+
+/// Binds the gateway's listening socket with an accept queue of `backlog` connections
+/// (`gateway.listen_backlog`; the kernel caps it at `net.core.somaxconn`). `TcpListener::bind`
+/// would fix it at the runtime's default whatever the host allows. Accepted connections get
+/// TCP_NODELAY in [`serve`]: responses are small and must not wait for Nagle's timer.
+pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // A restarted gateway rebinds at once while the old connections sit in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog.max(1))
 }
 
 /// Serves `app` on `listener` until `shutdown`, then lets open connections finish (at most
@@ -473,6 +489,28 @@ mod tests {
             body_read_timeout: Duration::from_millis(300),
             max_header_bytes: 8192,
         }
+    }
+
+    /// The accept queue is `gateway.listen_backlog`, not the runtime's default: a listening
+    /// socket's Send-Q in `ss` is its backlog (iproute2; the check is skipped without `ss`).
+    #[tokio::test]
+    async fn listen_backlog_is_the_configured_one() {
+        let listener = bind("127.0.0.1:0".parse().unwrap(), 77).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let Ok(out) = std::process::Command::new("ss")
+            .args(["-ltnH", &format!("sport = :{port}")])
+            .output()
+        else {
+            eprintln!("ss not found: backlog not checked");
+            return;
+        };
+        let text = String::from_utf8_lossy(&out.stdout);
+        let columns: Vec<&str> = text.split_whitespace().collect();
+        assert_eq!(columns.get(2), Some(&"77"), "ss -ltn: {text}");
+        // And it accepts.
+        let client = TcpStream::connect(("127.0.0.1", port));
+        let (accepted, connected) = tokio::join!(listener.accept(), client);
+        assert!(accepted.is_ok() && connected.is_ok());
     }
 
     async fn start() -> (SocketAddr, CancellationToken) {

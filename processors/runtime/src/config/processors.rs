@@ -139,6 +139,10 @@ pub struct GatewayConfig {
     pub inline_max_bytes: usize,
     /// Seconds a client is told to wait (Retry-After) after a 503 or 429.
     pub retry_after_secs: u32,
+    /// Accept queue length of the listening socket (`listen(2)` backlog): connections the
+    /// kernel completes while the gateway is busy. The kernel caps it at
+    /// `net.core.somaxconn` (infra/os sets 8192); 0 is taken as 1.
+    pub listen_backlog: u32,
 }
 
 impl Default for GatewayConfig {
@@ -167,6 +171,7 @@ impl Default for GatewayConfig {
             produce_timeout_ms: 10_000,
             inline_max_bytes: 256 * 1024,
             retry_after_secs: 1,
+            listen_backlog: 4096,
         }
     }
 }
