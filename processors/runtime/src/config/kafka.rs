@@ -1,7 +1,7 @@
 //! The `kafka` section: connection, topic names, and the librdkafka pass-through maps.
 //!
-//! Invariant: `Debug` hides the value of every secret-looking key of those maps
-//! ([`is_secret_key`]).
+//! Invariant: `Debug`, and serialization inside [`super::secret::redacting`] (`weir config`),
+//! hide the value of every secret-looking key of those maps ([`is_secret_key`]).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use super::secret::{is_redacting, REDACTED};
 
-/// Kafka settings. Its `Debug` output (`weir config`, logs) hides the value of every
+/// Kafka settings. Its `Debug` output (logs) and `weir config` hide the value of every
 /// secret-looking key of the librdkafka maps ([`is_secret_key`]).
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

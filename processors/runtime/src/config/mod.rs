@@ -2,9 +2,15 @@
 //! service variables that `infra/local/env` prints (`DATABASE_URL`, `KAFKA_BOOTSTRAP_SERVERS`,
 //! ...), then `WEIR__SECTION__KEY` variables. Later layers win.
 //!
+//! The `config` crate merges the layers; `layers.rs` keeps the checks it cannot make as weir
+//! needs (its module doc says why, one line each). One file per group of sections holds the
+//! structs, their defaults and their field docs; [`Config::validate`] the checks across them;
+//! [`Config::to_toml_redacted`] prints the configuration as the file it loads from
+//! (`weir config`).
+//!
 //! Invariants: unknown keys are errors (every struct denies unknown fields); loading reports
 //! every problem at once rather than the first; secrets are wrapped in [`Secret`] and never
-//! appear in `Debug` or `Display` output.
+//! appear in `Debug` or `Display` output, nor in [`Config::to_toml_redacted`]'s.
 
 mod kafka;
 mod layers;
