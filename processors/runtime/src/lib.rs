@@ -28,6 +28,7 @@ pub mod registry;
 pub mod s3;
 pub mod telemetry;
 pub mod trace;
+pub mod versions;
 
 pub use config::Config;
 pub use consumer::{BatchConsumer, Processor, Record, Rejection};

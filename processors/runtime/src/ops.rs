@@ -261,21 +261,40 @@ async fn check_postgres(cfg: &Config) -> Vec<Check> {
     };
     let version = tokio::time::timeout(
         Duration::from_secs(5),
-        sqlx::query_scalar!(r#"SELECT current_setting('server_version') AS "v!""#).fetch_one(&pool),
+        sqlx::query_as::<_, (String, String)>(
+            "SELECT current_setting('server_version'), current_setting('server_version_num')",
+        )
+        .fetch_one(&pool),
     )
     .await;
-    let version = match version {
+    let (version, version_num) = match version {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => return vec![check("postgres", false, e.to_string(), FIX_UP)],
         Err(_) => return vec![check("postgres", false, "timed out after 5 s", FIX_UP)],
     };
-    let mut out = vec![check("postgres", true, format!("server {version}"), FIX_UP)];
+    let mut out = vec![match crate::versions::check_postgres(&version_num) {
+        Ok(()) => check("postgres", true, format!("server {version}"), FIX_UP),
+        Err(e) => check(
+            "postgres",
+            false,
+            e,
+            "upgrade PostgreSQL (on RDS: db_engine_version)",
+        ),
+    }];
     let vector =
         sqlx::query_scalar!("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
             .fetch_optional(&pool)
             .await;
     out.push(match vector {
-        Ok(Some(v)) => check("pgvector", true, format!("vector {v}"), ""),
+        Ok(Some(v)) => match crate::versions::check_pgvector(&v) {
+            Ok(()) => check("pgvector", true, format!("vector {v}"), ""),
+            Err(e) => check(
+                "pgvector",
+                false,
+                e,
+                "ALTER EXTENSION vector UPDATE (on RDS: a db_engine_version shipping pgvector 0.8)",
+            ),
+        },
         Ok(None) => {
             let available = sqlx::query_scalar!(
                 "SELECT default_version FROM pg_available_extensions WHERE name = 'vector'"
