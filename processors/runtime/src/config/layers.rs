@@ -12,10 +12,9 @@
 //!   (`WEIR__RUNTIME__MAX_BATCH=500` is a number, `true`/`1`/`yes` a bool; no lists);
 //! - the file is read here, because the crate would load `NAME.toml` when `NAME` is missing.
 //!
-//! Invariants: every struct denies unknown fields and the tree is checked against the
-//! defaults before it is deserialized, so no key is silently ignored; a value from the
-//! environment never becomes part of an error message unless it is the offending value
-//! itself (secret values are never part of semantic errors).
+//! Invariants: every struct denies unknown fields and the merged tree is checked against the
+//! defaults before it is deserialized, so no key is silently ignored; the layers apply in the
+//! order above whatever the order of the variables.
 
 use std::path::Path;
 
