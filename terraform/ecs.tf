@@ -27,6 +27,7 @@ locals {
     KAFKA_BOOTSTRAP_SERVERS                   = aws_msk_cluster.weir.bootstrap_brokers_sasl_scram
     WEIR__KAFKA__PARTITIONS                   = tostring(var.kafka_partitions)
     WEIR__KAFKA__REPLICATION_FACTOR           = "3"
+    WEIR__KAFKA__DLQ_RETENTION_MS             = tostring(var.dlq_retention_days * 86400000)
     WEIR__KAFKA__CONSUMER__SECURITY__PROTOCOL = "SASL_SSL"
     WEIR__KAFKA__CONSUMER__SASL__MECHANISM    = "SCRAM-SHA-512"
     WEIR__KAFKA__CONSUMER__SASL__USERNAME     = "weir"

@@ -106,6 +106,17 @@ variable "kafka_broker_count" {
   }
 }
 
+variable "dlq_retention_days" {
+  description = "Retention of the dead-letter topic (weir.dlq.v1), days: long enough to look at a letter and redrive it (`weir dlq redrive`). The setup task sets it (kafka.dlq_retention_ms), also on an existing topic; the other topics keep 7 days."
+  type        = number
+  default     = 30
+
+  validation {
+    condition     = var.dlq_retention_days >= 7
+    error_message = "dlq_retention_days must be at least 7."
+  }
+}
+
 variable "kafka_volume_gib" {
   description = "EBS storage per broker, GiB."
   type        = number

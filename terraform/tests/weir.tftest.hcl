@@ -311,6 +311,10 @@ run "versioning_and_retention" {
     error_message = "RDS logs go to CloudWatch"
   }
   assert {
+    condition     = contains([for e in jsondecode(aws_ecs_task_definition.setup.container_definitions)[0].environment : "${e.name}=${e.value}"], "WEIR__KAFKA__DLQ_RETENTION_MS=2592000000")
+    error_message = "the setup task gives the dead-letter topic 30 days by default"
+  }
+  assert {
     condition     = aws_db_instance.weir.engine_version == "16.8" && !aws_db_instance.weir.auto_minor_version_upgrade
     error_message = "the Postgres minor is pinned"
   }

@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{
+    AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier, TopicReplication,
+};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
@@ -112,7 +114,7 @@ pub fn admin(cfg: &KafkaConfig) -> Result<AdminClient<DefaultClientContext>, Kaf
 pub enum TopicOutcome {
     /// Newly created.
     Created,
-    /// Was already there (left unchanged).
+    /// Was already there (left unchanged, except the dead-letter topic's retention).
     Existed,
 }
 
@@ -131,19 +133,38 @@ pub fn planned_topics(cfg: &KafkaConfig) -> Vec<(String, i32)> {
         .collect()
 }
 
-/// Creates every weir topic that does not exist yet; idempotent.
+/// The topic-level configs of topic `name` (full name): `topic_config`, and for the
+/// dead-letter topic its own retention (`dlq_retention_ms`).
+pub fn topic_configs(cfg: &KafkaConfig, name: &str) -> BTreeMap<String, String> {
+    let mut c = cfg.topic_config.clone();
+    if name == cfg.topic(DLQ_TOPIC) {
+        c.insert("retention.ms".into(), cfg.dlq_retention_ms.to_string());
+    }
+    c
+}
+
+/// The dead-letter topic's unprefixed name.
+const DLQ_TOPIC: &str = <crate::events::DeadLetter as TopicEvent>::TOPIC;
+
+/// Creates every weir topic that does not exist yet, and gives an existing dead-letter topic
+/// its configured retention; idempotent.
 pub async fn create_topics(cfg: &KafkaConfig) -> Result<Vec<(String, TopicOutcome)>, KafkaError> {
     let admin = admin(cfg)?;
     let planned = planned_topics(cfg);
+    let configs: Vec<BTreeMap<String, String>> = planned
+        .iter()
+        .map(|(name, _)| topic_configs(cfg, name))
+        .collect();
     let new: Vec<NewTopic<'_>> = planned
         .iter()
-        .map(|(name, partitions)| {
+        .zip(&configs)
+        .map(|((name, partitions), configs)| {
             let mut t = NewTopic::new(
                 name,
                 *partitions,
                 TopicReplication::Fixed(cfg.replication_factor),
             );
-            for (k, v) in &cfg.topic_config {
+            for (k, v) in configs {
                 t = t.set(k, v);
             }
             t
@@ -162,6 +183,26 @@ pub async fn create_topics(cfg: &KafkaConfig) -> Result<Vec<(String, TopicOutcom
                 return Err(KafkaError::AdminOp(code)).inspect_err(
                     |_| tracing::error!(topic = %name, ?code, "creating topic failed"),
                 )
+            }
+        }
+    }
+    // An existing dead-letter topic keeps what it was created with unless told: set its
+    // configs again (AlterConfigs replaces a topic's whole set, so all of them are given).
+    let dlq = cfg.topic(DLQ_TOPIC);
+    if out
+        .iter()
+        .any(|(n, o)| *n == dlq && *o == TopicOutcome::Existed)
+    {
+        let configs = topic_configs(cfg, &dlq);
+        let mut alter = AlterConfig::new(ResourceSpecifier::Topic(&dlq));
+        for (k, v) in &configs {
+            alter = alter.set(k, v);
+        }
+        for r in admin.alter_configs([&alter], &opts).await? {
+            if let Err((_, code)) = r {
+                return Err(KafkaError::AdminOp(code)).inspect_err(
+                    |_| tracing::error!(topic = %dlq, ?code, "setting the dead-letter topic's configs failed"),
+                );
             }
         }
     }
@@ -262,4 +303,36 @@ pub async fn produce_in_order<E: TopicEvent>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dead_letter_topic_gets_its_own_retention() {
+        let mut cfg = KafkaConfig {
+            topic_prefix: "dev.".into(),
+            ..KafkaConfig::default()
+        };
+        cfg.topic_config
+            .insert("retention.ms".into(), "604800000".into());
+        cfg.topic_config
+            .insert("min.insync.replicas".into(), "2".into());
+        let dlq = topic_configs(&cfg, "dev.weir.dlq.v1");
+        assert_eq!(dlq["retention.ms"], "2592000000", "30 days by default");
+        assert_eq!(dlq["min.insync.replicas"], "2", "the shared configs stay");
+        let patches = topic_configs(&cfg, "dev.weir.patches.v1");
+        assert_eq!(patches["retention.ms"], "604800000");
+        // The unprefixed name of another environment is not this one's dead-letter topic.
+        assert_eq!(
+            topic_configs(&cfg, "weir.dlq.v1")["retention.ms"],
+            "604800000"
+        );
+        cfg.dlq_retention_ms = 1000;
+        assert_eq!(
+            topic_configs(&cfg, "dev.weir.dlq.v1")["retention.ms"],
+            "1000"
+        );
+    }
 }

@@ -29,6 +29,10 @@ pub struct KafkaConfig {
     /// Topic-level configs applied to every created topic (e.g. `retention.ms`).
     #[serde(serialize_with = "redacted_options")]
     pub topic_config: BTreeMap<String, String>,
+    /// Retention of the dead-letter topic (`weir.dlq.v1`), in ms: long enough to look at a
+    /// letter and redrive it (`weir dlq redrive`). Overrides `topic_config`'s `retention.ms`
+    /// for that topic; `weir topics create` also sets it on an existing dead-letter topic.
+    pub dlq_retention_ms: u64,
     /// librdkafka options for consumers, passed through as is (e.g. `fetch.wait.max.ms`).
     #[serde(serialize_with = "redacted_options")]
     pub consumer: BTreeMap<String, String>,
@@ -46,6 +50,7 @@ impl Default for KafkaConfig {
             topic_partitions: BTreeMap::new(),
             replication_factor: 1,
             topic_config: BTreeMap::new(),
+            dlq_retention_ms: 30 * 24 * 3_600_000,
             consumer: BTreeMap::new(),
             producer: BTreeMap::new(),
         }
