@@ -20,8 +20,9 @@ use weir_cache::maintenance::{gc_once, purge, sweep_all, GcWindow};
 use weir_cache::pii::PiiKind;
 use weir_cache::{Cache, LookupRequest, Refusal, StoreOutcome, StoreRequest, StoreResult};
 use weir_it::{config, prepare, produce_in_order, random_name, weir_bin, ChildGuard};
+use weir_model::CasRef;
 use weir_model::Permission;
-use weir_runtime::cas::{Cas, CasRef};
+use weir_runtime::cas::Cas;
 use weir_runtime::config::{CasBackend, Config};
 use weir_runtime::events::{
     new_event_id, now_micros, CacheAnswer, CacheEvent, CacheKind, CacheLookup, CacheStore,

@@ -14,7 +14,8 @@ use aws_sdk_s3::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_s3::error::BoxError;
 use aws_sdk_s3::primitives::ByteStream;
 use rand::Rng as _;
-use weir_runtime::cas::{Cas, CasError, CasRef, PutOutcome, HEAD_FIRST_ABOVE};
+use weir_model::CasRef;
+use weir_runtime::cas::{Cas, CasError, PutOutcome, HEAD_FIRST_ABOVE};
 use weir_runtime::config::{CasBackend, Config};
 use weir_runtime::Disposition;
 

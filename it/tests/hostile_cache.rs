@@ -740,10 +740,10 @@ async fn a_broken_dispatch_cache_means_misses_not_a_stopped_coordinator() {
     assert_eq!(audited(pool.clone(), ws.clone()).await, 1);
 
     // Broken: the blob's path becomes a directory.
-    let r: weir_runtime::cas::CasRef = hit
+    let r: weir_model::CasRef = hit
         .output_ref
         .clone()
-        .unwrap_or_else(|| weir_runtime::cas::CasRef::of(br#"{"sum":3}"#).to_string())
+        .unwrap_or_else(|| weir_model::CasRef::of(br#"{"sum":3}"#).to_string())
         .parse()
         .unwrap();
     let path = dir.path().join(cas.key(&r));

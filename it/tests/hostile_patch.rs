@@ -19,7 +19,8 @@ use sqlx::PgPool;
 use uuid::Uuid;
 use weir_it::{config, prepare, produce, random_name, spawn_weir_run, weir_bin, ChildGuard};
 use weir_materializer::processor::patch_submitted;
-use weir_runtime::cas::{Cas, CasRef};
+use weir_model::CasRef;
+use weir_runtime::cas::Cas;
 use weir_runtime::codec::Codec;
 use weir_runtime::events::{PatchSubmitted, WorkflowEvent};
 

@@ -635,7 +635,7 @@ async fn a_missing_definition_blob_fails_its_runs_not_the_coordinator() {
 
     // A workflow whose definition blob never existed, one whose blob will vanish after its
     // run started, and a good one in another workspace.
-    let missing = weir_runtime::cas::CasRef::of(format!("never stored {id}").as_bytes());
+    let missing = weir_model::CasRef::of(format!("never stored {id}").as_bytes());
     head(&pool, &bad_ws, "gone", None, Some(&missing.to_string())).await;
     let stored = cas.put_json(&def).await.unwrap();
     head(&pool, &bad_ws, "vanishing", None, Some(&stored.to_string())).await;

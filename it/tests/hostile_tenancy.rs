@@ -20,8 +20,8 @@ use weir_cache::maintenance::{gc_once, sweep_all, GcWindow};
 use weir_cache::{Cache, Refusal, StoreOutcome, StoreRequest, StoreResult};
 use weir_it::gateway::{Answer, Gateway, Options};
 use weir_it::{produce, random_name};
+use weir_model::CasRef;
 use weir_model::Permission;
-use weir_runtime::cas::CasRef;
 use weir_runtime::config::{CasBackend, Config};
 use weir_runtime::events::{self, CompletionEvent, DeadLetter, NodeCompleted, NodeStatus};
 

@@ -33,7 +33,8 @@ use futures::future::join_all;
 use serde_json::Value;
 use sqlx::{FromRow as _, PgConnection, PgPool};
 use uuid::Uuid;
-use weir_runtime::cas::{Cas, CasError, CasRef};
+use weir_model::CasRef;
+use weir_runtime::cas::{Cas, CasError};
 use weir_runtime::config::CacheConfig;
 use weir_runtime::events::CacheKind;
 

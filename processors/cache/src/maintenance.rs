@@ -28,7 +28,8 @@ use std::time::Duration;
 
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
-use weir_runtime::cas::{Cas, CasRef};
+use weir_model::CasRef;
+use weir_runtime::cas::Cas;
 use weir_runtime::config::CacheConfig;
 
 use crate::error::CacheError;

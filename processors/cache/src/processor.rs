@@ -15,7 +15,7 @@
 
 use async_trait::async_trait;
 use sqlx::PgConnection;
-use weir_runtime::cas::CasRef;
+use weir_model::CasRef;
 use weir_runtime::config::CacheConfig;
 use weir_runtime::events::{
     new_event_id, now_micros, CacheAnswer, CacheEvent, CacheLookup, CacheStore,

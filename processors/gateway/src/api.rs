@@ -35,8 +35,9 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use weir_model::definition::{self, Limits};
 use weir_model::patch::{parse_json_strict, Patch};
+use weir_model::CasRef;
 use weir_model::Permission;
-use weir_runtime::cas::{Cas, CasRef};
+use weir_runtime::cas::Cas;
 use weir_runtime::config::Config;
 use weir_runtime::events::{
     self, CacheEvent, CacheStore, CompletionEvent, NodeCompleted, NodeStatus, PatchSubmitted,

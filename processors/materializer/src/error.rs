@@ -9,7 +9,8 @@
 //! runtime.
 
 use tokio::task::JoinError;
-use weir_runtime::cas::{CasError, ParseRefError};
+use weir_model::cas_ref::ParseRefError;
+use weir_runtime::cas::CasError;
 use weir_runtime::{Classify, Disposition};
 
 #[cfg(doc)]
@@ -83,10 +84,10 @@ impl From<CasError> for MaterializerError {
 mod tests {
     use std::error::Error as _;
 
-    use weir_runtime::cas::CasRef;
     use weir_runtime::ApplyError;
 
     use super::*;
+    use weir_model::CasRef;
 
     #[tokio::test]
     async fn each_failure_keeps_its_disposition_and_its_cause() {

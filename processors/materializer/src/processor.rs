@@ -30,7 +30,8 @@ use async_trait::async_trait;
 use serde_json::Value;
 use sqlx::PgConnection;
 use uuid::Uuid;
-use weir_runtime::cas::{Cas, CasRef};
+use weir_model::CasRef;
+use weir_runtime::cas::Cas;
 use weir_runtime::config::Config;
 use weir_runtime::copy::CopyRows;
 use weir_runtime::events::{

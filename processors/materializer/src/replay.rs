@@ -4,7 +4,8 @@
 
 use serde_json::Value;
 use sqlx::PgPool;
-use weir_runtime::cas::{Cas, CasRef};
+use weir_model::CasRef;
+use weir_runtime::cas::Cas;
 
 use weir_model::definition::{canonical_json_verbatim_numbers, Limits};
 use weir_model::fold::{self, Decision, Head, Submitted};

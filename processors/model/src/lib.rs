@@ -7,6 +7,7 @@
 //!   ([`definition::Definition`]) within [`definition::Limits`], and canonical JSON for hashing.
 //! - [`fold`]: one workflow's patches folded onto its head, shared by the materializer, replay
 //!   and the benchmarks.
+//! - [`cas_ref`]: [`CasRef`], the address of a blob in the content-addressed store.
 //! - [`permission`]: `read < write < admin`, the one [`Permission`] of keys, runs and cache
 //!   entries.
 //! - [`id`]: workflow and node ids and their validation.
@@ -18,6 +19,7 @@
 //! This crate depends on no other weir crate: it is the bottom layer.
 
 pub mod cache;
+pub mod cas_ref;
 pub mod definition;
 pub mod fold;
 pub mod id;
@@ -26,5 +28,6 @@ pub mod permission;
 pub mod pointer;
 pub mod run;
 
+pub use cas_ref::CasRef;
 pub use permission::Permission;
 pub use run::RunStatus;

@@ -710,7 +710,7 @@ mod tests {
             ApplyError::from(ConsumerError::DeadLetterOff { count: 2 }).disposition(),
             Disposition::Fatal
         );
-        let bad_ref = "sha256:nope".parse::<crate::cas::CasRef>().unwrap_err();
+        let bad_ref = "sha256:nope".parse::<weir_model::CasRef>().unwrap_err();
         assert_eq!(
             ApplyError::from(crate::cas::CasError::from(bad_ref)).disposition(),
             Disposition::DeadLetter,

@@ -21,7 +21,7 @@ use std::collections::HashSet;
 
 use sqlx::{PgConnection, PgPool};
 
-use super::CasRef;
+use weir_model::CasRef;
 
 /// Records that `workspace_id` stored each of `refs` (call it before the puts, in the
 /// transaction that will reference them, or on its own). `pinned`: stored by something other
