@@ -6,6 +6,7 @@
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 pub use weir_runtime::error::Disposition;
+use weir_runtime::Classify;
 
 /// Why the relay could not make progress.
 #[derive(Debug, thiserror::Error)]
@@ -42,9 +43,9 @@ pub enum RelayError {
     Config(String),
 }
 
-impl RelayError {
+impl Classify for RelayError {
     /// What the relay does with this error.
-    pub fn disposition(&self) -> Disposition {
+    fn disposition(&self) -> Disposition {
         match self {
             // Rows that do not decode as the relay expects: a schema the relay does not know.
             RelayError::Postgres(
@@ -54,7 +55,7 @@ impl RelayError {
                 | sqlx::Error::TypeNotFound { .. }
                 | sqlx::Error::Decode(_),
             ) => Disposition::Fatal,
-            RelayError::Postgres(e) => match weir_runtime::error::postgres_disposition(e) {
+            RelayError::Postgres(e) => match e.disposition() {
                 Disposition::Retry => Disposition::Retry,
                 // A data or syntax error from our own statements is a bug or a missing
                 // migration: retrying cannot fix it.
@@ -65,7 +66,9 @@ impl RelayError {
             RelayError::ProducerFatal(_) | RelayError::Config(_) => Disposition::Fatal,
         }
     }
+}
 
+impl RelayError {
     /// Whether the dedicated session must be dropped (and the lanes with it): any Postgres
     /// error, since the session state is then unknown.
     pub fn drops_session(&self) -> bool {

@@ -70,6 +70,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 use weir_runtime::config::{Config, KafkaConfig};
 use weir_runtime::telemetry::Health;
+use weir_runtime::Classify as _;
 
 pub mod destinations;
 pub mod error;

@@ -544,7 +544,7 @@ mod tests {
 
     /// A Postgres error as the server reports it: only the SQLSTATE matters here.
     #[derive(Debug)]
-    struct Db(&'static str);
+    struct Db(String);
 
     impl fmt::Display for Db {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -559,7 +559,7 @@ mod tests {
             "server error"
         }
         fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
-            Some(self.0.into())
+            Some(self.0.as_str().into())
         }
         fn as_error(&self) -> &(dyn StdError + Send + Sync + 'static) {
             self
@@ -575,8 +575,8 @@ mod tests {
         }
     }
 
-    fn db(code: &'static str) -> sqlx::Error {
-        sqlx::Error::Database(Box::new(Db(code)))
+    fn db(code: &str) -> sqlx::Error {
+        sqlx::Error::Database(Box::new(Db(code.to_owned())))
     }
 
     /// A processor's own error wrapping a Postgres one, the way processors write them.
@@ -662,6 +662,55 @@ mod tests {
                 "a head without a definition",
             ]
         );
+    }
+
+    /// One more layer around a classified error, forwarding its classification.
+    #[derive(Debug)]
+    struct Layer(Box<dyn ClassifiedError>);
+
+    impl fmt::Display for Layer {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "layer: {}", self.0)
+        }
+    }
+
+    impl StdError for Layer {
+        fn source(&self) -> Option<&(dyn StdError + 'static)> {
+            Some(&*self.0)
+        }
+    }
+
+    impl Classify for Layer {
+        fn disposition(&self) -> Disposition {
+            self.0.disposition()
+        }
+        fn is_suspect(&self) -> bool {
+            self.0.is_suspect()
+        }
+    }
+
+    proptest::proptest! {
+        /// However deep a Postgres error is wrapped, the batch gets its SQLSTATE's
+        /// disposition and suspect hint, and the chain still leads to it.
+        #[test]
+        fn a_sqlstate_class_survives_any_depth(code in "[0-9A-Z]{5}", depth in 0usize..5) {
+            let mut e: Box<dyn ClassifiedError> = Box::new(db(&code));
+            for _ in 0..depth {
+                e = Box::new(Layer(e));
+            }
+            let apply = ApplyError::Source(e);
+            let class = sqlstate_class(&code);
+            proptest::prop_assert_eq!(apply.disposition(), postgres_disposition(&db(&code)));
+            proptest::prop_assert_eq!(apply.is_suspect(), class == PgClass::Suspect);
+            let chain: Vec<&(dyn StdError + 'static)> =
+                std::iter::successors(apply.source(), |&e| e.source()).collect();
+            // The layers, then the sqlx error, then the server's error under it.
+            proptest::prop_assert_eq!(chain.len(), depth + 2);
+            proptest::prop_assert!(
+                chain[depth].downcast_ref::<sqlx::Error>().is_some(),
+                "the chain leads to the sqlx error"
+            );
+        }
     }
 
     #[test]
