@@ -468,7 +468,7 @@ pub fn step(
             }
             effects.push(Effect::Started);
             for &r in &plan.roots {
-                dispatch(plan, run, r, 1, 1, None, env, effects);
+                effects.push(dispatch(plan, run, r, 1, 1, None, env.now_ms));
             }
         }
         Input::Cancel { reason } => {
@@ -552,7 +552,7 @@ pub fn step(
                         });
                         return;
                     }
-                    dispatch(plan, run, s, 1, hop, Some(i), env, effects);
+                    effects.push(dispatch(plan, run, s, 1, hop, Some(i), env.now_ms));
                 }
                 if run.phase == RunPhase::Running
                     && run.nodes.iter().all(|n| n.phase == Phase::Succeeded)
@@ -583,7 +583,7 @@ pub fn step(
                 return;
             }
             let hop = node.hop;
-            dispatch(plan, run, i, attempt, hop, None, env, effects);
+            effects.push(dispatch(plan, run, i, attempt, hop, None, env.now_ms));
         }
         Input::DeadlineDue { node_id, attempt } => {
             let Some(i) = plan.index(&node_id) else {
@@ -613,7 +613,8 @@ pub fn step(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Moves node `i` to `attempt` at `hop` and returns its dispatch (`after`: the predecessor
+/// whose success made it ready; its deadline counts from `now_ms`).
 fn dispatch(
     plan: &Plan,
     run: &mut RunRt,
@@ -621,26 +622,23 @@ fn dispatch(
     attempt: i32,
     hop: i32,
     after: Option<usize>,
-    env: &mut Env<'_>,
-    effects: &mut Vec<Effect>,
-) {
+    now_ms: i64,
+) -> Effect {
     let node = &mut run.nodes[i];
     node.phase = Phase::Running;
     node.attempt = attempt;
     node.hop = hop;
     node.dirty = true;
     run.progressed = true;
-    let deadline_at_ms = plan.deadline_ms[i].map(|d| {
-        env.now_ms
-            .saturating_add(i64::try_from(d).unwrap_or(i64::MAX))
-    });
-    effects.push(Effect::Dispatch {
+    let deadline_at_ms =
+        plan.deadline_ms[i].map(|d| now_ms.saturating_add(i64::try_from(d).unwrap_or(i64::MAX)));
+    Effect::Dispatch {
         node: i,
         attempt,
         hop,
         deadline_at_ms,
         after,
-    });
+    }
 }
 
 fn fail_attempt(
