@@ -23,7 +23,6 @@
 //! bytes, so a 10-minute run at the default rates stays in tens of MB.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -45,6 +44,7 @@ use weir_runtime::events::{
     CacheEvent, CompletionEvent, NodeReady, PatchSubmitted, RunEvent, TopicEvent, WorkflowEvent,
 };
 use weir_runtime::Disposition;
+use weir_tools::worker::{completion_path, Failures, Worker};
 
 /// What the workload does. All rates are offered rates (open loop), spread over the gateways.
 #[derive(Debug, Clone)]
@@ -493,6 +493,26 @@ struct Request {
     tries: u32,
 }
 
+impl Request {
+    /// A POST of `body` as JSON.
+    fn post(
+        kind: &'static str,
+        path: &str,
+        body: &Value,
+        idempotency_key: Option<String>,
+        tries: u32,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            kind,
+            method: reqwest::Method::POST,
+            path: path.to_string(),
+            body: Some(serde_json::to_vec(body)?),
+            idempotency_key,
+            tries,
+        })
+    }
+}
+
 impl Shared {
     fn record(&self, kind: &'static str, status: u16, retry_after: bool) {
         *self
@@ -811,14 +831,7 @@ async fn offer_run(s: &Shared, seq: u64, offered: SystemTime) -> anyhow::Result<
     let body = json!({"workflow_id": workflow_id, "inputs": {"n": seq, "seed": s.seed},
                       "idempotency_key": format!("run-{}-{seq}", s.seed)});
     let (status, answer) = s
-        .send(Request {
-            kind: "run",
-            method: reqwest::Method::POST,
-            path: "/v1/runs".into(),
-            body: Some(serde_json::to_vec(&body)?),
-            idempotency_key: None,
-            tries: MAX_TRIES,
-        })
+        .send(Request::post("run", "/v1/runs", &body, None, MAX_TRIES)?)
         .await;
     if status != 202 {
         if matches!(status, 0 | 503) {
@@ -861,14 +874,13 @@ pub fn cache_lookup(n: u64) -> Value {
 async fn offer_cache(s: &Shared, seq: u64, roll: f64, pick: usize) -> anyhow::Result<()> {
     if roll < 0.5 {
         let (status, _) = s
-            .send(Request {
-                kind: "cache_entry",
-                method: reqwest::Method::POST,
-                path: "/v1/cache/entries".into(),
-                body: Some(serde_json::to_vec(&cache_entry(seq))?),
-                idempotency_key: Some(format!("cache-{}-{seq}", s.seed)),
-                tries: MAX_TRIES,
-            })
+            .send(Request::post(
+                "cache_entry",
+                "/v1/cache/entries",
+                &cache_entry(seq),
+                Some(format!("cache-{}-{seq}", s.seed)),
+                MAX_TRIES,
+            )?)
             .await;
         if status == 202 {
             s.acknowledged();
@@ -887,14 +899,13 @@ async fn offer_cache(s: &Shared, seq: u64, roll: f64, pick: usize) -> anyhow::Re
         stored[pick % stored.len()]
     };
     let (status, answer) = s
-        .send(Request {
-            kind: "cache_lookup",
-            method: reqwest::Method::POST,
-            path: "/v1/cache/lookup".into(),
-            body: Some(serde_json::to_vec(&cache_lookup(n))?),
-            idempotency_key: None,
-            tries: 3,
-        })
+        .send(Request::post(
+            "cache_lookup",
+            "/v1/cache/lookup",
+            &cache_lookup(n),
+            None,
+            3,
+        )?)
         .await;
     if status == 200 {
         let mut l = s.ledger.lock().expect("poisoned");
@@ -952,18 +963,9 @@ async fn offer_poison(s: &Shared, seq: u64) -> anyhow::Result<()> {
 /// The high watermark of every partition of `topic`.
 pub(crate) fn high_watermarks(cfg: &Config, topic: &str) -> anyhow::Result<Vec<(i32, i64)>> {
     let consumer = crate::check::offsets_reader(cfg, "weir-chaos-watermarks")?;
-    let meta = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .with_context(|| format!("metadata of {topic}"))?;
-    let mut out = Vec::new();
-    for t in meta.topics() {
-        for p in t.partitions() {
-            let (_, high) = consumer
-                .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
-                .with_context(|| format!("watermarks of {topic}"))?;
-            out.push((p.id(), high));
-        }
-    }
+    let out: Vec<(i32, i64)> = weir_tools::common::high_watermarks(&consumer, topic)?
+        .into_iter()
+        .collect();
     anyhow::ensure!(!out.is_empty(), "topic {topic} has no partitions");
     Ok(out)
 }
@@ -1095,18 +1097,22 @@ async fn read_outputs(
     Ok(())
 }
 
-/// Whether the worker fails this node's first attempt on purpose (one in eight, fixed by the
-/// run and node so a redelivered NodeReady gets the same answer).
-fn fails_on_purpose(seed: u64, run_id: &str, node_id: &str) -> bool {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    (seed, run_id, node_id).hash(&mut h);
-    h.finish().is_multiple_of(8)
+/// The workload's simulated worker: one node's first attempt in eight fails on purpose,
+/// fixed by the run and node so a redelivered NodeReady gets the same answer.
+fn worker(seed: u64) -> Worker {
+    Worker {
+        id: "chaos-worker",
+        work: Duration::from_millis(3),
+        failures: Failures::OneInEight { seed },
+        echo_run_inputs: false,
+    }
 }
 
 /// A simulated worker's answer to one NodeReady: a few ms of "work", then the completion
 /// through the gateway (same Idempotency-Key and bytes on every try and redelivery).
 async fn answer_node(s: &Shared, ready: NodeReady) {
-    let fail = ready.attempt == 1 && fails_on_purpose(s.seed, &ready.run_id, &ready.node_id);
+    let worker = worker(s.seed);
+    let fail = worker.fails(&ready);
     {
         let mut l = s.ledger.lock().expect("poisoned");
         l.nodes_answered += 1;
@@ -1114,15 +1120,8 @@ async fn answer_node(s: &Shared, ready: NodeReady) {
             l.nodes_failed_on_purpose += 1;
         }
     }
-    tokio::time::sleep(Duration::from_millis(3)).await;
-    let body = if fail {
-        json!({"attempt": ready.attempt, "status": "failed", "error": "simulated failure",
-               "duration_ms": 3, "worker_id": "chaos-worker"})
-    } else {
-        let from: Vec<&str> = ready.inputs.iter().map(|i| i.node_id.as_str()).collect();
-        json!({"attempt": ready.attempt, "status": "succeeded", "duration_ms": 3,
-               "worker_id": "chaos-worker", "output": {"node": ready.node_id, "from": from}})
-    };
+    worker.work().await;
+    let body = worker.completion(&ready, fail);
     let Ok(bytes) = serde_json::to_vec(&body) else {
         return;
     };
@@ -1138,10 +1137,7 @@ async fn answer_node(s: &Shared, ready: NodeReady) {
         .send(Request {
             kind: "completion",
             method: reqwest::Method::POST,
-            path: format!(
-                "/v1/runs/{}/nodes/{}/completions",
-                ready.run_id, ready.node_id
-            ),
+            path: completion_path(&ready),
             body: Some(bytes),
             idempotency_key: Some(format!("completion-{}", ready.attempt)),
             tries: COMPLETION_TRIES,

@@ -24,6 +24,9 @@ use weir_runtime::codec::Codec;
 use weir_runtime::config::Config;
 use weir_runtime::events::{NodeReady, ALL_TOPICS};
 
+use crate::common::{self, group_stable};
+use crate::worker::{self, Failures, Worker};
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -183,9 +186,7 @@ const GROUPS: [&str; 3] = [
 /// events produced now are processed at once rather than after a rebalance.
 fn groups_stable(cfg: &Config) -> anyhow::Result<bool> {
     for group in GROUPS {
-        let group = cfg.kafka.group(group);
-        let state = weir_runtime::kafka::group_state(&cfg.kafka, &group, Duration::from_secs(10))?;
-        if !matches!(state, Some((s, n)) if s == "Stable" && n > 0) {
+        if !group_stable(cfg, group, None)? {
             return Ok(false);
         }
     }
@@ -215,19 +216,7 @@ fn high_watermarks(cfg: &Config, topic: &str) -> anyhow::Result<BTreeMap<i32, i6
         weir_runtime::kafka::consumer_config(&cfg.kafka, "weir-demo-watermarks", 0)
             .create()
             .context("kafka consumer")?;
-    let meta = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .with_context(|| format!("metadata of {topic}"))?;
-    let mut out = BTreeMap::new();
-    for t in meta.topics() {
-        for p in t.partitions() {
-            let (_, high) = consumer
-                .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
-                .with_context(|| format!("watermarks of {topic}"))?;
-            out.insert(p.id(), high);
-        }
-    }
-    Ok(out)
+    common::high_watermarks(&consumer, topic)
 }
 
 /// Sum of the high watermarks of every weir topic (events ever appended).
@@ -241,6 +230,15 @@ fn watermarks(cfg: &Config) -> anyhow::Result<BTreeMap<String, i64>> {
     }
     Ok(out)
 }
+
+/// The demo's workers: nodes whose config says `fail_attempts` fail that many attempts; the
+/// run's inputs decide the output, so the second wave's reruns are comparable.
+const WORKER: Worker = Worker {
+    id: "demo-worker",
+    work: Duration::from_millis(5),
+    failures: Failures::FromConfig,
+    echo_run_inputs: true,
+};
 
 #[derive(Default)]
 struct WorkerStats {
@@ -289,27 +287,15 @@ async fn workers(
             continue;
         }
         stats.dispatched.fetch_add(1, Ordering::Relaxed);
-        let config: Value = serde_json::from_str(&ready.config_json).unwrap_or(Value::Null);
-        let fail_attempts = config
-            .get("fail_attempts")
-            .and_then(Value::as_i64)
-            .unwrap_or(0);
-        let fail = i64::from(ready.attempt) <= fail_attempts;
+        let fail = WORKER.fails(&ready);
         if fail {
             stats.failed.fetch_add(1, Ordering::Relaxed);
         }
         let api = api.clone();
         tasks.spawn(async move {
-            // Workers take a little time; inputs decide the output so reruns are comparable.
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            let inputs: Vec<&str> = ready.inputs.iter().map(|i| i.node_id.as_str()).collect();
-            let body = if fail {
-                json!({"attempt": ready.attempt, "status": "failed", "error": "simulated failure", "duration_ms": 5, "worker_id": "demo-worker"})
-            } else {
-                json!({"attempt": ready.attempt, "status": "succeeded", "duration_ms": 5, "worker_id": "demo-worker",
-                       "output": {"node": ready.node_id, "from": inputs, "run_inputs": ready.run_inputs_json}})
-            };
-            let path = format!("/v1/runs/{}/nodes/{}/completions", ready.run_id, ready.node_id);
+            WORKER.work().await;
+            let body = WORKER.completion(&ready, fail);
+            let path = worker::completion_path(&ready);
             if let Err(e) = api.ok(reqwest::Method::POST, &path, Some(&body)).await {
                 tracing::warn!(error = %e, "completion not accepted");
             }
@@ -338,11 +324,10 @@ pub async fn run(
     let deadline = started + opts.timeout;
     let workspace = format!("demo-{}", &uuid::Uuid::now_v7().simple().to_string()[24..]);
     let pool = weir_runtime::db::pool(&cfg.postgres)?;
-    let admin = weir_gateway::create_key(&pool, &workspace, weir_gateway::Permission::Admin)
+    let admin = weir_gateway::create_key(&pool, &workspace, weir_model::Permission::Admin)
         .await
         .context("creating the demo's API key (has `weir migrate` run?)")?;
-    let reader =
-        weir_gateway::create_key(&pool, &workspace, weir_gateway::Permission::Read).await?;
+    let reader = weir_gateway::create_key(&pool, &workspace, weir_model::Permission::Read).await?;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()?;
@@ -806,14 +791,12 @@ fn print_summary(s: &Summary, opts: &Options) {
         "==== weir demo summary ({:.1} s, workspace {}) ====",
         s.seconds, s.workspace
     );
-    println!(
-        "workflows      {}",
-        s.versions
-            .iter()
-            .map(|(w, v)| format!("{w} v{v}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    let workflows: Vec<String> = s
+        .versions
+        .iter()
+        .map(|(w, v)| format!("{w} v{v}"))
+        .collect();
+    println!("workflows      {}", workflows.join(", "));
     println!(
         "patches        {} applied, {} rejected",
         s.patches_applied, s.patches_rejected
@@ -838,15 +821,13 @@ fn print_summary(s: &Summary, opts: &Options) {
         s.semantic_similarity
             .map_or(String::new(), |x| format!(", semantic similarity {x:.3}"))
     );
-    println!(
-        "events         {}",
-        s.events_per_topic
-            .iter()
-            .filter(|(_, n)| **n > 0)
-            .map(|(t, n)| format!("{t} {n}"))
-            .collect::<Vec<_>>()
-            .join(" · ")
-    );
+    let events: Vec<String> = s
+        .events_per_topic
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(t, n)| format!("{t} {n}"))
+        .collect();
+    println!("events         {}", events.join(" · "));
     println!(
         "metrics        {} (processors and gateway); API document {}/openapi.json",
         opts.metrics_url, opts.gateway

@@ -6,9 +6,14 @@
 //!   and both caches, all through the HTTP gateway).
 //! - [`private`]: an outbox of its own beside a live deployment, which the benchmarks and the
 //!   relay's fault tests publish through.
+//! - [`common`]: what they share: percentiles, warm-up samples, scratch topics and schemas,
+//!   consumer-group and watermark probes, the result's JSON line.
+//! - [`worker`]: the simulated worker of `weir demo` and `weir chaos`.
 //!
 //! Invariant: no processor crate depends on this one; it depends on them.
 
 pub mod bench;
+pub mod common;
 pub mod demo;
 pub mod private;
+pub mod worker;

@@ -952,10 +952,7 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
                     (weir_tools::bench::gateway::run(cfg, params).await?, json)
                 }
             };
-            if !json {
-                println!("{}", serde_json::to_string_pretty(&result)?);
-            }
-            println!("{result}");
+            weir_tools::common::print_result(&result, json)?;
             Ok(true)
         }
     }

@@ -34,13 +34,18 @@ use weir_runtime::config::{CacheConfig, Config, EmbedderKind};
 
 use weir_cache::cache::{hnsw_index_name, vector_text, Cache, LookupRequest};
 use weir_cache::embed::{dot, normalize, Embedder};
-use weir_cache::key::{entry_key, json_hash, semantic_key, Permission};
+use weir_cache::key::{entry_key, json_hash, semantic_key};
+use weir_model::Permission;
+
+use crate::common::{round, timed, Samples};
 
 /// Workspaces the entries are spread over (one holds 1%).
 pub const WORKSPACES: usize = 100;
 /// Cluster centres of the synthetic vectors.
 pub const CLUSTERS: usize = 1_000;
 const CHUNK: usize = 5_000;
+/// The node type of every entry (the semantic cache's typical one).
+const NODE_TYPE: &str = "agent";
 
 fn gaussian(rng: &mut StdRng) -> f32 {
     // Box–Muller; 1 - u keeps the logarithm's argument in (0, 1].
@@ -57,18 +62,28 @@ fn near(rng: &mut StdRng, c: &[f32], sigma: f32) -> Vec<f32> {
     normalize(c.iter().map(|x| x + sigma * gaussian(rng)).collect())
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
+/// Lookups before each measured phase, not counted.
+const WARMUP: usize = 50;
 
-fn ms(mut v: Vec<f64>) -> (f64, f64) {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let r = |x: f64| (x * 1000.0).round() / 1000.0;
-    (r(percentile(&v, 0.5)), r(percentile(&v, 0.99)))
+/// A lookup of `workspace_id` by a reader; `semantic` with `embedding`.
+fn lookup_request(
+    request_id: String,
+    workspace_id: String,
+    inputs: serde_json::Value,
+    embedding: Option<Vec<f32>>,
+) -> LookupRequest {
+    LookupRequest {
+        request_id,
+        workspace_id,
+        requester: "bench".into(),
+        permission: Permission::Read,
+        node_type: NODE_TYPE.into(),
+        config: json!({}),
+        inputs,
+        prompt: None,
+        semantic: embedding.is_some(),
+        embedding,
+    }
 }
 
 /// Runs the benchmark; returns the JSON object described in the module docs.
@@ -111,7 +126,7 @@ async fn measure(
     let d = cfg.cache.dimensions as usize;
     let run_id = uuid::Uuid::now_v7().simple().to_string();
     let ws_name = |w: usize| format!("bench-{run_id}-{w:03}");
-    let node_type = "agent";
+    let node_type = NODE_TYPE;
     let mut cache_cfg: CacheConfig = cfg.cache.clone();
     cache_cfg.similarity_threshold = -1.0; // every lookup returns its best match (see docs)
     let cache = Cache::new(pool.clone(), cas.clone(), Arc::new(cache_cfg), None).await?;
@@ -218,41 +233,34 @@ async fn measure(
     eprintln!("semantic lookup plan (workspace holding 1% of the rows):\n{plan}");
 
     // The CAS read + verification alone (part of every hit).
-    let mut cas_gets = Vec::with_capacity(500);
+    let mut cas_gets = Samples::after_warmup(0);
     for _ in 0..500 {
-        let t = Instant::now();
-        cas.get(&result).await?;
-        cas_gets.push(t.elapsed().as_secs_f64() * 1000.0);
+        let (got, ms) = timed(cas.get(&result)).await;
+        got?;
+        cas_gets.add(ms);
     }
 
     // 2. Exact lookups (all hits), after a short warm-up.
-    let mut exact = Vec::with_capacity(queries);
+    let mut exact = Samples::after_warmup(WARMUP);
     let mut exact_hits = 0;
-    for q in 0..queries + 50 {
+    for q in 0..queries + WARMUP {
         let i = rng.random_range(0..entries);
-        let req = LookupRequest {
-            request_id: format!("bench-exact-{q}"),
-            workspace_id: ws_name(owners[i]),
-            requester: "bench".into(),
-            permission: Permission::Read,
-            node_type: node_type.into(),
-            config: json!({}),
-            inputs: json!({"i": i}),
-            prompt: None,
-            embedding: None,
-            semantic: false,
-        };
-        let t = Instant::now();
-        let a = cache.lookup(&req).await?;
-        if q >= 50 {
-            exact.push(t.elapsed().as_secs_f64() * 1000.0);
+        let req = lookup_request(
+            format!("bench-exact-{q}"),
+            ws_name(owners[i]),
+            json!({"i": i}),
+            None,
+        );
+        let (a, ms) = timed(cache.lookup(&req)).await;
+        let a = a?;
+        if exact.add(ms) {
             exact_hits += usize::from(a.hit);
         }
     }
 
     // The coordinator's path for comparison: exact_lookup_batch of one request on a plain
     // pooled connection (autocommit, durable commit, like the gateway's lookups now).
-    let mut batch = Vec::with_capacity(queries / 4);
+    let mut batch = Samples::after_warmup(0);
     for q in 0..queries / 4 {
         let i = rng.random_range(0..entries);
         let req = weir_cache::cache::ExactRequest {
@@ -266,40 +274,36 @@ async fn measure(
             request_id: format!("bench-batch-{q}"),
         };
         let mut conn = pool.acquire().await?;
-        let t = Instant::now();
-        let hit =
-            weir_cache::cache::exact_lookup_batch(&mut conn, &cas, std::slice::from_ref(&req)).await?;
-        batch.push(t.elapsed().as_secs_f64() * 1000.0);
+        let (hit, ms) = timed(weir_cache::cache::exact_lookup_batch(
+            &mut conn,
+            &cas,
+            std::slice::from_ref(&req),
+        ))
+        .await;
+        let hit = hit?;
+        batch.add(ms);
         anyhow::ensure!(hit[0].is_some(), "a stored key missed");
     }
 
     // 3. Semantic lookups and recall@1.
-    let mut semantic = Vec::with_capacity(queries);
+    let mut semantic = Samples::after_warmup(WARMUP);
     let mut correct = 0usize;
     let mut answered = 0usize;
-    for q in 0..queries + 50 {
+    for q in 0..queries + WARMUP {
         let w = rng.random_range(0..WORKSPACES);
         let i = w + WORKSPACES * rng.random_range(0..entries / WORKSPACES);
         let qv = near(&mut rng, &vectors[i], 0.03);
-        let req = LookupRequest {
-            request_id: format!("bench-sem-{q}"),
-            workspace_id: ws_name(w),
-            requester: "bench".into(),
-            permission: Permission::Read,
-            node_type: node_type.into(),
-            config: json!({}),
-            inputs: json!({"q": q}),
-            prompt: None,
-            embedding: Some(qv.clone()),
-            semantic: true,
-        };
-        let t = Instant::now();
-        let a = cache.lookup(&req).await?;
-        let elapsed = t.elapsed().as_secs_f64() * 1000.0;
-        if q < 50 {
+        let req = lookup_request(
+            format!("bench-sem-{q}"),
+            ws_name(w),
+            json!({"q": q}),
+            Some(qv.clone()),
+        );
+        let (a, ms) = timed(cache.lookup(&req)).await;
+        let a = a?;
+        if !semantic.add(ms) {
             continue;
         }
-        semantic.push(elapsed);
         // Exact scan of the workspace (same data, in memory).
         let best = (w..entries)
             .step_by(WORKSPACES)
@@ -321,7 +325,7 @@ async fn measure(
 
     // 4. The real embedder.
     let embeddings_per_sec = match embed_rate(&cfg.cache).await {
-        Ok(r) => json!((r * 10.0).round() / 10.0),
+        Ok(r) => json!(round(r, 1)),
         Err(e) => {
             tracing::warn!(error = %e, "embedder unavailable; embeddings_per_sec is null");
             serde_json::Value::Null
@@ -330,17 +334,17 @@ async fn measure(
 
     // The run's rows and index go with the private schema (dropped by the caller).
 
-    let (exact_p50, exact_p99) = ms(exact);
-    let (cas_p50, cas_p99) = ms(cas_gets);
-    let (batch_p50, batch_p99) = ms(batch);
-    let (sem_p50, sem_p99) = ms(semantic);
+    let (exact_p50, exact_p99) = exact.p50_p99();
+    let (cas_p50, cas_p99) = cas_gets.p50_p99();
+    let (batch_p50, batch_p99) = batch.p50_p99();
+    let (sem_p50, sem_p99) = semantic.p50_p99();
     Ok(json!({
         "entries": entries,
         "workspaces": WORKSPACES,
         "queries": queries,
         "vectors": format!("synthetic: {d}-dim unit vectors around {CLUSTERS} random centres"),
-        "load_secs": (load_secs * 100.0).round() / 100.0,
-        "index_build_secs": (index_secs * 100.0).round() / 100.0,
+        "load_secs": round(load_secs, 2),
+        "index_build_secs": round(index_secs, 2),
         "exact_p50_ms": exact_p50,
         "exact_p99_ms": exact_p99,
         "exact_hits": exact_hits,
@@ -352,7 +356,7 @@ async fn measure(
         "semantic_p50_ms": sem_p50,
         "semantic_p99_ms": sem_p99,
         "semantic_answered": answered,
-        "recall_at_1": if answered == 0 { 0.0 } else { (correct as f64 / queries as f64 * 10_000.0).round() / 10_000.0 },
+        "recall_at_1": if answered == 0 { 0.0 } else { round(correct as f64 / queries as f64, 4) },
         "embeddings_per_sec": embeddings_per_sec,
     }))
 }

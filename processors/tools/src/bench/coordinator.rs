@@ -31,6 +31,8 @@ use weir_runtime::{Coordinates, Outbox, Processor, Record};
 
 use weir_coordinator::processor::Coordinator;
 
+use crate::common::{own_outbox, percentile, register_schemas, scratch_config, vacuum_analyze};
+
 /// The benchmark DAG: root → f0..f7 → join → tail.
 pub fn dag() -> Value {
     let mut nodes = serde_json::Map::new();
@@ -66,14 +68,6 @@ struct Phase {
     hops_ms: Vec<f64>,
     batches: usize,
     runs_completed: i64,
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -215,41 +209,33 @@ async fn drive(
 /// Runs the benchmark and returns its figures as one JSON object.
 pub async fn run(base: Arc<Config>, runs: usize, naive_runs: usize) -> anyhow::Result<Value> {
     let id = Uuid::now_v7().simple().to_string();
-    let mut cfg = (*base).clone();
-    cfg.kafka.topic_prefix = format!("bench-{id}.");
-    let cfg = Arc::new(cfg);
-    let schemas = weir_runtime::ops::load_schemas(None).map_err(anyhow::Error::msg)?;
-    anyhow::ensure!(
-        weir_runtime::ops::register_schemas(&cfg, &schemas).await?,
-        "registering schemas"
-    );
+    let cfg = Arc::new(scratch_config(&base, format!("bench-{id}.")));
+    register_schemas(&cfg).await?;
     let pool = weir_runtime::db::pool(&cfg.postgres)?;
     weir_runtime::db::MIGRATOR.run(&pool).await?;
-    for table in [
-        "weir_runs",
-        "weir_run_nodes",
-        "weir_run_timers",
-        "weir_outbox",
-    ] {
-        sqlx::query(&format!("VACUUM (ANALYZE) {table}"))
-            .execute(&pool)
-            .await?;
-    }
+    vacuum_analyze(
+        &pool,
+        &[
+            "weir_runs",
+            "weir_run_nodes",
+            "weir_run_timers",
+            "weir_outbox",
+        ],
+    )
+    .await?;
     // NodeReady and run events go to an outbox of the benchmark's own (dropped at the end),
     // where the simulated workers take them: a deployment's relays running beside it never
     // see them (they would publish them to topics that do not exist, or take them from the
     // workers).
-    let private = crate::private::PrivateOutbox::create(&cfg.postgres, "bench_coordinator")
-        .await
-        .context("creating the benchmark's own outbox")?;
+    let private = own_outbox(&cfg, "bench_coordinator").await?;
     let pool = private.pool().clone();
     let codec = Arc::new(Codec::new(&cfg.schema_registry, &cfg.kafka)?);
     let cas = weir_runtime::cas::Cas::from_config(&cfg).await?;
     let workflow_id = format!("bench-{id}-wf");
     let definition = dag();
-    let sha = weir_model::fold::sha256_hex(&weir_model::definition::canonical_json(
-        &definition,
-    ));
+    let sha = weir_model::fold::sha256_hex(
+        &weir_model::definition::canonical_json_verbatim_numbers(&definition),
+    );
     sqlx::query!(
         "INSERT INTO weir_workflow_heads (workflow_id, workspace_id, version, definition, definition_sha256)
          VALUES ($1, 'ws-bench', 1, $2, $3)",
@@ -261,7 +247,8 @@ pub async fn run(base: Arc<Config>, runs: usize, naive_runs: usize) -> anyhow::R
     .await
     .context("creating the benchmark workflow")?;
 
-    let coordinator = Coordinator::new(cfg.clone(), pool.clone(), cas);
+    let history = Arc::new(weir_wiring::PatchLogReplay::new(pool.clone(), cas.clone()));
+    let coordinator = Coordinator::new(cfg.clone(), cas, history);
     let batch = cfg.runtime.max_batch;
     eprintln!("coordinating {runs} runs in batches of up to {batch} ...");
     let fast = drive(
@@ -307,12 +294,7 @@ pub async fn run(base: Arc<Config>, runs: usize, naive_runs: usize) -> anyhow::R
     )
     .execute(&pool)
     .await?;
-    sqlx::query!(
-        "DELETE FROM weir_outbox WHERE topic LIKE $1",
-        format!("bench-{id}.%")
-    )
-    .execute(&pool)
-    .await?;
+    // The outbox rows go with the benchmark's own outbox.
     private.drop_all().await?;
 
     anyhow::ensure!(

@@ -23,7 +23,10 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use weir_runtime::config::Config;
 
-use weir_gateway::auth::{create_key, Permission};
+use weir_gateway::auth::create_key;
+use weir_model::Permission;
+
+use crate::common::{create_topics, percentile, register_schemas, round, scratch_config};
 
 /// Benchmark parameters.
 #[derive(Debug, Clone)]
@@ -128,18 +131,11 @@ struct Phase {
 
 impl Phase {
     fn summary(&self) -> Value {
-        let pct = |q: f64| -> f64 {
-            if self.latencies.is_empty() {
-                return 0.0;
-            }
-            // q ≤ 1, so i ≤ len - 1: always in bounds.
-            let i = ((self.latencies.len() as f64 - 1.0) * q).round() as usize;
-            f64::from(self.latencies[i]) / 1000.0
-        };
+        let pct = |q: f64| percentile(&self.latencies, q) / 1000.0;
         json!({
             "requests": self.ok,
             "errors": self.errors,
-            "seconds": (self.elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
+            "seconds": round(self.elapsed.as_secs_f64(), 3),
             "requests_per_sec": (self.ok as f64 / self.elapsed.as_secs_f64()).round(),
             "p50_ms": pct(0.50),
             "p90_ms": pct(0.90),
@@ -248,20 +244,13 @@ async fn one_request(
 /// Runs the benchmark; returns the result object (the command prints it as its last line).
 pub async fn run(cfg: Arc<Config>, params: Params) -> anyhow::Result<Value> {
     let prefix = format!("bench-gw-{}.", uuid::Uuid::now_v7().simple());
-    let mut c = (*cfg).clone();
-    c.kafka.topic_prefix = prefix.clone();
+    let mut c = scratch_config(&cfg, prefix.clone());
     // The benchmark measures the gateway, not the rate limit.
     c.gateway.rate_limit_per_sec = u32::MAX / 2;
     c.gateway.rate_limit_burst = u32::MAX / 2;
     let cfg = Arc::new(c);
-    weir_runtime::kafka::create_topics(&cfg.kafka)
-        .await
-        .context("creating the benchmark's topics")?;
-    let schemas = weir_runtime::ops::load_schemas(None).map_err(anyhow::Error::msg)?;
-    anyhow::ensure!(
-        weir_runtime::ops::register_schemas(&cfg, &schemas).await?,
-        "registering schemas"
-    );
+    create_topics(&cfg).await?;
+    register_schemas(&cfg).await?;
     let state = weir_gateway::state(cfg.clone(), weir_gateway::Sources::default()).await?;
     let pool = weir_runtime::db::pool(&cfg.postgres)?;
     let workspace = format!("bench-{}", uuid::Uuid::now_v7().simple());
@@ -347,18 +336,15 @@ pub async fn run(cfg: Arc<Config>, params: Params) -> anyhow::Result<Value> {
     shutdown.cancel();
     let _ = running.task.await;
     weir_runtime::kafka::delete_planned_topics(&cfg.kafka).await?;
-    let linger = cfg
-        .kafka
-        .producer
-        .get("linger.ms")
-        .cloned()
-        .unwrap_or_else(|| "2".into());
-    let compression = cfg
-        .kafka
-        .producer
-        .get("compression.type")
-        .cloned()
-        .unwrap_or_else(|| "none".into());
+    let producer_setting = |name: &str, default: &str| {
+        cfg.kafka
+            .producer
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| default.into())
+    };
+    let linger = producer_setting("linger.ms", "2");
+    let compression = producer_setting("compression.type", "none");
     let p = patches.summary();
     Ok(json!({
         "bench": "gateway",

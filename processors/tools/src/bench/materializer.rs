@@ -19,7 +19,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -31,6 +30,11 @@ use weir_runtime::{telemetry, BatchConsumer};
 use weir_model::definition::Limits;
 use weir_model::fold::{self, Decision, Head, Submitted};
 use weir_model::patch::Patch;
+
+use crate::common::{
+    create_topics, group_stable, own_outbox, register_schemas, round, scratch_config,
+    vacuum_analyze,
+};
 
 /// Benchmark parameters.
 #[derive(Debug, Clone)]
@@ -193,18 +197,17 @@ async fn percentiles(
 async fn wait_group_stable(cfg: &Config, members: usize, timeout: Duration) -> anyhow::Result<()> {
     let start = Instant::now();
     loop {
-        let kafka = cfg.kafka.clone();
-        let state = tokio::task::spawn_blocking(move || {
-            let group = kafka.group(weir_materializer::processor::GROUP);
-            weir_runtime::kafka::group_state(&kafka, &group, Duration::from_secs(5))
+        let c = cfg.clone();
+        if tokio::task::spawn_blocking(move || {
+            group_stable(&c, weir_materializer::processor::GROUP, Some(members))
         })
-        .await??;
-        if matches!(&state, Some((s, n)) if s == "Stable" && *n == members) {
+        .await??
+        {
             return Ok(());
         }
         anyhow::ensure!(
             start.elapsed() < timeout,
-            "consumer group {} not stable with {members} members: {state:?}",
+            "consumer group {} not stable with {members} members",
             cfg.kafka.group(weir_materializer::processor::GROUP)
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -215,37 +218,21 @@ async fn wait_group_stable(cfg: &Config, members: usize, timeout: Duration) -> a
 /// `<prefix>bench-<run_id>.`, so a deployment running beside it (same prefix) never shares a
 /// topic or a consumer group with it.
 pub fn bench_config(base: &Config, run_id: &str) -> Config {
-    let mut cfg = base.clone();
-    cfg.kafka.topic_prefix = format!("{}bench-{run_id}.", base.kafka.topic_prefix);
-    cfg
+    scratch_config(base, format!("{}bench-{run_id}.", base.kafka.topic_prefix))
 }
 
 /// Runs the benchmark and returns its figures as one JSON object.
 pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
     let run_id = Uuid::now_v7().simple().to_string();
     let cfg = Arc::new(bench_config(&base, &run_id));
-    weir_runtime::kafka::create_topics(&cfg.kafka)
-        .await
-        .context("creating topics")?;
-    let schemas = weir_runtime::ops::load_schemas(None).map_err(anyhow::Error::msg)?;
-    anyhow::ensure!(
-        weir_runtime::ops::register_schemas(&cfg, &schemas).await?,
-        "registering schemas"
-    );
+    create_topics(&cfg).await?;
+    register_schemas(&cfg).await?;
     let pool = weir_runtime::db::pool(&cfg.postgres)?;
     weir_runtime::db::MIGRATOR.run(&pool).await?;
-    // Earlier runs delete what they wrote; start every run from vacuumed tables with fresh
-    // statistics so both paths meet the same database.
-    for table in ["weir_workflow_heads", "weir_workflow_patches"] {
-        sqlx::query(&format!("VACUUM (ANALYZE) {table}"))
-            .execute(&pool)
-            .await?;
-    }
+    vacuum_analyze(&pool, &["weir_workflow_heads", "weir_workflow_patches"]).await?;
     // The outbox rows go to an outbox of the benchmark's own (dropped at the end): a
     // deployment's relays running beside it never see them.
-    let private = crate::private::PrivateOutbox::create(&cfg.postgres, "bench_materialize")
-        .await
-        .context("creating the benchmark's own outbox")?;
+    let private = own_outbox(&cfg, "bench_materialize").await?;
     let pool = private.pool().clone();
     // A patch is done when the transaction that decided it commits: the end of its latency and
     // of the throughput window. The server keeps commit times only with track_commit_timestamp
@@ -285,7 +272,10 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
     for _ in 0..cfg.runtime.consumers {
         let consumer = BatchConsumer::new(
             cfg.clone(),
-            Arc::new(weir_materializer::Materializer::new(cfg.clone(), cas.clone())),
+            Arc::new(weir_materializer::Materializer::new(
+                cfg.clone(),
+                cas.clone(),
+            )),
             pool.clone(),
             codec.clone(),
             producer.clone(),
@@ -422,16 +412,13 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
         .bind(format!("{topic}%"))
         .execute(&pool)
         .await?;
-    sqlx::query("DELETE FROM weir_outbox WHERE topic LIKE $1")
-        .bind(format!("{}%", cfg.kafka.topic_prefix))
-        .execute(&pool)
-        .await?;
+    // The outbox rows go with the benchmark's own outbox.
     private.drop_all().await?;
     weir_runtime::kafka::delete_planned_topics(&cfg.kafka).await?;
 
     Ok(json!({
         "warmup_patches": warmup_total,
-        "warmup_seconds": (warmup_secs * 10.0).round() / 10.0,
+        "warmup_seconds": round(warmup_secs, 1),
         "patches": params.patches,
         "workflows": params.workflows,
         "consumers": cfg.runtime.consumers,
@@ -442,13 +429,13 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
         "latency_patches": params.latency_patches,
         "latency_load_patches_per_sec": rate.round(),
         "measured_to": if commit_times { "commit" } else { "row insert" },
-        "p50_ms": (p50 * 10.0).round() / 10.0,
-        "p99_ms": (p99 * 10.0).round() / 10.0,
+        "p50_ms": round(p50, 1),
+        "p99_ms": round(p99, 1),
         "naive_patches": naive.len(),
         "naive_patches_per_sec": naive_patches_per_sec.round(),
-        "speedup_vs_naive": ((patches_per_sec / naive_patches_per_sec) * 10.0).round() / 10.0,
+        "speedup_vs_naive": round(patches_per_sec / naive_patches_per_sec, 1),
         "pg_copy_rows_per_sec": copy_rows_per_sec.round(),
-        "fraction_of_limit": ((patches_per_sec / copy_rows_per_sec) * 1000.0).round() / 1000.0,
+        "fraction_of_limit": round(patches_per_sec / copy_rows_per_sec, 3),
     }))
 }
 

@@ -36,6 +36,7 @@ use weir_runtime::config::Config;
 use weir_runtime::outbox::lane_of;
 use weir_runtime::telemetry::Health;
 
+use crate::common::own_outbox;
 use crate::private::PrivateOutbox;
 use weir_relay::{Relay, RelayError};
 
@@ -71,9 +72,7 @@ pub async fn run(
     .fetch_one(&deployment)
     .await?;
     deployment.close().await;
-    let private = PrivateOutbox::create(&cfg.postgres, "bench_relay")
-        .await
-        .context("creating the benchmark's own outbox")?;
+    let private = own_outbox(&cfg, "bench_relay").await?;
     let result = measure(cfg, &private, events, relays, deployment_relays).await;
     if let Err(e) = private.drop_all().await {
         tracing::warn!(error = %e, "dropping the benchmark's own outbox");
