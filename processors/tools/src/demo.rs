@@ -785,51 +785,71 @@ pub fn unmet_expectations(s: &Summary, opts: &Options) -> Vec<String> {
     unmet
 }
 
+/// `<a><infix><b>` for each pair, joined by `sep`.
+fn joined<A: std::fmt::Display, B: std::fmt::Display>(
+    pairs: impl Iterator<Item = (A, B)>,
+    infix: &str,
+    sep: &str,
+) -> String {
+    let items: Vec<String> = pairs.map(|(a, b)| format!("{a}{infix}{b}")).collect();
+    items.join(sep)
+}
+
 fn print_summary(s: &Summary, opts: &Options) {
     println!();
     println!(
         "==== weir demo summary ({:.1} s, workspace {}) ====",
         s.seconds, s.workspace
     );
-    let workflows: Vec<String> = s
-        .versions
-        .iter()
-        .map(|(w, v)| format!("{w} v{v}"))
-        .collect();
-    println!("workflows      {}", workflows.join(", "));
-    println!(
-        "patches        {} applied, {} rejected",
-        s.patches_applied, s.patches_rejected
+    // One row per aspect: a label padded to 15 columns, then the figures.
+    let row = |label: &str, figures: String| println!("{label:<15}{figures}");
+    row("workflows", joined(s.versions.iter(), " v", ", "));
+    row(
+        "patches",
+        format!(
+            "{} applied, {} rejected",
+            s.patches_applied, s.patches_rejected
+        ),
     );
-    println!(
-        "runs           {} finished ({} failed, {} cancelled)",
-        s.runs_completed, s.runs_failed, s.runs_cancelled
+    row(
+        "runs",
+        format!(
+            "{} finished ({} failed, {} cancelled)",
+            s.runs_completed, s.runs_failed, s.runs_cancelled
+        ),
     );
-    println!("node attempts  {} dispatched to workers ({} failed on purpose and retried), {} nodes served from the cache",
-        s.nodes_dispatched, s.nodes_failed_on_purpose, s.nodes_from_cache);
+    row(
+        "node attempts",
+        format!(
+            "{} dispatched to workers ({} failed on purpose and retried), {} nodes served from the cache",
+            s.nodes_dispatched, s.nodes_failed_on_purpose, s.nodes_from_cache
+        ),
+    );
     let rate = if s.cache_lookups > 0 {
         s.cache_hits as f64 / s.cache_lookups as f64
     } else {
         0.0
     };
-    println!(
-        "cache lookups  {} hits of {} ({:.0} %), {} ms of work saved{}",
-        s.cache_hits,
-        s.cache_lookups,
-        rate * 100.0,
-        s.cache_saved_ms,
-        s.semantic_similarity
-            .map_or(String::new(), |x| format!(", semantic similarity {x:.3}"))
+    let similarity = s
+        .semantic_similarity
+        .map_or(String::new(), |x| format!(", semantic similarity {x:.3}"));
+    row(
+        "cache lookups",
+        format!(
+            "{} hits of {} ({:.0} %), {} ms of work saved{similarity}",
+            s.cache_hits,
+            s.cache_lookups,
+            rate * 100.0,
+            s.cache_saved_ms
+        ),
     );
-    let events: Vec<String> = s
-        .events_per_topic
-        .iter()
-        .filter(|(_, n)| **n > 0)
-        .map(|(t, n)| format!("{t} {n}"))
-        .collect();
-    println!("events         {}", events.join(" · "));
-    println!(
-        "metrics        {} (processors and gateway); API document {}/openapi.json",
-        opts.metrics_url, opts.gateway
+    let appended = s.events_per_topic.iter().filter(|(_, n)| **n > 0);
+    row("events", joined(appended, " ", " · "));
+    row(
+        "metrics",
+        format!(
+            "{} (processors and gateway); API document {}/openapi.json",
+            opts.metrics_url, opts.gateway
+        ),
     );
 }
