@@ -911,7 +911,10 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
                         latency_patches,
                         naive_patches,
                     };
-                    (weir_tools::bench::materializer::run(cfg, params).await?, json)
+                    (
+                        weir_tools::bench::materializer::run(cfg, params).await?,
+                        json,
+                    )
                 }
                 BenchCommand::Coordinator {
                     runs,
@@ -930,12 +933,18 @@ async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
                     entries,
                     queries,
                     json,
-                } => (weir_tools::bench::cache::run(cfg, entries, queries).await?, json),
+                } => (
+                    weir_tools::bench::cache::run(cfg, entries, queries).await?,
+                    json,
+                ),
                 BenchCommand::Relay {
                     events,
                     relays,
                     json,
-                } => (weir_tools::bench::relay::run(cfg, events, relays).await?, json),
+                } => (
+                    weir_tools::bench::relay::run(cfg, events, relays).await?,
+                    json,
+                ),
                 BenchCommand::Gateway {
                     connections,
                     seconds,

@@ -284,7 +284,7 @@ async fn load_nodes(
 
 /// Why a RunRequested cannot start, before looking at its workflow.
 fn invalid_request(req: &RunRequested) -> Option<String> {
-    if !["read", "write", "admin"].contains(&req.permission.as_str()) {
+    if weir_model::Permission::parse(&req.permission).is_err() {
         return Some(format!(
             "permission must be read, write or admin, not {:?}",
             req.permission
