@@ -12,8 +12,8 @@ locals {
   # (through its VPC endpoints) and never need a route to quay.io or ECR Public.
   ecr_registry     = "${data.aws_caller_identity.current.account_id}.dkr.ecr.${var.region}.amazonaws.com"
   apicurio_image   = var.apicurio_image != "" ? var.apicurio_image : "${local.ecr_registry}/${aws_ecr_pull_through_cache_rule.quay.ecr_repository_prefix}/apicurio/apicurio-registry:3.0.9"
-  collector_image  = var.collector_image != "" ? var.collector_image : "${local.ecr_registry}/${aws_ecr_pull_through_cache_rule.ecr_public.ecr_repository_prefix}/aws-observability/aws-otel-collector:v0.43.3"
-  aws_cli_image    = var.aws_cli_image != "" ? var.aws_cli_image : "${local.ecr_registry}/${aws_ecr_pull_through_cache_rule.ecr_public.ecr_repository_prefix}/aws-cli/aws-cli:2.27.50"
+  collector_image  = var.collector_image != "" ? var.collector_image : "${local.ecr_registry}/${aws_ecr_pull_through_cache_rule.ecr_public.ecr_repository_prefix}/aws-observability/aws-otel-collector:v0.40.0"
+  aws_cli_image    = var.aws_cli_image != "" ? var.aws_cli_image : "${local.ecr_registry}/${aws_ecr_pull_through_cache_rule.ecr_public.ecr_repository_prefix}/aws-cli/aws-cli:2.17.0"
   consumer_inputs  = { materializer = "weir.patches.v1", coordinator = "weir.completions.v1", cache = "weir.cache.v1" }
   consumer_groups  = { materializer = "weir-materializer", coordinator = "weir-coordinator", cache = "weir-cache" }
   public_gateway   = length(var.public_subnet_ids) > 0

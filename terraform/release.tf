@@ -69,8 +69,8 @@ resource "terraform_data" "release" {
   # provisioner runs the setup again.
   triggers_replace = [aws_ecs_task_definition.setup.arn, local.weir_image]
 
-  # What the services run once this release's setup has succeeded.
-  input = { for k, td in aws_ecs_task_definition.processor : k => td.arn }
+  # What the services run once this release's setup has succeeded, as family:revision.
+  input = { for k, td in aws_ecs_task_definition.processor : k => "${td.family}:${td.revision}" }
 
   provisioner "local-exec" {
     command = local.task_runner

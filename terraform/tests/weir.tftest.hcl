@@ -175,8 +175,9 @@ run "release_runs_setup_before_services" {
     error_message = "a new setup revision or a new image is a new release (its setup runs again)"
   }
   assert {
-    condition     = alltrue([for k, s in aws_ecs_service.processor : s.task_definition == terraform_data.release.output[k]])
-    error_message = "services take their task definitions from the release, which exists only after its setup succeeded"
+    condition = alltrue([for k, s in aws_ecs_service.processor :
+    s.task_definition == terraform_data.release.output[k] && s.task_definition == "weir-test-${k}:${aws_ecs_task_definition.processor[k].revision}"])
+    error_message = "services take their task definitions (family:revision) from the release, which exists only after its setup succeeded, not from the task definitions directly"
   }
   assert {
     condition     = terraform_data.release.id != "" && length(regexall("(?m)^weir-test\\|arn:aws:ecs:eu-west-1:123456789012:task-definition/weir:1\\|subnet-a,subnet-b,subnet-c\\|sg-0123$", file("tests/.runs.log"))) >= 1
