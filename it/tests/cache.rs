@@ -14,11 +14,13 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rdkafka::message::Message;
 use serde_json::{json, Value};
-use weir_cache::cache::{exact_lookup_batch, ExactRequest};
 use weir_cache::embed::normalize;
 use weir_cache::maintenance::{gc_once, purge, sweep_all, GcWindow};
 use weir_cache::pii::PiiKind;
-use weir_cache::{Cache, LookupRequest, Refusal, StoreOutcome, StoreRequest, StoreResult};
+use weir_cache::{
+    exact_lookup_batch, Cache, ExactRequest, LookupRequest, Refusal, StoreOutcome, StoreRequest,
+    StoreResult, UnitVector,
+};
 use weir_it::{config, prepare, produce_in_order, random_name, weir_bin, ChildGuard};
 use weir_model::CasRef;
 use weir_model::Permission;
@@ -81,6 +83,12 @@ fn random_unit(rng: &mut StdRng, d: usize) -> Vec<f32> {
     normalize((0..d).map(|_| rng.random::<f32>() - 0.5).collect())
 }
 
+/// `v` moved a little, as the cache takes it.
+fn jittered(rng: &mut StdRng, v: &[f32]) -> UnitVector {
+    let moved = v.iter().map(|x| x + (rng.random::<f32>() - 0.5) * 0.002);
+    UnitVector::new(moved.collect(), 384).unwrap()
+}
+
 fn perm(rng: &mut StdRng) -> Permission {
     Permission::ALL[rng.random_range(0..3)]
 }
@@ -111,12 +119,7 @@ async fn randomized_isolation_never_crosses_workspace_or_permission() {
         let mut s = store(&wss[w], nt, json!({"k": k}), json!({"v": i}), level);
         if nt == "agent" {
             s.prompt = Some(format!("prompt {k}"));
-            s.embedding = Some(
-                base[k]
-                    .iter()
-                    .map(|x| x + (rng.random::<f32>() - 0.5) * 0.002)
-                    .collect(),
-            );
+            s.embedding = Some(jittered(&mut rng, &base[k]));
         }
         let out = cache.store(&s).await.unwrap();
         assert!(matches!(out, StoreOutcome::Stored { .. }), "{out:?}");
@@ -149,12 +152,7 @@ async fn randomized_isolation_never_crosses_workspace_or_permission() {
             // Different inputs: the exact cache misses, only the prompt vector can match.
             q.inputs = json!({"k": k, "rephrased": true});
             q.semantic = true;
-            q.embedding = Some(
-                base[k]
-                    .iter()
-                    .map(|x| x + (rng.random::<f32>() - 0.5) * 0.002)
-                    .collect(),
-            );
+            q.embedding = Some(jittered(&mut rng, &base[k]));
         }
         let a = cache.lookup(&q).await.unwrap();
         let want = expected(w, nt, k, p);

@@ -3,8 +3,8 @@
 //! does for this model), or an OpenAI-compatible `/v1/embeddings` endpoint.
 //!
 //! Invariants: every vector returned has exactly [`Embedder::dimensions`] finite components
-//! and unit length (so cosine similarity is a dot product): [`validate_vector`] checks every
-//! vector, from either embedder or from a caller, because a zero, NaN or infinite vector
+//! and unit length (so cosine similarity is a dot product): each is a [`UnitVector`],
+//! validated once as it leaves the embedder (as a caller's vector is where it enters), because a zero, NaN or infinite vector
 //! makes cosine NaN, and NaN sorts above every threshold. The local model runs on tokio's
 //! blocking pool, never on an async worker; model files are read from disk only (no hub
 //! download).
@@ -27,13 +27,13 @@ use candle_transformers::models::bert::{BertModel, Config as BertConfig};
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 use weir_runtime::config::{CacheConfig, EmbedderKind, Secret};
 
-use weir_model::cache::validate_vector;
+use crate::cache::UnitVector;
 
 use crate::error::{CacheError, EmbedClass};
 use crate::metrics as m;
 
 /// What [`Embedder::embed`] answers per text: a unit vector, or why this text was refused.
-pub type Embedded = Result<Vec<f32>, String>;
+pub type Embedded = Result<UnitVector, String>;
 
 /// Longest refusal reason kept from an endpoint's answer, in bytes.
 const MAX_REASON: usize = 300;
@@ -237,7 +237,7 @@ impl LocalModel {
         match std::panic::catch_unwind(run) {
             Ok(Ok(vs)) if vs.len() == texts.len() => Ok(vs
                 .into_iter()
-                .map(|v| validate_vector(v, self.dimensions))
+                .map(|v| UnitVector::new(v, self.dimensions))
                 .collect()),
             Ok(Ok(vs)) => Err(format!(
                 "the local model gave {} vectors for {} texts",
@@ -439,7 +439,7 @@ impl OpenAiEmbedder {
         Ok(parsed
             .data
             .into_iter()
-            .map(|d| validate_vector(d.embedding, self.dimensions))
+            .map(|d| UnitVector::new(d.embedding, self.dimensions))
             .collect())
     }
 }
@@ -478,7 +478,7 @@ impl Failure {
 }
 
 /// Scales `v` to unit length (a zero vector stays zero). For synthetic vectors (benchmarks,
-/// tests); everything stored or looked up goes through [`validate_vector`].
+/// tests); everything stored or looked up is a [`UnitVector`].
 pub fn normalize(mut v: Vec<f32>) -> Vec<f32> {
     let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
     if n > 0.0 {
@@ -495,6 +495,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use weir_model::cache::validate_vector;
 
     /// Needs the model files from infra/local/prereqs.
     #[tokio::test]
@@ -515,7 +516,7 @@ mod tests {
             .await
             .unwrap()
             .into_iter()
-            .map(|r| r.unwrap())
+            .map(|r| r.unwrap().as_slice().to_vec())
             .collect();
         assert_eq!(v.len(), 5);
         for x in &v {
@@ -533,7 +534,7 @@ mod tests {
         // Batching and padding must not change a vector: alone vs in a batch of mixed lengths.
         let alone = e.embed(vec![texts[2].to_string()]).await.unwrap();
         assert!(
-            dot(alone[0].as_ref().unwrap(), &v[2]) > 0.9999,
+            dot(alone[0].as_ref().unwrap().as_slice(), &v[2]) > 0.9999,
             "padding changed the embedding"
         );
         let mut wrong = cfg.clone();

@@ -1,10 +1,12 @@
 //! weir-cache: the result cache. People in one workspace reuse each other's node results, so
 //! an expensive HTTP or LLM call runs once instead of ten times.
 //!
-//! - [`cache`]: exact lookup/store (key = sha256 of workspace, permission level, node type,
-//!   config hash, inputs hash over canonical JSON) and semantic lookup/store (prompt
-//!   embeddings in pgvector, HNSW with iterative index scans), as a library ([`Cache`],
-//!   [`exact_lookup_batch`]; which node types are cacheable is [`weir_model::cache`]'s rule);
+//! - [`cache`]: the [`Cache`] handle, as a library; [`cache::types`] its requests and answers,
+//!   [`cache::exact`] exact lookups (key = sha256 of workspace, permission level, node type,
+//!   config hash, inputs hash over canonical JSON; [`exact_lookup_batch`] is the
+//!   coordinator's), `semantic` lookups (prompt embeddings in pgvector, HNSW with iterative
+//!   index scans, vectors bound binary), `store` writes and `blobs` results in the CAS;
+//!   which node types are cacheable is [`weir_model::cache`]'s rule;
 //! - [`processor`]: the weir.cache.v1 processor answering on weir.cache-answers.v1;
 //! - [`embed`]: the built-in all-MiniLM-L6-v2 (candle) and the OpenAI-compatible embedder;
 //! - [`pii`]: the guard that keeps personal data and secrets out of the cache;
@@ -25,7 +27,7 @@ pub mod processor;
 
 pub use cache::{
     exact_lookup_batch, Answer, Cache, ExactHit, ExactRequest, LookupRequest, Refusal,
-    StoreOutcome, StoreRequest, StoreResult,
+    StoreOutcome, StoreRequest, StoreResult, UnitVector,
 };
 pub use embed::Embedder;
 pub use error::CacheError;

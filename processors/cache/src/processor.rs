@@ -23,11 +23,13 @@ use weir_runtime::events::{
 use weir_runtime::telemetry::Health;
 use weir_runtime::{ApplyError, Outbox, Processor, Record, Rejection};
 
-use crate::cache::{check_prompt, Cache, LookupRequest, StoreOutcome, StoreRequest, StoreResult};
+use crate::cache::{
+    check_prompt, Cache, LookupRequest, StoreOutcome, StoreRequest, StoreResult, UnitVector,
+};
 use crate::error::{CacheError, EmbedClass};
 use crate::key::parse_json;
 use crate::metrics as m;
-use weir_model::cache::{validate_vector, MAX_NODE_TYPE_BYTES};
+use weir_model::cache::MAX_NODE_TYPE_BYTES;
 use weir_model::Permission;
 
 /// Base consumer group of the cache processor; the group is
@@ -104,10 +106,10 @@ fn check_names(
     check_text("node_type", node_type, MAX_NODE_TYPE_BYTES, true)
 }
 
-/// A caller's vector, validated and scaled to unit length.
-fn check_vector(v: &Option<Vec<f32>>, dims: u32) -> Result<Option<Vec<f32>>, CacheError> {
+/// A record's vector, validated and scaled to unit length: the one validation it gets.
+fn check_vector(v: &Option<Vec<f32>>, dims: u32) -> Result<Option<UnitVector>, CacheError> {
     v.as_ref()
-        .map(|v| validate_vector(v.clone(), dims as usize).map_err(CacheError::Invalid))
+        .map(|v| UnitVector::new(v.clone(), dims as usize).map_err(CacheError::Invalid))
         .transpose()
 }
 

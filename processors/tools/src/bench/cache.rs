@@ -32,9 +32,10 @@ use serde_json::json;
 use weir_runtime::cas::Cas;
 use weir_runtime::config::{CacheConfig, Config, EmbedderKind};
 
-use weir_cache::cache::{hnsw_index_name, vector_text, Cache, LookupRequest};
+use weir_cache::cache::hnsw_index_name;
 use weir_cache::embed::{dot, normalize, Embedder};
 use weir_cache::key::{entry_key, json_hash, semantic_key};
+use weir_cache::{Cache, LookupRequest, UnitVector};
 use weir_model::Permission;
 
 use crate::common::{round, timed, Samples};
@@ -62,6 +63,11 @@ fn near(rng: &mut StdRng, c: &[f32], sigma: f32) -> Vec<f32> {
     normalize(c.iter().map(|x| x + sigma * gaussian(rng)).collect())
 }
 
+/// A synthetic vector as the cache takes it (validated, unit length).
+fn unit(v: Vec<f32>, d: usize) -> anyhow::Result<UnitVector> {
+    UnitVector::new(v, d).map_err(anyhow::Error::msg)
+}
+
 /// Lookups before each measured phase, not counted.
 const WARMUP: usize = 50;
 
@@ -70,7 +76,7 @@ fn lookup_request(
     request_id: String,
     workspace_id: String,
     inputs: serde_json::Value,
-    embedding: Option<Vec<f32>>,
+    embedding: Option<UnitVector>,
 ) -> LookupRequest {
     LookupRequest {
         request_id,
@@ -187,7 +193,7 @@ async fn measure(
                 )
                 .to_vec(),
             );
-            embs.push(vector_text(&v));
+            embs.push(unit(v.clone(), d)?.to_pg());
             wss.push(ws);
             vectors.push(v);
             owners.push(w);
@@ -203,8 +209,8 @@ async fn measure(
         .await?;
         sqlx::query(
             "INSERT INTO cache_semantic (entry_key, workspace_id, node_type, required_permission, owner, result_ref, cost_ms, expires_at, dims, embedding, config_hash)
-             SELECT k, ws, 'agent', 1, 'bench', $4, 1000, now() + interval '1 day', $5, e::vector, $6
-             FROM UNNEST($1::bytea[], $2::text[], $3::text[]) AS t(k, ws, e)",
+             SELECT k, ws, 'agent', 1, 'bench', $4, 1000, now() + interval '1 day', $5, e, $6
+             FROM UNNEST($1::bytea[], $2::text[], $3::vector[]) AS t(k, ws, e)",
         )
         .bind(&skeys)
         .bind(&wss)
@@ -228,7 +234,7 @@ async fn measure(
 
     let probe = near(&mut rng, &vectors[3], 0.03);
     let plan = cache
-        .explain_semantic(&ws_name(3), node_type, &probe)
+        .explain_semantic(&ws_name(3), node_type, &unit(probe, d)?)
         .await?;
     eprintln!("semantic lookup plan (workspace holding 1% of the rows):\n{plan}");
 
@@ -263,7 +269,7 @@ async fn measure(
     let mut batch = Samples::after_warmup(0);
     for q in 0..queries / 4 {
         let i = rng.random_range(0..entries);
-        let req = weir_cache::cache::ExactRequest {
+        let req = weir_cache::ExactRequest {
             workspace_id: ws_name(owners[i]),
             permission: Permission::Read,
             node_type: node_type.into(),
@@ -274,7 +280,7 @@ async fn measure(
             request_id: format!("bench-batch-{q}"),
         };
         let mut conn = pool.acquire().await?;
-        let (hit, ms) = timed(weir_cache::cache::exact_lookup_batch(
+        let (hit, ms) = timed(weir_cache::exact_lookup_batch(
             &mut conn,
             &cas,
             std::slice::from_ref(&req),
@@ -297,7 +303,7 @@ async fn measure(
             format!("bench-sem-{q}"),
             ws_name(w),
             json!({"q": q}),
-            Some(qv.clone()),
+            Some(unit(qv.clone(), d)?),
         );
         let (a, ms) = timed(cache.lookup(&req)).await;
         let a = a?;
