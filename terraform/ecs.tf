@@ -159,6 +159,9 @@ resource "aws_ecs_service" "processor" {
     }
   }
 
+  # ECS refuses a target group that no listener uses yet.
+  depends_on = [aws_lb_listener_rule.gateway_api]
+
   lifecycle {
     ignore_changes = [desired_count] # owned by autoscaling after the first apply
   }

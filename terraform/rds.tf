@@ -123,6 +123,9 @@ resource "aws_db_instance" "weir" {
   iam_database_authentication_enabled   = false
   performance_insights_retention_period = 7
 
+  # RDS would create the export log groups itself, unencrypted and kept forever.
+  depends_on = [aws_cloudwatch_log_group.rds]
+
   lifecycle {
     precondition {
       condition     = local.db_connections_needed <= var.db_max_server_connections - 10
