@@ -17,7 +17,7 @@ use rand::Rng as _;
 use weir_model::CasRef;
 use weir_runtime::cas::{Cas, CasError, PutOutcome, HEAD_FIRST_ABOVE};
 use weir_runtime::config::{CasBackend, Config};
-use weir_runtime::Disposition;
+use weir_runtime::{Classify as _, Disposition};
 
 const MIB: usize = 1024 * 1024;
 

@@ -496,6 +496,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 mod tests {
     use super::*;
     use weir_model::cache::validate_vector;
+    use weir_runtime::Classify as _;
 
     /// Needs the model files from infra/local/prereqs.
     #[tokio::test]

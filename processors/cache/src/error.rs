@@ -77,11 +77,6 @@ impl Classify for CacheError {
 }
 
 impl CacheError {
-    /// Its [`Classify::disposition`]. Kept for callers written before [`Classify`].
-    pub fn disposition(&self) -> Disposition {
-        Classify::disposition(self)
-    }
-
     /// A message safe to show an API caller: database and storage details stay in the logs.
     pub fn public_message(&self) -> String {
         match self {

@@ -43,7 +43,7 @@ use weir_runtime::config::{Config, Secret};
 use weir_runtime::events::{
     CacheEvent, CompletionEvent, NodeReady, PatchSubmitted, RunEvent, TopicEvent, WorkflowEvent,
 };
-use weir_runtime::Disposition;
+use weir_runtime::{Classify as _, Disposition};
 use weir_tools::worker::{completion_path, Failures, Worker};
 
 /// What the workload does. All rates are offered rates (open loop), spread over the gateways.

@@ -172,11 +172,6 @@ impl Classify for ParseRefError {
 }
 
 impl CasError {
-    /// Its [`Classify::disposition`]. Kept for callers written before [`Classify`].
-    pub fn disposition(&self) -> Disposition {
-        Classify::disposition(self)
-    }
-
     /// The bounded `kind` label of `weir_cas_errors_total`: `not_found`, `corrupt`,
     /// `unavailable` (retryable: network, 5xx, throttling, full disk), `refused` (fatal S3 or
     /// file errors: configuration, authorization) or `invalid` (bad ref, JSON, task).

@@ -49,7 +49,9 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::codec::Codec;
 use crate::config::Config;
-use crate::error::{ApplyError, ConsumerError, Coordinates, Disposition, RuntimeError};
+use crate::error::{
+    ApplyError, Classify as _, ConsumerError, Coordinates, Disposition, RuntimeError,
+};
 use crate::events::{self, DeadLetter, Header as DeadLetterHeader, TopicEvent};
 use crate::metrics as m;
 use crate::outbox::Outbox;

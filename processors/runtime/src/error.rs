@@ -116,13 +116,6 @@ impl DecodeError {
     }
 }
 
-impl DecodeError {
-    /// Its [`Classify::disposition`]. Kept for callers written before [`Classify`].
-    pub fn disposition(&self) -> Disposition {
-        Classify::disposition(self)
-    }
-}
-
 impl Classify for DecodeError {
     /// Retry for an unreachable registry, dead-letter otherwise.
     fn disposition(&self) -> Disposition {
@@ -155,13 +148,6 @@ pub enum EncodeError {
     Registry(String),
 }
 
-impl EncodeError {
-    /// Its [`Classify::disposition`]. Kept for callers written before [`Classify`].
-    pub fn disposition(&self) -> Disposition {
-        Classify::disposition(self)
-    }
-}
-
 impl Classify for EncodeError {
     /// Registry outages are retried; the rest cannot be fixed by waiting.
     fn disposition(&self) -> Disposition {
@@ -175,53 +161,31 @@ impl Classify for EncodeError {
 /// A processor's batch could not be applied: holds the classified error that caused it.
 ///
 /// Any [`ClassifiedError`] converts into it (`?` works on sqlx, codec, CAS and a processor's
-/// own errors alike); its [`Display`](fmt::Display) is the source's, its
-/// [`source`](StdError::source) is the source itself, and [`ApplyError::disposition`] and
-/// [`ApplyError::is_suspect`] are the source's classification.
+/// own errors alike); its [`Display`](fmt::Display) is the source's (a bare sqlx error's
+/// prefixed `postgres: `), its [`source`](StdError::source) is the source itself, and
+/// [`ApplyError::disposition`] and [`ApplyError::is_suspect`] are the source's
+/// classification. There is no way to build one from a message and a hand-picked disposition.
 #[derive(Debug)]
-pub enum ApplyError {
-    /// The classified error that failed the batch.
-    Source(Box<dyn ClassifiedError>),
-    /// A Postgres error, built by hand. Kept for callers written before [`Classify`]:
-    /// `?` on a `sqlx::Error` gives [`ApplyError::Source`], classified the same way.
-    Postgres(sqlx::Error),
-    /// An encoding error, built by hand. Kept for callers written before [`Classify`].
-    Encode(EncodeError),
-    /// A message with a hand-picked disposition. Kept for callers written before
-    /// [`Classify`]; new code returns a typed error that implements it.
-    Other {
-        /// Detail.
-        message: String,
-        /// What to do.
-        disposition: Disposition,
-    },
-}
+pub struct ApplyError(Box<dyn ClassifiedError>);
 
 impl<E: ClassifiedError> From<E> for ApplyError {
     fn from(e: E) -> Self {
-        ApplyError::Source(Box::new(e))
+        ApplyError(Box::new(e))
     }
 }
 
 impl fmt::Display for ApplyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ApplyError::Source(e) => fmt::Display::fmt(e, f),
-            ApplyError::Postgres(e) => write!(f, "postgres: {e}"),
-            ApplyError::Encode(e) => fmt::Display::fmt(e, f),
-            ApplyError::Other { message, .. } => f.write_str(message),
+        match self.downcast_ref::<sqlx::Error>() {
+            Some(e) => write!(f, "postgres: {e}"),
+            None => fmt::Display::fmt(&self.0, f),
         }
     }
 }
 
 impl StdError for ApplyError {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        match self {
-            ApplyError::Source(e) => Some(&**e),
-            ApplyError::Postgres(e) => Some(e),
-            ApplyError::Encode(e) => Some(e),
-            ApplyError::Other { .. } => None,
-        }
+        Some(&*self.0)
     }
 }
 
@@ -231,33 +195,18 @@ impl ApplyError {
     /// retried, content-caused ones are dead-lettered after the batch is bisected to find
     /// the record, bugs are fatal.
     pub fn disposition(&self) -> Disposition {
-        match self {
-            ApplyError::Source(e) => e.disposition(),
-            ApplyError::Postgres(e) => e.disposition(),
-            ApplyError::Encode(e) => e.disposition(),
-            ApplyError::Other { disposition, .. } => *disposition,
-        }
+        self.0.disposition()
     }
 
     /// The source's [`Classify::is_suspect`]: a `Retry` the consumer retries only
     /// `runtime.suspect_retries` times before bisecting the batch.
     pub fn is_suspect(&self) -> bool {
-        match self {
-            ApplyError::Source(e) => e.is_suspect(),
-            ApplyError::Postgres(e) => e.is_suspect(),
-            ApplyError::Encode(e) => e.is_suspect(),
-            ApplyError::Other { .. } => false,
-        }
+        self.0.is_suspect()
     }
 
     /// The source error as `T`, if it is one (the error itself, not its causes).
     pub fn downcast_ref<T: StdError + 'static>(&self) -> Option<&T> {
-        match self {
-            ApplyError::Source(e) => (&**e as &(dyn StdError + 'static)).downcast_ref(),
-            ApplyError::Postgres(e) => (e as &(dyn StdError + 'static)).downcast_ref(),
-            ApplyError::Encode(e) => (e as &(dyn StdError + 'static)).downcast_ref(),
-            ApplyError::Other { .. } => None,
-        }
+        (&*self.0 as &(dyn StdError + 'static)).downcast_ref()
     }
 }
 
@@ -520,22 +469,26 @@ mod tests {
             Disposition::Retry
         );
         assert_eq!(postgres_class(&sqlx::Error::RowNotFound), PgClass::Suspect);
-        let suspect = ApplyError::Postgres(sqlx::Error::RowNotFound);
+        let suspect = ApplyError::from(sqlx::Error::RowNotFound);
         assert_eq!(suspect.disposition(), Disposition::Retry);
         assert!(suspect.is_suspect());
         assert_eq!(
             postgres_disposition(&sqlx::Error::ColumnNotFound("x".into())),
             Disposition::Fatal
         );
-        let io = ApplyError::Postgres(sqlx::Error::Io(std::io::Error::other("reset")));
+        let io = ApplyError::from(sqlx::Error::Io(std::io::Error::other("reset")));
         assert!(
             !io.is_suspect(),
             "a lost connection is retried without a cap"
         );
-        let own = ApplyError::Other {
-            message: "cas down".into(),
-            disposition: Disposition::Retry,
-        };
+        let own = ApplyError::from(ConsumerError::DeadLetterDropped {
+            at: Coordinates {
+                topic: "t".into(),
+                partition: 0,
+                offset: 0,
+            },
+        });
+        assert_eq!(own.disposition(), Disposition::Retry);
         assert!(
             !own.is_suspect(),
             "a processor's own Retry is taken at its word"
@@ -619,6 +572,7 @@ mod tests {
             let direct: ApplyError = db(code).into();
             assert_eq!(direct.disposition(), disposition, "{code}");
             assert_eq!(direct.is_suspect(), suspect, "{code}");
+            assert!(direct.to_string().starts_with("postgres: "), "{direct}");
             let wrapped = apply(Err(Step::Load(db(code)))).unwrap_err();
             assert_eq!(wrapped.disposition(), disposition, "{code} wrapped");
             assert_eq!(wrapped.is_suspect(), suspect, "{code} wrapped");
@@ -698,7 +652,7 @@ mod tests {
             for _ in 0..depth {
                 e = Box::new(Layer(e));
             }
-            let apply = ApplyError::Source(e);
+            let apply = ApplyError(e);
             let class = sqlstate_class(&code);
             proptest::prop_assert_eq!(apply.disposition(), postgres_disposition(&db(&code)));
             proptest::prop_assert_eq!(apply.is_suspect(), class == PgClass::Suspect);

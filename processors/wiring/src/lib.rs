@@ -26,7 +26,7 @@ use weir_model::patch::Budget;
 use weir_model::{Permission, RunStatus};
 use weir_runtime::cas::Cas;
 use weir_runtime::config::CacheConfig;
-use weir_runtime::Disposition;
+use weir_runtime::{Classify as _, Disposition};
 
 /// Run status for the gateway, from the coordinator's tables.
 pub struct CoordinatorRunStatus {

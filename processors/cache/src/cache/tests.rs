@@ -7,6 +7,7 @@ use super::semantic::semantic_statement;
 use super::store::{scan_off_runtime, INLINE_SCAN_BYTES};
 use super::*;
 use crate::pii;
+use weir_runtime::Classify as _;
 
 #[test]
 fn a_semantic_hit_needs_the_same_config_and_a_number() {

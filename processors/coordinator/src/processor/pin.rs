@@ -17,7 +17,7 @@ use std::sync::Arc;
 use serde_json::Value;
 use sqlx::PgConnection;
 use weir_runtime::events::RunRequested;
-use weir_runtime::Disposition;
+use weir_runtime::{Classify as _, Disposition};
 
 use super::load::{load_snapshots, Doc, FailedStart, Loaded, Pin};
 use super::rows::SnapshotRows;
