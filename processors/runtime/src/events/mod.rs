@@ -613,7 +613,7 @@ macro_rules! union_topic {
 
         impl TopicEvent for $enum {
             const TOPIC: &'static str = $topic;
-            const SCHEMA: &'static str = include_str!(concat!("../../../schemas/", $topic, ".avsc"));
+            const SCHEMA: &'static str = include_str!(concat!("../../../../schemas/", $topic, ".avsc"));
 
             fn from_record(name: &str, value: Value) -> Result<Self, EventError> {
                 $(
@@ -683,7 +683,7 @@ macro_rules! record_topic {
         impl TopicEvent for $record {
             const TOPIC: &'static str = $topic;
             const SCHEMA: &'static str =
-                include_str!(concat!("../../../schemas/", $topic, ".avsc"));
+                include_str!(concat!("../../../../schemas/", $topic, ".avsc"));
 
             fn from_record(name: &str, value: Value) -> Result<Self, EventError> {
                 if name == <$record as Record>::FULL_NAME {
