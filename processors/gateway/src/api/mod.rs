@@ -56,7 +56,7 @@ use crate::sources::{CacheLookupRequest, CacheLookupSource, RunStatusSource};
 use crate::trace::RequestTrace;
 
 /// The OpenAPI 3.1 document, served at /openapi.json; the file is docs/openapi.json.
-pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
+pub const OPENAPI: &str = include_str!("../../../../docs/openapi.json");
 
 /// How long a workflow this gateway just accepted a creation for is taken as existing before
 /// the materializer has stored it.
