@@ -17,9 +17,7 @@ use async_trait::async_trait;
 use sqlx::PgConnection;
 use weir_model::CasRef;
 use weir_runtime::config::CacheConfig;
-use weir_runtime::events::{
-    new_event_id, now_micros, CacheAnswer, CacheEvent, CacheLookup, CacheStore,
-};
+use weir_runtime::events::{new_event, CacheAnswer, CacheEvent, CacheLookup, CacheStore, Envelope};
 use weir_runtime::telemetry::Health;
 use weir_runtime::{ApplyError, Outbox, Processor, Record, Rejection};
 
@@ -296,12 +294,10 @@ impl CacheProcessor {
                         }
                     };
                     outbox
-                        .push(&CacheAnswer {
-                            event_id: new_event_id(),
-                            occurred_at: now_micros(),
-                            workspace_id: q.workspace_id.clone(),
-                            traceparent,
-                            tracestate: None,
+                        .push(&new_event!(CacheAnswer {
+                            // The lookup's workspace and traceparent (its tracestate is not
+                            // kept with the lookup).
+                            envelope: Envelope::new(q.workspace_id.clone(), traceparent, None),
                             request_id: a.request_id,
                             hit: a.hit,
                             kind: a.kind,
@@ -309,7 +305,7 @@ impl CacheProcessor {
                             result_ref: a.result_ref.map(|r| r.to_string()),
                             saved_ms: a.saved_ms,
                             entry_key: a.entry_key,
-                        })
+                        }))
                         .await?;
                 }
             }

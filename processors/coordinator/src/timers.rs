@@ -26,7 +26,9 @@ use std::time::Duration;
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 use weir_runtime::codec::Codec;
-use weir_runtime::events::{self, CompletionEvent, RunEvent, RunStalled, TopicEvent};
+use weir_runtime::events::{
+    new_event, CompletionEvent, Envelope, RunEvent, RunStalled, TopicEvent,
+};
 use weir_runtime::{ApplyError, Disposition, Outbox};
 
 use crate::machine::Input;
@@ -284,18 +286,15 @@ impl TimerLoop {
             metrics::counter!(m::STALLS).increment(1);
             tracing::warn!(run_id = %s.run_id, workflow_id = %s.workflow_id, "run stalled");
             outbox
-                .push(&RunEvent::RunStalled(RunStalled {
-                    event_id: events::new_event_id(),
-                    occurred_at: events::now_micros(),
-                    workspace_id: s.workspace_id,
-                    traceparent: s.traceparent,
-                    tracestate: None,
+                .push(&RunEvent::RunStalled(new_event!(RunStalled {
+                    // The run's stored context; a run keeps no tracestate.
+                    envelope: Envelope::new(s.workspace_id, s.traceparent, None),
                     run_id: s.run_id,
                     workflow_id: s.workflow_id,
                     version: s.version,
                     idle_ms: (now - s.last_progress_at).num_milliseconds(),
                     last_progress_at: s.last_progress_at.timestamp_micros(),
-                }))
+                })))
                 .await?;
         }
         outbox.flush(&mut tx).await?;

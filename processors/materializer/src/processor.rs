@@ -35,7 +35,7 @@ use weir_runtime::cas::Cas;
 use weir_runtime::config::Config;
 use weir_runtime::copy::CopyRows;
 use weir_runtime::events::{
-    self, PatchRejected, PatchSubmitted, WorkflowEvent, WorkflowMaterialized,
+    new_event, Envelope, PatchRejected, PatchSubmitted, WorkflowEvent, WorkflowMaterialized,
 };
 use weir_runtime::{ApplyError, Outbox, Processor, Record, Rejection};
 
@@ -69,19 +69,15 @@ pub fn patch_submitted(
     base_version: Option<i64>,
     operations: &Value,
 ) -> PatchSubmitted {
-    PatchSubmitted {
-        event_id: events::new_event_id(),
-        occurred_at: events::now_micros(),
-        workspace_id: workspace_id.into(),
-        traceparent: String::new(),
-        tracestate: None,
+    new_event!(PatchSubmitted {
+        envelope: Envelope::at_ingress(workspace_id, "", None),
         patch_id: Uuid::now_v7(),
         workflow_id: workflow_id.into(),
         author: author.into(),
         base_version,
         operations_json: operations.to_string(),
         operations_ref: None,
-    }
+    })
 }
 
 /// A workflow's key: (workspace_id, workflow_id). Workflow ids are names chosen by a tenant,
@@ -640,19 +636,17 @@ impl Materializer {
                         } else {
                             (Some(canonical), None)
                         };
-                        let event = WorkflowEvent::WorkflowMaterialized(WorkflowMaterialized {
-                            event_id: events::new_event_id(),
-                            occurred_at: events::now_micros(),
-                            workspace_id: b.head.workspace_id.clone(),
-                            traceparent: e.traceparent.clone(),
-                            tracestate: e.tracestate.clone(),
-                            workflow_id: b.workflow_id.clone(),
-                            version,
-                            definition_json,
-                            definition_ref,
-                            patch_ids: vec![e.patch_id],
-                            definition_sha256: sha256,
-                        });
+                        let event =
+                            WorkflowEvent::WorkflowMaterialized(new_event!(WorkflowMaterialized {
+                                // The batch's head is keyed by the patch's workspace: the same.
+                                envelope: Envelope::caused_by(e),
+                                workflow_id: b.workflow_id.clone(),
+                                version,
+                                definition_json,
+                                definition_ref,
+                                patch_ids: vec![e.patch_id],
+                                definition_sha256: sha256,
+                            }));
                         outbox.push(&event).await?;
                         // The event is encoded; its text and hash move on to the log and head.
                         let WorkflowEvent::WorkflowMaterialized(m) = event else {
@@ -684,19 +678,15 @@ impl Materializer {
                     } => {
                         *rejected.entry(code).or_default() += 1;
                         outbox
-                            .push(&WorkflowEvent::PatchRejected(PatchRejected {
-                                event_id: events::new_event_id(),
-                                occurred_at: events::now_micros(),
-                                workspace_id: e.workspace_id.clone(),
-                                traceparent: e.traceparent.clone(),
-                                tracestate: e.tracestate.clone(),
+                            .push(&WorkflowEvent::PatchRejected(new_event!(PatchRejected {
+                                envelope: Envelope::caused_by(e),
                                 workflow_id: b.workflow_id.clone(),
                                 patch_id: e.patch_id,
                                 base_version: e.base_version,
                                 head_version,
                                 reason_code: code.to_string(),
                                 reason: reason.clone(),
-                            }))
+                            })))
                             .await?;
                         log.push(
                             r,

@@ -52,7 +52,7 @@ use crate::config::Config;
 use crate::error::{
     ApplyError, Classify as _, ConsumerError, Coordinates, Disposition, RuntimeError,
 };
-use crate::events::{self, DeadLetter, Header as DeadLetterHeader, TopicEvent};
+use crate::events::{new_event, DeadLetter, Envelope, Header as DeadLetterHeader, TopicEvent};
 use crate::metrics as m;
 use crate::outbox::Outbox;
 use crate::telemetry::Health;
@@ -869,12 +869,14 @@ impl<P: Processor> BatchConsumer<P> {
             }
             let kept_headers: &[(String, Option<Vec<u8>>)] =
                 if keep_headers { &raw.headers } else { &[] };
-            let letter = DeadLetter {
-                event_id: events::new_event_id(),
-                occurred_at: events::now_micros(),
-                workspace_id: String::new(),
-                traceparent: header_str(&raw.headers, "traceparent").unwrap_or_default(),
-                tracestate: header_str(&raw.headers, "tracestate"),
+            let letter = new_event!(DeadLetter {
+                // Caused by a record that may not decode: no workspace, the trace context
+                // of its Kafka headers.
+                envelope: Envelope::new(
+                    String::new(),
+                    header_str(&raw.headers, "traceparent").unwrap_or_default(),
+                    header_str(&raw.headers, "tracestate"),
+                ),
                 source_topic: raw.coords.topic.clone(),
                 source_partition: raw.coords.partition,
                 source_offset: raw.coords.offset,
@@ -894,7 +896,7 @@ impl<P: Processor> BatchConsumer<P> {
                         value: v.clone(),
                     })
                     .collect(),
-            };
+            });
             let payload = self.codec.encode(&letter).await?;
             let partition = raw.coords.partition.to_string();
             let offset = raw.coords.offset.to_string();

@@ -20,8 +20,8 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::PgConnection;
 use weir_runtime::events::{
-    self, CacheEvent, CacheStore, CompletionEvent, NodeInput, NodeReady, NodeRetried, RunCancelled,
-    RunCompleted, RunEvent, RunFailed, RunStarted, TopicEvent,
+    self, new_event, CacheEvent, CacheStore, CompletionEvent, Envelope, NodeInput, NodeReady,
+    NodeRetried, RunCancelled, RunCompleted, RunEvent, RunFailed, RunStarted, TopicEvent,
 };
 use weir_runtime::Outbox;
 
@@ -57,24 +57,27 @@ impl RunHeader {
             version,
         }
     }
+
+    /// The envelope of one more event about the run: a new event id, the batch's time, the
+    /// run's workspace and traceparent (a run keeps no tracestate).
+    fn envelope(&self) -> Envelope {
+        Envelope::new(self.workspace_id.clone(), self.traceparent.clone(), None)
+            .at(self.occurred_at)
+    }
 }
 
-/// An event `$event` about the run of `$header` (a [`RunHeader`]) with a new event id, and
-/// the event's own fields.
+/// An event `$event` about the run of `$header` (a [`RunHeader`]): its envelope, the run's
+/// identity, and the event's own fields.
 macro_rules! run_event {
     ($event:ident, $header:expr, { $($field:ident: $value:expr),* $(,)? }) => {{
         let header: &RunHeader = $header;
-        $event {
-            event_id: events::new_event_id(),
-            occurred_at: header.occurred_at,
-            workspace_id: header.workspace_id.clone(),
-            traceparent: header.traceparent.clone(),
-            tracestate: None,
+        new_event!($event {
+            envelope: header.envelope(),
             run_id: header.run_id.clone(),
             workflow_id: header.workflow_id.clone(),
             version: header.version,
             $($field: $value,)*
-        }
+        })
     }};
 }
 
@@ -162,12 +165,11 @@ fn cache_store(a: &Active, node: usize, attempt: i32, header: &RunHeader) -> Cac
     let n = &a.rt.nodes[node];
     let node_id = &a.plan.ids[node];
     let cost_ms = a.durations.get(&(node_id.clone(), attempt)).copied();
-    CacheEvent::CacheStore(CacheStore {
-        event_id: events::new_event_id(),
-        occurred_at: header.occurred_at,
-        workspace_id: c.workspace_id,
-        traceparent: header.traceparent.clone(),
-        tracestate: None,
+    CacheEvent::CacheStore(new_event!(CacheStore {
+        envelope: Envelope {
+            workspace_id: c.workspace_id,
+            ..header.envelope()
+        },
         request_id: format!("{}/{node_id}/{attempt}", a.run_id),
         requester: c.requester,
         permission: c.permission.clone(),
@@ -180,7 +182,7 @@ fn cache_store(a: &Active, node: usize, attempt: i32, header: &RunHeader) -> Cac
         embedding: None,
         cost_ms: cost_ms.unwrap_or(0),
         required_permission: c.permission,
-    })
+    }))
 }
 
 /// Where the events of a batch go while they are built.
