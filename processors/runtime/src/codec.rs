@@ -7,6 +7,10 @@
 //! change. Union branches are matched by record name, never by position. Encoding uses the
 //! id of exactly the local schema, looked up once per topic: weir never registers schemas
 //! at run time (that is `weir schemas register`, a deliberate deployment step).
+//!
+//! schema_registry_converter only fetches and caches writer schemas here. Its encoder either
+//! registers the schema it is given or takes the subject's latest version, and its decoder
+//! does not resolve a writer's record against weir's by record name: hence weir's own.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -6,6 +6,9 @@
 //! Python deserializers find the schemas with no weir-specific setup. The compatibility check
 //! is computed here, not only delegated to the registry, so that a refusal names the exact
 //! field that broke it.
+//!
+//! weir's own client rather than schema_registry_converter's, which only asks the registry
+//! for a yes/no compatibility answer and cannot look up a schema's id without registering it.
 
 use std::collections::HashMap;
 use std::time::Duration;
