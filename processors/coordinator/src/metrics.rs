@@ -1,6 +1,7 @@
-//! Every metric the coordinator emits, in one place. The seed's names (`workflows_started_total`,
-//! `node_executions_total{type,status}`, `hop_latency_ms{from_type,to_type}`) carry the
-//! `weir_coordinator_` prefix like every weir metric.
+//! Every metric the coordinator emits, in one place. The orchestrator's usual names
+//! (`workflows_started_total`, `node_executions_total{type,status}`,
+//! `hop_latency_ms{from_type,to_type}`) carry the `weir_coordinator_` prefix like every weir
+//! metric.
 
 /// Runs started on a pinned version (counter).
 pub const WORKFLOWS_STARTED: &str = "weir_coordinator_workflows_started_total";

@@ -73,8 +73,8 @@ pub const HISTOGRAM_SUFFIXES: &[&str] = &["_seconds", "_ms", "_records", "_simil
 pub const SECONDS_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
-/// Buckets of `_ms` histograms: the seed's hop latency buckets (1, 5, 10, 25, 50, 100, 250,
-/// 500, 1000 ms), then up to a minute so a slow hop is still placed.
+/// Buckets of `_ms` histograms: fine steps up to a second, where a healthy hop falls (1, 5,
+/// 10, 25, 50, 100, 250, 500, 1000 ms), then up to a minute so a slow hop is still placed.
 pub const MS_BUCKETS: &[f64] = &[
     1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
     60000.0,

@@ -15,11 +15,11 @@ use weir_runtime::{config::Config, telemetry};
 use crate::cli::Cli;
 
 /// mimalloc instead of the system allocator: folding patches and encoding events allocate
-/// and free many small JSON nodes, and glibc's malloc spent ~45 % of the materializer's CPU
-/// on that (free-list consolidation) in `weir bench materialize` profiles. Built with
-/// `no_thp`: mimalloc otherwise madvises its arenas for transparent huge pages, and the kernel
-/// then zeroes a whole 2 MiB page on each fault after a purge (~5 % of the machine's CPU
-/// during a materializer drain, in `clear_page_erms`).
+/// and free many small JSON nodes, and glibc's malloc spent a large share of the
+/// materializer's CPU on that (free-list consolidation) in `weir bench materialize` profiles.
+/// Built with `no_thp`: mimalloc otherwise madvises its arenas for transparent huge pages, and
+/// the kernel then zeroes a whole 2 MiB page on each fault after a purge (`clear_page_erms` in
+/// a materializer drain's profile).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
