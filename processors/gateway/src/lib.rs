@@ -9,7 +9,8 @@
 //! - [`guard`]: checks every body gets (`\u0000`); [`idempotency`]: Idempotency-Key records;
 //! - [`produce`]: one event per request, 202 only after acks=all;
 //! - [`trace`]: the W3C trace context of a request, carried by its events;
-//! - [`sources`]: run status and cache lookups, plugged in by the process wiring.
+//! - [`sources`]: run status and cache lookups, plugged in by the process wiring;
+//! - [`streams`]: live run and workflow event streams (SSE), fanned out from Kafka.
 
 pub mod api;
 pub mod auth;
@@ -21,6 +22,7 @@ pub mod problem;
 pub mod produce;
 pub mod server;
 pub mod sources;
+pub mod streams;
 pub mod trace;
 
 use std::net::SocketAddr;

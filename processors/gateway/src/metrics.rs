@@ -26,6 +26,17 @@ pub const OPEN_CONNECTIONS: &str = "weir_gateway_open_connections";
 /// Idempotency-Key reuses with a different body, answered 422 (counter).
 pub const IDEMPOTENCY_CONFLICTS: &str = "weir_gateway_idempotency_conflicts_total";
 
+/// Open event streams of this instance (gauge).
+pub const OPEN_STREAMS: &str = "weir_gateway_open_streams";
+/// Streams refused by a limit, by `reason` = instance | workspace (counter).
+pub const STREAMS_REFUSED: &str = "weir_gateway_streams_refused_total";
+/// Streams the gateway closed, by `reason` = slow (its client did not keep up) (counter).
+pub const STREAMS_DROPPED: &str = "weir_gateway_streams_dropped_total";
+/// Change notices fanned out from the Kafka feed to streams (counter).
+pub const STREAM_NOTICES: &str = "weir_gateway_stream_notices_total";
+/// Events written to streams, by `stream` = run | workflow (counter).
+pub const STREAM_EVENTS: &str = "weir_gateway_stream_events_total";
+
 /// 1 while the gateway's readiness check (Postgres and Kafka reachable) passes, else 0
 /// (gauge).
 pub const READY: &str = "weir_gateway_ready";
@@ -77,6 +88,27 @@ pub fn describe() {
     describe_gauge!(OPEN_CONNECTIONS, Unit::Count, "Open client connections.");
     describe_gauge!(READY, Unit::Count,
         "1 while the gateway's readiness check (Postgres and Kafka reachable, every 2 s) passes, else 0.");
+    describe_gauge!(OPEN_STREAMS, Unit::Count, "Open event streams of this instance.");
+    describe_counter!(
+        STREAMS_REFUSED,
+        Unit::Count,
+        "Event streams refused by a limit, by reason (instance, workspace)."
+    );
+    describe_counter!(
+        STREAMS_DROPPED,
+        Unit::Count,
+        "Event streams closed by the gateway, by reason (slow: the client did not keep up)."
+    );
+    describe_counter!(
+        STREAM_NOTICES,
+        Unit::Count,
+        "Change notices fanned out from the Kafka feed to event streams."
+    );
+    describe_counter!(
+        STREAM_EVENTS,
+        Unit::Count,
+        "Events written to event streams, by stream (run, workflow)."
+    );
     describe_counter!(
         IDEMPOTENCY_CONFLICTS,
         Unit::Count,

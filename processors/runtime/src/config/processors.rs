@@ -143,6 +143,18 @@ pub struct GatewayConfig {
     /// kernel completes while the gateway is busy. The kernel caps it at
     /// `net.core.somaxconn` (infra/os sets 8192); 0 is taken as 1.
     pub listen_backlog: u32,
+    /// Most open event streams (`GET .../events`) on this gateway instance; beyond it, 503
+    /// with Retry-After.
+    pub max_streams: usize,
+    /// Most open event streams of one workspace on this gateway instance; beyond it, 429
+    /// with Retry-After.
+    pub max_streams_per_workspace: usize,
+    /// Interval of an event stream's heartbeat comment, in ms; each heartbeat also reads the
+    /// stream's state again, so a change no event announced is sent within this time.
+    pub stream_heartbeat_ms: u64,
+    /// Change notifications one stream may have pending; a stream whose client does not keep
+    /// up fills it and is closed (the client reconnects with Last-Event-ID).
+    pub stream_buffer: usize,
 }
 
 impl Default for GatewayConfig {
@@ -172,6 +184,10 @@ impl Default for GatewayConfig {
             inline_max_bytes: 256 * 1024,
             retry_after_secs: 1,
             listen_backlog: 4096,
+            max_streams: 10_000,
+            max_streams_per_workspace: 1_000,
+            stream_heartbeat_ms: 15_000,
+            stream_buffer: 64,
         }
     }
 }
