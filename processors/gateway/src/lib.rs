@@ -96,6 +96,11 @@ pub fn spawn(
     );
     tokio::spawn(state.clone().sweep_idempotency(shutdown.clone()));
     tokio::spawn(state.clone().watch_revocations(shutdown.clone()));
+    tokio::spawn(streams::feed::run(
+        state.streams().clone(),
+        state.config().kafka.clone(),
+        shutdown.clone(),
+    ));
     tokio::spawn(weir_runtime::metrics::watch_pool(
         state.pool().clone(),
         "gateway",

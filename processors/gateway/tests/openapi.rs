@@ -144,7 +144,7 @@ async fn the_document_is_served_and_matches_the_routes() {
             }
         }
     }
-    assert_eq!(checked, 13, "13 operations");
+    assert_eq!(checked, 18, "18 operations");
     // Metrics are on the telemetry listener only, never on the API port.
     assert!(paths.get("/metrics").is_none());
     let (status, _, _) = call(&router, Method::GET, "/metrics").await;

@@ -18,6 +18,8 @@ mod cache;
 mod extract;
 mod runs;
 mod state;
+mod streams;
+mod view;
 mod workflows;
 
 #[cfg(test)]
@@ -55,7 +57,14 @@ pub fn router(state: AppState) -> Router {
             "/v1/workflows/{workflow_id}",
             get(get_workflow).put(put_workflow),
         )
-        .route("/v1/workflows/{workflow_id}/patches", post(post_patches))
+        .route(
+            "/v1/workflows/{workflow_id}/patches",
+            post(post_patches).get(streams::list_patches),
+        )
+        .route(
+            "/v1/workflows/{workflow_id}/events",
+            get(streams::workflow_events),
+        )
         .route(
             "/v1/workflows/{workflow_id}/patches/{patch_id}",
             get(get_patch),
@@ -63,6 +72,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/runs", post(post_run))
         .route("/v1/runs/{run_id}", get(get_run))
         .route("/v1/runs/{run_id}/cancel", post(cancel_run))
+        .route("/v1/runs/{run_id}/events", get(streams::run_events))
         .route(
             "/v1/runs/{run_id}/nodes/{node_id}/completions",
             post(post_completion),
@@ -72,6 +82,8 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi))
+        .route("/ui/run", get(view::run_page))
+        .route("/ui/run.js", get(view::run_script))
         .fallback(|| async { Problem::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
             Problem::new(

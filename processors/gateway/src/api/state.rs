@@ -71,6 +71,8 @@ pub(super) struct Inner {
     owners: RwLock<HashMap<(String, String), Known>>,
     pub(super) limits: Limits,
     pub(super) sources: Sources,
+    /// The live streams' fan-out (fed by [`crate::streams::feed`], started by `spawn`).
+    pub(super) streams: crate::streams::Hub,
     ready: AtomicBool,
 }
 
@@ -103,12 +105,18 @@ impl AppState {
             limits: m.limits(),
             owners: RwLock::new(HashMap::new()),
             ready: AtomicBool::new(false),
+            streams: crate::streams::Hub::new(crate::streams::StreamLimits::from_config(g)),
             cfg,
             pool,
             cas,
             sender,
             sources,
         }))
+    }
+
+    /// The live streams' fan-out.
+    pub fn streams(&self) -> &crate::streams::Hub {
+        &self.0.streams
     }
 
     /// The gateway's Postgres pool (sampled into the `weir_db_pool_*` gauges).

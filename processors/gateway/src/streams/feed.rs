@@ -16,7 +16,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
-use weir_runtime::config::Config;
+use weir_runtime::config::KafkaConfig;
 
 use super::{Hub, Kind, Notice};
 
@@ -45,7 +45,7 @@ pub enum FeedError {
 }
 
 /// Feeds `hub` from Kafka until `shutdown`.
-pub async fn run(hub: Hub, cfg: std::sync::Arc<Config>, shutdown: CancellationToken) {
+pub async fn run(hub: Hub, cfg: KafkaConfig, shutdown: CancellationToken) {
     loop {
         match follow(&hub, &cfg, &shutdown).await {
             Ok(()) => return,
@@ -58,18 +58,19 @@ pub async fn run(hub: Hub, cfg: std::sync::Arc<Config>, shutdown: CancellationTo
     }
 }
 
-async fn follow(hub: &Hub, cfg: &Config, shutdown: &CancellationToken) -> Result<(), FeedError> {
+async fn follow(
+    hub: &Hub,
+    cfg: &KafkaConfig,
+    shutdown: &CancellationToken,
+) -> Result<(), FeedError> {
     // A group id is required by librdkafka but never joined: partitions are assigned, and
     // nothing is committed, so instances never share or wait for one another.
     let group = format!("weir-gateway-streams-{}", uuid::Uuid::now_v7());
-    let mut c = weir_runtime::kafka::consumer_config(&cfg.kafka, &group, 0);
+    let mut c = weir_runtime::kafka::consumer_config(cfg, &group, 0);
     c.set("enable.auto.commit", "false")
         .set("auto.offset.reset", "latest");
     let consumer: std::sync::Arc<StreamConsumer> = std::sync::Arc::new(c.create()?);
-    let names: Vec<(String, Kind)> = TOPICS
-        .iter()
-        .map(|(t, k)| (cfg.kafka.topic(t), *k))
-        .collect();
+    let names: Vec<(String, Kind)> = TOPICS.iter().map(|(t, k)| (cfg.topic(t), *k)).collect();
     let mut tpl = TopicPartitionList::new();
     for (topic, _) in &names {
         let (probe, name) = (consumer.clone(), topic.clone());

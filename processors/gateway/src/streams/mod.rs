@@ -93,12 +93,14 @@ pub enum Refused {
 }
 
 type Key = (Kind, String);
+/// Each watched key's subscribers: (subscription id, its channel).
+type Subscribers = HashMap<Key, Vec<(u64, mpsc::Sender<Notice>)>>;
 
 struct Inner {
     limits: StreamLimits,
     open: AtomicUsize,
     per_workspace: Mutex<HashMap<String, usize>>,
-    subscribers: Mutex<HashMap<Key, Vec<(u64, mpsc::Sender<Notice>)>>>,
+    subscribers: Mutex<Subscribers>,
     next_id: AtomicU64,
 }
 

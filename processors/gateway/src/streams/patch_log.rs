@@ -100,8 +100,7 @@ pub async fn after(
         return Ok(None);
     };
     let mut patches = Vec::with_capacity(rows.len());
-    let mut expected = after + 1;
-    for r in rows {
+    for (expected, r) in (after + 1..).zip(rows) {
         if r.version != expected {
             break;
         }
@@ -119,7 +118,6 @@ pub async fn after(
             definition_sha256: r.definition_sha256,
             operations,
         });
-        expected += 1;
     }
     let gap = patches.is_empty() && after < head_version;
     Ok(Some(Page {

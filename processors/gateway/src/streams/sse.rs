@@ -22,16 +22,22 @@ pub fn retry(ms: u64) -> Bytes {
     Bytes::from(format!("retry: {ms}\n\n"))
 }
 
-/// `Last-Event-ID` as a number; anything else (absent, empty, not a number) is `None`.
-pub fn last_event_id(headers: &axum::http::HeaderMap) -> Result<Option<u64>, ()> {
+/// A `Last-Event-ID` that is not an id a weir stream sends (a number).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("Last-Event-ID must be an id this stream sent")]
+pub struct BadLastEventId;
+
+/// `Last-Event-ID` as a number: `None` when absent or empty (a fresh stream), an error when
+/// it is anything but a number.
+pub fn last_event_id(headers: &axum::http::HeaderMap) -> Result<Option<u64>, BadLastEventId> {
     let Some(v) = headers.get("last-event-id") else {
         return Ok(None);
     };
-    let s = v.to_str().map_err(|_| ())?.trim();
+    let s = v.to_str().map_err(|_| BadLastEventId)?.trim();
     if s.is_empty() {
         return Ok(None);
     }
-    s.parse::<u64>().map(Some).map_err(|_| ())
+    s.parse::<u64>().map(Some).map_err(|_| BadLastEventId)
 }
 
 #[cfg(test)]
@@ -55,6 +61,6 @@ mod tests {
         h.insert("last-event-id", "12".parse().unwrap());
         assert_eq!(last_event_id(&h), Ok(Some(12)));
         h.insert("last-event-id", "x".parse().unwrap());
-        assert_eq!(last_event_id(&h), Err(()));
+        assert_eq!(last_event_id(&h), Err(BadLastEventId));
     }
 }
