@@ -17,11 +17,10 @@ use weir_model::CasRef;
 use weir_model::Permission;
 use weir_runtime::events::{self, CacheEvent, CacheStore};
 
-use super::extract::{accepted, new_id, Allowed, IdempotencyKey, JsonBody, Read, Write};
+use super::extract::{accepted, new_id, Allowed, IdempotencyKey, JsonBody, Read, Writer};
 use super::AppState;
 use crate::problem::Problem;
 use crate::sources::CacheLookupRequest;
-use crate::trace::RequestTrace;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -43,9 +42,7 @@ pub(super) struct CacheEntryBody {
 }
 
 pub(super) async fn post_cache_entry(
-    State(s): State<AppState>,
-    trace: RequestTrace,
-    Allowed(caller, _): Allowed<Write>,
+    Writer { s, trace, caller }: Writer,
     IdempotencyKey(key): IdempotencyKey,
     JsonBody { value: e, bytes: b }: JsonBody<CacheEntryBody>,
 ) -> Result<Response, Problem> {

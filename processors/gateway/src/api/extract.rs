@@ -33,6 +33,7 @@ use crate::limit::ClientId;
 use crate::metrics;
 use crate::problem::Problem;
 use crate::server::is_body_timeout;
+use crate::trace::RequestTrace;
 
 // The caller ------------------------------------------------------------------------------------
 
@@ -109,6 +110,28 @@ impl<N: Needs> FromRequestParts<AppState> for Allowed<N> {
         let caller = Caller::from_request_parts(parts, state).await?;
         require(&caller, N::PERMISSION)?;
         Ok(Self(caller, PhantomData))
+    }
+}
+
+/// What every route that submits an event takes first: the state, the request's trace
+/// context (its event carries it) and a caller with write permission.
+pub(super) struct Writer {
+    pub s: AppState,
+    pub trace: RequestTrace,
+    pub caller: Caller,
+}
+
+impl FromRequestParts<AppState> for Writer {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Problem> {
+        let Ok(trace) = RequestTrace::from_request_parts(parts, state).await;
+        let Allowed(caller, _) = Allowed::<Write>::from_request_parts(parts, state).await?;
+        Ok(Self {
+            s: state.clone(),
+            trace,
+            caller,
+        })
     }
 }
 

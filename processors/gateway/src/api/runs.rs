@@ -20,11 +20,10 @@ use weir_runtime::events::{
 
 use super::extract::{
     accepted, check_id, new_id, parse_body, Allowed, Body, IdempotencyKey, JsonBody, NodeAt, Read,
-    RunId, Valid, Write,
+    RunId, Valid, Writer,
 };
 use super::AppState;
 use crate::problem::Problem;
-use crate::trace::RequestTrace;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -38,9 +37,7 @@ pub(super) struct RunBody {
 }
 
 pub(super) async fn post_run(
-    State(s): State<AppState>,
-    trace: RequestTrace,
-    Allowed(caller, _): Allowed<Write>,
+    Writer { s, trace, caller }: Writer,
     IdempotencyKey(header_key): IdempotencyKey,
     JsonBody {
         value: run,
@@ -100,9 +97,7 @@ pub(super) struct CancelBody {
 }
 
 pub(super) async fn cancel_run(
-    State(s): State<AppState>,
-    trace: RequestTrace,
-    Allowed(caller, _): Allowed<Write>,
+    Writer { s, trace, caller }: Writer,
     Valid(RunId(run_id)): Valid<RunId>,
     // Cancelling twice is cancelling once: the key derives nothing, it only guards the body.
     IdempotencyKey(key): IdempotencyKey,
@@ -148,9 +143,7 @@ pub(super) struct CompletionBody {
 }
 
 pub(super) async fn post_completion(
-    State(s): State<AppState>,
-    trace: RequestTrace,
-    Allowed(caller, _): Allowed<Write>,
+    Writer { s, trace, caller }: Writer,
     Valid(NodeAt { run_id, node_id }): Valid<NodeAt>,
     // The coordinator takes one outcome per (run, node, attempt): the key derives nothing, it
     // only guards the body.

@@ -9,7 +9,7 @@
 
 use std::time::Instant;
 
-use axum::extract::State;
+use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -23,77 +23,111 @@ use weir_runtime::events::{self, PatchSubmitted};
 
 use super::extract::{
     accepted, new_id, parse_value, Allowed, Body, IdempotencyKey, IfMatch, PatchAt, Read, Valid,
-    WorkflowId, Write,
+    WorkflowId, Writer,
 };
 use super::state::{no_workflow, PROVISIONAL_OWNER_TTL};
 use super::AppState;
-use crate::auth::Caller;
 use crate::problem::Problem;
-use crate::trace::RequestTrace;
 
 /// Bodies larger than this are validated on a blocking thread.
 const BLOCKING_VALIDATION_BYTES: usize = 16 * 1024;
 
-/// A patch to submit: what the PatchSubmitted carries besides its envelope.
-struct Submission<'a> {
-    workflow_id: &'a str,
-    base_version: Option<i64>,
-    /// JSON text of an RFC 6902 array.
-    operations_json: String,
+/// What both routes that submit a patch take, checked in this order: a writer, the
+/// workflow id, the Idempotency-Key and If-Match headers, then the body.
+pub(super) struct PatchRequest {
+    writer: Writer,
+    workflow_id: String,
+    key: Option<String>,
+    /// The If-Match version.
+    base: Option<i64>,
+    body: Bytes,
 }
 
-/// Submits `patch` under the Idempotency-Key `key` of `scope`: its patch id (derived from the
-/// key when there is one), after the broker acknowledged its PatchSubmitted.
-async fn submit_once(
-    s: &AppState,
-    caller: &Caller,
-    trace: &RequestTrace,
-    scope: &str,
-    key: Option<&str>,
-    body: &[u8],
-    patch: Submission<'_>,
-) -> Result<Uuid, Problem> {
-    let patch_id = new_id(caller, scope, key);
-    let send = submit_patch(s, caller, trace, patch, patch_id);
-    s.once(caller, scope, key, body, send).await?;
-    Ok(patch_id)
+impl FromRequest<AppState> for PatchRequest {
+    type Rejection = Problem;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Problem> {
+        let (mut parts, body) = req.into_parts();
+        let writer = Writer::from_request_parts(&mut parts, state).await?;
+        let Valid(WorkflowId(workflow_id)) = Valid::from_request_parts(&mut parts, state).await?;
+        let IdempotencyKey(key) = IdempotencyKey::from_request_parts(&mut parts, state).await?;
+        let IfMatch(base) = IfMatch::from_request_parts(&mut parts, state).await?;
+        let Body(body) = Body::from_request(Request::from_parts(parts, body), state).await?;
+        Ok(Self {
+            writer,
+            workflow_id,
+            key,
+            base,
+            body,
+        })
+    }
 }
 
-/// Produces one PatchSubmitted with the submission's operations, via the CAS when larger
-/// than `gateway.inline_max_bytes`.
-async fn submit_patch(
-    s: &AppState,
-    caller: &Caller,
-    trace: &RequestTrace,
-    patch: Submission<'_>,
-    patch_id: Uuid,
-) -> Result<(), Problem> {
-    let Submission {
-        workflow_id,
-        base_version,
-        operations_json,
-    } = patch;
-    let (operations_json, operations_ref) =
-        if operations_json.len() > s.0.cfg.gateway.inline_max_bytes {
-            let r = s.put_owned(caller, Bytes::from(operations_json)).await?;
-            (String::new(), Some(r.to_string()))
-        } else {
-            (operations_json, None)
+impl PatchRequest {
+    /// 412 unless If-Match (when sent) names the head's version; `head` reads it (0: no
+    /// workflow yet).
+    async fn check_base(
+        &self,
+        head: impl std::future::Future<Output = Result<i64, Problem>>,
+    ) -> Result<(), Problem> {
+        let Some(base) = self.base else {
+            return Ok(());
         };
-    let event = PatchSubmitted {
-        event_id: events::new_event_id(),
-        occurred_at: events::now_micros(),
-        workspace_id: caller.workspace_id.clone(),
-        traceparent: trace.traceparent.clone(),
-        tracestate: trace.tracestate.clone(),
-        patch_id,
-        workflow_id: workflow_id.to_string(),
-        author: caller.key_id.clone(),
-        base_version,
-        operations_json,
-        operations_ref,
-    };
-    s.0.sender.send(&event).await
+        let head = head.await?;
+        if head == base {
+            Ok(())
+        } else {
+            Err(Problem::precondition_failed(format!(
+                "If-Match names version {base}, the head is version {head}"
+            )))
+        }
+    }
+
+    /// The head version of the workflow (404 when there is none in the caller's workspace).
+    async fn head_version(&self) -> Result<i64, Problem> {
+        let Writer { s, caller, .. } = &self.writer;
+        s.head_version(caller, &self.workflow_id).await
+    }
+
+    /// Submits `operations_json` (JSON text of an RFC 6902 array) under the Idempotency-Key
+    /// of scope `{kind}:{workflow_id}`: its patch id (derived from the key when there is
+    /// one), after the broker acknowledged its PatchSubmitted.
+    async fn submit(&self, kind: &str, operations_json: String) -> Result<Uuid, Problem> {
+        let Writer { s, caller, .. } = &self.writer;
+        let scope = format!("{kind}:{}", self.workflow_id);
+        let key = self.key.as_deref();
+        let patch_id = new_id(caller, &scope, key);
+        let send = self.submit_patch(operations_json, patch_id);
+        s.once(caller, &scope, key, &self.body, send).await?;
+        Ok(patch_id)
+    }
+
+    /// Produces one PatchSubmitted with `operations_json`, via the CAS when larger than
+    /// `gateway.inline_max_bytes`.
+    async fn submit_patch(&self, operations_json: String, patch_id: Uuid) -> Result<(), Problem> {
+        let Writer { s, trace, caller } = &self.writer;
+        let (operations_json, operations_ref) =
+            if operations_json.len() > s.0.cfg.gateway.inline_max_bytes {
+                let r = s.put_owned(caller, Bytes::from(operations_json)).await?;
+                (String::new(), Some(r.to_string()))
+            } else {
+                (operations_json, None)
+            };
+        let event = PatchSubmitted {
+            event_id: events::new_event_id(),
+            occurred_at: events::now_micros(),
+            workspace_id: caller.workspace_id.clone(),
+            traceparent: trace.traceparent.clone(),
+            tracestate: trace.tracestate.clone(),
+            patch_id,
+            workflow_id: self.workflow_id.clone(),
+            author: caller.key_id.clone(),
+            base_version: self.base,
+            operations_json,
+            operations_ref,
+        };
+        s.0.sender.send(&event).await
+    }
 }
 
 /// 422 for a patch the materializer's budget would reject (`budget_*` codes).
@@ -106,27 +140,8 @@ fn patch_over_budget(detail: String) -> Problem {
     )
 }
 
-/// 412 unless If-Match's `base` is the head's version (0: no workflow yet).
-fn check_base(base: i64, head: i64) -> Result<(), Problem> {
-    if head == base {
-        Ok(())
-    } else {
-        Err(Problem::precondition_failed(format!(
-            "If-Match names version {base}, the head is version {head}"
-        )))
-    }
-}
-
-pub(super) async fn put_workflow(
-    State(s): State<AppState>,
-    trace: RequestTrace,
-    Allowed(caller, _): Allowed<Write>,
-    Valid(WorkflowId(workflow_id)): Valid<WorkflowId>,
-    IdempotencyKey(key): IdempotencyKey,
-    IfMatch(base): IfMatch,
-    Body(b): Body,
-) -> Result<Response, Problem> {
-    let (doc, text) = parse_value(&b)?;
+/// 422 unless `doc` is a workflow definition the materializer accepts as a patch's value.
+async fn check_definition(s: &AppState, doc: Value, len: usize) -> Result<(), Problem> {
     // The definition becomes the value of one `add` at the root: the patch budget's depth
     // limit applies to it (its size is bounded by the definition limit below).
     let max_depth = s.0.cfg.materializer.patch_max_depth;
@@ -137,66 +152,25 @@ pub(super) async fn put_workflow(
         .with_code("budget_depth"));
     }
     let limits = s.0.limits;
-    let checked = if b.len() > BLOCKING_VALIDATION_BYTES {
+    let checked = if len > BLOCKING_VALIDATION_BYTES {
         tokio::task::spawn_blocking(move || definition::check(&doc, &limits))
             .await
             .map_err(|_| Problem::unavailable("validation was interrupted", s.retry_after()))?
     } else {
         definition::check(&doc, &limits)
     };
-    if let Err(e) = checked {
-        return Err(
-            Problem::unprocessable(format!("invalid workflow definition: {e}")).with_code(e.code()),
-        );
-    }
-    let exists = s.exists(&caller.workspace_id, &workflow_id).await?;
-    if let Some(base) = base {
-        let head = if exists {
-            s.head_version(&caller, &workflow_id).await?
-        } else {
-            0
-        };
-        check_base(base, head)?;
-    }
-    // Creating and replacing are the same patch: `add` at the root replaces the document
-    // (`null` for a workflow that does not exist yet).
-    let patch = Submission {
-        workflow_id: &workflow_id,
-        base_version: base,
-        operations_json: format!(r#"[{{"op":"add","path":"","value":{text}}}]"#),
-    };
-    let scope = format!("put:{workflow_id}");
-    let patch_id = submit_once(&s, &caller, &trace, &scope, key.as_deref(), &b, patch).await?;
-    if !exists {
-        s.remember_workflow(
-            (caller.workspace_id.clone(), workflow_id.clone()),
-            Some(Instant::now() + PROVISIONAL_OWNER_TTL),
-        );
-    }
-    Ok(accepted(json!({ "patch_id": patch_id })))
+    checked.map_err(|e| {
+        Problem::unprocessable(format!("invalid workflow definition: {e}")).with_code(e.code())
+    })
 }
 
-pub(super) async fn post_patches(
-    State(s): State<AppState>,
-    trace: RequestTrace,
-    Allowed(caller, _): Allowed<Write>,
-    Valid(WorkflowId(workflow_id)): Valid<WorkflowId>,
-    IdempotencyKey(key): IdempotencyKey,
-    IfMatch(base): IfMatch,
-    Body(b): Body,
-) -> Result<Response, Problem> {
-    let (ops, text) = parse_value(&b)?;
-    let patch = match Patch::from_value(&ops) {
-        Ok(patch) => patch,
-        Err(e) => {
-            return Err(
-                Problem::unprocessable(format!("invalid JSON patch: {e}")).with_code(e.code())
-            )
-        }
-    };
-    // What the materializer's patch budget rejects without the document (operation count,
-    // pointers, the values' size and depth) is a 422 now instead of a PatchRejected later:
-    // the same function and limits as the materializer's.
+/// 422 for what the materializer rejects in a patch without the document: a malformed
+/// patch, one over its budget (operation count, pointers, the values' size and depth), an
+/// empty one; the same function and limits as the materializer's.
+fn check_patch(s: &AppState, ops: &Value) -> Result<(), Problem> {
+    let patch = Patch::from_value(ops).map_err(|e| {
+        Problem::unprocessable(format!("invalid JSON patch: {e}")).with_code(e.code())
+    })?;
     let budget = s.0.cfg.materializer.budget();
     if let Err(e) = weir_model::patch::check_static(&patch, &budget) {
         return Err(patch_over_budget(e.to_string()).with_code(e.code()));
@@ -206,17 +180,44 @@ pub(super) async fn post_patches(
             Problem::unprocessable("the patch has no operations").with_code("invalid_operation")
         );
     }
-    s.require_workflow(&caller, &workflow_id).await?;
-    if let Some(base) = base {
-        check_base(base, s.head_version(&caller, &workflow_id).await?)?;
+    Ok(())
+}
+
+/// `PUT /v1/workflows/{workflow_id}`: creating and replacing are the same patch, `add` at
+/// the root (which replaces the document, `null` for a workflow that does not exist yet).
+pub(super) async fn put_workflow(req: PatchRequest) -> Result<Response, Problem> {
+    let (doc, text) = parse_value(&req.body)?;
+    let Writer { s, caller, .. } = &req.writer;
+    check_definition(s, doc, req.body.len()).await?;
+    let exists = s.exists(&caller.workspace_id, &req.workflow_id).await?;
+    req.check_base(async {
+        if exists {
+            req.head_version().await
+        } else {
+            Ok(0)
+        }
+    })
+    .await?;
+    let operations = format!(r#"[{{"op":"add","path":"","value":{text}}}]"#);
+    let patch_id = req.submit("put", operations).await?;
+    if !exists {
+        s.remember_workflow(
+            (caller.workspace_id.clone(), req.workflow_id.clone()),
+            Some(Instant::now() + PROVISIONAL_OWNER_TTL),
+        );
     }
-    let patch = Submission {
-        workflow_id: &workflow_id,
-        base_version: base,
-        operations_json: text.to_string(),
-    };
-    let scope = format!("patch:{workflow_id}");
-    let patch_id = submit_once(&s, &caller, &trace, &scope, key.as_deref(), &b, patch).await?;
+    Ok(accepted(json!({ "patch_id": patch_id })))
+}
+
+/// `POST /v1/workflows/{workflow_id}/patches`: an RFC 6902 array, for a workflow of the
+/// caller's workspace.
+pub(super) async fn post_patches(req: PatchRequest) -> Result<Response, Problem> {
+    let (ops, text) = parse_value(&req.body)?;
+    let Writer { s, caller, .. } = &req.writer;
+    check_patch(s, &ops)?;
+    s.require_workflow(caller, &req.workflow_id).await?;
+    req.check_base(req.head_version()).await?;
+    let patch_id = req.submit("patch", text.to_string()).await?;
     Ok(accepted(json!({ "patch_id": patch_id })))
 }
 
