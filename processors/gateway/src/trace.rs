@@ -18,6 +18,7 @@ use axum::http::HeaderMap;
 use axum::middleware::Next;
 use axum::response::Response;
 use tracing::Instrument;
+use weir_runtime::events::Envelope;
 use weir_runtime::trace::{self, TraceParent, MAX_TRACESTATE_BYTES};
 
 /// The context the events of one request carry.
@@ -60,6 +61,12 @@ fn incoming(headers: &HeaderMap) -> Option<(TraceParent, Option<String>)> {
 }
 
 impl RequestTrace {
+    /// The envelope of an event this request produces in `workspace_id`: a new event id, now,
+    /// and this trace context ([`Envelope::at_ingress`]).
+    pub fn envelope(&self, workspace_id: &str) -> Envelope {
+        Envelope::at_ingress(workspace_id, &self.traceparent, self.tracestate.as_deref())
+    }
+
     fn from_incoming(incoming: Option<(TraceParent, Option<String>)>) -> Self {
         match incoming {
             Some((tp, tracestate)) => Self {

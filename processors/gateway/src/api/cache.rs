@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use weir_model::definition;
 use weir_model::CasRef;
 use weir_model::Permission;
-use weir_runtime::events::{self, CacheEvent, CacheStore};
+use weir_runtime::events::{new_event, CacheEvent, CacheStore};
 
 use super::extract::{accepted, new_id, Allowed, IdempotencyKey, JsonBody, Read, Writer};
 use super::AppState;
@@ -90,12 +90,8 @@ pub(super) async fn post_cache_entry(
         }
     };
     let request_id = new_id(&caller, "cache-entry", key.as_deref());
-    let event = CacheEvent::CacheStore(CacheStore {
-        event_id: events::new_event_id(),
-        occurred_at: events::now_micros(),
-        workspace_id: caller.workspace_id.clone(),
-        traceparent: trace.traceparent.clone(),
-        tracestate: trace.tracestate.clone(),
+    let event = CacheEvent::CacheStore(new_event!(CacheStore {
+        envelope: trace.envelope(&caller.workspace_id),
         request_id: request_id.to_string(),
         requester: caller.key_id.clone(),
         permission: caller.permission.as_str().to_string(),
@@ -108,7 +104,7 @@ pub(super) async fn post_cache_entry(
         embedding: e.embedding,
         cost_ms: e.cost_ms,
         required_permission: required_permission.as_str().to_string(),
-    });
+    }));
     s.once(
         &caller,
         "cache-entry",

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use weir_model::CasRef;
 use weir_runtime::events::{
-    self, CompletionEvent, NodeCompleted, NodeStatus, RunCancelRequested, RunRequested,
+    new_event, CompletionEvent, NodeCompleted, NodeStatus, RunCancelRequested, RunRequested,
 };
 
 use super::extract::{
@@ -59,12 +59,8 @@ pub(super) async fn post_run(
     s.require_workflow(&caller, &run.workflow_id).await?;
     let (inputs_json, inputs_ref) = s.inline_or_ref(&caller, &Value::Object(run.inputs)).await?;
     let run_id = new_id(&caller, "run", key.as_deref());
-    let event = CompletionEvent::RunRequested(RunRequested {
-        event_id: events::new_event_id(),
-        occurred_at: events::now_micros(),
-        workspace_id: caller.workspace_id.clone(),
-        traceparent: trace.traceparent.clone(),
-        tracestate: trace.tracestate.clone(),
+    let event = CompletionEvent::RunRequested(new_event!(RunRequested {
+        envelope: trace.envelope(&caller.workspace_id),
         run_id: run_id.to_string(),
         workflow_id: run.workflow_id,
         version: run.version,
@@ -73,7 +69,7 @@ pub(super) async fn post_run(
         inputs_json,
         inputs_ref,
         idempotency_key: key.clone(),
-    });
+    }));
     s.once(&caller, "run", key.as_deref(), &b, s.0.sender.send(&event))
         .await?;
     Ok(accepted(json!({ "run_id": run_id })))
@@ -109,16 +105,12 @@ pub(super) async fn cancel_run(
         parse_body(&b)?
     };
     s.check_run(&caller, run_id).await?;
-    let event = CompletionEvent::RunCancelRequested(RunCancelRequested {
-        event_id: events::new_event_id(),
-        occurred_at: events::now_micros(),
-        workspace_id: caller.workspace_id.clone(),
-        traceparent: trace.traceparent.clone(),
-        tracestate: trace.tracestate.clone(),
+    let event = CompletionEvent::RunCancelRequested(new_event!(RunCancelRequested {
+        envelope: trace.envelope(&caller.workspace_id),
         run_id: run_id.to_string(),
         reason: cancel.reason,
         requester: caller.key_id.clone(),
-    });
+    }));
     let scope = format!("cancel:{run_id}");
     s.once(&caller, &scope, key.as_deref(), &b, s.0.sender.send(&event))
         .await?;
@@ -176,12 +168,8 @@ pub(super) async fn post_completion(
         (Some(v), _) => s.inline_or_ref(&caller, v).await?,
         (None, r) => (None, r),
     };
-    let event = CompletionEvent::NodeCompleted(NodeCompleted {
-        event_id: events::new_event_id(),
-        occurred_at: events::now_micros(),
-        workspace_id: caller.workspace_id.clone(),
-        traceparent: trace.traceparent.clone(),
-        tracestate: trace.tracestate.clone(),
+    let event = CompletionEvent::NodeCompleted(new_event!(NodeCompleted {
+        envelope: trace.envelope(&caller.workspace_id),
         run_id: run_id.to_string(),
         node_id: node_id.clone(),
         attempt: c.attempt,
@@ -192,7 +180,7 @@ pub(super) async fn post_completion(
         duration_ms: c.duration_ms,
         worker_id: c.worker_id.unwrap_or_else(|| caller.key_id.clone()),
         from_cache: false,
-    });
+    }));
     let scope = format!("completion:{run_id}:{node_id}");
     s.once(&caller, &scope, key.as_deref(), &b, s.0.sender.send(&event))
         .await?;

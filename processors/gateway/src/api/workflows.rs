@@ -19,7 +19,7 @@ use uuid::Uuid;
 use weir_model::definition;
 use weir_model::patch::Patch;
 use weir_model::CasRef;
-use weir_runtime::events::{self, PatchSubmitted};
+use weir_runtime::events::{new_event, PatchSubmitted};
 
 use super::extract::{
     accepted, new_id, parse_value, Allowed, Body, IdempotencyKey, IfMatch, PatchAt, Read, Valid,
@@ -113,19 +113,15 @@ impl PatchRequest {
             } else {
                 (operations_json, None)
             };
-        let event = PatchSubmitted {
-            event_id: events::new_event_id(),
-            occurred_at: events::now_micros(),
-            workspace_id: caller.workspace_id.clone(),
-            traceparent: trace.traceparent.clone(),
-            tracestate: trace.tracestate.clone(),
+        let event = new_event!(PatchSubmitted {
+            envelope: trace.envelope(&caller.workspace_id),
             patch_id,
             workflow_id: self.workflow_id.clone(),
             author: caller.key_id.clone(),
             base_version: self.base,
             operations_json,
             operations_ref,
-        };
+        });
         s.0.sender.send(&event).await
     }
 }
