@@ -581,6 +581,17 @@ async fn drive(
             runs.push(v["run_id"].as_str().unwrap_or_default().to_string());
         }
         say(started, format!("wave {wave}: started {} runs", runs.len()));
+        if let (1, Some(first)) = (wave, runs.first()) {
+            // The key is in the fragment, which the browser keeps to itself (never sent, never
+            // logged); the page sends it in the Authorization header.
+            say(
+                started,
+                format!(
+                    "watch a run live: {}/ui/run#run={first}&key={}",
+                    opts.gateway, read_api.key
+                ),
+            );
+        }
         let mut done: HashMap<String, Value> = HashMap::new();
         let mut last_print = Instant::now();
         while done.len() < runs.len() {
