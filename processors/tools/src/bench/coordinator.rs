@@ -25,7 +25,7 @@ use uuid::Uuid;
 use weir_runtime::codec::Codec;
 use weir_runtime::config::Config;
 use weir_runtime::events::{
-    self, CompletionEvent, NodeCompleted, NodeReady, NodeStatus, RunRequested,
+    self, new_event, CompletionEvent, Envelope, NodeCompleted, NodeReady, NodeStatus, RunRequested,
 };
 use weir_runtime::{Coordinates, Outbox, Processor, Record};
 
@@ -86,12 +86,8 @@ async fn drive(
     let runs_topic = codec.topic::<weir_runtime::events::RunEvent>();
     let mut queue: VecDeque<CompletionEvent> = (0..runs)
         .map(|_| {
-            CompletionEvent::RunRequested(RunRequested {
-                event_id: events::new_event_id(),
-                occurred_at: events::now_micros(),
-                workspace_id: "ws-bench".into(),
-                traceparent: String::new(),
-                tracestate: None,
+            CompletionEvent::RunRequested(new_event!(RunRequested {
+                envelope: Envelope::at_ingress("ws-bench", "", None),
                 run_id: format!("{tag}-{}", Uuid::now_v7()),
                 workflow_id: workflow_id.into(),
                 version: None,
@@ -100,7 +96,7 @@ async fn drive(
                 inputs_json: Some("{\"q\":1}".into()),
                 inputs_ref: None,
                 idempotency_key: None,
-            })
+            }))
         })
         .collect();
     // When each node's completion happened: (run, node) → µs.
@@ -168,12 +164,8 @@ async fn drive(
             }
             let now = events::now_micros();
             completed_at.insert((ready.run_id.clone(), ready.node_id.clone()), now);
-            queue.push_back(CompletionEvent::NodeCompleted(NodeCompleted {
-                event_id: events::new_event_id(),
-                occurred_at: now,
-                workspace_id: ready.workspace_id,
-                traceparent: ready.traceparent,
-                tracestate: None,
+            queue.push_back(CompletionEvent::NodeCompleted(new_event!(NodeCompleted {
+                envelope: Envelope::new(ready.workspace_id, ready.traceparent, None).at(now),
                 run_id: ready.run_id,
                 node_id: ready.node_id,
                 attempt: ready.attempt,
@@ -184,7 +176,7 @@ async fn drive(
                 duration_ms: 0,
                 worker_id: "bench-worker".into(),
                 from_cache: false,
-            }));
+            })));
         }
     }
     let wall_seconds = start.elapsed().as_secs_f64();
