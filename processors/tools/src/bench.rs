@@ -6,3 +6,4 @@ pub mod coordinator;
 pub mod gateway;
 pub mod materializer;
 pub mod relay;
+pub mod streams;

@@ -254,6 +254,24 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Live streams on the gateway: open streams held, and events per second fanned out.
+    Streams {
+        /// Streams held open.
+        #[arg(long, default_value_t = 1000)]
+        streams: usize,
+        /// Workflows the streams are spread over.
+        #[arg(long, default_value_t = 100)]
+        workflows: usize,
+        /// New versions written (and announced) per second in the fan-out phase.
+        #[arg(long, default_value_t = 100)]
+        changes_per_sec: u64,
+        /// Seconds of the fan-out phase.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Print only the JSON line.
+        #[arg(long)]
+        json: bool,
+    },
     /// The HTTP gateway: POST patches with acks=all from many connections.
     Gateway {
         /// Concurrent connections.

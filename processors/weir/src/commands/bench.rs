@@ -61,6 +61,21 @@ pub async fn run(cfg: Arc<Config>, command: BenchCommand) -> anyhow::Result<bool
             weir_tools::bench::relay::run(cfg, events, relays).await?,
             json,
         ),
+        BenchCommand::Streams {
+            streams,
+            workflows,
+            changes_per_sec,
+            seconds,
+            json,
+        } => {
+            let params = weir_tools::bench::streams::Params {
+                streams,
+                workflows,
+                changes_per_sec,
+                seconds,
+            };
+            (weir_tools::bench::streams::run(cfg, params).await?, json)
+        }
         BenchCommand::Gateway {
             connections,
             seconds,
