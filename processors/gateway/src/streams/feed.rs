@@ -44,18 +44,19 @@ pub enum FeedError {
     NoPartitions(String),
 }
 
-/// Feeds `hub` from Kafka until `shutdown`.
+/// Feeds `hub` from Kafka until `shutdown`, then ends every stream.
 pub async fn run(hub: Hub, cfg: KafkaConfig, shutdown: CancellationToken) {
     loop {
         match follow(&hub, &cfg, &shutdown).await {
-            Ok(()) => return,
+            Ok(()) => break,
             Err(e) => tracing::warn!(error = %e, "the event stream feed failed; starting again"),
         }
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(RESTART_AFTER) => {}
         }
     }
+    hub.close_all();
 }
 
 async fn follow(

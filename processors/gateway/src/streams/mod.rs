@@ -220,6 +220,16 @@ impl Hub {
         sent
     }
 
+    /// Ends every stream (at shutdown): their channels close, so each stream ends at its
+    /// next wait instead of holding its connection through the server's grace period.
+    pub fn close_all(&self) {
+        self.0
+            .subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
     fn unsubscribe(&self, key: &Key, id: u64) {
         let mut subs = self.0.subscribers.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(list) = subs.get_mut(key) {
@@ -330,6 +340,17 @@ mod tests {
         assert_eq!(h.notify(Kind::Workflow, "r2", Notice { at_ms: 1 }), 0);
         drop(s);
         drop(other);
+        assert_eq!(h.open(), 0);
+    }
+
+    #[tokio::test]
+    async fn closing_all_ends_every_stream() {
+        let h = hub(10, 10, 2);
+        let mut s = h.subscribe(Kind::Workflow, "w", h.admit("a").unwrap());
+        h.close_all();
+        assert_eq!(s.wait(Duration::from_secs(1)).await, Wake::Closed);
+        assert_eq!(h.notify(Kind::Workflow, "w", Notice { at_ms: 1 }), 0);
+        drop(s);
         assert_eq!(h.open(), 0);
     }
 }
