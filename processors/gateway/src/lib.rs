@@ -37,8 +37,7 @@ use weir_runtime::config::Config;
 pub use api::{router, AppState, Sources, OPENAPI};
 pub use auth::{create_key, Caller, NewKey};
 pub use sources::{
-    CacheLookupAnswer, CacheLookupRequest, CacheLookupSource, HitKind, RunStatusSource,
-    SourceError,
+    CacheLookupAnswer, CacheLookupRequest, CacheLookupSource, HitKind, RunStatusSource, SourceError,
 };
 
 /// How often readiness (Postgres and Kafka reachable) is checked.

@@ -88,7 +88,11 @@ pub fn describe() {
     describe_gauge!(OPEN_CONNECTIONS, Unit::Count, "Open client connections.");
     describe_gauge!(READY, Unit::Count,
         "1 while the gateway's readiness check (Postgres and Kafka reachable, every 2 s) passes, else 0.");
-    describe_gauge!(OPEN_STREAMS, Unit::Count, "Open event streams of this instance.");
+    describe_gauge!(
+        OPEN_STREAMS,
+        Unit::Count,
+        "Open event streams of this instance."
+    );
     describe_counter!(
         STREAMS_REFUSED,
         Unit::Count,
