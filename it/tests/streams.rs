@@ -75,14 +75,22 @@ impl Sse {
     }
 }
 
+type Refusal = (StatusCode, reqwest::header::HeaderMap, String);
+
 /// Opens `path` as a stream with `key` (and `Last-Event-ID`): the stream, or the answer.
-async fn open(
-    gw: &Gateway,
+async fn open(gw: &Gateway, path: &str, key: &str, last: Option<u64>) -> Result<Sse, Refusal> {
+    open_at(&gw.http, &gw.base, path, key, last).await
+}
+
+/// [`open`] on the gateway instance at `base`.
+async fn open_at(
+    http: &reqwest::Client,
+    base: &str,
     path: &str,
     key: &str,
     last: Option<u64>,
-) -> Result<Sse, (StatusCode, reqwest::header::HeaderMap, String)> {
-    let mut req = gw.http.get(format!("{}{path}", gw.base)).bearer_auth(key);
+) -> Result<Sse, Refusal> {
+    let mut req = http.get(format!("{base}{path}")).bearer_auth(key);
     if let Some(l) = last {
         req = req.header("last-event-id", l.to_string());
     }
@@ -212,7 +220,9 @@ async fn until(s: &mut Sse, last: &mut u64, done: impl Fn(&Ev) -> bool) -> Ev {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_stream_is_ordered_resumes_without_gap_or_repeat_and_stays_in_its_workspace() {
-    let gw = stack(|_| {}).await;
+    // Heartbeats (which also read the state again) far apart: every change below must come
+    // through the instances' Kafka feeds.
+    let gw = stack(|c| c.gateway.stream_heartbeat_ms = 60_000).await;
     let ws = random_name("ws");
     let write = gw.key(&ws, Permission::Write).await;
     let read = gw.key(&ws, Permission::Read).await;
@@ -275,14 +285,32 @@ async fn a_run_stream_is_ordered_resumes_without_gap_or_repeat_and_stays_in_its_
         })
     })
     .await;
-    // Resumed: nothing at or below the last id, and the missed change is there.
-    let mut s = open(&gw, &path, &read, Some(seen)).await.unwrap();
+    // Resumed on another gateway instance (no sticky sessions: each instance reads every
+    // partition): nothing at or below the last id, and the missed change is there.
+    let other_instance = {
+        let sources = weir_gateway::Sources {
+            run_status: Some(Arc::new(weir_wiring::CoordinatorRunStatus::new(
+                gw.pool.clone(),
+            ))),
+            cache_lookup: None,
+        };
+        let state = weir_gateway::state(gw.cfg.clone(), sources).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let running = weir_gateway::spawn(listener, state, gw.shutdown.clone()).unwrap();
+        format!("http://{}", running.addr)
+    };
+    let mut s = open_at(&gw.http, &other_instance, &path, &read, Some(seen))
+        .await
+        .unwrap();
     let ev = until(&mut s, &mut last, |e| node_status(e, "c") == "running").await;
     assert_eq!(node_status(&ev, "b"), "succeeded");
     drop(s);
 
-    // Resumed at the current state: only heartbeats until something changes (no repeat).
-    let mut s = open(&gw, &path, &read, Some(last)).await.unwrap();
+    // Resumed at the current state, on the second instance too: only heartbeats until
+    // something changes (no repeat), then the change, live through that instance's feed.
+    let mut s = open_at(&gw.http, &other_instance, &path, &read, Some(last))
+        .await
+        .unwrap();
     assert!(
         s.next(Duration::from_millis(1200)).await.is_err(),
         "an event although nothing changed after Last-Event-ID"
