@@ -81,13 +81,25 @@ pub async fn after(
     after: i64,
     limit: i64,
 ) -> Result<Option<Page>, LogError> {
+    // One statement, so one snapshot: the head and the rows agree. (Read in two, a
+    // version committed between them would show in the head but not in the rows: a false
+    // gap.)
     let rows = sqlx::query!(
-        r#"SELECT version AS "version!", patch_id, definition_sha256 AS "definition_sha256!",
-                  operations, operations_ref
-           FROM weir_workflow_patches
-           WHERE workspace_id = $1 AND workflow_id = $2 AND status = 'applied' AND version > $3
-           ORDER BY version
-           LIMIT $4"#,
+        r#"SELECT h.version AS head_version, h.definition_sha256 AS head_sha256,
+                  p.version AS "version?", p.patch_id AS "patch_id?",
+                  p.definition_sha256 AS "definition_sha256?",
+                  p.operations AS "operations?", p.operations_ref AS "operations_ref?"
+           FROM weir_workflow_heads h
+           LEFT JOIN LATERAL (
+               SELECT version, patch_id, definition_sha256, operations, operations_ref
+               FROM weir_workflow_patches
+               WHERE workspace_id = h.workspace_id AND workflow_id = h.workflow_id
+                 AND status = 'applied' AND version > $3
+               ORDER BY version
+               LIMIT $4
+           ) p ON true
+           WHERE h.workspace_id = $1 AND h.workflow_id = $2
+           ORDER BY p.version"#,
         workspace_id,
         workflow_id,
         after,
@@ -95,27 +107,33 @@ pub async fn after(
     )
     .fetch_all(pool)
     .await?;
-    // Read after the rows: the head is then at least the last row's version.
-    let Some((head_version, head_sha256)) = head(pool, workspace_id, workflow_id).await? else {
+    let Some(first) = rows.first() else {
         return Ok(None);
     };
+    let (head_version, head_sha256) = (first.head_version, first.head_sha256.clone());
     let mut patches = Vec::with_capacity(rows.len());
     for (expected, r) in (after + 1..).zip(rows) {
-        if r.version != expected {
+        let (Some(version), Some(patch_id), Some(sha)) =
+            (r.version, r.patch_id, r.definition_sha256)
+        else {
+            // The head without any row after `after`.
+            break;
+        };
+        if version != expected {
             break;
         }
         let operations = match (r.operations, r.operations_ref) {
             (Some(ops), _) => ops,
             (None, Some(rf)) => {
-                let rf: CasRef = rf.parse().map_err(|_| LogError::Unreadable(r.version))?;
+                let rf: CasRef = rf.parse().map_err(|_| LogError::Unreadable(version))?;
                 cas.get_json(&rf).await?
             }
-            (None, None) => return Err(LogError::Unreadable(r.version)),
+            (None, None) => return Err(LogError::Unreadable(version)),
         };
         patches.push(Applied {
-            version: r.version,
-            patch_id: r.patch_id,
-            definition_sha256: r.definition_sha256,
+            version,
+            patch_id,
+            definition_sha256: sha,
             operations,
         });
     }
