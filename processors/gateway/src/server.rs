@@ -242,9 +242,17 @@ async fn connection(
             req.extensions_mut().insert(PeerAddr(peer));
             let response = app.clone().oneshot(req);
             async move {
+                // The request stays in flight until its response body is sent: a streamed
+                // answer (server-sent events) keeps the connection busy, not idle.
                 let r = response.await;
-                drop(in_flight);
-                r
+                r.map(|res| {
+                    res.map(|inner| {
+                        Body::new(HeldBody {
+                            inner,
+                            _in_flight: in_flight,
+                        })
+                    })
+                })
             }
         })
     };
@@ -371,6 +379,32 @@ impl Drop for InFlight {
         let c = &self.0;
         c.idle_since.store(c.now_ms(), Ordering::Release);
         c.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body holding its request's [`InFlight`]: dropped once sent (or abandoned).
+struct HeldBody {
+    inner: Body,
+    _in_flight: InFlight,
+}
+
+impl hyper::body::Body for HeldBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -514,20 +548,39 @@ mod tests {
     }
 
     async fn start() -> (SocketAddr, CancellationToken) {
-        let app = Router::new().route("/", get(|| async { "ok" })).route(
-            "/echo",
-            post(
-                |b: Result<Bytes, axum::extract::rejection::BytesRejection>| async move {
-                    match b {
-                        Ok(b) => (axum::http::StatusCode::OK, b.len().to_string()),
-                        Err(e) if is_body_timeout(&e) => {
-                            (axum::http::StatusCode::REQUEST_TIMEOUT, "slow".into())
+        let app = Router::new()
+            .route("/", get(|| async { "ok" }))
+            .route(
+                "/slow-stream",
+                // A streamed answer lasting longer than the idle timeout.
+                get(|| async {
+                    let chunks = futures::stream::unfold(0u8, |i| async move {
+                        if i == 4 {
+                            return None;
                         }
-                        Err(e) => (axum::http::StatusCode::BAD_REQUEST, e.to_string()),
-                    }
-                },
-            ),
-        );
+                        tokio::time::sleep(Duration::from_millis(400)).await;
+                        Some((
+                            Ok::<_, std::convert::Infallible>(Bytes::from("tick\n")),
+                            i + 1,
+                        ))
+                    });
+                    Body::from_stream(chunks)
+                }),
+            )
+            .route(
+                "/echo",
+                post(
+                    |b: Result<Bytes, axum::extract::rejection::BytesRejection>| async move {
+                        match b {
+                            Ok(b) => (axum::http::StatusCode::OK, b.len().to_string()),
+                            Err(e) if is_body_timeout(&e) => {
+                                (axum::http::StatusCode::REQUEST_TIMEOUT, "slow".into())
+                            }
+                            Err(e) => (axum::http::StatusCode::BAD_REQUEST, e.to_string()),
+                        }
+                    },
+                ),
+            );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
@@ -548,6 +601,24 @@ mod tests {
                 Err(_) => return (String::from_utf8_lossy(&out).into(), false),
             }
         }
+    }
+
+    /// A response body still being sent keeps its connection busy: a stream is never cut
+    /// off as idle, and the idle timeout counts from its end.
+    #[tokio::test]
+    async fn a_streamed_answer_is_not_idle() {
+        let (addr, stop) = start().await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /slow-stream HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        // 4 chunks 400 ms apart: 1.6 s, beyond the 900 ms idle timeout.
+        let (answer, closed) = read_all(&mut s, Duration::from_millis(2000)).await;
+        assert!(!closed, "cut off while streaming: {answer}");
+        assert_eq!(answer.matches("tick").count(), 4, "{answer}");
+        let (_, closed) = read_all(&mut s, Duration::from_secs(2)).await;
+        assert!(closed, "idle after the stream ended");
+        stop.cancel();
     }
 
     #[tokio::test]
