@@ -21,11 +21,11 @@ use sqlx::PgPool;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use weir_it::{config, random_name};
-use weir_tools::private::PrivateOutbox;
 use weir_relay::{Relay, RelayError};
 use weir_runtime::config::Config;
 use weir_runtime::outbox::lane_of;
 use weir_runtime::telemetry::Health;
+use weir_tools::private::PrivateOutbox;
 
 /// A relay configuration that moves fast: quick rebalancing, short retries and shutdown.
 fn relay_config(prefix: &str, dead_after_ms: u64) -> Config {
