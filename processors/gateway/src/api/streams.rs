@@ -354,8 +354,11 @@ pub(super) async fn list_patches(
     q: Result<Query<PatchesQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
     let Query(q) = q.map_err(|e| Problem::bad_request(format!("bad query: {e}")))?;
-    if q.after_version < 0 {
-        return Err(Problem::bad_request("after_version must be 0 or more"));
+    // The log reads from `after_version + 1`: i64::MAX would overflow, and no version gets there.
+    if !(0..i64::MAX).contains(&q.after_version) {
+        return Err(Problem::bad_request(
+            "after_version must be 0 or more and below 2^63 - 1",
+        ));
     }
     let limit = q.limit.unwrap_or(DEFAULT_PAGE);
     if !(1..=MAX_PAGE).contains(&limit) {
