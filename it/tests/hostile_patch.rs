@@ -216,7 +216,7 @@ async fn hostile_patches_are_rejected_and_the_materializer_carries_on() {
         (
             PatchSubmitted {
                 operations_json: String::new(),
-                operations_ref: Some(nest_ref.to_string()),
+                operations_ref: Some(nest_ref.to_string().into()),
                 ..patch_submitted(&wf_a, &ws_a, "it", None, &json!([]))
             },
             "budget_ops",
@@ -238,7 +238,7 @@ async fn hostile_patches_are_rejected_and_the_materializer_carries_on() {
         (
             PatchSubmitted {
                 operations_json: String::new(),
-                operations_ref: Some(lost.to_string()),
+                operations_ref: Some(lost.to_string().into()),
                 ..patch_submitted(&wf_a, &ws_a, "it", None, &json!([]))
             },
             "blob_missing",
@@ -246,7 +246,7 @@ async fn hostile_patches_are_rejected_and_the_materializer_carries_on() {
         (
             PatchSubmitted {
                 operations_json: String::new(),
-                operations_ref: Some(damaged_ref.to_string()),
+                operations_ref: Some(damaged_ref.to_string().into()),
                 ..patch_submitted(&wf_a, &ws_a, "it", None, &json!([]))
             },
             "blob_corrupt",

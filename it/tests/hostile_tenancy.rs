@@ -435,7 +435,7 @@ async fn cas_refs_are_accepted_only_from_their_workspace() {
         attempt: 1,
         status: NodeStatus::Succeeded,
         output_json: None,
-        output_ref: Some(r_a.to_string()),
+        output_ref: Some(r_a.to_string().into()),
         error: None,
         duration_ms: 1,
         worker_id: "forger".into(),
@@ -450,7 +450,7 @@ async fn cas_refs_are_accepted_only_from_their_workspace() {
         let mut patch =
             weir_materializer::processor::patch_submitted(&x, &ws_b, "it", None, &json!([]));
         patch.operations_json = String::new();
-        patch.operations_ref = Some(r.to_string());
+        patch.operations_ref = Some(r.to_string().into());
         produce(&st.producer, &st.codec, &patch).await.unwrap();
         forged_patches.push((patch.patch_id, r.to_string()));
     }

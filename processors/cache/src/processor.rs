@@ -15,7 +15,7 @@
 
 use async_trait::async_trait;
 use sqlx::PgConnection;
-use weir_model::CasRef;
+use weir_model::WireRef;
 use weir_runtime::config::CacheConfig;
 use weir_runtime::events::{new_event, CacheAnswer, CacheEvent, CacheLookup, CacheStore, Envelope};
 use weir_runtime::telemetry::Health;
@@ -141,7 +141,7 @@ pub fn store_request(e: &CacheStore, cfg: &CacheConfig) -> Result<StoreRequest, 
             StoreResult::Json(text.clone())
         }
         (None, Some(r)) => StoreResult::Ref(
-            r.parse::<CasRef>()
+            r.get()
                 .map_err(|e| CacheError::Invalid(format!("result_ref: {e}")))?,
         ),
         _ => {
@@ -177,7 +177,8 @@ pub fn store_request(e: &CacheStore, cfg: &CacheConfig) -> Result<StoreRequest, 
 
 enum Item {
     Store(StoreRequest),
-    Lookup(LookupRequest, String),
+    /// A lookup and the trace context (traceparent, tracestate) its answer continues.
+    Lookup(LookupRequest, String, Option<String>),
 }
 
 fn reject(rejections: &mut Vec<Rejection>, index: usize, reason: &'static str, message: String) {
@@ -209,9 +210,8 @@ impl Processor for CacheProcessor {
         for (index, r) in records.iter().enumerate() {
             let item = match &r.event {
                 CacheEvent::CacheStore(e) => store_request(e, cfg).map(Item::Store),
-                CacheEvent::CacheLookup(e) => {
-                    lookup_request(e, cfg).map(|q| Item::Lookup(q, e.traceparent.clone()))
-                }
+                CacheEvent::CacheLookup(e) => lookup_request(e, cfg)
+                    .map(|q| Item::Lookup(q, e.traceparent.clone(), e.tracestate.clone())),
             };
             match item {
                 Ok(i) => items.push((index, i)),
@@ -271,10 +271,10 @@ impl CacheProcessor {
                 let mut reqs = Vec::with_capacity(run.len());
                 let mut traces = Vec::with_capacity(run.len());
                 for (ix, x) in run {
-                    if let Item::Lookup(q, t) = x {
+                    if let Item::Lookup(q, traceparent, tracestate) = x {
                         index.push(*ix);
                         reqs.push(q.clone());
-                        traces.push(t.clone());
+                        traces.push((traceparent.clone(), tracestate.clone()));
                     }
                 }
                 let answers = self
@@ -282,7 +282,7 @@ impl CacheProcessor {
                     .lookup_in(conn, &reqs)
                     .await
                     .map_err(|e| self.cache_error(e))?;
-                for (((a, q), traceparent), ix) in
+                for (((a, q), (traceparent, tracestate)), ix) in
                     answers.into_iter().zip(&reqs).zip(traces).zip(index)
                 {
                     let a = match a {
@@ -295,14 +295,17 @@ impl CacheProcessor {
                     };
                     outbox
                         .push(&new_event!(CacheAnswer {
-                            // The lookup's workspace and traceparent (its tracestate is not
-                            // kept with the lookup).
-                            envelope: Envelope::new(q.workspace_id.clone(), traceparent, None),
+                            // The lookup's workspace and trace context.
+                            envelope: Envelope::new(
+                                q.workspace_id.clone(),
+                                traceparent,
+                                tracestate,
+                            ),
                             request_id: a.request_id,
                             hit: a.hit,
                             kind: a.kind,
                             similarity: a.similarity,
-                            result_ref: a.result_ref.map(|r| r.to_string()),
+                            result_ref: a.result_ref.map(WireRef::from),
                             saved_ms: a.saved_ms,
                             entry_key: a.entry_key,
                         }))

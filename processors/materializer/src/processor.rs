@@ -30,7 +30,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 use sqlx::PgConnection;
 use uuid::Uuid;
-use weir_model::CasRef;
+use weir_model::{CasRef, WireRef};
 use weir_runtime::cas::Cas;
 use weir_runtime::config::Config;
 use weir_runtime::copy::CopyRows;
@@ -169,7 +169,7 @@ struct StoredHead {
     workspace_id: String,
     version: i64,
     definition: Option<Value>,
-    definition_ref: Option<String>,
+    definition_ref: Option<WireRef>,
     /// The cached copy matches (same version and sha256): the definition was not sent.
     cached: bool,
 }
@@ -299,8 +299,8 @@ impl Processor for Materializer {
             .filter_map(|r| {
                 r.event
                     .operations_ref
-                    .clone()
-                    .map(|o| (r.event.workspace_id.clone(), o))
+                    .as_ref()
+                    .map(|o| (r.event.workspace_id.clone(), o.to_string()))
             })
             .collect();
         let owned_refs = weir_runtime::cas::owners::owned(conn, &op_refs).await?;
@@ -309,7 +309,7 @@ impl Processor for Materializer {
             .enumerate()
             .filter(|(_, r)| {
                 r.event.operations_ref.as_ref().is_some_and(|o| {
-                    !owned_refs.contains(&(r.event.workspace_id.clone(), o.clone()))
+                    !owned_refs.contains(&(r.event.workspace_id.clone(), o.to_string()))
                 })
             })
             .map(|(i, _)| i)
@@ -387,7 +387,7 @@ impl Processor for Materializer {
                     workspace_id: r.workspace_id,
                     version: r.version,
                     definition: r.definition,
-                    definition_ref: r.definition_ref,
+                    definition_ref: r.definition_ref.map(WireRef::from),
                     cached: r.cached,
                 },
             )
@@ -395,7 +395,7 @@ impl Processor for Materializer {
         .collect();
 
         // Blobs needed before folding: heads and operations kept in the CAS.
-        let mut blobs: HashMap<String, Result<bytes::Bytes, Unreadable>> = HashMap::new();
+        let mut blobs: HashMap<WireRef, Result<bytes::Bytes, Unreadable>> = HashMap::new();
         let refs = stored
             .values()
             .filter(|h| !h.cached)
@@ -413,7 +413,7 @@ impl Processor for Materializer {
             }
             // A ref that does not parse, a blob that is gone or damaged: the patches that
             // need it are rejected below; only the environment's failures fail the batch.
-            let got = match r.parse::<CasRef>() {
+            let got = match r.get() {
                 Err(e) => Err(("blob_missing", format!("bad CAS ref: {e}"))),
                 Ok(parsed) => match self.cas.get(&parsed).await {
                     Ok(bytes) => Ok(bytes),
@@ -632,7 +632,7 @@ impl Materializer {
                                 r,
                                 bytes::Bytes::from(canonical),
                             ));
-                            (None, Some(r.to_string()))
+                            (None, Some(r.into()))
                         } else {
                             (Some(canonical), None)
                         };
@@ -712,7 +712,7 @@ impl Materializer {
                 heads.workflow_ids.push(b.workflow_id.clone());
                 heads.workspace_ids.push(b.head.workspace_id.clone());
                 heads.versions.push(version);
-                heads.refs.push(definition_ref);
+                heads.refs.push(definition_ref.map(WireRef::into_string));
                 heads.definitions.push(canonical);
                 heads.shas.push(sha256.clone());
                 fresh.push((
@@ -783,7 +783,7 @@ struct LastApplied {
     version: i64,
     sha256: String,
     /// CAS ref of the definition when it is too large to keep inline.
-    definition_ref: Option<String>,
+    definition_ref: Option<WireRef>,
     /// Canonical JSON text of the definition when inline.
     canonical: Option<String>,
     /// Length of its canonical JSON.
@@ -852,8 +852,12 @@ impl PatchRows {
         // logged: it would pin another workspace's blob against the collector, and an
         // unbounded one could overflow the index on the column. The reason names it.
         let missing = matches!(reason, Some(("blob_missing", _)));
-        self.operation_refs
-            .push(e.operations_ref.clone().filter(|_| !missing));
+        self.operation_refs.push(
+            e.operations_ref
+                .clone()
+                .map(WireRef::into_string)
+                .filter(|_| !missing),
+        );
         let (code, text) = match reason {
             Some((c, t)) => (Some(c.to_string()), Some(t)),
             None => (None, None),

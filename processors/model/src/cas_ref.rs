@@ -7,6 +7,11 @@
 //! most [`MAX_REF_ECHO`] characters of the input. How a bad ref is handled (the record's
 //! fault: dead-lettered or rejected, never retried) is the runtime's classification of
 //! [`ParseRefError`], the same for every processor.
+//!
+//! A ref carried in an event is a [`WireRef`]: it decodes from any string, so a malformed ref
+//! stays the one record's fault at the site that needs the blob (a rejection or dead letter
+//! with that site's reason), never a decode failure of the whole record, and it re-encodes to
+//! exactly the text it was decoded from, so the wire format is that of a plain string.
 
 use std::fmt;
 use std::str::FromStr;
@@ -123,6 +128,121 @@ impl<'de> Deserialize<'de> for CasRef {
     }
 }
 
+/// A CAS ref as an event carries it: the text exactly as written, and the typed [`CasRef`]
+/// when that text is a valid ref.
+///
+/// Invariants: any string decodes (serde: a string, as in Avro and JSON); encoding writes back
+/// the same text byte for byte; [`WireRef::get`] is `Ok` exactly when the text parses as a
+/// [`CasRef`]. Equality and hashing are those of the text.
+#[derive(Clone)]
+pub struct WireRef {
+    text: String,
+    parsed: Result<CasRef, ParseRefError>,
+}
+
+impl WireRef {
+    /// The typed ref, or why the text is not one.
+    pub fn get(&self) -> Result<CasRef, ParseRefError> {
+        self.parsed.clone()
+    }
+
+    /// The text as written.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The text as written.
+    pub fn into_string(self) -> String {
+        self.text
+    }
+}
+
+impl From<String> for WireRef {
+    fn from(text: String) -> Self {
+        let parsed = text.parse();
+        WireRef { text, parsed }
+    }
+}
+
+impl From<&str> for WireRef {
+    fn from(text: &str) -> Self {
+        WireRef::from(text.to_owned())
+    }
+}
+
+impl From<CasRef> for WireRef {
+    fn from(r: CasRef) -> Self {
+        WireRef {
+            text: r.to_string(),
+            parsed: Ok(r),
+        }
+    }
+}
+
+impl From<&CasRef> for WireRef {
+    fn from(r: &CasRef) -> Self {
+        WireRef::from(*r)
+    }
+}
+
+impl std::ops::Deref for WireRef {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.text
+    }
+}
+
+impl AsRef<str> for WireRef {
+    fn as_ref(&self) -> &str {
+        &self.text
+    }
+}
+
+impl PartialEq for WireRef {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+impl Eq for WireRef {}
+
+impl std::hash::Hash for WireRef {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.text.hash(state);
+    }
+}
+
+impl PartialEq<CasRef> for WireRef {
+    fn eq(&self, other: &CasRef) -> bool {
+        self.parsed.as_ref().is_ok_and(|r| r == other)
+    }
+}
+
+impl fmt::Display for WireRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl fmt::Debug for WireRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.text, f)
+    }
+}
+
+impl Serialize for WireRef {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.text)
+    }
+}
+
+impl<'de> Deserialize<'de> for WireRef {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(WireRef::from)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,5 +270,41 @@ mod tests {
         let err = serde_json::from_str::<CasRef>("\"sha256:xyz\"").unwrap_err();
         assert!(err.to_string().contains("invalid CAS ref"), "{err}");
         assert!(serde_json::from_str::<CasRef>("42").is_err());
+    }
+
+    #[test]
+    fn wire_ref_of_a_valid_ref_is_typed() {
+        let r = CasRef::of(b"abc");
+        let w = WireRef::from(r.to_string());
+        assert_eq!(w.get(), Ok(r));
+        assert_eq!(w, WireRef::from(r));
+        assert_eq!(w, r);
+        assert_eq!(w.as_str(), r.to_string());
+        assert_eq!(serde_json::to_string(&w).unwrap(), format!("\"{r}\""));
+        let bad = WireRef::from("sha256:ABC");
+        assert_eq!(bad.get(), Err("sha256:ABC".parse::<CasRef>().unwrap_err()));
+        assert_ne!(bad, r);
+        assert!(serde_json::from_str::<WireRef>("42").is_err());
+    }
+
+    proptest::proptest! {
+        /// Any text decodes and re-encodes byte for byte; it is typed exactly when it parses.
+        #[test]
+        fn wire_ref_round_trips_any_text(text in proptest::prelude::any::<String>()) {
+            let json = serde_json::to_string(&text).unwrap();
+            let w: WireRef = serde_json::from_str(&json).unwrap();
+            proptest::prop_assert_eq!(serde_json::to_string(&w).unwrap(), json);
+            proptest::prop_assert_eq!(w.as_str(), text.as_str());
+            proptest::prop_assert_eq!(w.get(), text.parse::<CasRef>());
+            proptest::prop_assert_eq!(w.clone().into_string(), text);
+        }
+
+        /// Every valid ref, written by any producer, comes out typed.
+        #[test]
+        fn wire_ref_types_valid_refs(digest in proptest::prelude::any::<[u8; 32]>()) {
+            let r = CasRef::from_digest(digest);
+            let w: WireRef = serde_json::from_str(&format!("\"{r}\"")).unwrap();
+            proptest::prop_assert_eq!(w.get(), Ok(r));
+        }
     }
 }

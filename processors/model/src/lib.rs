@@ -7,7 +7,8 @@
 //!   ([`definition::Definition`]) within [`definition::Limits`], and canonical JSON for hashing.
 //! - [`fold`]: one workflow's patches folded onto its head, shared by the materializer, replay
 //!   and the benchmarks.
-//! - [`cas_ref`]: [`CasRef`], the address of a blob in the content-addressed store.
+//! - [`cas_ref`]: [`CasRef`], the address of a blob in the content-addressed store, and
+//!   [`WireRef`], a ref as an event carries it.
 //! - [`permission`]: `read < write < admin`, the one [`Permission`] of keys, runs and cache
 //!   entries.
 //! - [`id`]: workflow and node ids and their validation.
@@ -28,6 +29,6 @@ pub mod permission;
 pub mod pointer;
 pub mod run;
 
-pub use cas_ref::CasRef;
+pub use cas_ref::{CasRef, WireRef};
 pub use permission::Permission;
 pub use run::RunStatus;

@@ -25,7 +25,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::PgConnection;
 use weir_model::definition;
-use weir_model::CasRef;
+use weir_model::{CasRef, WireRef};
 use weir_runtime::cas::CasError;
 use weir_runtime::events::{CompletionEvent, RunRequested};
 use weir_runtime::{Record, Rejection};
@@ -72,7 +72,7 @@ impl StoredRun {
             permission: req.permission.clone(),
             status: "running".into(),
             inputs_json: req.inputs_json.clone(),
-            inputs_ref: req.inputs_ref.clone(),
+            inputs_ref: req.inputs_ref.clone().map(WireRef::into_string),
             traceparent: req.traceparent.clone(),
             started_at,
         }

@@ -22,6 +22,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::PgConnection;
 use weir_model::definition::Limits;
+use weir_model::WireRef;
 use weir_runtime::cas::Cas;
 use weir_runtime::config::Config;
 use weir_runtime::events::{CompletionEvent, NodeStatus, RunRequested};
@@ -289,7 +290,7 @@ fn group_except(
                             attempt: e.attempt,
                             succeeded: e.status == NodeStatus::Succeeded,
                             output_json: e.output_json.clone(),
-                            output_ref: e.output_ref.clone(),
+                            output_ref: e.output_ref.clone().map(WireRef::into_string),
                             error: e.error.clone(),
                             from_cache: e.from_cache,
                         },

@@ -19,6 +19,7 @@ use std::collections::HashSet;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::PgConnection;
+use weir_model::WireRef;
 use weir_runtime::events::{
     self, new_event, CacheEvent, CacheStore, CompletionEvent, Envelope, NodeInput, NodeReady,
     NodeRetried, RunCancelled, RunCompleted, RunEvent, RunFailed, RunStarted, TopicEvent,
@@ -139,7 +140,7 @@ fn node_inputs(a: &Active, node: usize) -> Vec<NodeInput> {
         .map(|&p| NodeInput {
             node_id: a.plan.ids[p].clone(),
             output_json: a.rt.nodes[p].output_json.clone(),
-            output_ref: a.rt.nodes[p].output_ref.clone(),
+            output_ref: a.rt.nodes[p].output_ref.clone().map(WireRef::from),
         })
         .collect()
 }
@@ -177,7 +178,7 @@ fn cache_store(a: &Active, node: usize, attempt: i32, header: &RunHeader) -> Cac
         config_json: c.config.to_string(),
         inputs_json: c.inputs.to_string(),
         result_json: n.output_json.clone(),
-        result_ref: n.output_ref.clone(),
+        result_ref: n.output_ref.clone().map(WireRef::from),
         prompt: None,
         embedding: None,
         cost_ms: cost_ms.unwrap_or(0),
@@ -354,7 +355,7 @@ impl Coordinator {
                 hop: d.hop,
                 deadline_at: d.deadline_at_ms.map(|d| d.saturating_mul(1000)),
                 run_inputs_json: a.run.inputs_json.clone(),
-                run_inputs_ref: a.run.inputs_ref.clone(),
+                run_inputs_ref: a.run.inputs_ref.clone().map(WireRef::from),
             });
             out.outbox.push(&ready).await?;
         }

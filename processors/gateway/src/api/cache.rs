@@ -86,7 +86,8 @@ pub(super) async fn post_cache_entry(
                 .parse::<CasRef>()
                 .map_err(|err| Problem::unprocessable(format!("result_ref: {err}")))?;
             s.require_owned_ref(&caller, "result_ref", &parsed).await?;
-            (None, Some(r))
+            // A ref has one text form, so the event carries exactly the text given.
+            (None, Some(parsed.into()))
         }
     };
     let request_id = new_id(&caller, "cache-entry", key.as_deref());

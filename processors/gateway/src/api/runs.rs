@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use weir_model::CasRef;
+use weir_model::{CasRef, WireRef};
 use weir_runtime::events::{
     new_event, CompletionEvent, NodeCompleted, NodeStatus, RunCancelRequested, RunRequested,
 };
@@ -164,9 +164,10 @@ pub(super) async fn post_completion(
     if let Some(r) = &given_ref {
         s.require_owned_ref(&caller, "output_ref", r).await?;
     }
-    let (output_json, output_ref) = match (&c.output, c.output_ref) {
+    let (output_json, output_ref) = match (&c.output, given_ref) {
         (Some(v), _) => s.inline_or_ref(&caller, v).await?,
-        (None, r) => (None, r),
+        // A ref has one text form, so the event carries exactly the text given.
+        (None, r) => (None, r.map(WireRef::from)),
     };
     let event = CompletionEvent::NodeCompleted(new_event!(NodeCompleted {
         envelope: trace.envelope(&caller.workspace_id),

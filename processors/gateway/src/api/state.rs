@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use weir_model::definition::Limits;
 use weir_model::run::RunStatus;
-use weir_model::CasRef;
+use weir_model::{CasRef, WireRef};
 use weir_runtime::cas::Cas;
 use weir_runtime::config::Config;
 
@@ -315,11 +315,11 @@ impl AppState {
         &self,
         caller: &Caller,
         v: &Value,
-    ) -> Result<(Option<String>, Option<String>), Problem> {
+    ) -> Result<(Option<String>, Option<WireRef>), Problem> {
         let text = v.to_string();
         if text.len() > self.0.cfg.gateway.inline_max_bytes {
             let r = self.put_owned(caller, Bytes::from(text)).await?;
-            Ok((None, Some(r.to_string())))
+            Ok((None, Some(r.into())))
         } else {
             Ok((Some(text), None))
         }

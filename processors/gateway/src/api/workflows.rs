@@ -109,7 +109,7 @@ impl PatchRequest {
         let (operations_json, operations_ref) =
             if operations_json.len() > s.0.cfg.gateway.inline_max_bytes {
                 let r = s.put_owned(caller, Bytes::from(operations_json)).await?;
-                (String::new(), Some(r.to_string()))
+                (String::new(), Some(r.into()))
             } else {
                 (operations_json, None)
             };

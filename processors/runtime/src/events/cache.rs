@@ -4,6 +4,7 @@
 use apache_avro::types::Value;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+use weir_model::WireRef;
 
 use super::avro::{record_from_value, record_to_value, write_record};
 use super::{uuid_text, EventError, Record, TopicEvent};
@@ -18,7 +19,7 @@ event_record! {
         config_json: String,
         inputs_json: String,
         result_json: Option<String>,
-        result_ref: Option<String>,
+        result_ref: Option<WireRef>,
         prompt: Option<String>,
         embedding: Option<Vec<f32>>,
         cost_ms: i64,
@@ -58,7 +59,7 @@ event_record! {
         hit: bool,
         kind: Option<CacheKind>,
         similarity: Option<f64>,
-        result_ref: Option<String>,
+        result_ref: Option<WireRef>,
         saved_ms: i64,
         entry_key: Option<String>,
     }

@@ -4,6 +4,7 @@
 use apache_avro::types::Value;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+use weir_model::WireRef;
 
 use super::avro::{record_from_value, record_to_value, write_record};
 use super::{uuid_text, EventError, Record, TopicEvent};
@@ -21,7 +22,7 @@ event_record! {
         /// The RFC 6902 operations array as JSON text; "" when `operations_ref` is set.
         operations_json: String,
         /// CAS ref (`sha256:<hex>`) of the operations when the patch is large.
-        operations_ref: Option<String>,
+        operations_ref: Option<WireRef>,
     }
 }
 

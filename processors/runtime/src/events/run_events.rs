@@ -3,6 +3,7 @@
 use apache_avro::types::Value;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+use weir_model::WireRef;
 
 use super::avro::{record_from_value, record_to_value, write_record};
 use super::{uuid_text, EventError, Record, TopicEvent};
@@ -25,7 +26,7 @@ event_record! {
         version: i64,
         duration_ms: i64,
         outputs_json: Option<String>,
-        outputs_ref: Option<String>,
+        outputs_ref: Option<WireRef>,
     }
 }
 

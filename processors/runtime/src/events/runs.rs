@@ -4,6 +4,7 @@
 use apache_avro::types::Value;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+use weir_model::WireRef;
 
 use super::avro::{record_from_value, record_to_value, write_record};
 use super::{uuid_text, EventError, Record, TopicEvent};
@@ -27,7 +28,7 @@ event_record! {
         /// read | write | admin.
         permission: String,
         inputs_json: Option<String>,
-        inputs_ref: Option<String>,
+        inputs_ref: Option<WireRef>,
         idempotency_key: Option<String>,
     }
 }
@@ -41,7 +42,7 @@ event_record! {
         attempt: i32,
         status: NodeStatus,
         output_json: Option<String>,
-        output_ref: Option<String>,
+        output_ref: Option<WireRef>,
         error: Option<String>,
         duration_ms: i64,
         worker_id: String,
@@ -65,7 +66,7 @@ event_record! {
 pub struct NodeInput {
     pub node_id: String,
     pub output_json: Option<String>,
-    pub output_ref: Option<String>,
+    pub output_ref: Option<WireRef>,
 }
 
 event_record! {
@@ -84,7 +85,7 @@ event_record! {
         /// timestamp-micros; `None` for no deadline.
         deadline_at: Option<i64>,
         run_inputs_json: Option<String>,
-        run_inputs_ref: Option<String>,
+        run_inputs_ref: Option<WireRef>,
     }
 }
 

@@ -106,7 +106,7 @@ fn completion_events() -> Vec<CompletionEvent> {
         .into(),
         ev!(NodeCompleted, "ws-1", {
             run_id: s("run-1"), node_id: s("fetch"), attempt: 2, status: NodeStatus::Failed,
-            output_json: None, output_ref: Some(s("sha256:00ff")), error: Some(s("timeout")),
+            output_json: None, output_ref: Some(s("sha256:00ff").into()), error: Some(s("timeout")),
             duration_ms: 1234, worker_id: s("w-7"), from_cache: true,
         })
         .into(),
@@ -123,10 +123,10 @@ fn node_ready() -> NodeReady {
         node_type: s("agent"), config_json: s("{\"model\":\"m\"}"),
         inputs: vec![
             NodeInput { node_id: s("fetch"), output_json: Some(s("{}")), output_ref: None },
-            NodeInput { node_id: s("b"), output_json: None, output_ref: Some(s("sha256:ab")) },
+            NodeInput { node_id: s("b"), output_json: None, output_ref: Some(s("sha256:ab").into()) },
         ],
         attempt: 1, hop: 2, deadline_at: Some(now_micros() + 30_000_000),
-        run_inputs_json: None, run_inputs_ref: Some(s("sha256:cd")),
+        run_inputs_json: None, run_inputs_ref: Some(s("sha256:cd").into()),
     })
 }
 
@@ -188,7 +188,7 @@ fn cache_answers() -> Vec<CacheAnswer> {
     vec![
         ev!(CacheAnswer, "ws-2", {
             request_id: s("rq-2"), hit: true, kind: Some(CacheKind::Semantic),
-            similarity: Some(0.95), result_ref: Some(s("sha256:ee")), saved_ms: 800,
+            similarity: Some(0.95), result_ref: Some(s("sha256:ee").into()), saved_ms: 800,
             entry_key: Some(s("k")),
         }),
         ev!(CacheAnswer, "ws-2", {
@@ -707,7 +707,7 @@ proptest::proptest! {
             tracestate: definition.clone(),
             workflow_id: text.clone(),
             version,
-            definition_ref: definition.is_none().then(|| format!("sha256:{text}")),
+            definition_ref: definition.is_none().then(|| format!("sha256:{text}").into()),
             definition_json: definition,
             patch_ids: (0..ids).map(|_| new_event_id()).collect(),
             definition_sha256: text.clone(),
@@ -732,5 +732,46 @@ proptest::proptest! {
             proptest::prop_assert_eq!(&bytes, &encode_via_value(&e).unwrap());
             proptest::prop_assert_eq!(decode::<WorkflowEvent>(&bytes, None).unwrap(), e);
         }
+    }
+}
+
+proptest::proptest! {
+    /// A CAS ref field is an Avro string on the wire whatever text it holds, valid or not: the
+    /// bytes carry exactly that text, decode back to it, and a valid ref comes out typed.
+    #[test]
+    fn a_ref_field_is_its_text_on_the_wire(text in proptest::prelude::any::<String>()) {
+        let (event_id, occurred_at, workspace_id, traceparent, tracestate) = meta("ws-1");
+        let e: CompletionEvent = NodeCompleted {
+            event_id, occurred_at, workspace_id, traceparent, tracestate,
+            run_id: s("r-1"), node_id: s("n"), attempt: 1, status: NodeStatus::Succeeded,
+            output_json: None, output_ref: Some(text.clone().into()), error: None,
+            duration_ms: 1, worker_id: s("w"), from_cache: false,
+        }
+        .into();
+        let bytes = encode(&e).unwrap();
+        proptest::prop_assert_eq!(&bytes, &encode_via_value(&e).unwrap());
+        let schema = Schema::parse_str(CompletionEvent::SCHEMA).unwrap();
+        let generic = GenericDatumReader::builder(&schema)
+            .build()
+            .unwrap()
+            .read_value(&mut &bytes[..])
+            .unwrap();
+        let Value::Union(_, record) = &generic else { panic!("{generic:?}") };
+        let Value::Record(fields) = &**record else { panic!("{record:?}") };
+        let field = &fields.iter().find(|(k, _)| k == "output_ref").unwrap().1;
+        proptest::prop_assert_eq!(field, &Value::Union(1, Box::new(Value::String(text.clone()))));
+        let rewritten = GenericDatumWriter::builder(&schema)
+            .build()
+            .unwrap()
+            .write_value_to_vec(generic.clone())
+            .unwrap();
+        proptest::prop_assert_eq!(&rewritten, &bytes);
+        let CompletionEvent::NodeCompleted(back) = decode::<CompletionEvent>(&bytes, None).unwrap()
+        else {
+            panic!()
+        };
+        let back = back.output_ref.unwrap();
+        proptest::prop_assert_eq!(back.as_str(), text.as_str());
+        proptest::prop_assert_eq!(back.get(), text.parse::<weir_model::CasRef>());
     }
 }

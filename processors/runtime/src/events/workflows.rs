@@ -4,6 +4,7 @@
 use apache_avro::types::Value;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+use weir_model::WireRef;
 
 use super::avro::{record_from_value, record_to_value, write_record};
 use super::{uuid_text, EventError, Record, TopicEvent};
@@ -15,7 +16,7 @@ event_record! {
         version: i64,
         definition_json: Option<String>,
         /// CAS ref of the definition when stored in the CAS (claim check).
-        definition_ref: Option<String>,
+        definition_ref: Option<WireRef>,
         #[serde(with = "uuid_text::vec")]
         patch_ids: Vec<Uuid>,
         /// Lowercase hex sha256 of the canonical definition JSON.
