@@ -34,7 +34,7 @@ resource "aws_lb" "gateway" {
     }
   }
 
-  depends_on = [aws_s3_bucket_policy.lb_logs]
+  depends_on = [module.lb_logs_bucket]
 }
 
 resource "aws_wafv2_web_acl_association" "gateway" {

@@ -31,30 +31,14 @@ resource "aws_s3_bucket_logging" "cas" {
   target_prefix = "s3/cas/"
 }
 
-resource "aws_s3_bucket_public_access_block" "cas" {
-  bucket                  = aws_s3_bucket.cas.id
-  block_public_acls       = true
-  block_public_policy     = true
-  ignore_public_acls      = true
-  restrict_public_buckets = true
-}
-
-resource "aws_s3_bucket_ownership_controls" "cas" {
-  bucket = aws_s3_bucket.cas.id
-  rule {
-    object_ownership = "BucketOwnerEnforced"
-  }
-}
-
-resource "aws_s3_bucket_server_side_encryption_configuration" "cas" {
-  bucket = aws_s3_bucket.cas.id
-  rule {
-    apply_server_side_encryption_by_default {
-      sse_algorithm     = "aws:kms"
-      kms_master_key_id = aws_kms_key.weir.arn
-    }
-    bucket_key_enabled = true
-  }
+# No public access, owner-owned objects, SSE-KMS by default, TLS only.
+module "cas_bucket" {
+  source             = "./modules/bucket"
+  bucket_id          = aws_s3_bucket.cas.id
+  bucket_arn         = aws_s3_bucket.cas.arn
+  sse_algorithm      = "aws:kms"
+  kms_key_arn        = aws_kms_key.weir.arn
+  bucket_key_enabled = true
 }
 
 resource "aws_s3_bucket_lifecycle_configuration" "cas" {
@@ -83,30 +67,6 @@ resource "aws_s3_bucket_lifecycle_configuration" "cas" {
   }
 }
 
-data "aws_iam_policy_document" "cas_tls_only" {
-  statement {
-    sid       = "DenyInsecureTransport"
-    effect    = "Deny"
-    actions   = ["s3:*"]
-    resources = [aws_s3_bucket.cas.arn, "${aws_s3_bucket.cas.arn}/*"]
-    principals {
-      type        = "*"
-      identifiers = ["*"]
-    }
-    condition {
-      test     = "Bool"
-      variable = "aws:SecureTransport"
-      values   = ["false"]
-    }
-  }
-}
-
-resource "aws_s3_bucket_policy" "cas" {
-  bucket     = aws_s3_bucket.cas.id
-  policy     = data.aws_iam_policy_document.cas_tls_only.json
-  depends_on = [aws_s3_bucket_public_access_block.cas]
-}
-
 # Access logs of the load balancer and the CAS bucket. SSE-S3: load balancer access logs
 # cannot be written to a bucket encrypted with a KMS key.
 resource "aws_s3_bucket" "lb_logs" {
@@ -117,28 +77,14 @@ resource "aws_s3_bucket" "lb_logs" {
   bucket_prefix = "${local.prefix}-logs-"
 }
 
-resource "aws_s3_bucket_public_access_block" "lb_logs" {
-  bucket                  = aws_s3_bucket.lb_logs.id
-  block_public_acls       = true
-  block_public_policy     = true
-  ignore_public_acls      = true
-  restrict_public_buckets = true
-}
-
-resource "aws_s3_bucket_ownership_controls" "lb_logs" {
-  bucket = aws_s3_bucket.lb_logs.id
-  rule {
-    object_ownership = "BucketOwnerEnforced"
-  }
-}
-
-resource "aws_s3_bucket_server_side_encryption_configuration" "lb_logs" {
-  bucket = aws_s3_bucket.lb_logs.id
-  rule {
-    apply_server_side_encryption_by_default {
-      sse_algorithm = "AES256"
-    }
-  }
+# No public access, owner-owned objects, SSE-S3 by default, TLS only; the log deliveries may
+# write (the statements below).
+module "lb_logs_bucket" {
+  source        = "./modules/bucket"
+  bucket_id     = aws_s3_bucket.lb_logs.id
+  bucket_arn    = aws_s3_bucket.lb_logs.arn
+  sse_algorithm = "AES256"
+  policy_json   = data.aws_iam_policy_document.lb_logs.json
 }
 
 resource "aws_s3_bucket_versioning" "lb_logs" {
@@ -191,25 +137,47 @@ data "aws_iam_policy_document" "lb_logs" {
       values   = [data.aws_caller_identity.current.account_id]
     }
   }
-  statement {
-    sid       = "DenyInsecureTransport"
-    effect    = "Deny"
-    actions   = ["s3:*"]
-    resources = [aws_s3_bucket.lb_logs.arn, "${aws_s3_bucket.lb_logs.arn}/*"]
-    principals {
-      type        = "*"
-      identifiers = ["*"]
-    }
-    condition {
-      test     = "Bool"
-      variable = "aws:SecureTransport"
-      values   = ["false"]
-    }
-  }
 }
 
-resource "aws_s3_bucket_policy" "lb_logs" {
-  bucket     = aws_s3_bucket.lb_logs.id
-  policy     = data.aws_iam_policy_document.lb_logs.json
-  depends_on = [aws_s3_bucket_public_access_block.lb_logs]
+# The shared settings moved into modules/bucket: existing deployments keep their resources
+# (renamed in the state, neither destroyed nor created again).
+
+moved {
+  from = aws_s3_bucket_public_access_block.cas
+  to   = module.cas_bucket.aws_s3_bucket_public_access_block.this
+}
+
+moved {
+  from = aws_s3_bucket_ownership_controls.cas
+  to   = module.cas_bucket.aws_s3_bucket_ownership_controls.this
+}
+
+moved {
+  from = aws_s3_bucket_server_side_encryption_configuration.cas
+  to   = module.cas_bucket.aws_s3_bucket_server_side_encryption_configuration.this
+}
+
+moved {
+  from = aws_s3_bucket_policy.cas
+  to   = module.cas_bucket.aws_s3_bucket_policy.this
+}
+
+moved {
+  from = aws_s3_bucket_public_access_block.lb_logs
+  to   = module.lb_logs_bucket.aws_s3_bucket_public_access_block.this
+}
+
+moved {
+  from = aws_s3_bucket_ownership_controls.lb_logs
+  to   = module.lb_logs_bucket.aws_s3_bucket_ownership_controls.this
+}
+
+moved {
+  from = aws_s3_bucket_server_side_encryption_configuration.lb_logs
+  to   = module.lb_logs_bucket.aws_s3_bucket_server_side_encryption_configuration.this
+}
+
+moved {
+  from = aws_s3_bucket_policy.lb_logs
+  to   = module.lb_logs_bucket.aws_s3_bucket_policy.this
 }
