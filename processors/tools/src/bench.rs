@@ -3,6 +3,7 @@
 
 pub mod cache;
 pub mod coordinator;
+pub mod e2e;
 pub mod gateway;
 pub mod materializer;
 pub mod relay;

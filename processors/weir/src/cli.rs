@@ -272,6 +272,57 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The whole pipeline end to end: weir processes started as children, clients and
+    /// workers through the gateway at fixed offered rates (open loop), outputs read from
+    /// Kafka; latency, throughput and CPU per event of every process at each rate.
+    E2e {
+        /// Offered rates, events per second, comma-separated (patches/s; completions/s).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "50,500,1000,2000,4000,8000,12000,16000"
+        )]
+        rates: Vec<f64>,
+        /// Workloads, comma-separated: patches, completions.
+        #[arg(long, value_delimiter = ',', default_value = "patches,completions")]
+        workloads: Vec<String>,
+        /// Seconds of warm-up before each measured window.
+        #[arg(long, default_value_t = 3.0)]
+        warmup: f64,
+        /// Seconds measured at each rate.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Longest wait, in seconds, for the outputs of a window's requests.
+        #[arg(long, default_value_t = 30.0)]
+        drain: f64,
+        /// Processes of each of materializer, coordinator and relay.
+        #[arg(long, default_value_t = 1)]
+        processes: usize,
+        /// Gateway processes.
+        #[arg(long, default_value_t = 1)]
+        gateways: usize,
+        /// Workflows the patches are spread over.
+        #[arg(long, default_value_t = 1000)]
+        workflows: usize,
+        /// Parallel nodes between a run's split and its join.
+        #[arg(long, default_value_t = 8)]
+        fan_out: usize,
+        /// Most requests in flight at once (beyond it the generator falls behind, and says so).
+        #[arg(long, default_value_t = 4096)]
+        max_inflight: usize,
+        /// Seconds before an unanswered request counts as a timeout (an error).
+        #[arg(long, default_value_t = 10.0)]
+        request_timeout: f64,
+        /// A rate whose p99 (ms) is above this ends the workload's ladder.
+        #[arg(long, default_value_t = 2000.0)]
+        stop_p99_ms: f64,
+        /// Write the latency-versus-throughput chart (SVG) here.
+        #[arg(long)]
+        chart: Option<PathBuf>,
+        /// Print only the JSON line.
+        #[arg(long)]
+        json: bool,
+    },
     /// The HTTP gateway: POST patches with acks=all from many connections.
     Gateway {
         /// Concurrent connections.

@@ -91,6 +91,56 @@ pub async fn run(cfg: Arc<Config>, command: BenchCommand) -> anyhow::Result<bool
             };
             (weir_tools::bench::gateway::run(cfg, params).await?, json)
         }
+        BenchCommand::E2e {
+            rates,
+            workloads,
+            warmup,
+            duration,
+            drain,
+            processes,
+            gateways,
+            workflows,
+            fan_out,
+            max_inflight,
+            request_timeout,
+            stop_p99_ms,
+            chart,
+            json,
+        } => {
+            use weir_tools::bench::e2e::{report::Workload, Params};
+            let secs = |s: f64, what: &str| {
+                anyhow::ensure!(s.is_finite() && s >= 0.0, "--{what}: seconds, not negative");
+                Ok(std::time::Duration::from_secs_f64(s))
+            };
+            let workloads = workloads
+                .iter()
+                .map(|w| match w.as_str() {
+                    "patches" => Ok(Workload::Patches),
+                    "completions" => Ok(Workload::Completions),
+                    other => Err(anyhow::anyhow!(
+                        "--workloads: unknown {other:?} (patches, completions)"
+                    )),
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let params = Params {
+                rates,
+                workloads,
+                warmup: secs(warmup, "warmup")?,
+                duration: secs(duration, "duration")?,
+                drain: secs(drain, "drain")?,
+                processes,
+                gateways,
+                workflows,
+                fan_out,
+                max_inflight,
+                request_timeout: secs(request_timeout, "request-timeout")?,
+                stop_p99_ms,
+                chart,
+                json_only: json,
+            };
+            // The benchmark prints its tables itself; only the JSON line follows them.
+            (weir_tools::bench::e2e::run(cfg, params).await?, true)
+        }
     };
     weir_tools::common::print_result(&result, json)?;
     Ok(true)

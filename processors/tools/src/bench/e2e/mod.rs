@@ -1,0 +1,620 @@
+//! `weir bench e2e`: the whole pipeline as its users feel it. The benchmark starts its own weir
+//! processes (this executable: `weir run gateway`, `materializer`, `coordinator`, `relay`,
+//! `--processes` of each consumer) against the local stack, under a random topic prefix (its
+//! own topics and consumer groups) and a workspace of its own, then drives them through the
+//! gateway as users do:
+//!
+//! - `patches`: clients POST patches at a fixed offered rate; latency runs from each request's
+//!   intended send time to its `WorkflowMaterialized` read from `weir.workflows.v1`;
+//! - `completions`: clients start fan-out/fan-in runs (split → `fan_out` nodes → join) at the
+//!   rate that makes the offered completions per second; workers answer every NodeReady at
+//!   once by POSTing its completion; latency runs from a completion's intended send time (the
+//!   NodeReady's arrival) to the next NodeReady read from `weir.node-ready.v1`.
+//!
+//! Each (workload, rate) phase is a warm-up, then a measured window, then a drain (outputs of
+//! the window's requests still arriving); a rate whose p99 passes `stop_p99_ms`, or whose
+//! achieved rate falls under 80 % of the offered one, ends the ladder of that workload (the
+//! next rate would only grow a backlog). CPU time of every process in the loop is read from
+//! `/proc` at the window's edges. See docs/benchmarks.md, "End to end".
+//!
+//! Invariants: open loop (requests leave on schedule whatever the answers; latency from the
+//! intended time); nothing of another run counts (own prefix, own workspace, readers start at
+//! the topics' ends); every child is stopped when the benchmark ends, fails or is dropped.
+
+pub mod chart;
+pub mod load;
+pub mod procs;
+pub mod report;
+pub mod stats;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+use weir_model::Permission;
+use weir_runtime::config::Config;
+
+use crate::common::{create_topics, register_schemas, round, scratch_config};
+use load::Shared;
+use procs::{Children, Probe, Reading, Spec};
+use report::{Row, Workload, BEHIND_P99_MS};
+use stats::{Schedule, Window};
+
+/// Benchmark parameters.
+#[derive(Debug, Clone)]
+pub struct Params {
+    /// Offered rates, events per second (patches/s; completions/s).
+    pub rates: Vec<f64>,
+    /// Workloads, in order.
+    pub workloads: Vec<Workload>,
+    /// Warm-up of each phase (requests sent, not measured).
+    pub warmup: Duration,
+    /// Measured window of each phase.
+    pub duration: Duration,
+    /// Longest wait, after a window, for the outputs of its requests.
+    pub drain: Duration,
+    /// Processes of each consumer processor (materializer, coordinator) and of the relay.
+    pub processes: usize,
+    /// Gateway processes (requests go round-robin).
+    pub gateways: usize,
+    /// Workflows the patches are spread over.
+    pub workflows: usize,
+    /// Parallel nodes between a run's split and join.
+    pub fan_out: usize,
+    /// Most requests in flight at once.
+    pub max_inflight: usize,
+    /// A request not answered within this is an error (timeout).
+    pub request_timeout: Duration,
+    /// A rate whose p99 is above this ends the workload's ladder.
+    pub stop_p99_ms: f64,
+    /// Where to write the latency-versus-throughput chart (SVG).
+    pub chart: Option<PathBuf>,
+    /// Print only the JSON line (no table).
+    pub json_only: bool,
+}
+
+/// The fan-out/fan-in workflow the runs execute: split → `fan_out` nodes → join.
+fn flow_definition(fan_out: usize) -> Value {
+    let mut nodes = serde_json::Map::new();
+    let mut edges = Vec::new();
+    nodes.insert(
+        "split".into(),
+        json!({"type": "function", "config": {"fn": "split"}}),
+    );
+    nodes.insert(
+        "join".into(),
+        json!({"type": "function", "config": {"fn": "join"}}),
+    );
+    for i in 0..fan_out {
+        let id = format!("work_{i}");
+        nodes.insert(
+            id.clone(),
+            json!({"type": "function", "config": {"fn": "work", "shard": i}}),
+        );
+        edges.push(json!({"from": "split", "to": id}));
+        edges.push(json!({"from": id, "to": "join"}));
+    }
+    json!({"nodes": nodes, "edges": edges, "settings": {"max_hops": 10}})
+}
+
+/// The workflow the patches change (one node whose config they replace).
+fn patched_definition() -> Value {
+    json!({"nodes": {"a": {"type": "function", "config": {"n": 0}}}, "edges": []})
+}
+
+/// Run workflows (runs are spread over them).
+const FLOWS: usize = 8;
+
+/// Writes `text` readable by this user only (the configuration holds credentials).
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+/// A process group of the CPU table: its label and probes.
+struct Group {
+    label: String,
+    probes: Vec<Probe>,
+}
+
+fn read_all(groups: &[Group]) -> Vec<Vec<Reading>> {
+    groups
+        .iter()
+        .map(|g| g.probes.iter().map(Probe::read).collect())
+        .collect()
+}
+
+/// Reads every probe at the window's edges; CPU seconds per group.
+async fn measure_cpu(groups: Arc<Vec<Group>>, window: Window) -> BTreeMap<String, f64> {
+    tokio::time::sleep_until(window.from.into()).await;
+    let g = groups.clone();
+    let before = tokio::task::spawn_blocking(move || read_all(&g))
+        .await
+        .unwrap_or_default();
+    tokio::time::sleep_until(window.to.into()).await;
+    let g = groups.clone();
+    let after = tokio::task::spawn_blocking(move || read_all(&g))
+        .await
+        .unwrap_or_default();
+    let mut out = BTreeMap::new();
+    for (i, g) in groups.iter().enumerate() {
+        let (Some(b), Some(a)) = (before.get(i), after.get(i)) else {
+            continue;
+        };
+        let s: f64 = b.iter().zip(a).map(|(b, a)| procs::cpu_seconds(b, a)).sum();
+        out.insert(g.label.clone(), round(s, 3));
+    }
+    out
+}
+
+/// What a phase needs.
+struct Ctx {
+    shared: Arc<Shared>,
+    groups: Arc<Vec<Group>>,
+    params: Params,
+    patch_workflows: Vec<String>,
+    flows: Vec<String>,
+}
+
+/// One (workload, rate) phase: warm-up, window, drain.
+async fn phase(ctx: &Ctx, workload: Workload, rate: f64) -> anyhow::Result<Row> {
+    let p = &ctx.params;
+    let nodes_per_run = (p.fan_out + 2) as f64;
+    let t0 = Instant::now() + Duration::from_millis(100);
+    let window = Window {
+        from: t0 + p.warmup,
+        to: t0 + p.warmup + p.duration,
+    };
+    ctx.shared.begin_phase(window);
+    let cpu = tokio::spawn(measure_cpu(ctx.groups.clone(), window));
+    let stop = CancellationToken::new();
+    match workload {
+        Workload::Patches => {
+            let schedule = Schedule::new(t0, rate, p.warmup + p.duration);
+            let wfs = ctx.patch_workflows.clone();
+            let shared = ctx.shared.clone();
+            load::open_loop(ctx.shared.clone(), schedule, stop, move |i, at| {
+                let wf = wfs[i as usize % wfs.len()].clone();
+                shared.clone().patch(wf, i, at)
+            })
+            .await;
+        }
+        Workload::Completions => {
+            let schedule = Schedule::new(t0, rate / nodes_per_run, p.warmup + p.duration);
+            let flows = ctx.flows.clone();
+            let shared = ctx.shared.clone();
+            // Unique inputs per run across phases.
+            let base = (rate as u64) << 32;
+            load::open_loop(ctx.shared.clone(), schedule, stop, move |i, at| {
+                let wf = flows[i as usize % flows.len()].clone();
+                shared.clone().start_run(wf, base + i, at)
+            })
+            .await;
+        }
+    }
+    let drain_until = Instant::now() + p.drain;
+    while ctx.shared.outstanding() > 0 && Instant::now() < drain_until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cpu = cpu.await.unwrap_or_default();
+    let (ph, missing) = ctx.shared.end_phase();
+    let secs = window.seconds();
+    let (requests, latency, achieved, events) = match workload {
+        Workload::Patches => (
+            ph.patches,
+            ph.patch_visible.summary(),
+            ph.visible_in_window as f64 / secs,
+            ph.visible_in_window,
+        ),
+        Workload::Completions => (
+            ph.completions,
+            ph.hop.summary(),
+            ph.completions.accepted as f64 / secs,
+            ph.completions.accepted,
+        ),
+    };
+    let issue_lag = ph.issue_lag.summary();
+    let errors =
+        ph.patches.errors + ph.run_starts.errors + ph.completions.errors + missing + ph.rejected;
+    let cpu_us_per_event = cpu
+        .iter()
+        .map(|(k, s)| (k.clone(), round(s * 1e6 / events.max(1) as f64, 1)))
+        .collect();
+    Ok(Row {
+        workload,
+        offered_per_sec: rate,
+        achieved_per_sec: round(achieved, 1),
+        latency,
+        runs_offered_per_sec: if workload == Workload::Completions {
+            round(rate / nodes_per_run, 1)
+        } else {
+            0.0
+        },
+        runs_per_sec: round(ph.runs_done_in_window as f64 / secs, 1),
+        node_ready_per_sec: round(ph.ready_in_window as f64 / secs, 1),
+        start_to_first_ready: ph.start_ready.summary(),
+        run_time: ph.run_time.summary(),
+        requests,
+        run_starts: ph.run_starts,
+        outputs_missing: missing,
+        rejected: ph.rejected,
+        errors,
+        error_classes: ph.error_classes,
+        generator_behind: issue_lag.p99_ms > BEHIND_P99_MS,
+        issue_lag,
+        seconds: round(secs, 3),
+        events,
+        cpu_seconds: cpu,
+        cpu_us_per_event,
+    })
+}
+
+/// Whether a phase saturated the pipeline: higher rates would only grow a backlog.
+fn saturated(row: &Row, stop_p99_ms: f64) -> bool {
+    row.latency.p99_ms > stop_p99_ms
+        || row.achieved_per_sec < 0.8 * row.offered_per_sec
+        || row.outputs_missing > 0
+}
+
+/// Runs the benchmark; returns the result object (the command prints it as its last line,
+/// after the tables unless `json_only`).
+pub async fn run(cfg: Arc<Config>, params: Params) -> anyhow::Result<Value> {
+    anyhow::ensure!(
+        params.processes >= 1 && params.gateways >= 1,
+        "at least one process of each"
+    );
+    anyhow::ensure!(
+        !params.rates.is_empty() && params.rates.iter().all(|r| r.is_finite() && *r > 0.0),
+        "--rates: positive rates"
+    );
+    anyhow::ensure!(params.workflows >= 1, "--workflows: at least one");
+    let say = |s: String| {
+        if !params.json_only {
+            println!("{s}");
+        }
+    };
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    let prefix = format!("bench-e2e-{id}.");
+    let mut c = scratch_config(&cfg, prefix.clone());
+    // The benchmark measures the pipeline, not the per-client and per-workspace limits.
+    c.gateway.rate_limit_per_sec = u32::MAX / 2;
+    c.gateway.rate_limit_burst = u32::MAX / 2;
+    c.gateway.client_rate_limit_per_sec = u32::MAX / 2;
+    c.gateway.client_rate_limit_burst = u32::MAX / 2;
+    let conns = (params.max_inflight + 100).max(c.gateway.max_connections);
+    c.gateway.max_connections = conns;
+    c.gateway.max_connections_per_client = conns;
+    let cfg = Arc::new(c);
+    create_topics(&cfg).await?;
+    register_schemas(&cfg).await?;
+    let pool = weir_runtime::db::pool(&cfg.postgres)?;
+    let workspace = format!("bench-e2e-{id}");
+    let key = weir_gateway::auth::create_key(&pool, &workspace, Permission::Write)
+        .await
+        .context("creating the benchmark's API key (has `weir migrate` run?)")?
+        .key;
+    pool.close().await;
+
+    // The children read this run's configuration from a private file; the environment's
+    // layers still apply on top of it, so what the run changed is repeated there.
+    let dir = std::env::temp_dir().join(format!("weir-bench-e2e-{id}"));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let cfg_path = dir.join("weir.toml");
+    write_private(
+        &cfg_path,
+        &toml::to_string(&*cfg).context("config as TOML")?,
+    )?;
+    let big = (u32::MAX / 2).to_string();
+    let env: Vec<(String, String)> = [
+        ("WEIR_CONFIG", cfg_path.display().to_string()),
+        ("WEIR__KAFKA__TOPIC_PREFIX", prefix.clone()),
+        ("WEIR__GATEWAY__RATE_LIMIT_PER_SEC", big.clone()),
+        ("WEIR__GATEWAY__RATE_LIMIT_BURST", big.clone()),
+        ("WEIR__GATEWAY__CLIENT_RATE_LIMIT_PER_SEC", big.clone()),
+        ("WEIR__GATEWAY__CLIENT_RATE_LIMIT_BURST", big),
+        ("WEIR__GATEWAY__MAX_CONNECTIONS", conns.to_string()),
+        (
+            "WEIR__GATEWAY__MAX_CONNECTIONS_PER_CLIENT",
+            conns.to_string(),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let mut specs = Vec::new();
+    let name = |role: &str, i: usize, n: usize| {
+        if n == 1 {
+            role.to_string()
+        } else {
+            format!("{role}-{}", i + 1)
+        }
+    };
+    for i in 0..params.gateways {
+        specs.push(Spec {
+            name: name("gateway", i, params.gateways),
+            role: "gateway".into(),
+            telemetry_port: procs::free_port()?,
+            gateway_port: Some(procs::free_port()?),
+        });
+    }
+    for role in ["materializer", "coordinator", "relay"] {
+        for i in 0..params.processes {
+            specs.push(Spec {
+                name: name(role, i, params.processes),
+                role: role.into(),
+                telemetry_port: procs::free_port()?,
+                gateway_port: None,
+            });
+        }
+    }
+    let bin = std::env::current_exe().context("the weir binary's path")?;
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    say(format!(
+        "weir bench e2e: {} processes ({}), topics {prefix}*, logs in {}",
+        specs.len(),
+        specs
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        logs.display()
+    ));
+    let mut children = Children::start(&bin, specs, &env, &logs)?;
+    let result = drive(&cfg, &params, &mut children, &key, &workspace, &say).await;
+    let crashed = children.exited();
+    children.stop(Duration::from_secs(20)).await;
+    drop(children);
+    let _ = std::fs::remove_file(&cfg_path);
+    if let Err(e) = weir_runtime::kafka::delete_planned_topics(&cfg.kafka).await {
+        tracing::warn!(error = %e, "cannot delete the benchmark's topics");
+    }
+    anyhow::ensure!(
+        crashed.is_empty(),
+        "weir processes exited during the run: {crashed:?}; see {}",
+        logs.display()
+    );
+    let (rows, groups) = result?;
+    if !params.json_only {
+        print!("{}", report::table(&rows, &groups));
+    }
+    if let Some(path) = &params.chart {
+        let build = if cfg!(debug_assertions) {
+            "debug build"
+        } else {
+            "release build"
+        };
+        let subtitle = format!(
+            "weir bench e2e, {} process(es) per processor, {build}; shared 2-core machine, load generator and stack on it",
+            params.processes
+        );
+        let svg = chart::svg(
+            "weir end to end: latency vs throughput",
+            &subtitle,
+            "achieved events/s (patches made visible; completions accepted)",
+            &report::series(&rows),
+        );
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(path, svg).with_context(|| format!("cannot write {}", path.display()))?;
+        say(format!("chart written to {}", path.display()));
+    }
+    let best = |w: Workload| {
+        rows.iter()
+            .filter(|r| r.workload == w)
+            .map(|r| r.achieved_per_sec)
+            .fold(0.0, f64::max)
+    };
+    Ok(json!({
+        "bench": "e2e",
+        "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+        "processes": params.processes,
+        "gateways": params.gateways,
+        "fan_out": params.fan_out,
+        "workflows": params.workflows,
+        "warmup_s": params.warmup.as_secs_f64(),
+        "duration_s": params.duration.as_secs_f64(),
+        "max_patches_per_sec": best(Workload::Patches),
+        "max_completions_per_sec": best(Workload::Completions),
+        "rows": rows,
+    }))
+}
+
+/// Everything between the children's start and their stop: readiness, setup, the phases.
+async fn drive(
+    cfg: &Arc<Config>,
+    params: &Params,
+    children: &mut Children,
+    key: &str,
+    workspace: &str,
+    say: &impl Fn(String),
+) -> anyhow::Result<(Vec<Row>, Vec<String>)> {
+    children.wait_ready(Duration::from_secs(120)).await?;
+    // Every consumer joined its group before anything is measured (a join later would
+    // revoke partitions in the middle of a window).
+    let members = cfg.runtime.consumers.max(1) * params.processes;
+    for group in [weir_materializer::processor::GROUP, weir_coordinator::GROUP] {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let c = cfg.clone();
+            let stable = tokio::task::spawn_blocking(move || {
+                crate::common::group_stable(&c, group, Some(members))
+            })
+            .await??;
+            if stable {
+                break;
+            }
+            if Instant::now() > deadline {
+                say(format!(
+                    "warning: group {group} not stable with {members} members after 60 s"
+                ));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    let shared = Shared::new(
+        children.gateways(),
+        key,
+        workspace.to_string(),
+        params.max_inflight,
+        params.request_timeout,
+    )?;
+    let stop_reader = CancellationToken::new();
+    let starts = load::output_ends(cfg).await?;
+    let reader = tokio::spawn(load::read_outputs(
+        shared.clone(),
+        cfg.clone(),
+        starts,
+        stop_reader.clone(),
+    ));
+    let _stop_reader = stop_reader.clone().drop_guard();
+
+    // Setup: the workflows the patches change and the ones the runs execute.
+    let patch_workflows: Vec<String> = (0..params.workflows).map(|i| format!("wf-{i}")).collect();
+    let flows: Vec<String> = (0..FLOWS).map(|i| format!("flow-{i}")).collect();
+    let mut puts = tokio::task::JoinSet::new();
+    let sem = Arc::new(tokio::sync::Semaphore::new(32));
+    let flow = Arc::new(flow_definition(params.fan_out));
+    let patched = Arc::new(patched_definition());
+    for (wf, def) in patch_workflows
+        .iter()
+        .map(|w| (w.clone(), patched.clone()))
+        .chain(flows.iter().map(|w| (w.clone(), flow.clone())))
+    {
+        let (shared, sem) = (shared.clone(), sem.clone());
+        puts.spawn(async move {
+            let _p = sem.acquire_owned().await;
+            for _ in 0..20 {
+                if shared.put_workflow(&wf, &def).await {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            anyhow::bail!("PUT of {wf} was not accepted")
+        });
+    }
+    while let Some(r) = puts.join_next().await {
+        r??;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for wf in flows.iter().chain(patch_workflows.last()) {
+        while !shared.visible(wf).await {
+            anyhow::ensure!(Instant::now() < deadline, "{wf} never became visible");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    // CPU groups: the children by role, the stack's services, the load generator.
+    let mut by_role: BTreeMap<String, Vec<Probe>> = BTreeMap::new();
+    for (name, role, pid) in children.pids() {
+        by_role.entry(role).or_default().push(Probe {
+            name,
+            pid,
+            tree: false,
+        });
+    }
+    let mut groups: Vec<Group> = ["gateway", "materializer", "coordinator", "relay"]
+        .iter()
+        .filter_map(|r| {
+            by_role.remove(*r).map(|probes| Group {
+                label: (*r).to_string(),
+                probes,
+            })
+        })
+        .collect();
+    for p in procs::stack_probes() {
+        groups.push(Group {
+            label: p.name.clone(),
+            probes: vec![p],
+        });
+    }
+    groups.push(Group {
+        label: "generator".into(),
+        probes: vec![Probe {
+            name: "generator".into(),
+            pid: std::process::id(),
+            tree: false,
+        }],
+    });
+    let labels: Vec<String> = groups.iter().map(|g| g.label.clone()).collect();
+    say(format!("CPU measured for: {}", labels.join(", ")));
+
+    let ctx = Ctx {
+        shared,
+        groups: Arc::new(groups),
+        params: params.clone(),
+        patch_workflows,
+        flows,
+    };
+    let mut rows = Vec::new();
+    for &workload in &params.workloads {
+        for &rate in &params.rates {
+            say(format!(
+                "{} at {rate}/s: {:.0} s warm-up, {:.0} s measured",
+                workload.name(),
+                params.warmup.as_secs_f64(),
+                params.duration.as_secs_f64()
+            ));
+            let row = phase(&ctx, workload, rate).await?;
+            say(format!(
+                "  achieved {:.0}/s, p50 {} ms, p99 {} ms, p99.9 {} ms, errors {}{}",
+                row.achieved_per_sec,
+                row.latency.p50_ms,
+                row.latency.p99_ms,
+                row.latency.p999_ms,
+                row.errors,
+                if row.generator_behind {
+                    format!(
+                        ", GENERATOR BEHIND (issue lag p99 {} ms)",
+                        row.issue_lag.p99_ms
+                    )
+                } else {
+                    String::new()
+                }
+            ));
+            let stop = saturated(&row, params.stop_p99_ms);
+            rows.push(row);
+            if stop {
+                say(format!(
+                    "  {} saturated at {rate}/s: higher rates skipped",
+                    workload.name()
+                ));
+                break;
+            }
+        }
+    }
+    stop_reader.cancel();
+    let _ = reader.await;
+    Ok((rows, labels))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_flow_is_a_valid_fan_out_fan_in() {
+        let def = flow_definition(4);
+        assert_eq!(def["nodes"].as_object().map(|n| n.len()), Some(6));
+        assert_eq!(def["edges"].as_array().map(Vec::len), Some(8));
+        let limits = weir_model::definition::Limits::default();
+        assert!(weir_model::definition::validate(&def, &limits).is_ok());
+        assert!(weir_model::definition::validate(&patched_definition(), &limits).is_ok());
+    }
+}
