@@ -24,15 +24,19 @@ use crate::metrics;
 use crate::problem::Problem;
 
 /// The gateway's producer: weir's settings (idempotent, acks=all) with the gateway's batching
-/// and bounds; operator overrides in `kafka.producer` win. No compression by default: the
-/// events are small JSON-in-Avro records in small batches (a few per partition per linger),
+/// and bounds; operator overrides in `kafka.producer` win. No linger: a request's event is
+/// sent at once, since the client waits for its acknowledgement; under load the events
+/// accepted while earlier requests are in flight (at most five per broker with idempotence)
+/// go together in the next, so batches grow with the load without a timer. A fractional
+/// `linger.ms` (e.g. `"0.5"`) trades that much latency for fewer produce requests. No
+/// compression by default: the events are small JSON-in-Avro records in small batches,
 /// where librdkafka's per-batch zstd context costs more CPU than the bytes it saves
 /// (docs/benchmarks.md).
 pub fn producer(cfg: &Config) -> Result<FutureProducer, KafkaError> {
     let mut c = weir_runtime::kafka::producer_config(&cfg.kafka);
     let g = &cfg.gateway;
     let defaults = [
-        ("linger.ms", "2".to_string()),
+        ("linger.ms", "0".to_string()),
         ("compression.type", "none".to_string()),
         ("batch.num.messages", "10000".to_string()),
         (

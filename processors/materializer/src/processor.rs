@@ -236,12 +236,15 @@ impl Processor for Materializer {
         self.cfg.kafka.group(GROUP)
     }
 
-    /// Fetches wait for 64 KiB (about 130 patches) or `fetch.wait.max.ms` (10 ms), whichever
-    /// comes first, instead of returning each record as it lands: at 20,000 patches/s that
-    /// cut the broker's request threads' share of the machine by about a third, for at most
-    /// 10 ms more latency against a 250 ms target.
-    fn consumer_defaults(&self) -> &'static [(&'static str, &'static str)] {
-        &[("fetch.min.bytes", "65536")]
+    /// `materializer.fetch_min_bytes` (default 1: the broker answers as soon as a patch is
+    /// there). A larger value makes fetches wait for that many bytes or `fetch.wait.max.ms`,
+    /// whichever comes first: fewer fetch requests at a high sustained rate, for up to
+    /// `fetch.wait.max.ms` more latency when the rate is low.
+    fn consumer_defaults(&self) -> Vec<(&'static str, String)> {
+        vec![(
+            "fetch.min.bytes",
+            self.cfg.materializer.fetch_min_bytes.to_string(),
+        )]
     }
 
     fn max_batch(&self) -> Option<usize> {

@@ -2,6 +2,9 @@
 //!
 //! A batch is up to `runtime.max_batch` records, gathered for at most `runtime.max_wait_ms`
 //! after the first one arrives (a processor may set its own, see [`Processor::max_batch`]).
+//! With the default wait of 0 a batch is what librdkafka has already fetched: nothing waits
+//! on a timer when the pipeline is idle, and under load the records that arrive while one
+//! batch is applied make the next one, so batches grow with the load.
 //! Each batch is applied in ONE Postgres transaction that also (a) locks and advances the
 //! consumer positions of its partitions and (b) writes the processor's outbox rows.
 //! Invariants:
@@ -100,9 +103,10 @@ pub trait Processor: Send + Sync + 'static {
 
     /// librdkafka settings this processor's consumers start from, over weir's defaults and
     /// under `kafka.consumer` from the configuration. None by default; a throughput-bound
-    /// processor may trade a few milliseconds of fetch delay for fewer, larger fetches.
-    fn consumer_defaults(&self) -> &'static [(&'static str, &'static str)] {
-        &[]
+    /// processor may offer a setting of its own to trade a few milliseconds of fetch delay
+    /// for fewer, larger fetches.
+    fn consumer_defaults(&self) -> Vec<(&'static str, String)> {
+        Vec::new()
     }
 
     /// This processor's own cap on records per batch, if it has one; else
@@ -300,11 +304,13 @@ impl<P: Processor> BatchConsumer<P> {
             log: log.clone(),
             wake: wake.clone(),
         };
+        let defaults = self.processor.consumer_defaults();
+        let defaults: Vec<(&str, &str)> = defaults.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let consumer: StreamConsumer<Ctx> = crate::kafka::consumer_config_with(
             &self.cfg.kafka,
             &self.group,
             self.cfg.telemetry.stats_interval_ms,
-            self.processor.consumer_defaults(),
+            &defaults,
         )
         .create_with_context(ctx)?;
         let component = self.component();

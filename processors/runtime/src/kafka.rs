@@ -55,6 +55,11 @@ pub fn consumer_config_with(
         .set("isolation.level", "read_committed")
         // Bounded prefetch: backpressure reaches Kafka instead of growing memory.
         .set("queued.max.messages.kbytes", "16384")
+        // The broker answers a fetch as soon as one record is there (an idle pipeline waits
+        // on no timer); under load a fetch returns what piled up since the previous one, so
+        // fetches grow with the load by themselves. `fetch.wait.max.ms` only bounds how long
+        // an empty fetch is held, which costs no latency when fetch.min.bytes is 1.
+        .set("fetch.min.bytes", "1")
         .set("fetch.wait.max.ms", "10")
         // A member learns of a rebalance at its next heartbeat: with the default 3 s, a second
         // consumer joining the group (runtime.consumers > 1) stalls the first for up to 3 s.
@@ -86,11 +91,16 @@ pub fn group_state(
 
 /// Producer settings: idempotent, acks=all, so an acknowledged event is durable and
 /// retries never duplicate or reorder within a partition.
+///
+/// No linger: the callers (the relay, dead letters, tools) queue a whole batch at once and
+/// then wait for its acknowledgements, so every record is already there when the first is
+/// sent and a linger would only delay the last send; records queued while requests are in
+/// flight (at most five per broker with idempotence) go together in the next one.
 pub fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
     let mut c = base(cfg);
     c.set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("linger.ms", "2")
+        .set("linger.ms", "0")
         .set("compression.type", "zstd")
         .set("message.timeout.ms", "30000");
     overlay(&mut c, &cfg.producer);

@@ -171,6 +171,10 @@ impl Config {
         if !(4..=100).contains(&m.patch_max_depth) {
             p.push("materializer.patch_max_depth: 4 to 100".into());
         }
+        // librdkafka's range for fetch.min.bytes.
+        if !(1..=100_000_000).contains(&m.fetch_min_bytes) {
+            p.push("materializer.fetch_min_bytes: 1 to 100000000".into());
+        }
         if m.patch_max_pointer_bytes < 256 {
             p.push("materializer.patch_max_pointer_bytes: must be at least 256".into());
         }
