@@ -213,6 +213,10 @@ pub enum BenchCommand {
         /// Patches in the naive phase.
         #[arg(long, default_value_t = 2_000)]
         naive_patches: usize,
+        /// Repetitions of the measured phases, each from the same clean state: the result
+        /// has each figure's median, and its spread and targets over the repetitions.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+        repeat: u16,
         /// Print only the JSON line.
         #[arg(long)]
         json: bool,
@@ -226,6 +230,10 @@ pub enum BenchCommand {
         /// Runs on the naive path (default: a tenth of --runs).
         #[arg(long)]
         naive_runs: Option<usize>,
+        /// Repetitions of the measured phases, each from the same clean state: the result
+        /// has each figure's median, and its spread and targets over the repetitions.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+        repeat: u16,
         /// Print only the JSON line.
         #[arg(long)]
         json: bool,
@@ -238,6 +246,10 @@ pub enum BenchCommand {
         /// Lookups measured per kind.
         #[arg(long, default_value_t = 2_000)]
         queries: usize,
+        /// Repetitions of the measured phases, each from the same clean state: the result
+        /// has each figure's median, and its spread and targets over the repetitions.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+        repeat: u16,
         /// Print only the JSON line.
         #[arg(long)]
         json: bool,
@@ -250,6 +262,10 @@ pub enum BenchCommand {
         /// Relays running at once.
         #[arg(long, default_value_t = 3)]
         relays: usize,
+        /// Repetitions of the measured phases, each from the same clean state: the result
+        /// has each figure's median, and its spread and targets over the repetitions.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+        repeat: u16,
         /// Print only the JSON line.
         #[arg(long)]
         json: bool,
@@ -337,6 +353,10 @@ pub enum BenchCommand {
         /// Also drive the endpoint with wrk (Debian package `wrk`), side by side.
         #[arg(long)]
         wrk: bool,
+        /// Repetitions of the measured phases, each from the same clean state: the result
+        /// has each figure's median, and its spread and targets over the repetitions.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+        repeat: u16,
         /// Print only the JSON line.
         #[arg(long)]
         json: bool,

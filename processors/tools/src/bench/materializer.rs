@@ -2,10 +2,18 @@
 //! naive path (one transaction per patch, as a synchronous design would do it) and with the
 //! raw write limit of Postgres (COPY of as many rows), all in the same run.
 //!
-//! Phases, on a random topic prefix and workflow ids:
+//! Phases, on a random topic prefix and workflow ids, in tables of its own (copies of the patch
+//! log, the heads and the outbox in a private schema, dropped at the end with the topics):
 //! 0. warm-up (not measured), on workflows of its own: a drain of the same mix, then steady
 //!    rounds of about two seconds until a round's p99 is within a quarter of the previous
 //!    round's (at most `warmup_time`).
+//!
+//! Then phases 1–4 run `repeat` times, each repetition on workflows of its own and from the
+//! same state: the previous repetition's rows deleted, the outbox emptied, the tables
+//! vacuumed and analyzed, a checkpoint and an OS `sync` (see [`super::common::settle`]). The
+//! tables' autovacuum is off (the benchmark vacuums them itself), so no vacuum starts inside
+//! a measured phase. The result is the first repetition's fields with each figure's median,
+//! and the spread and targets over the repetitions.
 //! 1. throughput: the consumers join their group, then N patches over W workflows are
 //!    produced as a backlog and drained; patches_per_sec = N / (first record produced ..
 //!    last decision committed).
@@ -31,10 +39,34 @@ use weir_model::definition::Limits;
 use weir_model::fold::{self, Decision, Head, Submitted};
 use weir_model::patch::Patch;
 
-use crate::common::{
-    create_topics, group_stable, own_outbox, register_schemas, round, scratch_config,
-    vacuum_analyze,
-};
+use super::common::{own_maintenance, settle, summarize, topics_left, Figure};
+use crate::common::{create_topics, group_stable, register_schemas, round, scratch_config};
+
+/// The tables the materializer writes, copied into the benchmark's own schema.
+const OWN_TABLES: [&str; 5] = [
+    "weir_workflow_heads",
+    "weir_workflow_patches",
+    "weir_outbox",
+    "weir_outbox_dead",
+    "weir_relays",
+];
+/// Of those, the ones a repetition writes (vacuumed before each).
+const WRITTEN: [&str; 3] = [
+    "weir_workflow_heads",
+    "weir_workflow_patches",
+    "weir_outbox",
+];
+
+/// The figures summarized over repetitions, with their targets.
+pub const FIGURES: [Figure; 7] = [
+    Figure::higher("/patches_per_sec").target(25_000.0),
+    Figure::higher("/speedup_vs_naive").target(20.0),
+    Figure::lower("/p99_ms").target(250.0),
+    Figure::lower("/p50_ms"),
+    Figure::higher("/latency_load_patches_per_sec"),
+    Figure::higher("/naive_patches_per_sec"),
+    Figure::higher("/pg_copy_rows_per_sec"),
+];
 
 /// Benchmark parameters.
 #[derive(Debug, Clone)]
@@ -51,6 +83,8 @@ pub struct Params {
     pub latency_patches: usize,
     /// Patches in the naive phase.
     pub naive_patches: usize,
+    /// Repetitions of phases 1–4 (at least 1).
+    pub repeat: usize,
 }
 
 fn create_ops(w: usize) -> Value {
@@ -117,12 +151,13 @@ async fn decided(pool: &sqlx::PgPool, topic: &str) -> anyhow::Result<i64> {
     .await?)
 }
 
-/// Waits until `n` records of `topic` are committed, then checks that each has its decision.
+/// Waits until `n` records of `topic` are committed, then checks that each has its decision
+/// (`removed` of them were deleted since, with their repetition).
 async fn wait_decided(
     pool: &sqlx::PgPool,
     group: &str,
     topic: &str,
-    n: usize,
+    (n, removed): (usize, usize),
     timeout: Duration,
 ) -> anyhow::Result<()> {
     let start = Instant::now();
@@ -137,8 +172,8 @@ async fn wait_decided(
     }
     let d = decided(pool, topic).await?;
     anyhow::ensure!(
-        d == n as i64,
-        "{n} records of {topic} committed but {d} decisions recorded"
+        d + removed as i64 == n as i64,
+        "{n} records of {topic} committed but {d} decisions recorded ({removed} removed)"
     );
     Ok(())
 }
@@ -227,13 +262,39 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
     let cfg = Arc::new(bench_config(&base, &run_id));
     create_topics(&cfg).await?;
     register_schemas(&cfg).await?;
-    let pool = weir_runtime::db::pool(&cfg.postgres)?;
-    weir_runtime::db::MIGRATOR.run(&pool).await?;
-    vacuum_analyze(&pool, &["weir_workflow_heads", "weir_workflow_patches"]).await?;
-    // The outbox rows go to an outbox of the benchmark's own (dropped at the end): a
-    // deployment's relays running beside it never see them.
-    let private = own_outbox(&cfg, "bench_materialize").await?;
+    let deployment = weir_runtime::db::pool(&cfg.postgres)?;
+    weir_runtime::db::MIGRATOR.run(&deployment).await?;
+    deployment.close().await;
+    // The patch log, the heads and the outbox are copies of the benchmark's own (dropped at
+    // the end): no dead tuples of its making are left for the deployment's autovacuum to find
+    // during the next benchmark, none of the deployment's rows are in its way, and a
+    // deployment's relays never see its outbox rows.
+    let private =
+        weir_runtime::db::PrivateSchema::create(&cfg.postgres, "bench_materialize", &OWN_TABLES)
+            .await?;
+    let result = measure(&cfg, &private, &run_id, &params).await;
+    let dropped = private.drop_all().await;
+    let deleted = weir_runtime::kafka::delete_planned_topics(&cfg.kafka).await;
+    let mut result = result?;
+    dropped?;
+    deleted?;
+    let left = topics_left(&cfg, &cfg.kafka.topic_prefix, Duration::from_secs(10)).await?;
+    if !left.is_empty() {
+        eprintln!("topics still listed after deletion: {left:?}");
+    }
+    result["topics_left"] = json!(left.len());
+    Ok(result)
+}
+
+/// Everything but the setup and the cleanup of [`run`], in `private`'s tables.
+async fn measure(
+    cfg: &Arc<Config>,
+    private: &weir_runtime::db::PrivateSchema,
+    run_id: &str,
+    params: &Params,
+) -> anyhow::Result<Value> {
     let pool = private.pool().clone();
+    own_maintenance(&pool, private.schema(), &OWN_TABLES).await?;
     // A patch is done when the transaction that decided it commits: the end of its latency and
     // of the throughput window. The server keeps commit times only with track_commit_timestamp
     // (the local stack turns it on); without it the row's insertion time stands in, a few
@@ -257,17 +318,20 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
         producer_config.set("compression.type", "none");
     }
     let producer: rdkafka::producer::FutureProducer = producer_config.create()?;
-    let cas = weir_runtime::cas::Cas::from_config(&cfg).await?;
+    let cas = weir_runtime::cas::Cas::from_config(cfg).await?;
     let topic = codec.topic::<PatchSubmitted>();
     let group = cfg.kafka.group(weir_materializer::processor::GROUP);
 
-    // Phase 1: throughput on a backlog. The consumers start first and the backlog is
+    // Phase 1 (throughput on a backlog) needs the consumers started first and the backlog
     // produced once their group is stable with every member assigned: otherwise the first
     // consumer to join takes all partitions and the second one's join revokes them a few
     // seconds into the run (the local broker forms groups without the initial rebalance
     // delay), and the figure measures group formation instead of the materializer. Producing
-    // (~200,000 patches/s) stays ahead of consuming, so the consumers never starve.
+    // (~200,000 patches/s) stays ahead of consuming, so the consumers never starve. They run
+    // through every repetition (idle during the naive and COPY phases).
     let shutdown = CancellationToken::new();
+    // Whatever way this function returns, the consumers stop.
+    let _stop_consumers_on_return = shutdown.clone().drop_guard();
     let mut tasks = Vec::new();
     for _ in 0..cfg.runtime.consumers {
         let consumer = BatchConsumer::new(
@@ -283,7 +347,7 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
         );
         tasks.push(tokio::spawn(consumer.run(shutdown.clone())));
     }
-    wait_group_stable(&cfg, cfg.runtime.consumers, Duration::from_secs(60)).await?;
+    wait_group_stable(cfg, cfg.runtime.consumers, Duration::from_secs(60)).await?;
     let workflows = params.workflows.clamp(1, params.patches.max(1));
 
     // Phase 0, not measured: a drain of the same mix on workflows of its own, so the figures
@@ -291,14 +355,16 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
     // JIT compiler, empty buffer caches, the first batches' query plans).
     let warmup = params.warmup_patches;
     let warmup_started = Instant::now();
+    // Records of the topic committed so far, and decisions deleted with their repetition.
     let mut done = 0usize;
+    let mut removed = 0usize;
     if warmup > 0 {
         let warmup_workflows = (warmup * workflows / params.patches.max(1)).max(1);
         let events = stream(&format!("{run_id}-w-"), 0, warmup, warmup_workflows);
         eprintln!("warming up with {warmup} patches ...");
         let t = Instant::now();
         weir_runtime::kafka::produce_in_order(&producer, &codec, &events).await?;
-        wait_decided(&pool, &group, &topic, warmup, Duration::from_secs(300)).await?;
+        wait_decided(&pool, &group, &topic, (warmup, 0), Duration::from_secs(300)).await?;
         done = warmup;
         // Then a steady stream in rounds of about two seconds, until the p99 of a round is
         // within a quarter of the previous one's (or `warmup_seconds` pass): a freshly
@@ -311,7 +377,7 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
             let events = stream(&format!("{run_id}-w-"), done, round, warmup_workflows);
             let since = steady(&producer, &codec, &events, rate).await?;
             done += round;
-            wait_decided(&pool, &group, &topic, done, Duration::from_secs(300)).await?;
+            wait_decided(&pool, &group, &topic, (done, 0), Duration::from_secs(300)).await?;
             let (_, p99) = percentiles(&pool, &topic, end, &format!("{run_id}-w-%"), since).await?;
             eprintln!("warm-up round at {rate:.0}/s: p99 {p99:.1} ms");
             if previous.is_some_and(|p| (p99 - p).abs() <= 0.25 * p) {
@@ -322,121 +388,155 @@ pub async fn run(base: Arc<Config>, params: Params) -> anyhow::Result<Value> {
     }
     let warmup_secs = warmup_started.elapsed().as_secs_f64();
     let warmup_total = done;
-    let backlog = stream(&format!("{run_id}-t-"), 0, params.patches, workflows);
-    eprintln!(
-        "producing {} patches over {} workflows ...",
-        params.patches, params.workflows
-    );
-    let t = Instant::now();
-    let drain_start = chrono::Utc::now();
-    weir_runtime::kafka::produce_in_order(&producer, &codec, &backlog).await?;
-    let produce_secs = t.elapsed().as_secs_f64();
-    drop(backlog);
 
-    eprintln!("materializing ...");
-    done += params.patches;
-    wait_decided(&pool, &group, &topic, done, Duration::from_secs(900)).await?;
-    let last: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(&format!(
-        "SELECT max({end}) FROM weir_workflow_patches WHERE source_topic = $1"
-    ))
-    .bind(&topic)
-    .fetch_one(&pool)
-    .await?;
-    // From the first record produced (the consumers are already waiting for it) to the last
-    // decision committed: the first batch's own time counts too.
-    let drain_secs = (last - drain_start).as_seconds_f64().max(1e-3);
-    let patches_per_sec = params.patches as f64 / drain_secs;
-    let applied: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM weir_workflow_patches
-         WHERE source_topic = $1 AND status = 'applied' AND workflow_id LIKE $2",
-    )
-    .bind(&topic)
-    .bind(format!("{run_id}-t-%"))
-    .fetch_one(&pool)
-    .await?;
+    let mut reps = Vec::new();
+    for rep in 1..=params.repeat.max(1) {
+        // The same start for every repetition: the warm-up's heads and patch log (so the
+        // planner's statistics describe a table in use), an empty outbox (a relay keeps a
+        // deployment's near empty; nothing drains this one), vacuumed and analyzed tables,
+        // a checkpoint and an OS sync.
+        sqlx::query(&format!("TRUNCATE {}", private.qualified("weir_outbox")))
+            .execute(&pool)
+            .await?;
+        let start_state = settle(&pool, &WRITTEN, &format!("repetition {rep}")).await?;
+        let prefix = format!("{run_id}-r{rep}-");
+        let backlog = stream(&format!("{prefix}t-"), 0, params.patches, workflows);
+        eprintln!(
+            "repetition {rep}: producing {} patches over {} workflows ...",
+            params.patches, workflows
+        );
+        let t = Instant::now();
+        let drain_start = chrono::Utc::now();
+        weir_runtime::kafka::produce_in_order(&producer, &codec, &backlog).await?;
+        let produce_secs = t.elapsed().as_secs_f64();
+        drop(backlog);
 
-    // Phase 2: latency at a steady 80 % of the measured capacity, on the same workload: the
-    // stream goes on over the same workflows (the next rounds of changes).
-    let rate = (patches_per_sec * 0.8).max(100.0);
-    let latency_events = stream(
-        &format!("{run_id}-t-"),
-        params.patches,
-        params.latency_patches,
-        workflows,
-    );
-    eprintln!(
-        "latency phase: {} patches at {:.0}/s ...",
-        latency_events.len(),
-        rate
-    );
-    let latency_start = steady(&producer, &codec, &latency_events, rate).await?;
-    wait_decided(
-        &pool,
-        &group,
-        &topic,
-        done + latency_events.len(),
-        Duration::from_secs(600),
-    )
-    .await?;
-    let (p50, p99) =
-        percentiles(&pool, &topic, end, &format!("{run_id}-t-%"), latency_start).await?;
+        eprintln!("materializing ...");
+        done += params.patches;
+        wait_decided(
+            &pool,
+            &group,
+            &topic,
+            (done, removed),
+            Duration::from_secs(900),
+        )
+        .await?;
+        let last: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(&format!(
+            "SELECT max({end}) FROM weir_workflow_patches WHERE source_topic = $1"
+        ))
+        .bind(&topic)
+        .fetch_one(&pool)
+        .await?;
+        // From the first record produced (the consumers are already waiting for it) to the
+        // last decision committed: the first batch's own time counts too.
+        let drain_secs = (last - drain_start).as_seconds_f64().max(1e-3);
+        let patches_per_sec = params.patches as f64 / drain_secs;
+        let applied: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM weir_workflow_patches
+             WHERE source_topic = $1 AND status = 'applied' AND workflow_id LIKE $2",
+        )
+        .bind(&topic)
+        .bind(format!("{prefix}t-%"))
+        .fetch_one(&pool)
+        .await?;
+
+        // Phase 2: latency at a steady 80 % of the measured capacity, on the same workload:
+        // the stream goes on over the same workflows (the next rounds of changes).
+        let rate = (patches_per_sec * 0.8).max(100.0);
+        let latency_events = stream(
+            &format!("{prefix}t-"),
+            params.patches,
+            params.latency_patches,
+            workflows,
+        );
+        eprintln!(
+            "latency phase: {} patches at {:.0}/s ...",
+            latency_events.len(),
+            rate
+        );
+        let latency_start = steady(&producer, &codec, &latency_events, rate).await?;
+        done += latency_events.len();
+        wait_decided(
+            &pool,
+            &group,
+            &topic,
+            (done, removed),
+            Duration::from_secs(600),
+        )
+        .await?;
+        let (p50, p99) =
+            percentiles(&pool, &topic, end, &format!("{prefix}t-%"), latency_start).await?;
+
+        // Phase 3: the naive path, on the same mix (the same share of creates).
+        let naive_workflows = (params.naive_patches * workflows / params.patches.max(1)).max(1);
+        let naive = stream(
+            &format!("{prefix}n-"),
+            0,
+            params.naive_patches,
+            naive_workflows,
+        );
+        let limits = Limits::default();
+        let t = Instant::now();
+        for e in &naive {
+            naive_apply(&pool, &topic, e, &limits).await?;
+        }
+        let naive_patches_per_sec = naive.len() as f64 / t.elapsed().as_secs_f64();
+
+        // Phase 4: the write limit of Postgres.
+        let copy_rows_per_sec = copy_limit(&pool, params.patches).await?;
+
+        // The repetition's rows go; the next one vacuums what they leave.
+        removed += sqlx::query(
+            "DELETE FROM weir_workflow_patches WHERE workflow_id LIKE $1 AND source_topic = $2",
+        )
+        .bind(format!("{prefix}%"))
+        .bind(&topic)
+        .execute(&pool)
+        .await?
+        .rows_affected() as usize;
+        sqlx::query("DELETE FROM weir_workflow_patches WHERE workflow_id LIKE $1")
+            .bind(format!("{prefix}%"))
+            .execute(&pool)
+            .await?;
+        sqlx::query("DELETE FROM weir_workflow_heads WHERE workflow_id LIKE $1")
+            .bind(format!("{prefix}%"))
+            .execute(&pool)
+            .await?;
+
+        let result = json!({
+            "repetition": rep,
+            "warmup_patches": warmup_total,
+            "warmup_seconds": round(warmup_secs, 1),
+            "patches": params.patches,
+            "workflows": params.workflows,
+            "consumers": cfg.runtime.consumers,
+            "applied": applied,
+            "seconds": drain_secs,
+            "patches_per_sec": patches_per_sec.round(),
+            "produce_seconds": produce_secs,
+            "latency_patches": params.latency_patches,
+            "latency_load_patches_per_sec": rate.round(),
+            "measured_to": if commit_times { "commit" } else { "row insert" },
+            "p50_ms": round(p50, 1),
+            "p99_ms": round(p99, 1),
+            "naive_patches": naive.len(),
+            "naive_patches_per_sec": naive_patches_per_sec.round(),
+            "speedup_vs_naive": round(patches_per_sec / naive_patches_per_sec, 1),
+            "pg_copy_rows_per_sec": copy_rows_per_sec.round(),
+            "fraction_of_limit": round(patches_per_sec / copy_rows_per_sec, 3),
+            "start_state": start_state,
+        });
+        eprintln!(
+            "repetition {rep}: {} patches/s, p50/p99 {p50:.1}/{p99:.1} ms at {rate:.0}/s, {:.1}x naive",
+            result["patches_per_sec"], result["speedup_vs_naive"]
+        );
+        reps.push(result);
+    }
     shutdown.cancel();
     for task in tasks {
         task.await??;
     }
-
-    // Phase 3: the naive path, on the same mix (the same share of creates).
-    let naive_workflows = (params.naive_patches * workflows / params.patches.max(1)).max(1);
-    let naive = stream(
-        &format!("{run_id}-n-"),
-        0,
-        params.naive_patches,
-        naive_workflows,
-    );
-    let limits = Limits::default();
-    let t = Instant::now();
-    for e in &naive {
-        naive_apply(&pool, &topic, e, &limits).await?;
-    }
-    let naive_patches_per_sec = naive.len() as f64 / t.elapsed().as_secs_f64();
-
-    // Phase 4: the write limit of Postgres.
-    let copy_rows_per_sec = copy_limit(&pool, params.patches).await?;
-
-    // Leave the database as it was.
-    sqlx::query("DELETE FROM weir_workflow_heads WHERE workflow_id LIKE $1")
-        .bind(format!("{run_id}-%"))
-        .execute(&pool)
-        .await?;
-    sqlx::query("DELETE FROM weir_workflow_patches WHERE source_topic LIKE $1")
-        .bind(format!("{topic}%"))
-        .execute(&pool)
-        .await?;
-    // The outbox rows go with the benchmark's own outbox.
-    private.drop_all().await?;
-    weir_runtime::kafka::delete_planned_topics(&cfg.kafka).await?;
-
-    Ok(json!({
-        "warmup_patches": warmup_total,
-        "warmup_seconds": round(warmup_secs, 1),
-        "patches": params.patches,
-        "workflows": params.workflows,
-        "consumers": cfg.runtime.consumers,
-        "applied": applied,
-        "seconds": drain_secs,
-        "patches_per_sec": patches_per_sec.round(),
-        "produce_seconds": produce_secs,
-        "latency_patches": params.latency_patches,
-        "latency_load_patches_per_sec": rate.round(),
-        "measured_to": if commit_times { "commit" } else { "row insert" },
-        "p50_ms": round(p50, 1),
-        "p99_ms": round(p99, 1),
-        "naive_patches": naive.len(),
-        "naive_patches_per_sec": naive_patches_per_sec.round(),
-        "speedup_vs_naive": round(patches_per_sec / naive_patches_per_sec, 1),
-        "pg_copy_rows_per_sec": copy_rows_per_sec.round(),
-        "fraction_of_limit": round(patches_per_sec / copy_rows_per_sec, 3),
-    }))
+    Ok(summarize(reps, &FIGURES))
 }
 
 /// One patch, one transaction: what a synchronous design does for every patch.

@@ -19,6 +19,15 @@
 //! the deployment's relays never see them and the benchmark's relays never take the
 //! deployment's lanes. `deployment_relays` reports how many live relays of the deployment
 //! ran beside it (they compete for the machine, not for the rows).
+//!
+//! Each of `repeat` repetitions starts from a state of its own making: a new private outbox
+//! with autovacuum off (an autovacuum of the freshly loaded table would otherwise start at a
+//! random moment of some runs), a new topic, and before the COPY a checkpoint and an OS
+//! `sync` (see [`super::common::settle`]): the WAL and dirty pages of whatever ran before
+//! (another benchmark, the previous repetition) are written before, not during, the run. The
+//! COPY comes after the checkpoint, so deleting its rows writes no full-page images. The
+//! result is the first repetition's fields with each figure's median, and the spread and
+//! targets over the repetitions.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -36,6 +45,7 @@ use weir_runtime::config::Config;
 use weir_runtime::outbox::lane_of;
 use weir_runtime::telemetry::Health;
 
+use super::common::{own_maintenance, settle, summarize, topics_left, Figure};
 use crate::common::own_outbox;
 use crate::private::PrivateOutbox;
 use weir_relay::{Relay, RelayError};
@@ -47,12 +57,23 @@ const PAYLOAD_BYTES: usize = 128;
 /// Rows per COPY chunk sent to Postgres.
 const COPY_CHUNK: usize = 20_000;
 
+/// The figures summarized over repetitions, with their targets.
+pub const FIGURES: [Figure; 6] = [
+    Figure::higher("/events_per_sec").target(50_000.0),
+    Figure::lower("/order_violations").target(0.0),
+    Figure::lower("/missing").target(0.0),
+    Figure::lower("/duplicates"),
+    Figure::lower("/seconds"),
+    Figure::lower("/published_seconds"),
+];
+
 /// Runs the benchmark against the stack `cfg` points at (migrations applied) and returns
 /// `{"events","relays","seconds","events_per_sec","order_violations","duplicates","missing",..}`.
 pub async fn run(
     cfg: Arc<Config>,
     events: usize,
     relays: usize,
+    repeat: usize,
 ) -> anyhow::Result<serde_json::Value> {
     anyhow::ensure!(events > 0, "--events must be at least 1");
     anyhow::ensure!(relays > 0, "--relays must be at least 1");
@@ -72,12 +93,25 @@ pub async fn run(
     .fetch_one(&deployment)
     .await?;
     deployment.close().await;
-    let private = own_outbox(&cfg, "bench_relay").await?;
-    let result = measure(cfg, &private, events, relays, deployment_relays).await;
-    if let Err(e) = private.drop_all().await {
-        tracing::warn!(error = %e, "dropping the benchmark's own outbox");
+    let mut reps = Vec::new();
+    for rep in 1..=repeat.max(1) {
+        let private = own_outbox(&cfg, "bench_relay").await?;
+        let result = measure(cfg.clone(), &private, events, relays, deployment_relays).await;
+        if let Err(e) = private.drop_all().await {
+            tracing::warn!(error = %e, "dropping the benchmark's own outbox");
+        }
+        let mut result = result?;
+        result["repetition"] = serde_json::json!(rep);
+        eprintln!(
+            "repetition {rep}: {:.0} events/s, {} order violations, {} duplicates, {} missing",
+            result["events_per_sec"].as_f64().unwrap_or_default(),
+            result["order_violations"],
+            result["duplicates"],
+            result["missing"]
+        );
+        reps.push(result);
     }
-    result
+    Ok(summarize(reps, &FIGURES))
 }
 
 /// One measured run in the private outbox.
@@ -95,6 +129,13 @@ async fn measure(
     let topic = format!("{}weir.bench.relay.{run}", cfg.kafka.topic_prefix);
     create_topic(&cfg, &topic).await?;
     let keys = (events / 100).clamp(1, 10_000);
+    own_maintenance(
+        &pool,
+        private.schema(),
+        &["weir_outbox", "weir_outbox_dead", "weir_relays"],
+    )
+    .await?;
+    let start_state = settle(&pool, &["weir_outbox"], "before the COPY").await?;
     let (lo, hi) = insert(&pool, &topic, events, keys, cfg.outbox.lanes).await?;
 
     let check = Arc::new(std::sync::Mutex::new(OrderCheck::new(events, keys)));
@@ -192,6 +233,7 @@ async fn measure(
     consumer.await.context("bench consumer task")??;
     let check = check.lock().unwrap_or_else(|p| p.into_inner()).clone();
     weir_runtime::kafka::delete_topics(&cfg.kafka, std::slice::from_ref(&topic)).await?;
+    let topics_left = topics_left(&cfg, &topic, Duration::from_secs(10)).await?;
 
     Ok(serde_json::json!({
         "events": events,
@@ -209,6 +251,8 @@ async fn measure(
         "batch_size": cfg.relay.batch_size,
         "partitions": PARTITIONS,
         "topic": topic,
+        "topics_left": topics_left.len(),
+        "start_state": start_state,
     }))
 }
 

@@ -17,6 +17,7 @@ pub async fn run(cfg: Arc<Config>, command: BenchCommand) -> anyhow::Result<bool
             workflows,
             latency_patches,
             naive_patches,
+            repeat,
             json,
         } => {
             let params = weir_tools::bench::materializer::Params {
@@ -26,6 +27,7 @@ pub async fn run(cfg: Arc<Config>, command: BenchCommand) -> anyhow::Result<bool
                 workflows,
                 latency_patches,
                 naive_patches,
+                repeat: usize::from(repeat),
             };
             (
                 weir_tools::bench::materializer::run(cfg, params).await?,
@@ -35,12 +37,14 @@ pub async fn run(cfg: Arc<Config>, command: BenchCommand) -> anyhow::Result<bool
         BenchCommand::Coordinator {
             runs,
             naive_runs,
+            repeat,
             json,
         } => (
             weir_tools::bench::coordinator::run(
                 cfg,
                 runs,
                 naive_runs.unwrap_or((runs / 10).max(1)),
+                usize::from(repeat),
             )
             .await?,
             json,
@@ -48,17 +52,19 @@ pub async fn run(cfg: Arc<Config>, command: BenchCommand) -> anyhow::Result<bool
         BenchCommand::Cache {
             entries,
             queries,
+            repeat,
             json,
         } => (
-            weir_tools::bench::cache::run(cfg, entries, queries).await?,
+            weir_tools::bench::cache::run(cfg, entries, queries, usize::from(repeat)).await?,
             json,
         ),
         BenchCommand::Relay {
             events,
             relays,
+            repeat,
             json,
         } => (
-            weir_tools::bench::relay::run(cfg, events, relays).await?,
+            weir_tools::bench::relay::run(cfg, events, relays, usize::from(repeat)).await?,
             json,
         ),
         BenchCommand::Streams {
@@ -81,6 +87,7 @@ pub async fn run(cfg: Arc<Config>, command: BenchCommand) -> anyhow::Result<bool
             seconds,
             workflows,
             wrk,
+            repeat,
             json,
         } => {
             let params = weir_tools::bench::gateway::Params {
@@ -88,6 +95,7 @@ pub async fn run(cfg: Arc<Config>, command: BenchCommand) -> anyhow::Result<bool
                 seconds,
                 workflows,
                 wrk,
+                repeat: usize::from(repeat),
             };
             (weir_tools::bench::gateway::run(cfg, params).await?, json)
         }
@@ -142,6 +150,9 @@ pub async fn run(cfg: Arc<Config>, command: BenchCommand) -> anyhow::Result<bool
             (weir_tools::bench::e2e::run(cfg, params).await?, true)
         }
     };
+    if !json {
+        weir_tools::bench::common::print_spread(&result);
+    }
     weir_tools::common::print_result(&result, json)?;
     Ok(true)
 }
