@@ -21,10 +21,10 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
 }
 
-const W: f64 = 820.0;
+const W: f64 = 900.0;
 const H: f64 = 500.0;
 const LEFT: f64 = 80.0;
-const RIGHT: f64 = 210.0;
+const RIGHT: f64 = 250.0;
 const TOP: f64 = 50.0;
 const BOTTOM: f64 = 60.0;
 

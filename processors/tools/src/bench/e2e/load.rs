@@ -526,9 +526,9 @@ pub async fn read_outputs(
         .set("fetch.wait.max.ms", "100")
         .create()?;
     consumer.assign(&starts)?;
-    let codec = Codec::new(&cfg.schema_registry, &cfg.kafka)?;
-    let node_ready = cfg.kafka.topic(NodeReady::TOPIC);
-    let run_events = cfg.kafka.topic(RunEvent::TOPIC);
+    let codec = Arc::new(Codec::new(&cfg.schema_registry, &cfg.kafka)?);
+    let node_ready: Arc<str> = cfg.kafka.topic(NodeReady::TOPIC).into();
+    let run_events: Arc<str> = cfg.kafka.topic(RunEvent::TOPIC).into();
     loop {
         let msg = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
@@ -542,19 +542,26 @@ pub async fn read_outputs(
             },
         };
         let at = Instant::now();
-        let Some(payload) = msg.payload() else {
-            continue;
-        };
-        if msg.topic() == node_ready {
-            if let Ok(ready) = codec.decode::<NodeReady>(payload).await {
-                shared.on_node_ready(ready, at);
+        // Decoding happens off this loop, so a record's arrival time is never held up by the
+        // decoding of the records before it.
+        let msg = msg.detach();
+        let (shared, codec) = (shared.clone(), codec.clone());
+        let (node_ready, run_events) = (node_ready.clone(), run_events.clone());
+        tokio::spawn(async move {
+            let Some(payload) = msg.payload() else {
+                return;
+            };
+            if msg.topic() == &*node_ready {
+                if let Ok(ready) = codec.decode::<NodeReady>(payload).await {
+                    shared.on_node_ready(ready, at);
+                }
+            } else if msg.topic() == &*run_events {
+                if let Ok(event) = codec.decode::<RunEvent>(payload).await {
+                    shared.on_run_event(event, at);
+                }
+            } else if let Ok(event) = codec.decode::<WorkflowEvent>(payload).await {
+                shared.on_workflow_event(event, at);
             }
-        } else if msg.topic() == run_events {
-            if let Ok(event) = codec.decode::<RunEvent>(payload).await {
-                shared.on_run_event(event, at);
-            }
-        } else if let Ok(event) = codec.decode::<WorkflowEvent>(payload).await {
-            shared.on_workflow_event(event, at);
-        }
+        });
     }
 }

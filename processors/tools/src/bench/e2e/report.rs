@@ -15,8 +15,8 @@ use super::load::Counts;
 use super::stats::Summary;
 
 /// Issue lag p99 above which the load generator counts as behind its schedule (the tokio
-/// timer alone adds up to a millisecond).
-pub const BEHIND_P99_MS: f64 = 5.0;
+/// timer alone adds up to a millisecond, a busy shared machine a few more).
+pub const BEHIND_P99_MS: f64 = 10.0;
 
 /// The workloads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -73,7 +73,7 @@ pub struct Row {
     pub error_classes: BTreeMap<String, u64>,
     /// How late requests left after their intended time.
     pub issue_lag: Summary,
-    /// Whether the load generator fell behind its schedule (lag p99 above 5 ms).
+    /// Whether the load generator fell behind its schedule (lag p99 above 10 ms).
     pub generator_behind: bool,
     /// Seconds measured.
     pub seconds: f64,
@@ -180,7 +180,7 @@ pub fn series(rows: &[Row]) -> Vec<Series> {
         }
         let label = match w {
             Workload::Patches => "patch → visible",
-            Workload::Completions => "completion → NodeReady",
+            Workload::Completions => "completion → next ready",
         };
         for (p, dashed) in [("p50", true), ("p99", false)] {
             out.push(Series {
