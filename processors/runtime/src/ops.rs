@@ -3,6 +3,7 @@
 //! turns that into the exit code.
 
 use std::collections::BTreeMap;
+use std::io::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
@@ -153,8 +154,9 @@ struct Check {
     fix: String,
 }
 
-/// Checks every dependency, prints a table, returns whether all passed.
-pub async fn doctor(cfg: &Config) -> bool {
+/// Checks every dependency, prints a table, returns whether all passed. `Err` only when
+/// stdout cannot be written (a reader that stopped early: `weir doctor | head`).
+pub async fn doctor(cfg: &Config) -> std::io::Result<bool> {
     let mut checks = Vec::new();
     checks.extend(check_kafka(cfg).await);
     checks.extend(check_postgres(cfg).await);
@@ -162,29 +164,32 @@ pub async fn doctor(cfg: &Config) -> bool {
     checks.extend(check_registry(cfg).await);
 
     let width = checks.iter().map(|c| c.name.len()).max().unwrap_or(10);
-    println!("{:<width$}  {:<6}  DETAIL", "CHECK", "STATUS");
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{:<width$}  {:<6}  DETAIL", "CHECK", "STATUS")?;
     for c in &checks {
-        println!(
+        writeln!(
+            out,
             "{:<width$}  {:<6}  {}",
             c.name,
             if c.ok { "ok" } else { "FAIL" },
             c.detail
-        );
+        )?;
     }
     let failed: Vec<_> = checks.iter().filter(|c| !c.ok).collect();
     if failed.is_empty() {
-        println!("\nall {} checks passed", checks.len());
-        true
+        writeln!(out, "\nall {} checks passed", checks.len())?;
+        Ok(true)
     } else {
-        println!(
+        writeln!(
+            out,
             "\n{} of {} checks failed. To fix:",
             failed.len(),
             checks.len()
-        );
+        )?;
         for c in failed {
-            println!("  - {}: {}", c.name, c.fix);
+            writeln!(out, "  - {}: {}", c.name, c.fix)?;
         }
-        false
+        Ok(false)
     }
 }
 
@@ -261,14 +266,15 @@ async fn check_postgres(cfg: &Config) -> Vec<Check> {
     };
     let version = tokio::time::timeout(
         Duration::from_secs(5),
-        sqlx::query_as::<_, (String, String)>(
-            "SELECT current_setting('server_version'), current_setting('server_version_num')",
+        sqlx::query!(
+            r#"SELECT current_setting('server_version') AS "version!",
+                      current_setting('server_version_num') AS "version_num!""#
         )
         .fetch_one(&pool),
     )
     .await;
     let (version, version_num) = match version {
-        Ok(Ok(v)) => v,
+        Ok(Ok(v)) => (v.version, v.version_num),
         Ok(Err(e)) => return vec![check("postgres", false, e.to_string(), FIX_UP)],
         Err(_) => return vec![check("postgres", false, "timed out after 5 s", FIX_UP)],
     };
@@ -327,7 +333,7 @@ async fn check_postgres(cfg: &Config) -> Vec<Check> {
         ),
     });
     let applied: Result<Vec<i64>, _> =
-        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+        sqlx::query_scalar!("SELECT version FROM _sqlx_migrations WHERE success")
             .fetch_all(&pool)
             .await;
     let expected: Vec<i64> = crate::db::MIGRATOR.iter().map(|m| m.version).collect();

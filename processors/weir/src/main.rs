@@ -44,6 +44,8 @@ fn main() -> ExitCode {
     let code = match runtime.block_on(commands::run(cli.command, Arc::new(cfg))) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
+        // The reader of a pipe stopped early (`weir keys list | head`): not a failure.
+        Err(e) if commands::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(1)

@@ -14,13 +14,14 @@ pub async fn run(cfg: &Config, command: CacheCommand) -> anyhow::Result<bool> {
         } => {
             let purged =
                 weir_cache::maintenance::purge(&pool, &workspace, node_type.as_deref()).await?;
-            println!(
+            outln!(
                 "purged {} exact and {} semantic entries",
-                purged.exact, purged.semantic
+                purged.exact,
+                purged.semantic
             );
             if purged.semantic >= weir_cache::maintenance::VACUUM_AFTER_DELETES {
                 weir_cache::maintenance::vacuum_semantic(&pool).await?;
-                println!("vacuumed cache_semantic");
+                outln!("vacuumed cache_semantic");
             }
         }
         CacheCommand::Sweep => {
@@ -30,7 +31,7 @@ pub async fn run(cfg: &Config, command: CacheCommand) -> anyhow::Result<bool> {
             let collected =
                 weir_cache::maintenance::gc_once(&pool, &cas, window, cfg.cache.sweep_batch)
                     .await?;
-            println!("swept {swept} expired entries, collected {collected} blobs");
+            outln!("swept {swept} expired entries, collected {collected} blobs");
         }
     }
     Ok(true)

@@ -4,6 +4,6 @@ use weir_runtime::config::Config;
 
 /// Prints the effective configuration as a TOML file (secrets hidden, as comments).
 pub fn print(cfg: &Config) -> anyhow::Result<bool> {
-    print!("{}", cfg.to_toml_redacted()?);
+    out!("{}", cfg.to_toml_redacted()?);
     Ok(true)
 }

@@ -32,7 +32,7 @@ pub async fn run(
     };
     let summary = weir_tools::demo::run(cfg, opts.clone(), shutdown).await?;
     if json {
-        println!("{}", serde_json::to_string(&summary)?);
+        outln!("{}", serde_json::to_string(&summary)?);
     }
     if check {
         let unmet = weir_tools::demo::unmet_expectations(&summary, &opts);

@@ -29,15 +29,20 @@ pub async fn run(cfg: &Config, command: DlqCommand) -> anyhow::Result<bool> {
             .await?;
             if json {
                 for e in &listing.entries {
-                    println!("{}", serde_json::to_string(e)?);
+                    outln!("{}", serde_json::to_string(e)?);
                 }
             } else {
-                println!(
+                outln!(
                     "{:<10} {:<24} {:<28} {:<20} {:<14} {:<10} REASON",
-                    "DLQ", "TIME", "SOURCE", "GROUP", "CLASS", "REDRIVEN"
+                    "DLQ",
+                    "TIME",
+                    "SOURCE",
+                    "GROUP",
+                    "CLASS",
+                    "REDRIVEN"
                 );
                 for e in &listing.entries {
-                    println!(
+                    outln!(
                         "{:<10} {:<24} {:<28} {:<20} {:<14} {:<10} {}",
                         e.at.to_string(),
                         e.time,
@@ -66,28 +71,30 @@ pub async fn run(cfg: &Config, command: DlqCommand) -> anyhow::Result<bool> {
             let listing = dlq::read(cfg, &codec, Some(&pool), &filter, &at, 0, at.len()).await?;
             for e in &listing.entries {
                 if json {
-                    println!("{}", serde_json::to_string_pretty(e)?);
+                    outln!("{}", serde_json::to_string_pretty(e)?);
                     continue;
                 }
-                println!("dead letter {}", e.at);
-                println!(
+                outln!("dead letter {}", e.at);
+                outln!(
                     "  source      {}[{}]@{}",
-                    e.source_topic, e.source_partition, e.source_offset
+                    e.source_topic,
+                    e.source_partition,
+                    e.source_offset
                 );
-                println!("  group       {}", e.consumer_group);
-                println!("  class       {}", e.error_class);
-                println!("  reason      {}", e.error_message);
-                println!("  at          {}", e.time);
-                println!("  redriven    {}", e.redriven_at.as_deref().unwrap_or("no"));
-                println!(
+                outln!("  group       {}", e.consumer_group);
+                outln!("  class       {}", e.error_class);
+                outln!("  reason      {}", e.error_message);
+                outln!("  at          {}", e.time);
+                outln!("  redriven    {}", e.redriven_at.as_deref().unwrap_or("no"));
+                outln!(
                     "  key         {}",
                     e.original_key.as_deref().unwrap_or("(none)")
                 );
                 for (k, v) in &e.original_headers {
-                    println!("  header      {k} = {}", v.as_deref().unwrap_or("(null)"));
+                    outln!("  header      {k} = {}", v.as_deref().unwrap_or("(null)"));
                 }
                 match e.original_value() {
-                    None => println!("  value       (none: a tombstone)"),
+                    None => outln!("  value       (none: a tombstone)"),
                     Some(v) => {
                         let framed = v.len() >= 5 && v[0] == 0;
                         let schema = if framed {
@@ -99,7 +106,7 @@ pub async fn run(cfg: &Config, command: DlqCommand) -> anyhow::Result<bool> {
                             String::new()
                         };
                         let head: String = v.iter().take(64).map(|b| format!("{b:02x}")).collect();
-                        println!(
+                        outln!(
                             "  value       {} bytes{schema}: {head}{}",
                             v.len(),
                             if v.len() > 64 { "..." } else { "" }
@@ -135,7 +142,7 @@ pub async fn run(cfg: &Config, command: DlqCommand) -> anyhow::Result<bool> {
             let listing = dlq::read(cfg, &codec, Some(&pool), &f, &at, filter.scan, limit).await?;
             if dry_run {
                 for e in &listing.entries {
-                    println!(
+                    outln!(
                         "would redrive {} to {} ({}{})",
                         e.at,
                         e.source_topic,
@@ -154,7 +161,7 @@ pub async fn run(cfg: &Config, command: DlqCommand) -> anyhow::Result<bool> {
             let mut all = true;
             for r in &done {
                 match (&r.landed, &r.skipped) {
-                    (Some((p, o)), _) => println!("redriven {} to {}[{p}]@{o}", r.at, r.topic),
+                    (Some((p, o)), _) => outln!("redriven {} to {}[{p}]@{o}", r.at, r.topic),
                     (None, Some(why)) => {
                         all = false;
                         eprintln!("warning: skipped {}: {why}", r.at);

@@ -34,7 +34,7 @@ async fn create(
         key.key_id,
         permission.as_str()
     );
-    println!("{}", key.key);
+    outln!("{}", key.key);
     Ok(true)
 }
 
@@ -46,19 +46,22 @@ async fn list(cfg: &Config, workspace: Option<&str>, json: bool) -> anyhow::Resu
         .context("listing keys")?;
     if json {
         for k in &keys {
-            println!("{}", serde_json::to_string(k)?);
+            outln!("{}", serde_json::to_string(k)?);
         }
     } else {
         let width =
             |f: fn(&KeyInfo) -> usize, min: usize| keys.iter().map(f).max().unwrap_or(0).max(min);
         let id_w = width(|k| k.key_id.len(), 6);
         let ws_w = width(|k| k.workspace_id.len(), 9);
-        println!(
+        outln!(
             "{:<id_w$} {:<ws_w$} {:<10} {:<20} REVOKED",
-            "KEY_ID", "WORKSPACE", "PERMISSION", "CREATED"
+            "KEY_ID",
+            "WORKSPACE",
+            "PERMISSION",
+            "CREATED"
         );
         for k in &keys {
-            println!(
+            outln!(
                 "{:<id_w$} {:<ws_w$} {:<10} {:<20} {}",
                 k.key_id,
                 k.workspace_id,

@@ -2,6 +2,25 @@
 //! command to it. Every command returns `Ok(true)` on success, `Ok(false)` when a check it
 //! made failed (exit 1), and an error when it could not do its work (exit 1, printed).
 
+/// `println!` for a command's output: a line to stdout, and on failure the error is returned
+/// (`?`) instead of a panic. A reader that stops early (`weir keys list | head`) closes the
+/// pipe; the write's `BrokenPipe` error ends the command, and the binary then exits quietly
+/// ([`is_broken_pipe`]).
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)?
+    }};
+}
+
+/// `print!` for a command's output; see [`outln!`].
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout().lock(), $($arg)*)?
+    }};
+}
+
 mod bench;
 mod cache;
 mod config;
@@ -33,7 +52,7 @@ pub async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
         Command::Migrate => stack::migrate(&cfg).await,
         Command::Topics { command } => stack::topics(&cfg, command).await,
         Command::Schemas { command } => stack::schemas(&cfg, command).await,
-        Command::Doctor => Ok(weir_runtime::ops::doctor(&cfg).await),
+        Command::Doctor => Ok(weir_runtime::ops::doctor(&cfg).await?),
         Command::Config => config::print(&cfg),
         Command::Dlq { command } => dlq::run(&cfg, command).await,
         Command::Dev => crate::run::processors(cfg, &DEV).await,
@@ -52,4 +71,13 @@ pub async fn run(command: Command, cfg: Arc<Config>) -> anyhow::Result<bool> {
         Command::Chaos(args) => weir_chaos::run(cfg, args).await,
         Command::Bench { command } => bench::run(cfg, command).await,
     }
+}
+
+/// Whether `e` is a write to a closed stdout (the reader of a pipe went away): the output is
+/// no longer wanted, so the command ends quietly rather than as a failure.
+pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }

@@ -59,6 +59,6 @@ fn apply(cfg: &Config, doc: &Path, patch: &Path, no_validate: bool) -> anyhow::R
             return Ok(false);
         }
     }
-    println!("{}", serde_json::to_string_pretty(&doc)?);
+    outln!("{}", serde_json::to_string_pretty(&doc)?);
     Ok(true)
 }

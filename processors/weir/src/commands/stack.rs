@@ -13,7 +13,7 @@ pub async fn migrate(cfg: &Config) -> anyhow::Result<bool> {
         .run(&pool)
         .await
         .context("applying migrations")?;
-    println!(
+    outln!(
         "migrations applied ({} known)",
         weir_runtime::db::MIGRATOR.iter().count()
     );
@@ -28,7 +28,7 @@ pub async fn topics(cfg: &Config, command: TopicsCommand) -> anyhow::Result<bool
                 .await
                 .context("creating topics")?;
             for (topic, outcome) in outcomes {
-                println!("{topic:<40} {outcome:?}");
+                outln!("{topic:<40} {outcome:?}");
             }
             Ok(true)
         }

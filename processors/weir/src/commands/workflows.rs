@@ -36,7 +36,7 @@ async fn replay(
     )
     .await?;
     if to_version.is_some() {
-        println!("{}", serde_json::to_string_pretty(&report.definition)?);
+        outln!("{}", serde_json::to_string_pretty(&report.definition)?);
     }
     eprintln!(
         "replayed {}/{} to version {} (stored head: {})",
