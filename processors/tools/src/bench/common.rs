@@ -261,22 +261,63 @@ pub fn print_spread(summary: &Value) {
     }
 }
 
-/// Live and dead tuples and total size of `tables` as the pool's search path resolves them
-/// (a private schema's copies first).
+/// Rows (counted), dead tuples (as the last VACUUM left them, from the statistics views) and
+/// total size of `tables` as the pool's search path resolves them (a private schema's copies
+/// first). Rows are counted rather than read from the statistics views, which other sessions
+/// update up to ten seconds late.
 pub async fn table_state(pool: &PgPool, tables: &[&str]) -> anyhow::Result<Value> {
     let mut out = Vec::new();
     for table in tables {
-        let row: Option<(i64, i64, i64)> = sqlx::query_as(
-            "SELECT n_live_tup, n_dead_tup, pg_total_relation_size(relid)
+        let row: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT n_dead_tup, pg_total_relation_size(relid)
              FROM pg_stat_user_tables WHERE relid = to_regclass($1)",
         )
         .bind(table)
         .fetch_optional(pool)
         .await?;
-        let (live, dead, bytes) = row.unwrap_or_default();
+        let (dead, bytes) = row.unwrap_or_default();
+        let live: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM {}",
+            weir_runtime::db::quote_ident(table)
+        ))
+        .fetch_one(pool)
+        .await?;
         out.push(json!({"table": table, "live": live, "dead": dead, "bytes": bytes}));
     }
     Ok(json!(out))
+}
+
+/// Deletes with `statements` (each bound to `arg`) on one session, then has that session
+/// publish its statistics at once: a session keeps its counts of deleted rows for up to ten
+/// seconds before the statistics views see them, so a VACUUM right after would report them
+/// as dead tuples it left. Returns the rows deleted per statement.
+pub async fn delete_rows(
+    pool: &PgPool,
+    statements: &[&str],
+    arg: &str,
+) -> anyhow::Result<Vec<u64>> {
+    let mut conn = pool.acquire().await?;
+    let mut deleted = Vec::with_capacity(statements.len());
+    for sql in statements {
+        deleted.push(
+            sqlx::query(sql)
+                .bind(arg)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected(),
+        );
+    }
+    // PostgreSQL 15+: flushed when the session goes idle after this statement; older servers
+    // lack the function and keep the delay (the reported dead tuples may then lag).
+    if sqlx::query("SELECT pg_stat_force_next_flush()")
+        .execute(&mut *conn)
+        .await
+        .is_ok()
+    {
+        drop(conn);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(deleted)
 }
 
 /// Autovacuum workers running now (what each is doing).
@@ -329,7 +370,8 @@ pub async fn settle(pool: &PgPool, tables: &[&str], label: &str) -> anyhow::Resu
                            date_trunc('second', now() - coalesce(xact_start, backend_start)),
                            left(coalesce(query, ''), 80))
              FROM pg_stat_activity
-             WHERE datname = current_database() AND backend_xmin IS NOT NULL
+             WHERE datname = current_database()
+               AND (backend_xmin IS NOT NULL OR backend_xid IS NOT NULL)
                AND pid <> pg_backend_pid()",
         )
         .fetch_all(pool)

@@ -39,7 +39,7 @@ use weir_runtime::{Coordinates, Outbox, Processor, Record};
 
 use weir_coordinator::processor::Coordinator;
 
-use super::common::{own_maintenance, settle, summarize, Figure};
+use super::common::{delete_rows, own_maintenance, settle, summarize, Figure};
 use crate::common::{own_outbox, percentile, register_schemas, scratch_config, vacuum_analyze};
 
 /// The tables a repetition writes (`weir_outbox` is the benchmark's own).
@@ -347,11 +347,11 @@ async fn repetitions(
         )
         .await?;
         // The repetition's runs go (nodes and timers cascade); the next one vacuums.
-        sqlx::query!(
-            "DELETE FROM weir_runs WHERE workspace_id = 'ws-bench' AND workflow_id = $1",
-            workflow_id
+        delete_rows(
+            pool,
+            &["DELETE FROM weir_runs WHERE workspace_id = 'ws-bench' AND workflow_id = $1"],
+            workflow_id,
         )
-        .execute(pool)
         .await?;
         anyhow::ensure!(
             fast.runs_completed == runs as i64 && naive.runs_completed == naive_runs as i64,

@@ -39,7 +39,7 @@ use weir_model::definition::Limits;
 use weir_model::fold::{self, Decision, Head, Submitted};
 use weir_model::patch::Patch;
 
-use super::common::{own_maintenance, settle, summarize, topics_left, Figure};
+use super::common::{delete_rows, own_maintenance, settle, summarize, topics_left, Figure};
 use crate::common::{create_topics, group_stable, register_schemas, round, scratch_config};
 
 /// The tables the materializer writes, copied into the benchmark's own schema.
@@ -486,22 +486,18 @@ async fn measure(
         let copy_rows_per_sec = copy_limit(&pool, params.patches).await?;
 
         // The repetition's rows go; the next one vacuums what they leave.
-        removed += sqlx::query(
-            "DELETE FROM weir_workflow_patches WHERE workflow_id LIKE $1 AND source_topic = $2",
+        let deleted = delete_rows(
+            &pool,
+            &[
+                // The `t-` workflows' patches came through the topic; the `n-` ones naive.
+                "DELETE FROM weir_workflow_patches WHERE workflow_id LIKE $1 || 't-%'",
+                "DELETE FROM weir_workflow_patches WHERE workflow_id LIKE $1 || 'n-%'",
+                "DELETE FROM weir_workflow_heads WHERE workflow_id LIKE $1 || '%'",
+            ],
+            &prefix,
         )
-        .bind(format!("{prefix}%"))
-        .bind(&topic)
-        .execute(&pool)
-        .await?
-        .rows_affected() as usize;
-        sqlx::query("DELETE FROM weir_workflow_patches WHERE workflow_id LIKE $1")
-            .bind(format!("{prefix}%"))
-            .execute(&pool)
-            .await?;
-        sqlx::query("DELETE FROM weir_workflow_heads WHERE workflow_id LIKE $1")
-            .bind(format!("{prefix}%"))
-            .execute(&pool)
-            .await?;
+        .await?;
+        removed += deleted[0] as usize;
 
         let result = json!({
             "repetition": rep,
