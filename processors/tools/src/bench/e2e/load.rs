@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -31,7 +31,7 @@ use weir_runtime::codec::Codec;
 use weir_runtime::config::Config;
 use weir_runtime::events::{NodeReady, RunEvent, TopicEvent, WorkflowEvent};
 
-use super::stats::{Correlator, Latencies, Schedule, Window};
+use super::stats::{Correlator, Latencies, Pair, Schedule, Window};
 use crate::worker::{completion_path, Failures, Worker};
 
 /// What the kinds of request did in a phase (intended time inside the window).
@@ -73,6 +73,11 @@ pub struct Phase {
     pub run_time: Latencies,
     /// How late requests were sent after their intended time.
     pub issue_lag: Latencies,
+    /// Patch or completion POST → its 202 (the gateway, with the broker's acknowledgement).
+    pub answered: Latencies,
+    /// Patch or completion POST → the output record's Kafka timestamp (when the relay
+    /// produced it; millisecond resolution).
+    pub published: Latencies,
     /// Patches.
     pub patches: Counts,
     /// Run starts.
@@ -103,6 +108,18 @@ impl Phase {
     fn inside(&self, t: Instant) -> bool {
         self.window.is_some_and(|w| w.contains(t))
     }
+
+    /// Records a patch paired with its WorkflowMaterialized (when meant inside the window).
+    fn patch_pair(&mut self, pair: Pair<Option<Instant>>) {
+        if !self.inside(pair.intended) {
+            return;
+        }
+        self.patch_visible.add(pair.latency);
+        if let Some(p) = pair.meta {
+            self.published
+                .add(p.saturating_duration_since(pair.intended));
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -115,7 +132,9 @@ struct RunTrack {
 
 #[derive(Default)]
 struct State {
-    patches: Correlator<Uuid>,
+    /// Patch ids, paired with the WorkflowMaterialized that names them (and when the relay
+    /// produced it).
+    patches: Correlator<Uuid, Option<Instant>>,
     starts: Correlator<String>,
     runs: HashMap<String, RunTrack>,
     phase: Phase,
@@ -131,6 +150,8 @@ pub struct Shared {
     inflight: Arc<Semaphore>,
     max_inflight: usize,
     worker: Worker,
+    /// One reading of both clocks, to place Kafka's wall-clock timestamps on `Instant`s.
+    clock: (Instant, SystemTime),
     state: Mutex<State>,
 }
 
@@ -169,8 +190,20 @@ impl Shared {
                 failures: Failures::FromConfig,
                 echo_run_inputs: false,
             },
+            clock: (Instant::now(), SystemTime::now()),
             state: Mutex::new(State::default()),
         }))
+    }
+
+    /// A Kafka timestamp (ms since the epoch, this machine's clock) as an `Instant`.
+    fn instant_of(&self, ms: Option<i64>) -> Option<Instant> {
+        let ms = u64::try_from(ms?).ok()?;
+        let wall = UNIX_EPOCH + Duration::from_millis(ms);
+        let (i0, w0) = self.clock;
+        match wall.duration_since(w0) {
+            Ok(after) => i0.checked_add(after),
+            Err(e) => i0.checked_sub(e.duration()),
+        }
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -246,6 +279,11 @@ impl Shared {
         if !st.phase.inside(intended) {
             return;
         }
+        if answer.is_ok() && kind != Kind::RunStart {
+            st.phase
+                .answered
+                .add(Instant::now().saturating_duration_since(intended));
+        }
         let c = st.phase.counts(kind);
         c.issued += 1;
         match answer {
@@ -291,9 +329,7 @@ impl Shared {
             if let Ok(id) = Uuid::parse_str(&id) {
                 let mut st = self.state();
                 if let Some(pair) = st.patches.sent(id, intended) {
-                    if st.phase.inside(pair.intended) {
-                        st.phase.patch_visible.add(pair.latency);
-                    }
+                    st.phase.patch_pair(pair);
                 }
             }
         }
@@ -351,7 +387,7 @@ impl Shared {
     }
 
     /// Handles one output record read at `at`; a NodeReady gets its worker spawned.
-    fn on_node_ready(self: &Arc<Self>, ready: NodeReady, at: Instant) {
+    fn on_node_ready(self: &Arc<Self>, ready: NodeReady, at: Instant, published: Option<Instant>) {
         if ready.workspace_id != self.workspace {
             return;
         }
@@ -363,7 +399,7 @@ impl Shared {
             }
             if ready.attempt == 1 {
                 if ready.inputs.is_empty() {
-                    if let Some(pair) = st.starts.seen(ready.run_id.clone(), at) {
+                    if let Some(pair) = st.starts.seen(ready.run_id.clone(), at, ()) {
                         if st.phase.inside(pair.intended) {
                             st.phase.start_ready.add(pair.latency);
                         }
@@ -378,6 +414,9 @@ impl Shared {
                     if let Some(t) = cause {
                         if st.phase.inside(t) {
                             st.phase.hop.add(at.saturating_duration_since(t));
+                            if let Some(p) = published {
+                                st.phase.published.add(p.saturating_duration_since(t));
+                            }
                         }
                     }
                 }
@@ -420,7 +459,7 @@ impl Shared {
         }
     }
 
-    fn on_workflow_event(&self, event: WorkflowEvent, at: Instant) {
+    fn on_workflow_event(&self, event: WorkflowEvent, at: Instant, published: Option<Instant>) {
         let mut st = self.state();
         let st = &mut *st;
         match event {
@@ -429,16 +468,14 @@ impl Shared {
                     if st.phase.inside(at) {
                         st.phase.visible_in_window += 1;
                     }
-                    if let Some(pair) = st.patches.seen(id, at) {
-                        if st.phase.inside(pair.intended) {
-                            st.phase.patch_visible.add(pair.latency);
-                        }
+                    if let Some(pair) = st.patches.seen(id, at, published) {
+                        st.phase.patch_pair(pair);
                     }
                 }
             }
             WorkflowEvent::PatchRejected(r) if r.workspace_id == self.workspace => {
                 // Paired so it does not wait forever; counted, not timed.
-                if let Some(pair) = st.patches.seen(r.patch_id, at) {
+                if let Some(pair) = st.patches.seen(r.patch_id, at, published) {
                     if st.phase.inside(pair.intended) {
                         st.phase.rejected += 1;
                     }
@@ -545,6 +582,7 @@ pub async fn read_outputs(
         // Decoding happens off this loop, so a record's arrival time is never held up by the
         // decoding of the records before it.
         let msg = msg.detach();
+        let published = shared.instant_of(msg.timestamp().to_millis());
         let (shared, codec) = (shared.clone(), codec.clone());
         let (node_ready, run_events) = (node_ready.clone(), run_events.clone());
         tokio::spawn(async move {
@@ -553,14 +591,14 @@ pub async fn read_outputs(
             };
             if msg.topic() == &*node_ready {
                 if let Ok(ready) = codec.decode::<NodeReady>(payload).await {
-                    shared.on_node_ready(ready, at);
+                    shared.on_node_ready(ready, at, published);
                 }
             } else if msg.topic() == &*run_events {
                 if let Ok(event) = codec.decode::<RunEvent>(payload).await {
                     shared.on_run_event(event, at);
                 }
             } else if let Ok(event) = codec.decode::<WorkflowEvent>(payload).await {
-                shared.on_workflow_event(event, at);
+                shared.on_workflow_event(event, at, published);
             }
         });
     }

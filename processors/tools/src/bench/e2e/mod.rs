@@ -238,6 +238,8 @@ async fn phase(ctx: &Ctx, workload: Workload, rate: f64) -> anyhow::Result<Row> 
         offered_per_sec: rate,
         achieved_per_sec: round(achieved, 1),
         latency,
+        answered: ph.answered.summary(),
+        published: ph.published.summary(),
         runs_offered_per_sec: if workload == Workload::Completions {
             round(rate / nodes_per_run, 1)
         } else {

@@ -49,6 +49,11 @@ pub struct Row {
     pub achieved_per_sec: f64,
     /// The latency of the workload: patch → visible, or completion → next NodeReady.
     pub latency: Summary,
+    /// The same requests' POST → 202 (the gateway and the broker's acknowledgement).
+    pub answered: Summary,
+    /// POST → the output record's Kafka timestamp (the relay produced it; ms resolution,
+    /// wall clock): what remains of `latency` is the broker's delivery to the reader.
+    pub published: Summary,
     /// Runs started per second (offered).
     pub runs_offered_per_sec: f64,
     /// Runs completed per second.
@@ -143,6 +148,27 @@ pub fn table(rows: &[Row], groups: &[String]) -> String {
             o.push('\n');
         }
     }
+    let _ = writeln!(
+        o,
+        "\nwhere the time goes, p50 / p99 ms from the intended send: 202 answered, output produced by the relay, output read"
+    );
+    let _ = writeln!(
+        o,
+        "{:<12} {:>9} {:>17} {:>17} {:>17}",
+        "workload", "offered/s", "202", "produced", "read"
+    );
+    for r in rows {
+        let pair = |s: &Summary| format!("{} / {}", ms(s.p50_ms), ms(s.p99_ms));
+        let _ = writeln!(
+            o,
+            "{:<12} {:>9.0} {:>17} {:>17} {:>17}",
+            r.workload.name(),
+            r.offered_per_sec,
+            pair(&r.answered),
+            pair(&r.published),
+            pair(&r.latency)
+        );
+    }
     if rows.iter().any(|r| !r.cpu_us_per_event.is_empty()) {
         let _ = writeln!(
             o,
@@ -220,6 +246,8 @@ mod tests {
                 p999_ms: p99,
                 max_ms: p99,
             },
+            answered: Summary::default(),
+            published: Summary::default(),
             runs_offered_per_sec: offered / 10.0,
             runs_per_sec: offered / 10.0,
             node_ready_per_sec: offered,
@@ -255,6 +283,7 @@ mod tests {
         assert!(t.contains("completions: completion → next NodeReady"));
         assert_eq!(t.matches("BEHIND").count(), 1);
         assert!(t.contains("CPU µs per event"));
+        assert!(t.contains("where the time goes"));
         assert!(t.contains("42.5"), "the total of the CPU columns");
         let s = series(&rows);
         assert_eq!(s.len(), 4);

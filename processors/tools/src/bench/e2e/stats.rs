@@ -143,21 +143,23 @@ impl Window {
 }
 
 #[derive(Debug, Clone, Copy)]
-enum Side {
+enum Side<M> {
     /// The request's answer (its id) is known; the output not yet seen.
     Sent(Instant),
-    /// The output was seen before the request's answer arrived.
-    Seen(Instant),
+    /// The output was seen (with what else was learnt from it) before the request's answer
+    /// arrived.
+    Seen(Instant, M),
 }
 
 /// Pairs requests with the outputs that answer them, by id, whichever arrives first: the
 /// output of a request can be read from Kafka before the HTTP answer that names its id.
+/// `M` is what an output carries besides its arrival (e.g. when it was published).
 #[derive(Debug)]
-pub struct Correlator<K> {
-    open: HashMap<K, Side>,
+pub struct Correlator<K, M = ()> {
+    open: HashMap<K, Side<M>>,
 }
 
-impl<K> Default for Correlator<K> {
+impl<K, M> Default for Correlator<K, M> {
     fn default() -> Self {
         Self {
             open: HashMap::new(),
@@ -165,23 +167,27 @@ impl<K> Default for Correlator<K> {
     }
 }
 
-/// A request paired with its output: when it was meant to be sent, and the latency from then.
+/// A request paired with its output: when it was meant to be sent, the latency from then,
+/// and what the output carried.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Pair {
+pub struct Pair<M = ()> {
     /// The request's intended send time.
     pub intended: Instant,
     /// From the intended send time to the output's receipt (zero if the clocks cross).
     pub latency: Duration,
+    /// What the output carried.
+    pub meta: M,
 }
 
-impl<K: Hash + Eq> Correlator<K> {
+impl<K: Hash + Eq, M: Copy> Correlator<K, M> {
     /// The request `k` meant to be sent at `intended` was acknowledged; the pair if its output
     /// was already seen.
-    pub fn sent(&mut self, k: K, intended: Instant) -> Option<Pair> {
+    pub fn sent(&mut self, k: K, intended: Instant) -> Option<Pair<M>> {
         match self.open.remove(&k) {
-            Some(Side::Seen(at)) => Some(Pair {
+            Some(Side::Seen(at, meta)) => Some(Pair {
                 intended,
                 latency: at.saturating_duration_since(intended),
+                meta,
             }),
             // Sent twice (a retry answered with the same id): the first send counts.
             Some(Side::Sent(first)) => {
@@ -195,20 +201,22 @@ impl<K: Hash + Eq> Correlator<K> {
         }
     }
 
-    /// The output of `k` was read at `at`; the pair if its request was already acknowledged.
-    pub fn seen(&mut self, k: K, at: Instant) -> Option<Pair> {
+    /// The output of `k` was read at `at`, carrying `meta`; the pair if its request was
+    /// already acknowledged.
+    pub fn seen(&mut self, k: K, at: Instant, meta: M) -> Option<Pair<M>> {
         match self.open.remove(&k) {
             Some(Side::Sent(intended)) => Some(Pair {
                 intended,
                 latency: at.saturating_duration_since(intended),
+                meta,
             }),
             // A second output for the same id (a redelivery): the first counts.
-            Some(Side::Seen(first)) => {
-                self.open.insert(k, Side::Seen(first));
+            Some(Side::Seen(first, m)) => {
+                self.open.insert(k, Side::Seen(first, m));
                 None
             }
             None => {
-                self.open.insert(k, Side::Seen(at));
+                self.open.insert(k, Side::Seen(at, meta));
                 None
             }
         }
@@ -297,31 +305,36 @@ mod tests {
     fn correlation_pairs_in_either_order() {
         let t0 = Instant::now();
         let ms = Duration::from_millis;
-        let mut c = Correlator::default();
+        let mut c: Correlator<&str, u8> = Correlator::default();
         // Answer first, then the output.
         assert_eq!(c.sent("a", t0), None);
         assert_eq!(
-            c.seen("a", t0 + ms(7)),
+            c.seen("a", t0 + ms(7), 1),
             Some(Pair {
                 intended: t0,
-                latency: ms(7)
+                latency: ms(7),
+                meta: 1
             })
         );
         // Output first (read from Kafka before the HTTP answer was parsed).
-        assert_eq!(c.seen("b", t0 + ms(9)), None);
+        assert_eq!(c.seen("b", t0 + ms(9), 2), None);
         assert_eq!(
             c.sent("b", t0 + ms(1)),
             Some(Pair {
                 intended: t0 + ms(1),
-                latency: ms(8)
+                latency: ms(8),
+                meta: 2
             })
         );
         // Redeliveries and retries keep the first time.
         assert_eq!(c.sent("c", t0), None);
         assert_eq!(c.sent("c", t0 + ms(5)), None);
-        assert_eq!(c.seen("c", t0 + ms(10)).map(|p| p.latency), Some(ms(10)));
         assert_eq!(
-            c.seen("c", t0 + ms(11)),
+            c.seen("c", t0 + ms(10), 3).map(|p| (p.latency, p.meta)),
+            Some((ms(10), 3))
+        );
+        assert_eq!(
+            c.seen("c", t0 + ms(11), 4),
             None,
             "a second output is unpaired"
         );
@@ -332,7 +345,7 @@ mod tests {
         };
         c.sent("d", t0 + ms(150));
         c.sent("e", t0 + ms(250));
-        c.seen("f", t0 + ms(150));
+        c.seen("f", t0 + ms(150), 5);
         assert_eq!(c.waiting(&w), 1);
         c.clear();
         assert_eq!(c.waiting(&w), 0);
