@@ -1,7 +1,8 @@
 //! weir's tools outside the data path: nothing a running deployment loads.
 //!
 //! - [`bench`]: the benchmarks behind `weir bench <materialize|coordinator|cache|relay|gateway>`,
-//!   one module per processor, driving each through its public API.
+//!   one module per processor, driving each through its public API; and `weir bench e2e`
+//!   ([`bench::e2e`]), the whole pipeline in weir processes of its own, through the gateway.
 //! - [`demo`]: the workload behind `weir demo` (workflows, patches, runs with simulated workers
 //!   and both caches, all through the HTTP gateway).
 //! - [`private`]: an outbox of its own beside a live deployment, which the benchmarks and the

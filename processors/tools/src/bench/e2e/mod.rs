@@ -11,11 +11,13 @@
 //!   once by POSTing its completion; latency runs from a completion's intended send time (the
 //!   NodeReady's arrival) to the next NodeReady read from `weir.node-ready.v1`.
 //!
-//! Each (workload, rate) phase is a warm-up, then a measured window, then a drain (outputs of
-//! the window's requests still arriving); a rate whose p99 passes `stop_p99_ms`, or whose
-//! achieved rate falls under 80 % of the offered one, ends the ladder of that workload (the
-//! next rate would only grow a backlog). CPU time of every process in the loop is read from
-//! `/proc` at the window's edges. See docs/benchmarks.md, "End to end".
+//! Before the ladders, each workload runs 5 s at 50/s unmeasured (fresh processes pay for
+//! their first requests). Each (workload, rate) phase is a warm-up, then a measured window,
+//! then a drain (outputs of the window's requests still arriving); a rate whose p99 passes
+//! `stop_p99_ms`, whose achieved rate falls under 80 % of the offered one, or whose outputs
+//! did not all arrive ends the ladder of that workload (the next rate would only grow a
+//! backlog). CPU time of every process in the loop is read from `/proc` at the window's
+//! edges. See docs/benchmarks.md, "End to end".
 //!
 //! Invariants: open loop (requests leave on schedule whatever the answers; latency from the
 //! intended time); nothing of another run counts (own prefix, own workspace, readers start at
@@ -40,7 +42,7 @@ use weir_runtime::config::Config;
 
 use crate::common::{create_topics, register_schemas, round, scratch_config};
 use load::Shared;
-use procs::{Children, Probe, Reading, Spec};
+use procs::{Children, Group, Probe, Spec};
 use report::{Row, Workload, BEHIND_P99_MS};
 use stats::{Schedule, Window};
 
@@ -124,42 +126,6 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A process group of the CPU table: its label and probes.
-struct Group {
-    label: String,
-    probes: Vec<Probe>,
-}
-
-fn read_all(groups: &[Group]) -> Vec<Vec<Reading>> {
-    groups
-        .iter()
-        .map(|g| g.probes.iter().map(Probe::read).collect())
-        .collect()
-}
-
-/// Reads every probe at the window's edges; CPU seconds per group.
-async fn measure_cpu(groups: Arc<Vec<Group>>, window: Window) -> BTreeMap<String, f64> {
-    tokio::time::sleep_until(window.from.into()).await;
-    let g = groups.clone();
-    let before = tokio::task::spawn_blocking(move || read_all(&g))
-        .await
-        .unwrap_or_default();
-    tokio::time::sleep_until(window.to.into()).await;
-    let g = groups.clone();
-    let after = tokio::task::spawn_blocking(move || read_all(&g))
-        .await
-        .unwrap_or_default();
-    let mut out = BTreeMap::new();
-    for (i, g) in groups.iter().enumerate() {
-        let (Some(b), Some(a)) = (before.get(i), after.get(i)) else {
-            continue;
-        };
-        let s: f64 = b.iter().zip(a).map(|(b, a)| procs::cpu_seconds(b, a)).sum();
-        out.insert(g.label.clone(), round(s, 3));
-    }
-    out
-}
-
 /// What a phase needs.
 struct Ctx {
     shared: Arc<Shared>,
@@ -170,20 +136,26 @@ struct Ctx {
 }
 
 /// One (workload, rate) phase: warm-up, window, drain.
-async fn phase(ctx: &Ctx, workload: Workload, rate: f64) -> anyhow::Result<Row> {
+async fn phase(
+    ctx: &Ctx,
+    workload: Workload,
+    rate: f64,
+    warmup: Duration,
+    duration: Duration,
+) -> anyhow::Result<Row> {
     let p = &ctx.params;
     let nodes_per_run = (p.fan_out + 2) as f64;
     let t0 = Instant::now() + Duration::from_millis(100);
     let window = Window {
-        from: t0 + p.warmup,
-        to: t0 + p.warmup + p.duration,
+        from: t0 + warmup,
+        to: t0 + warmup + duration,
     };
     ctx.shared.begin_phase(window);
-    let cpu = tokio::spawn(measure_cpu(ctx.groups.clone(), window));
+    let cpu = tokio::spawn(procs::measure_cpu(ctx.groups.clone(), window));
     let stop = CancellationToken::new();
     match workload {
         Workload::Patches => {
-            let schedule = Schedule::new(t0, rate, p.warmup + p.duration);
+            let schedule = Schedule::new(t0, rate, warmup + duration);
             let wfs = ctx.patch_workflows.clone();
             let shared = ctx.shared.clone();
             load::open_loop(ctx.shared.clone(), schedule, stop, move |i, at| {
@@ -193,7 +165,7 @@ async fn phase(ctx: &Ctx, workload: Workload, rate: f64) -> anyhow::Result<Row> 
             .await;
         }
         Workload::Completions => {
-            let schedule = Schedule::new(t0, rate / nodes_per_run, p.warmup + p.duration);
+            let schedule = Schedule::new(t0, rate / nodes_per_run, warmup + duration);
             let flows = ctx.flows.clone();
             let shared = ctx.shared.clone();
             // Unique inputs per run across phases.
@@ -564,6 +536,19 @@ async fn drive(
         patch_workflows,
         flows,
     };
+    // Fresh processes pay for their first requests (connections, statement plans, caches):
+    // each workload runs a few seconds at a low rate, unmeasured, before its ladder.
+    for &workload in &params.workloads {
+        say(format!("priming: {} at 50/s for 5 s", workload.name()));
+        phase(
+            &ctx,
+            workload,
+            50.0,
+            Duration::from_secs(4),
+            Duration::from_secs(1),
+        )
+        .await?;
+    }
     let mut rows = Vec::new();
     for &workload in &params.workloads {
         for &rate in &params.rates {
@@ -573,7 +558,7 @@ async fn drive(
                 params.warmup.as_secs_f64(),
                 params.duration.as_secs_f64()
             ));
-            let row = phase(&ctx, workload, rate).await?;
+            let row = phase(&ctx, workload, rate, params.warmup, params.duration).await?;
             say(format!(
                 "  achieved {:.0}/s, p50 {} ms, p99 {} ms, p99.9 {} ms, errors {}{}",
                 row.achieved_per_sec,

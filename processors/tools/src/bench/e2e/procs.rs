@@ -12,14 +12,18 @@
 //!   reads, all of the time of those born in between, and the time of those that exited in
 //!   between (the parent's reaped-children time) minus what they had at the first read.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
+
+use super::stats::Window;
+use crate::common::round;
 
 /// Clock ticks per second of `/proc/<pid>/stat` times (USER_HZ, 100 on Linux).
 const TICKS_PER_SEC: f64 = 100.0;
@@ -361,6 +365,44 @@ pub fn stack_probes() -> Vec<Probe> {
     );
     add("s3", from_file("s3.pid"), true);
     add("registry", from_file("registry.pid"), true);
+    out
+}
+
+/// A process group of the CPU table: its label and probes.
+pub struct Group {
+    /// Its column in the table.
+    pub label: String,
+    /// Its processes.
+    pub probes: Vec<Probe>,
+}
+
+fn read_all(groups: &[Group]) -> Vec<Vec<Reading>> {
+    groups
+        .iter()
+        .map(|g| g.probes.iter().map(Probe::read).collect())
+        .collect()
+}
+
+/// Reads every probe at the window's edges; CPU seconds per group.
+pub async fn measure_cpu(groups: Arc<Vec<Group>>, window: Window) -> BTreeMap<String, f64> {
+    tokio::time::sleep_until(window.from.into()).await;
+    let g = groups.clone();
+    let before = tokio::task::spawn_blocking(move || read_all(&g))
+        .await
+        .unwrap_or_default();
+    tokio::time::sleep_until(window.to.into()).await;
+    let g = groups.clone();
+    let after = tokio::task::spawn_blocking(move || read_all(&g))
+        .await
+        .unwrap_or_default();
+    let mut out = BTreeMap::new();
+    for (i, g) in groups.iter().enumerate() {
+        let (Some(b), Some(a)) = (before.get(i), after.get(i)) else {
+            continue;
+        };
+        let s: f64 = b.iter().zip(a).map(|(b, a)| cpu_seconds(b, a)).sum();
+        out.insert(g.label.clone(), round(s, 3));
+    }
     out
 }
 
