@@ -425,6 +425,7 @@ pub async fn settle(pool: &PgPool, tables: &[&str], label: &str) -> anyhow::Resu
         "checkpoint": checkpoint,
         "os_synced": synced,
         "os_dirty_kib": dirty_kib,
+        "loadavg_1m": loadavg(),
         "settle_ms": started.elapsed().as_millis() as u64,
         "tables": state,
     });
@@ -432,7 +433,7 @@ pub async fn settle(pool: &PgPool, tables: &[&str], label: &str) -> anyhow::Resu
         eprintln!("{label}: dead tuples held by older snapshots of: {xmin_holders:?}");
     }
     eprintln!(
-        "{label}: settled in {} ms (autovacuum waited {autovacuum_wait_ms} ms{}, checkpoint {checkpoint}, sync {synced}, dirty {} KiB); tables: {}",
+        "{label}: settled in {} ms (autovacuum waited {autovacuum_wait_ms} ms{}, checkpoint {checkpoint}, sync {synced}, dirty {} KiB, load {}); tables: {}",
         out["settle_ms"],
         if out["autovacuum_seen"].as_array().is_some_and(|a| !a.is_empty()) {
             format!(" for {}", out["autovacuum_seen"])
@@ -440,6 +441,7 @@ pub async fn settle(pool: &PgPool, tables: &[&str], label: &str) -> anyhow::Resu
             String::new()
         },
         dirty_kib.map_or("?".into(), |d| d.to_string()),
+        out["loadavg_1m"],
         describe_tables(&out["tables"]),
     );
     Ok(out)
@@ -463,6 +465,17 @@ pub fn describe_tables(state: &Value) -> String {
                 .join(", ")
         })
         .unwrap_or_default()
+}
+
+/// The machine's one-minute load average (Linux `/proc/loadavg`): what else competed for the
+/// cores as the phase started.
+fn loadavg() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Dirty memory in the OS page cache (Linux `/proc/meminfo`), KiB.
