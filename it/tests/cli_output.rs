@@ -39,6 +39,7 @@ async fn listings_into_a_closed_pipe_end_quietly() {
         &["keys", "list", "--workspace", &ws, "--json"][..],
         &["config"][..],
         &["doctor"][..],
+        &["schemas", "check"][..],
     ] {
         let (code, err) = into_closed_pipe(&prefix, args);
         assert_eq!(code, Some(0), "weir {args:?}: {err}");

@@ -97,23 +97,32 @@ pub async fn check_schemas(
     Ok(out)
 }
 
+/// A line of a schema report on stdout. The work goes on whatever becomes of the output: a
+/// reader that stops early (`weir schemas register | head`) must not stop a registration half
+/// way, so a failed write is ignored rather than a panic.
+macro_rules! report {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 /// Prints a check; returns false if any schema is incompatible.
 pub fn print_check(results: &[(String, SchemaStatus)]) -> bool {
     let mut ok = true;
     for (subject, status) in results {
         match status {
-            SchemaStatus::New => println!("{subject:<45} new (not registered yet)"),
+            SchemaStatus::New => report!("{subject:<45} new (not registered yet)"),
             SchemaStatus::Current { version } => {
-                println!("{subject:<45} unchanged (version {version})")
+                report!("{subject:<45} unchanged (version {version})")
             }
             SchemaStatus::Compatible { version } => {
-                println!("{subject:<45} BACKWARD compatible with version {version}")
+                report!("{subject:<45} BACKWARD compatible with version {version}")
             }
             SchemaStatus::Incompatible { version, problems } => {
                 ok = false;
-                println!("{subject:<45} INCOMPATIBLE with version {version}:");
+                report!("{subject:<45} INCOMPATIBLE with version {version}:");
                 for p in problems {
-                    println!("    - {p}");
+                    report!("    - {p}");
                 }
             }
         }
@@ -141,7 +150,7 @@ pub async fn register_schemas(
             tracing::debug!(%subject, error = %e, "setting compatibility");
         }
         let id = registry.register(&subject, text).await?;
-        println!("registered {subject} (schema id {id})");
+        report!("registered {subject} (schema id {id})");
     }
     Ok(true)
 }

@@ -14,7 +14,7 @@ pub async fn run(cfg: &Config, command: CacheCommand) -> anyhow::Result<bool> {
         } => {
             let purged =
                 weir_cache::maintenance::purge(&pool, &workspace, node_type.as_deref()).await?;
-            outln!(
+            note!(
                 "purged {} exact and {} semantic entries",
                 purged.exact,
                 purged.semantic

@@ -161,7 +161,7 @@ pub async fn run(cfg: &Config, command: DlqCommand) -> anyhow::Result<bool> {
             let mut all = true;
             for r in &done {
                 match (&r.landed, &r.skipped) {
-                    (Some((p, o)), _) => outln!("redriven {} to {}[{p}]@{o}", r.at, r.topic),
+                    (Some((p, o)), _) => note!("redriven {} to {}[{p}]@{o}", r.at, r.topic),
                     (None, Some(why)) => {
                         all = false;
                         eprintln!("warning: skipped {}: {why}", r.at);

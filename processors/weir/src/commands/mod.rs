@@ -13,6 +13,16 @@ macro_rules! outln {
     }};
 }
 
+/// A line about work that goes on after it (a purge before its vacuum, one redriven letter of
+/// many): a closed stdout is ignored, so the reader going away never stops the work half way
+/// nor hides the warnings and exit code that follow.
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 /// `print!` for a command's output; see [`outln!`].
 macro_rules! out {
     ($($arg:tt)*) => {{
