@@ -296,7 +296,7 @@ pub enum BenchCommand {
         #[arg(
             long,
             value_delimiter = ',',
-            default_value = "50,500,1000,2000,4000,8000,12000,16000"
+            default_value = "50,500,1000,2000,3000,4000,6000,8000,12000,16000"
         )]
         rates: Vec<f64>,
         /// Workloads, comma-separated: patches, completions.

@@ -126,6 +126,23 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Waits for SIGINT or SIGTERM; the signal's name.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        },
+        // No handler could be installed: the default action (and PR_SET_PDEATHSIG for the
+        // children) stays in force.
+        _ => std::future::pending().await,
+    }
+}
+
 /// What a phase needs.
 struct Ctx {
     shared: Arc<Shared>,
@@ -348,7 +365,12 @@ pub async fn run(cfg: Arc<Config>, params: Params) -> anyhow::Result<Value> {
         logs.display()
     ));
     let mut children = Children::start(&bin, specs, &env, &logs)?;
-    let result = drive(&cfg, &params, &mut children, &key, &workspace, &say).await;
+    // Ctrl-C or SIGTERM ends the run early but still stops the children and removes the
+    // run's topics and configuration file.
+    let result = tokio::select! {
+        r = drive(&cfg, &params, &mut children, &key, &workspace, &say) => r,
+        s = interrupted() => Err(anyhow::anyhow!("interrupted ({s})")),
+    };
     let crashed = children.exited();
     children.stop(Duration::from_secs(20)).await;
     drop(children);
