@@ -23,7 +23,7 @@
 //!    `cache.embed_batch` (null when the model files are not installed).
 //!
 //! Phases 2–4 run `repeat` times over the same load, each repetition from the same state: the
-//! private tables vacuumed and analyzed (autovacuum is off on them, so none starts inside a
+//! earlier repetitions' audit rows truncated, the private tables vacuumed and analyzed (autovacuum is off on them, so none starts inside a
 //! phase), a checkpoint and an OS `sync` (see [`super::common::settle`]). The result is the
 //! first repetition's fields with each figure's median, and the spread and targets over the
 //! repetitions.
@@ -263,6 +263,10 @@ async fn measure(
 
     let mut reps = Vec::new();
     for rep in 1..=repeat.max(1) {
+        // Every repetition meets the same tables: the entries as loaded, no audit rows yet.
+        sqlx::query(&format!("TRUNCATE {}", private.qualified("cache_audit")))
+            .execute(&pool)
+            .await?;
         let start_state = settle(&pool, &OWN_TABLES[..3], &format!("repetition {rep}")).await?;
         // The CAS read + verification alone (part of every hit).
         let mut cas_gets = Samples::after_warmup(0);
