@@ -15,7 +15,7 @@ use weir_it::gateway::Setup;
 use weir_it::{produce_in_order, random_name, spawn_weir_run};
 use weir_model::CasRef;
 use weir_runtime::events::{
-    new_event_id, now_micros, CacheAnswer, CacheEvent, CacheLookup, CacheStore, DeadLetter,
+    new_event, CacheAnswer, CacheEvent, CacheLookup, CacheStore, DeadLetter, Envelope,
 };
 
 const NODE_TYPE: &str = "tool";
@@ -23,12 +23,8 @@ const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-
 const TRACESTATE: &str = "weirtest=1,rojo=00f067aa0ba902b7";
 
 fn store(ws: &str, id: &str, result_json: Option<&str>, result_ref: Option<&str>) -> CacheEvent {
-    CacheEvent::CacheStore(CacheStore {
-        event_id: new_event_id(),
-        occurred_at: now_micros(),
-        workspace_id: ws.into(),
-        traceparent: String::new(),
-        tracestate: None,
+    CacheEvent::CacheStore(new_event!(CacheStore {
+        envelope: Envelope::new(ws, "", None),
         request_id: id.into(),
         requester: "worker".into(),
         permission: "write".into(),
@@ -41,16 +37,12 @@ fn store(ws: &str, id: &str, result_json: Option<&str>, result_ref: Option<&str>
         embedding: None,
         cost_ms: 700,
         required_permission: "read".into(),
-    })
+    }))
 }
 
 fn lookup(ws: &str, id: &str, tracestate: Option<&str>) -> CacheEvent {
-    CacheEvent::CacheLookup(CacheLookup {
-        event_id: new_event_id(),
-        occurred_at: now_micros(),
-        workspace_id: ws.into(),
-        traceparent: TRACEPARENT.into(),
-        tracestate: tracestate.map(String::from),
+    CacheEvent::CacheLookup(new_event!(CacheLookup {
+        envelope: Envelope::new(ws, TRACEPARENT, tracestate.map(String::from)),
         request_id: id.into(),
         requester: "reader".into(),
         permission: "read".into(),
@@ -60,7 +52,7 @@ fn lookup(ws: &str, id: &str, tracestate: Option<&str>) -> CacheEvent {
         prompt: None,
         embedding: None,
         semantic: false,
-    })
+    }))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
