@@ -239,7 +239,7 @@ impl Processor for Materializer {
     /// `materializer.fetch_min_bytes` (default 1: the broker answers as soon as a patch is
     /// there). A larger value makes fetches wait for that many bytes or `fetch.wait.max.ms`,
     /// whichever comes first: fewer fetch requests at a high sustained rate, for up to
-    /// `fetch.wait.max.ms` more latency when the rate is low.
+    /// `fetch.wait.max.ms` more latency when the rate is low (see the field's doc).
     fn consumer_defaults(&self) -> Vec<(&'static str, String)> {
         vec![(
             "fetch.min.bytes",

@@ -38,11 +38,12 @@ pub struct MaterializerConfig {
     /// applied at once instead of waiting for company.
     pub max_wait_ms: u64,
     /// `fetch.min.bytes` of the materializer's consumers: the broker answers a fetch once
-    /// this many bytes are there, or after `fetch.wait.max.ms` (10 ms). The default, 1,
-    /// answers as soon as one patch is there, so an idle pipeline waits on no timer; under
-    /// load each fetch returns what arrived since the previous one. A larger value (65536
-    /// was the default before) means fewer fetch requests for the broker at a high sustained
-    /// rate, for up to `fetch.wait.max.ms` more latency per patch when the rate is low.
+    /// this many bytes are there, or after `fetch.wait.max.ms` (100 ms by default). The
+    /// default, 1, answers as soon as one patch is there, so an idle pipeline waits on no
+    /// timer; under load each fetch returns what arrived since the previous one. A larger
+    /// value means fewer fetch requests for the broker at a high sustained rate, for up to
+    /// `fetch.wait.max.ms` more latency per patch when the rate is low: set that lower too
+    /// (the previous defaults were 65536 with `kafka.consumer."fetch.wait.max.ms" = "10"`).
     /// `kafka.consumer."fetch.min.bytes"` still wins over it.
     pub fetch_min_bytes: u32,
     /// Most operations in one patch; more is rejected (`budget_ops`; 422 at the gateway).
