@@ -523,6 +523,7 @@ async fn drive(
             name,
             pid,
             tree: false,
+            clients_of: Vec::new(),
         });
     }
     let mut groups: Vec<Group> = ["gateway", "materializer", "coordinator", "relay"]
@@ -534,11 +535,25 @@ async fn drive(
             })
         })
         .collect();
+    let child_pids: Vec<u32> = children.pids().into_iter().map(|(_, _, pid)| pid).collect();
     for p in procs::stack_probes() {
+        // Postgres serves everyone on the stack: its backends serving this run's processes
+        // are also counted apart (the rest is other clients and the shared background work:
+        // WAL writer, checkpointer, autovacuum).
+        let own = (p.name == "postgres").then(|| Group {
+            label: "pg_backends".into(),
+            probes: vec![Probe {
+                name: "pg_backends".into(),
+                pid: p.pid,
+                tree: true,
+                clients_of: child_pids.clone(),
+            }],
+        });
         groups.push(Group {
             label: p.name.clone(),
             probes: vec![p],
         });
+        groups.extend(own);
     }
     groups.push(Group {
         label: "generator".into(),
@@ -546,6 +561,7 @@ async fn drive(
             name: "generator".into(),
             pid: std::process::id(),
             tree: false,
+            clients_of: Vec::new(),
         }],
     });
     let labels: Vec<String> = groups.iter().map(|g| g.label.clone()).collect();

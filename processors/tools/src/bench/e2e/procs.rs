@@ -12,7 +12,7 @@
 //!   reads, all of the time of those born in between, and the time of those that exited in
 //!   between (the parent's reaped-children time) minus what they had at the first read.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -234,6 +234,10 @@ pub struct Probe {
     pub pid: u32,
     /// Whether its child processes count too (Postgres: the postmaster and its backends).
     pub tree: bool,
+    /// When not empty: only the root's children serving a TCP connection of these
+    /// processes count (the Postgres backends of the benchmark's own processes), found by
+    /// the client port in a backend's command line (`postgres: user db 127.0.0.1(53020) ...`).
+    pub clients_of: Vec<u32>,
 }
 
 /// One reading of a probe: ticks per live pid, and the root's reaped children's ticks.
@@ -241,6 +245,9 @@ pub struct Probe {
 pub struct Reading {
     ticks: HashMap<u32, u64>,
     reaped: u64,
+    /// Whether `reaped` accounts for the processes that exit (false when only some of the
+    /// root's children are read: an exited one then simply stops counting).
+    partial: bool,
 }
 
 /// Every process's parent pid (one scan of /proc).
@@ -262,6 +269,9 @@ fn parents() -> HashMap<u32, u32> {
 impl Probe {
     /// Reads the probe now.
     pub fn read(&self) -> Reading {
+        if !self.clients_of.is_empty() {
+            return self.read_clients();
+        }
         let mut r = Reading::default();
         let Some((t, reaped, _)) = stat_ticks(self.pid) else {
             return r;
@@ -279,6 +289,84 @@ impl Probe {
         }
         r
     }
+
+    fn read_clients(&self) -> Reading {
+        let ports = local_ports(&self.clients_of);
+        let mut r = Reading {
+            partial: true,
+            ..Reading::default()
+        };
+        for (pid, ppid) in parents() {
+            if ppid != self.pid {
+                continue;
+            }
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default();
+            if backend_client_port(&cmdline).is_some_and(|p| ports.contains(&p)) {
+                if let Some((t, _, _)) = stat_ticks(pid) {
+                    r.ticks.insert(pid, t);
+                }
+            }
+        }
+        r
+    }
+}
+
+/// The local ports of the TCP sockets `pids` hold (their own ends of their connections).
+fn local_ports(pids: &[u32]) -> HashSet<u16> {
+    let mut inodes = HashSet::new();
+    for pid in pids {
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for e in dir.flatten() {
+            let Ok(target) = std::fs::read_link(e.path()) else {
+                continue;
+            };
+            let t = target.to_string_lossy();
+            if let Some(n) = t
+                .strip_prefix("socket:[")
+                .and_then(|r| r.strip_suffix(']'))
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                inodes.insert(n);
+            }
+        }
+    }
+    let mut ports = HashSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        ports.extend(tcp_table_ports(&text, &inodes));
+    }
+    ports
+}
+
+/// The local ports of the rows of a `/proc/net/tcp` table whose socket inode is in `inodes`.
+fn tcp_table_ports(text: &str, inodes: &HashSet<u64>) -> Vec<u16> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let inode = f.get(9)?.parse::<u64>().ok()?;
+            if !inodes.contains(&inode) {
+                return None;
+            }
+            let port = f.get(1)?.rsplit_once(':')?.1;
+            u16::from_str_radix(port, 16).ok()
+        })
+        .collect()
+}
+
+/// The client port in a Postgres backend's command line: `postgres: weir weir
+/// 127.0.0.1(53020) idle` → 53020; `None` for other processes (and Unix-socket clients).
+fn backend_client_port(cmdline: &str) -> Option<u16> {
+    let rest = cmdline.strip_prefix("postgres: ")?;
+    let open = rest.find('(')?;
+    let close = rest[open..].find(')')? + open;
+    rest[open + 1..close].parse().ok()
 }
 
 /// CPU seconds between two readings of one probe (see the module's invariant).
@@ -287,9 +375,11 @@ pub fn cpu_seconds(before: &Reading, after: &Reading) -> f64 {
     for (pid, t) in &after.ticks {
         ticks += *t as i64 - before.ticks.get(pid).copied().unwrap_or(0) as i64;
     }
-    for (pid, t) in &before.ticks {
-        if !after.ticks.contains_key(pid) {
-            ticks -= *t as i64;
+    if !after.partial {
+        for (pid, t) in &before.ticks {
+            if !after.ticks.contains_key(pid) {
+                ticks -= *t as i64;
+            }
         }
     }
     ticks += after.reaped as i64 - before.reaped as i64;
@@ -350,6 +440,7 @@ pub fn stack_probes() -> Vec<Probe> {
                 name: name.into(),
                 pid,
                 tree,
+                clients_of: Vec::new(),
             });
         }
     };
@@ -424,6 +515,7 @@ mod tests {
         let reading = |ticks: &[(u32, u64)], reaped| Reading {
             ticks: ticks.iter().copied().collect(),
             reaped,
+            partial: false,
         };
         // Root 1 with backends 2 (lives on) and 3 (exits, 40 ticks at the first reading,
         // 55 at its end, reaped into the root's children time); 4 is born.
@@ -433,6 +525,40 @@ mod tests {
         assert_eq!(cpu_seconds(&before, &after), 0.5);
         assert_eq!(cpu_seconds(&after, &after), 0.0);
         assert_eq!(cpu_seconds(&Reading::default(), &Reading::default()), 0.0);
+        // Only some children read (the backends of one client): an exit stops counting.
+        let partial = |ticks: &[(u32, u64)]| Reading {
+            ticks: ticks.iter().copied().collect(),
+            reaped: 0,
+            partial: true,
+        };
+        let before = partial(&[(2, 10), (3, 40)]);
+        let after = partial(&[(2, 30), (4, 5)]);
+        assert_eq!(cpu_seconds(&before, &after), 0.25);
+    }
+
+    #[test]
+    fn backends_are_matched_to_their_clients_by_port() {
+        assert_eq!(
+            backend_client_port("postgres: weir weir 127.0.0.1(53020) idle in transaction"),
+            Some(53020)
+        );
+        assert_eq!(backend_client_port("postgres: walwriter "), None);
+        assert_eq!(
+            backend_client_port("postgres: weir weir [local] idle"),
+            None
+        );
+        assert_eq!(backend_client_port("java -cp kafka(1)"), None);
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   \
+                     0: 0100007F:D2A4 0100007F:1538 01 00000000:00000000 00:00000000 00000000     0        0 4242 1\n   \
+                     1: 0100007F:D2A5 0100007F:1538 01 00000000:00000000 00:00000000 00000000     0        0 4243 1\n";
+        let inodes: HashSet<u64> = [4242].into_iter().collect();
+        assert_eq!(tcp_table_ports(table, &inodes), vec![0xD2A4]);
+        // This process's own connection is found by its port.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let conn =
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let port = conn.local_addr().expect("addr").port();
+        assert!(local_ports(&[std::process::id()]).contains(&port));
     }
 
     #[test]
@@ -441,6 +567,7 @@ mod tests {
             name: "self".into(),
             pid: std::process::id(),
             tree: true,
+            clients_of: Vec::new(),
         };
         let r = p.read();
         assert!(r.ticks.contains_key(&std::process::id()));

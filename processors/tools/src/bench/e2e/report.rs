@@ -172,22 +172,28 @@ pub fn table(rows: &[Row], groups: &[String]) -> String {
     if rows.iter().any(|r| !r.cpu_us_per_event.is_empty()) {
         let _ = writeln!(
             o,
-            "\nCPU µs per event (process CPU time in the window / events)"
+            "\nCPU µs per event (process CPU time in the window / events; postgres is the whole server, pg_backends the part of it serving this run's processes)"
         );
         let _ = write!(o, "{:<12} {:>9}", "workload", "offered/s");
         for g in groups {
             let _ = write!(o, " {:>12}", g);
         }
         let _ = writeln!(o, " {:>9}", "total");
+        let sum_of = |r: &Row| -> f64 {
+            groups
+                .iter()
+                // pg_backends is part of postgres: counted once.
+                .filter(|g| g.as_str() != "pg_backends")
+                .map(|g| r.cpu_us_per_event.get(g).copied().unwrap_or(0.0))
+                .sum()
+        };
         for r in rows {
             let _ = write!(o, "{:<12} {:>9.0}", r.workload.name(), r.offered_per_sec);
-            let mut total = 0.0;
             for g in groups {
                 let v = r.cpu_us_per_event.get(g).copied().unwrap_or(0.0);
-                total += v;
                 let _ = write!(o, " {:>12.1}", v);
             }
-            let _ = writeln!(o, " {:>9.1}", total);
+            let _ = writeln!(o, " {:>9.1}", sum_of(r));
         }
     }
     o
@@ -264,9 +270,13 @@ mod tests {
             seconds: 10.0,
             events: 100,
             cpu_seconds: BTreeMap::new(),
-            cpu_us_per_event: [("gateway".to_string(), 12.5), ("kafka".to_string(), 30.0)]
-                .into_iter()
-                .collect(),
+            cpu_us_per_event: [
+                ("gateway".to_string(), 12.5),
+                ("kafka".to_string(), 30.0),
+                ("pg_backends".to_string(), 7.0),
+            ]
+            .into_iter()
+            .collect(),
         }
     }
 
@@ -277,14 +287,21 @@ mod tests {
             row(Workload::Patches, 2000.0, 6.0, 120.0),
             row(Workload::Completions, 50.0, 5.0, 11.0),
         ];
-        let groups = vec!["gateway".to_string(), "kafka".to_string()];
+        let groups = vec![
+            "gateway".to_string(),
+            "kafka".to_string(),
+            "pg_backends".to_string(),
+        ];
         let t = table(&rows, &groups);
         assert!(t.contains("patches: patch → WorkflowMaterialized"));
         assert!(t.contains("completions: completion → next NodeReady"));
         assert_eq!(t.matches("BEHIND").count(), 1);
         assert!(t.contains("CPU µs per event"));
         assert!(t.contains("where the time goes"));
-        assert!(t.contains("42.5"), "the total of the CPU columns");
+        assert!(
+            t.contains("42.5") && !t.contains("49.5"),
+            "the total of the CPU columns, pg_backends (part of postgres) not added"
+        );
         let s = series(&rows);
         assert_eq!(s.len(), 4);
         assert_eq!(s[1].points, vec![(49.5, 9.0), (1980.0, 120.0)]);
