@@ -12,8 +12,10 @@
 //!   NodeReady's arrival) to the next NodeReady read from `weir.node-ready.v1`.
 //!
 //! Before the ladders, each workload runs 5 s at 50/s unmeasured (fresh processes pay for
-//! their first requests). Each (workload, rate) phase is a warm-up, then a measured window,
-//! then a drain (outputs of the window's requests still arriving); a rate whose p99 passes
+//! their first requests); then, before each workload's ladder, the machine is settled
+//! ([`crate::bench::common::settle`]: autovacuum waited for, CHECKPOINT, sync). Each
+//! (workload, rate) phase is a warm-up, then a measured window, then a drain (outputs of the
+//! window's requests still arriving); a rate whose p99 passes
 //! `stop_p99_ms`, whose achieved rate falls under 80 % of the offered one, or whose outputs
 //! did not all arrive ends the ladder of that workload (the next rate would only grow a
 //! backlog). CPU time of every process in the loop is read from `/proc` at the window's
@@ -383,7 +385,7 @@ pub async fn run(cfg: Arc<Config>, params: Params) -> anyhow::Result<Value> {
         "weir processes exited during the run: {crashed:?}; see {}",
         logs.display()
     );
-    let (rows, groups) = result?;
+    let (rows, groups, settled) = result?;
     if !params.json_only {
         print!("{}", report::table(&rows, &groups));
     }
@@ -427,6 +429,7 @@ pub async fn run(cfg: Arc<Config>, params: Params) -> anyhow::Result<Value> {
         "max_patches_per_sec": best(Workload::Patches),
         "max_completions_per_sec": best(Workload::Completions),
         "rows": rows,
+        "settled": settled,
     }))
 }
 
@@ -438,7 +441,7 @@ async fn drive(
     key: &str,
     workspace: &str,
     say: &impl Fn(String),
-) -> anyhow::Result<(Vec<Row>, Vec<String>)> {
+) -> anyhow::Result<(Vec<Row>, Vec<String>, Vec<Value>)> {
     children.wait_ready(Duration::from_secs(120)).await?;
     // Every consumer joined its group before anything is measured (a join later would
     // revoke partitions in the middle of a window).
@@ -588,7 +591,16 @@ async fn drive(
         .await?;
     }
     let mut rows = Vec::new();
+    let mut settled = Vec::new();
+    let pool = weir_runtime::db::pool(&cfg.postgres)?;
     for &workload in &params.workloads {
+        // What earlier work left dirty (shared buffers, the OS page cache, a checkpoint due)
+        // is written back now, not inside the ladder; autovacuum workers are waited for. The
+        // ladder itself runs on without settling: its rates follow each other as a user's
+        // load would.
+        settled.push(
+            crate::bench::common::settle(&pool, &[], &format!("e2e {}", workload.name())).await?,
+        );
         for &rate in &params.rates {
             say(format!(
                 "{} at {rate}/s: {:.0} s warm-up, {:.0} s measured",
@@ -626,7 +638,8 @@ async fn drive(
     }
     stop_reader.cancel();
     let _ = reader.await;
-    Ok((rows, labels))
+    pool.close().await;
+    Ok((rows, labels, settled))
 }
 
 #[cfg(test)]
