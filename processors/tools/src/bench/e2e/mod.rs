@@ -357,7 +357,7 @@ pub async fn run(cfg: Arc<Config>, params: Params) -> anyhow::Result<Value> {
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs)?;
     say(format!(
-        "weir bench e2e: {} processes ({}), topics {prefix}*, logs in {}",
+        "weir bench e2e: {} processes ({}), topics {prefix}*, logs in {} (kept if the run fails)",
         specs.len(),
         specs
             .iter()
@@ -385,7 +385,10 @@ pub async fn run(cfg: Arc<Config>, params: Params) -> anyhow::Result<Value> {
         "weir processes exited during the run: {crashed:?}; see {}",
         logs.display()
     );
-    let (rows, groups, settled) = result?;
+    let (rows, groups, settled) =
+        result.with_context(|| format!("the processes' logs are in {}", logs.display()))?;
+    // A run that went through leaves nothing behind; a failed one keeps the logs.
+    let _ = std::fs::remove_dir_all(&dir);
     if !params.json_only {
         print!("{}", report::table(&rows, &groups));
     }
