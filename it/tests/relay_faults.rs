@@ -392,7 +392,7 @@ async fn the_relay_benchmark_leaves_a_live_deployment_alone() {
     }
     insert_rows(&pool, &live_topic, &[1, 2, 3], 0..10, lanes).await;
 
-    let bench = tokio::spawn(weir_tools::bench::relay::run(cfg.clone(), 3_000, 2));
+    let bench = tokio::spawn(weir_tools::bench::relay::run(cfg.clone(), 3_000, 2, 1));
     // While the benchmark runs: none of its rows in the deployment's outbox, and the
     // deployment's new rows are still published (its lanes were not taken).
     let bench_rows = format!("{prefix}weir.bench.relay.%");
@@ -541,7 +541,7 @@ async fn the_coordinator_benchmark_writes_no_row_a_live_relay_would_publish() {
         .await
         .expect("migrations");
     let started = Instant::now();
-    let bench = tokio::spawn(weir_tools::bench::coordinator::run(cfg.clone(), 20, 5));
+    let bench = tokio::spawn(weir_tools::bench::coordinator::run(cfg.clone(), 20, 5, 1));
     // Its NodeReady and run events go to topics that do not exist: none may appear in the
     // deployment's outbox, where a live relay would take them.
     let mut max_seen = 0i64;
@@ -593,6 +593,7 @@ async fn the_materializer_benchmark_keeps_its_own_groups_and_outbox() {
         workflows: 30,
         latency_patches: 100,
         naive_patches: 20,
+        repeat: 1,
     };
     let bench = tokio::spawn(weir_tools::bench::materializer::run(cfg.clone(), params));
     let started = Instant::now();

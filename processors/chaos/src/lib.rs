@@ -316,7 +316,7 @@ pub async fn run(cfg: Arc<Config>, args: Args) -> anyhow::Result<bool> {
     // from this file; the environment's own layers still apply on top, so the run's settings
     // are repeated there.
     let cfg_path = out.join("weir.toml");
-    write_private(
+    weir_tools::child::write_private(
         &cfg_path,
         &toml::to_string(&run_cfg).context("config as TOML")?,
     )?;
@@ -393,20 +393,6 @@ pub async fn run(cfg: Arc<Config>, args: Args) -> anyhow::Result<bool> {
     println!("report: {}", out.join("report.json").display());
     println!("{}", report.json_line());
     Ok(report.ok)
-}
-
-fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(text.as_bytes())?;
-    Ok(())
 }
 
 /// Injects one fault and ends it (restart, SIGCONT); what happened, with wall-clock times.

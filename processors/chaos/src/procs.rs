@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -134,33 +134,16 @@ impl Fleet {
             .append(true)
             .open(&path)
             .with_context(|| format!("cannot open {}", path.display()))?;
-        let mut cmd = Command::new(&self.bin);
-        cmd.args(&p.spec.args)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .env(
-                "WEIR__TELEMETRY__LISTEN",
-                format!("127.0.0.1:{}", p.spec.metrics_port),
-            )
-            // Plain log files (tracing-subscriber honours NO_COLOR).
-            .env("NO_COLOR", "1")
-            // RUST_LOG is the driver's (e.g. quieting its own librdkafka clients while Kafka
-            // is down); the processes log at their configured `telemetry.log_filter`.
-            .env_remove("RUST_LOG")
-            .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true)
-            .process_group(0);
-        if let Some(port) = p.spec.gateway_port {
-            cmd.env("WEIR__GATEWAY__LISTEN", format!("127.0.0.1:{port}"));
-        }
-        // SAFETY: between fork and exec only prctl(2) is called, which is async-signal-safe
-        // and touches no memory of the parent.
-        unsafe {
-            cmd.pre_exec(|| {
-                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
-            });
-        }
+        let mut cmd = weir_tools::child::command(
+            &self.bin,
+            &p.spec.args,
+            &self.env,
+            weir_tools::child::Ports {
+                telemetry: p.spec.metrics_port,
+                gateway: p.spec.gateway_port,
+            },
+            log,
+        )?;
         let child = cmd
             .spawn()
             .with_context(|| format!("cannot start {} ({})", p.spec.name, self.bin.display()))?;

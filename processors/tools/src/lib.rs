@@ -9,11 +9,13 @@
 //!   relay's fault tests publish through.
 //! - [`common`]: what they share: percentiles, warm-up samples, scratch topics and schemas,
 //!   consumer-group and watermark probes, the result's JSON line.
+//! - [`child`]: weir processes started as children (chaos, the end-to-end benchmark).
 //! - [`worker`]: the simulated worker of `weir demo` and `weir chaos`.
 //!
 //! Invariant: no processor crate depends on this one; it depends on them.
 
 pub mod bench;
+pub mod child;
 pub mod common;
 pub mod demo;
 pub mod private;
