@@ -32,7 +32,7 @@ pub mod report;
 pub mod stats;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -112,21 +112,6 @@ fn patched_definition() -> Value {
 
 /// Run workflows (runs are spread over them).
 const FLOWS: usize = 8;
-
-/// Writes `text` readable by this user only (the configuration holds credentials).
-fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(text.as_bytes())?;
-    Ok(())
-}
 
 /// Waits for SIGINT or SIGTERM; the signal's name.
 async fn interrupted() -> &'static str {
@@ -306,7 +291,7 @@ pub async fn run(cfg: Arc<Config>, params: Params) -> anyhow::Result<Value> {
     let dir = std::env::temp_dir().join(format!("weir-bench-e2e-{id}"));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let cfg_path = dir.join("weir.toml");
-    write_private(
+    crate::child::write_private(
         &cfg_path,
         &toml::to_string(&*cfg).context("config as TOML")?,
     )?;

@@ -4,10 +4,9 @@
 //! load generator itself) read from `/proc`.
 //!
 //! Invariants:
-//! - no child outlives the benchmark: each has `kill_on_drop`, dies with it
-//!   (`PR_SET_PDEATHSIG`), and [`Children`]'s `Drop` kills what is left;
-//! - children run in their own process group, so a Ctrl-C in the terminal reaches the
-//!   benchmark only (which then drops them);
+//! - no child outlives the benchmark: each is started by [`crate::child::command`]
+//!   (`kill_on_drop`, `PR_SET_PDEATHSIG`, its own process group, so a Ctrl-C reaches the
+//!   benchmark only, which then stops them), and [`Children`]'s `Drop` kills what is left;
 //! - a process tree's CPU delta counts each process once: time of processes alive at both
 //!   reads, all of the time of those born in between, and the time of those that exited in
 //!   between (the parent's reaped-children time) minus what they had at the first read.
@@ -20,7 +19,7 @@ use std::time::Duration;
 use anyhow::Context;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 use super::stats::Window;
 use crate::common::round;
@@ -74,31 +73,16 @@ impl Children {
             let path = logs.join(format!("{}.log", spec.name));
             let log = std::fs::File::create(&path)
                 .with_context(|| format!("cannot create {}", path.display()))?;
-            let mut cmd = Command::new(bin);
-            cmd.args(["run", &spec.role])
-                .envs(env.iter().map(|(k, v)| (k, v)))
-                .env(
-                    "WEIR__TELEMETRY__LISTEN",
-                    format!("127.0.0.1:{}", spec.telemetry_port),
-                )
-                .env("NO_COLOR", "1")
-                // The processes log at their configured filter, not the benchmark's.
-                .env_remove("RUST_LOG")
-                .stdin(std::process::Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .kill_on_drop(true)
-                .process_group(0);
-            if let Some(port) = spec.gateway_port {
-                cmd.env("WEIR__GATEWAY__LISTEN", format!("127.0.0.1:{port}"));
-            }
-            // SAFETY: between fork and exec only prctl(2) runs, which is async-signal-safe
-            // and touches no memory of the parent.
-            unsafe {
-                cmd.pre_exec(|| {
-                    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
-                });
-            }
+            let mut cmd = crate::child::command(
+                bin,
+                &["run".to_string(), spec.role.clone()],
+                env,
+                crate::child::Ports {
+                    telemetry: spec.telemetry_port,
+                    gateway: spec.gateway_port,
+                },
+                log,
+            )?;
             let child = cmd
                 .spawn()
                 .with_context(|| format!("cannot start {} ({})", spec.name, bin.display()))?;
