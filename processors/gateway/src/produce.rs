@@ -23,6 +23,9 @@ use weir_runtime::events::TopicEvent;
 use crate::metrics;
 use crate::problem::Problem;
 
+/// The gateway producer's `linger.ms` unless `kafka.producer` sets one.
+pub const DEFAULT_LINGER_MS: &str = "0";
+
 /// The gateway's producer: weir's settings (idempotent, acks=all) with the gateway's batching
 /// and bounds; operator overrides in `kafka.producer` win. No linger: a request's event is
 /// sent at once, since the client waits for its acknowledgement; under load the events
@@ -36,7 +39,7 @@ pub fn producer(cfg: &Config) -> Result<FutureProducer, KafkaError> {
     let mut c = weir_runtime::kafka::producer_config(&cfg.kafka);
     let g = &cfg.gateway;
     let defaults = [
-        ("linger.ms", "0".to_string()),
+        ("linger.ms", DEFAULT_LINGER_MS.to_string()),
         ("compression.type", "none".to_string()),
         ("batch.num.messages", "10000".to_string()),
         (

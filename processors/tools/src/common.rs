@@ -107,6 +107,36 @@ pub async fn register_schemas(cfg: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A gateway of a benchmark's own, under `cfg`'s topic prefix: its topics made and schemas
+/// registered, its state built, and a fresh workspace with a key of `permission`.
+pub struct OwnGateway {
+    pub state: weir_gateway::AppState,
+    pub pool: sqlx::PgPool,
+    pub workspace: String,
+    pub key: String,
+}
+
+/// Makes an [`OwnGateway`] (not yet listening: hand `state` to `weir_gateway::spawn`).
+pub async fn own_gateway(
+    cfg: &std::sync::Arc<Config>,
+    permission: weir_model::Permission,
+) -> anyhow::Result<OwnGateway> {
+    create_topics(cfg).await?;
+    register_schemas(cfg).await?;
+    let state = weir_gateway::state(cfg.clone(), weir_gateway::Sources::default()).await?;
+    let pool = weir_runtime::db::pool(&cfg.postgres)?;
+    let workspace = format!("bench-{}", uuid::Uuid::now_v7().simple());
+    let key = weir_gateway::auth::create_key(&pool, &workspace, permission)
+        .await?
+        .key;
+    Ok(OwnGateway {
+        state,
+        pool,
+        workspace,
+        key,
+    })
+}
+
 /// An outbox of the run's own beside the deployment's (see [`PrivateOutbox`]).
 pub async fn own_outbox(cfg: &Config, label: &str) -> anyhow::Result<PrivateOutbox> {
     PrivateOutbox::create(&cfg.postgres, label)

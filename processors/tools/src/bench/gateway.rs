@@ -30,11 +30,10 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use weir_runtime::config::Config;
 
-use weir_gateway::auth::create_key;
 use weir_model::Permission;
 
 use super::common::{settle, summarize, topics_left, Figure};
-use crate::common::{create_topics, percentile, register_schemas, round, scratch_config};
+use crate::common::{own_gateway, percentile, round, scratch_config, OwnGateway};
 
 /// The figures summarized over repetitions, with their targets (the seed's orchestrator API
 /// answered 5,000 requests/s with p99 100 ms).
@@ -272,12 +271,12 @@ pub async fn run(cfg: Arc<Config>, params: Params) -> anyhow::Result<Value> {
     c.gateway.rate_limit_per_sec = u32::MAX / 2;
     c.gateway.rate_limit_burst = u32::MAX / 2;
     let cfg = Arc::new(c);
-    create_topics(&cfg).await?;
-    register_schemas(&cfg).await?;
-    let state = weir_gateway::state(cfg.clone(), weir_gateway::Sources::default()).await?;
-    let pool = weir_runtime::db::pool(&cfg.postgres)?;
-    let workspace = format!("bench-{}", uuid::Uuid::now_v7().simple());
-    let key = create_key(&pool, &workspace, Permission::Write).await?.key;
+    let OwnGateway {
+        state,
+        pool,
+        workspace,
+        key,
+    } = own_gateway(&cfg, Permission::Write).await?;
     let shutdown = CancellationToken::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let running = weir_gateway::spawn(listener, state, shutdown.clone())?;
@@ -311,7 +310,7 @@ pub async fn run(cfg: Arc<Config>, params: Params) -> anyhow::Result<Value> {
             .cloned()
             .unwrap_or_else(|| default.into())
     };
-    let linger = producer_setting("linger.ms", "2");
+    let linger = producer_setting("linger.ms", weir_gateway::produce::DEFAULT_LINGER_MS);
     let compression = producer_setting("compression.type", "none");
     let mut reps = Vec::new();
     for rep in 1..=params.repeat.max(1) {

@@ -29,10 +29,9 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use weir_runtime::config::Config;
 
-use weir_gateway::auth::create_key;
 use weir_model::Permission;
 
-use crate::common::{create_topics, percentile, register_schemas, round, scratch_config};
+use crate::common::{own_gateway, percentile, round, scratch_config, OwnGateway};
 
 /// Benchmark parameters.
 #[derive(Debug, Clone)]
@@ -161,12 +160,12 @@ pub async fn run(cfg: Arc<Config>, params: Params) -> anyhow::Result<Value> {
     c.gateway.max_streams = params.streams;
     c.gateway.max_streams_per_workspace = params.streams;
     let cfg = Arc::new(c);
-    create_topics(&cfg).await?;
-    register_schemas(&cfg).await?;
-    let state = weir_gateway::state(cfg.clone(), weir_gateway::Sources::default()).await?;
-    let pool = weir_runtime::db::pool(&cfg.postgres)?;
-    let workspace = format!("bench-{}", uuid::Uuid::now_v7().simple());
-    let key = create_key(&pool, &workspace, Permission::Read).await?.key;
+    let OwnGateway {
+        state,
+        pool,
+        workspace,
+        key,
+    } = own_gateway(&cfg, Permission::Read).await?;
     let wf = |i: usize| format!("streams-{i}");
     for i in 0..params.workflows {
         sqlx::query(
