@@ -24,6 +24,10 @@
 //! Invariants: open loop (requests leave on schedule whatever the answers; latency from the
 //! intended time); nothing of another run counts (own prefix, own workspace, readers start at
 //! the topics' ends); every child is stopped when the benchmark ends, fails or is dropped.
+//!
+//! Not isolated: the processes use the stack's database (its tables, with rows of their own).
+//! A deployment's relays running beside it would take the benchmark's outbox rows, so it runs
+//! on a stack of its own, as the local one is.
 
 pub mod chart;
 pub mod load;
