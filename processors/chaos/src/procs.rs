@@ -178,24 +178,13 @@ impl Fleet {
             .build()?;
         let deadline = tokio::time::Instant::now() + timeout;
         for p in &self.procs {
-            // The telemetry /readyz reports every component (the gateway's included); the
-            // gateway's own /readyz is asked as well, as its clients' balancer would.
-            let mut urls = vec![format!("http://127.0.0.1:{}/readyz", p.spec.metrics_port)];
-            if let Some(port) = p.spec.gateway_port {
-                urls.push(format!("http://127.0.0.1:{port}/readyz"));
-            }
-            let url = urls.join(" and ");
+            let ports = weir_tools::child::Ports {
+                telemetry: p.spec.metrics_port,
+                gateway: p.spec.gateway_port,
+            };
+            let url = ports.readyz().join(" and ");
             loop {
-                let mut ok = true;
-                for u in &urls {
-                    ok &= client
-                        .get(u)
-                        .send()
-                        .await
-                        .map(|r| r.status().is_success())
-                        .unwrap_or(false);
-                }
-                if ok {
+                if ports.ready(&client).await {
                     break;
                 }
                 if let Some(status) = self.exited(p).await {

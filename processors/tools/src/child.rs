@@ -63,6 +63,33 @@ pub fn command(
     Ok(cmd)
 }
 
+impl Ports {
+    /// The /readyz addresses of a child: its telemetry's, which reports every component (the
+    /// gateway's included), and the gateway's own, as its clients' balancer would ask.
+    pub fn readyz(&self) -> Vec<String> {
+        let mut urls = vec![format!("http://127.0.0.1:{}/readyz", self.telemetry)];
+        if let Some(port) = self.gateway {
+            urls.push(format!("http://127.0.0.1:{port}/readyz"));
+        }
+        urls
+    }
+
+    /// Whether every address of [`Ports::readyz`] answers 2xx now.
+    pub async fn ready(&self, client: &reqwest::Client) -> bool {
+        for u in self.readyz() {
+            let ok = client
+                .get(&u)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if !ok {
+                return false;
+            }
+        }
+        true
+    }
+}
+
 /// Writes `text` to `path`, readable by this user only (a configuration holds credentials).
 pub fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     let mut f = std::fs::OpenOptions::new()

@@ -119,21 +119,13 @@ impl Children {
             .build()?;
         let deadline = tokio::time::Instant::now() + timeout;
         for p in &mut self.procs {
-            let mut urls = vec![format!("http://127.0.0.1:{}/readyz", p.spec.telemetry_port)];
-            if let Some(port) = p.spec.gateway_port {
-                urls.push(format!("http://127.0.0.1:{port}/readyz"));
-            }
+            let ports = crate::child::Ports {
+                telemetry: p.spec.telemetry_port,
+                gateway: p.spec.gateway_port,
+            };
             let log = self.logs.join(format!("{}.log", p.spec.name));
             loop {
-                let mut ok = true;
-                for u in &urls {
-                    ok &= client
-                        .get(u)
-                        .send()
-                        .await
-                        .is_ok_and(|r| r.status().is_success());
-                }
-                if ok {
+                if ports.ready(&client).await {
                     break;
                 }
                 if let Ok(Some(status)) = p.child.try_wait() {
