@@ -114,6 +114,11 @@ fn patched_definition() -> Value {
     json!({"nodes": {"a": {"type": "function", "config": {"n": 0}}}, "edges": []})
 }
 
+/// Most processes of one role (`--processes`, `--gateways`).
+const MAX_PROCESSES: usize = 16;
+/// Highest offered rate, events per second.
+const MAX_RATE: f64 = 1_000_000.0;
+
 /// Run workflows (runs are spread over them).
 const FLOWS: usize = 8;
 
@@ -254,15 +259,39 @@ fn saturated(row: &Row, stop_p99_ms: f64) -> bool {
 /// Runs the benchmark; returns the result object (the command prints it as its last line,
 /// after the tables unless `json_only`).
 pub async fn run(cfg: Arc<Config>, params: Params) -> anyhow::Result<Value> {
-    anyhow::ensure!(
-        params.processes >= 1 && params.gateways >= 1,
-        "at least one process of each"
-    );
-    anyhow::ensure!(
-        !params.rates.is_empty() && params.rates.iter().all(|r| r.is_finite() && *r > 0.0),
-        "--rates: positive rates"
-    );
-    anyhow::ensure!(params.workflows >= 1, "--workflows: at least one");
+    // Bounds before anything starts: each flag decides how many processes, tasks, rows and
+    // definitions the run makes on this machine.
+    let mut bad = Vec::new();
+    if !(1..=MAX_PROCESSES).contains(&params.processes) {
+        bad.push(format!("--processes: 1 to {MAX_PROCESSES}"));
+    }
+    if !(1..=MAX_PROCESSES).contains(&params.gateways) {
+        bad.push(format!("--gateways: 1 to {MAX_PROCESSES}"));
+    }
+    if params.rates.is_empty()
+        || params.rates.len() > 64
+        || !params
+            .rates
+            .iter()
+            .all(|r| r.is_finite() && *r > 0.0 && *r <= MAX_RATE)
+    {
+        bad.push(format!(
+            "--rates: 1 to 64 rates, each above 0 and at most {MAX_RATE}"
+        ));
+    }
+    if !(1..=100_000).contains(&params.workflows) {
+        bad.push("--workflows: 1 to 100000".into());
+    }
+    if !(1..=64).contains(&params.fan_out) {
+        bad.push("--fan-out: 1 to 64".into());
+    }
+    if !(1..=1_000_000).contains(&params.max_inflight) {
+        bad.push("--max-inflight: 1 to 1000000".into());
+    }
+    if params.duration.is_zero() || params.request_timeout.is_zero() {
+        bad.push("--duration and --request-timeout: above 0".into());
+    }
+    anyhow::ensure!(bad.is_empty(), "{}", bad.join("; "));
     let say = |s: String| {
         if !params.json_only {
             println!("{s}");
