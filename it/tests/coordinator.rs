@@ -703,12 +703,22 @@ async fn a_run_whose_timers_keep_failing_does_not_stop_the_others() {
         ),
     )
     .await;
+    // The good run may complete while the bad run's tick is still in its suspect retries
+    // (runs are ticked one by one, and the good one can come first): the drop is waited for,
+    // with the trigger still refusing every update.
+    let drop_deadline = Instant::now() + Duration::from_secs(60);
+    let timers = loop {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM weir_run_timers WHERE run_id = $1")
+            .bind(&bad)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if n == 0 || Instant::now() > drop_deadline {
+            break n;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     stop.cancel();
-    let timers: i64 = sqlx::query_scalar("SELECT count(*) FROM weir_run_timers WHERE run_id = $1")
-        .bind(&bad)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
     let bad_status: String = sqlx::query_scalar("SELECT status FROM weir_runs WHERE run_id = $1")
         .bind(&bad)
         .fetch_one(&pool)
