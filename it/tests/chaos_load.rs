@@ -190,12 +190,14 @@ async fn a_taken_over_partition_reports_no_lag_once_applied() {
             operations_ref: None,
         })
         .collect();
-    // The first owner never commits to Kafka by itself (an hour between auto-commits), and
-    // is SIGKILLed, so it cannot commit on the way out either.
+    // The first owner never commits to Kafka by itself: no auto-commit (not even the one
+    // librdkafka makes when a rebalance revokes its partitions), and it is SIGKILLed, so it
+    // cannot commit on the way out either.
     let mut first = weir_it::spawn_weir_run(
         &prefix,
         "materializer",
         &[
+            ("WEIR__KAFKA__CONSUMER__ENABLE_AUTO_COMMIT", "false"),
             ("WEIR__KAFKA__CONSUMER__AUTO_COMMIT_INTERVAL_MS", "3600000"),
             ("WEIR__KAFKA__CONSUMER__SESSION_TIMEOUT_MS", "6000"),
         ],
