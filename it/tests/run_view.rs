@@ -305,6 +305,19 @@ async fn the_live_run_view_follows_a_demo_run_to_completion() {
     };
     worker.await.unwrap();
     assert!(saw_running, "the page never showed a node running: {page}");
+    // The gateway now remembers the run as its workspace's (the worker's completions): another
+    // workspace's key is still told there is no such run, and so is an unknown run id.
+    let late = json!({"attempt": 1, "status": "succeeded", "output": {}, "duration_ms": 1});
+    let other = gw.key(&random_name("ws"), Permission::Write).await;
+    let path = format!("/v1/runs/{run}/nodes/report/completions");
+    let a = gw.post(&path, &other, late.clone()).await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND, "{}", a.body);
+    let unknown = format!("/v1/runs/{}/nodes/report/completions", Uuid::now_v7());
+    let a = gw.post(&unknown, &write, late.clone()).await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND, "{}", a.body);
+    // The owner's late duplicate is accepted (the coordinator ignores it).
+    let a = gw.post(&path, &write, late).await;
+    assert_eq!(a.status, StatusCode::ACCEPTED, "{}", a.body);
     let nodes = page["nodes"].as_array().unwrap();
     assert_eq!(nodes.len(), 4, "{page}");
     assert_eq!(page["edges"], 4, "{page}");

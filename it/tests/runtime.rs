@@ -349,3 +349,87 @@ async fn schemas_check_refuses_an_incompatible_change() {
         "{stdout}"
     );
 }
+
+/// Outbox rows keep push order in both of the outbox's write paths (an `INSERT` of arrays up
+/// to `SMALL_BATCH` rows, COPY past it), and a batch pool gets past a connection killed while
+/// idle: the next use fails at most once, with an error the runtime retries, and a new
+/// connection answers after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_order_in_both_write_paths_and_a_killed_pool_connection() {
+    use weir_runtime::error::postgres_disposition;
+    use weir_runtime::events::CompletionEvent;
+    use weir_runtime::outbox::SMALL_BATCH;
+    use weir_runtime::{Disposition, Outbox};
+
+    let prefix = random_name("outbox");
+    let cfg = config(&prefix);
+    let codec = prepare(&cfg).await.expect("prepare");
+    let pool = weir_runtime::db::pool(&cfg.postgres).expect("pool");
+    let topic = codec.topic::<CompletionEvent>();
+    for n in [1, 3, SMALL_BATCH, SMALL_BATCH + 1, 3 * SMALL_BATCH] {
+        let mut tx = pool.begin().await.expect("begin");
+        let mut outbox = Outbox::new(&codec, 4);
+        let run = random_name("run");
+        let mut pushed = Vec::new();
+        for i in 0..n {
+            let e = node_completed(&run, i as i32 + 1);
+            let CompletionEvent::NodeCompleted(c) = &e else {
+                unreachable!("node_completed makes a NodeCompleted")
+            };
+            pushed.push(c.event_id.to_string());
+            outbox.push(&e).await.expect("push");
+        }
+        assert_eq!(outbox.flush(&mut tx).await.expect("flush"), n as u64);
+        assert!(outbox.is_empty(), "flush empties the outbox");
+        let (ids, lanes): (Vec<String>, Vec<i32>) = sqlx::query_as::<_, (String, i32)>(
+            "SELECT headers->>'event_id', lane FROM weir_outbox WHERE topic = $1 ORDER BY id",
+        )
+        .bind(&topic)
+        .fetch_all(&mut *tx)
+        .await
+        .expect("read the outbox")
+        .into_iter()
+        .unzip();
+        assert_eq!(ids, pushed, "{n} rows: ids follow push order");
+        assert!(
+            lanes.windows(2).all(|w| w[0] == w[1]),
+            "one key, one lane: {lanes:?}"
+        );
+        // Never committed: no relay ever sees these rows.
+        tx.rollback().await.expect("rollback");
+    }
+
+    let batch = weir_runtime::db::batch_pool(&cfg.postgres).expect("batch pool");
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&batch)
+        .await
+        .expect("first connection");
+    let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)")
+        .bind(pid)
+        .fetch_one(&pool)
+        .await
+        .expect("terminate");
+    assert!(killed, "the pool's connection {pid} was terminated");
+    let mut answered = None;
+    for attempt in 1..=2 {
+        match sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()")
+            .fetch_one(&batch)
+            .await
+        {
+            Ok(p) => {
+                answered = Some((attempt, p));
+                break;
+            }
+            Err(e) => assert_eq!(
+                postgres_disposition(&e),
+                Disposition::Retry,
+                "a killed connection is a transient error: {e}"
+            ),
+        }
+    }
+    let (attempt, new_pid) = answered.expect("a new connection answers by the second use");
+    assert_ne!(
+        new_pid, pid,
+        "answered on attempt {attempt} by a new connection"
+    );
+}

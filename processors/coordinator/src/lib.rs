@@ -25,5 +25,5 @@ pub use cache::{CacheCandidate, CacheSeamError, CachedResult, DispatchCache};
 pub use error::CoordinatorError;
 pub use history::{PatchLog, RebuildError, Rebuilt};
 pub use processor::{Coordinator, GROUP};
-pub use status::run_status;
+pub use status::{run_exists, run_status};
 pub use timers::TimerLoop;

@@ -61,3 +61,21 @@ pub async fn run_status(
         nodes,
     }))
 }
+
+/// Whether run `run_id` exists in `workspace_id` (one index probe; other workspaces' runs
+/// answer false).
+pub async fn run_exists(
+    pool: &PgPool,
+    workspace_id: &str,
+    run_id: Uuid,
+) -> Result<bool, sqlx::Error> {
+    let id = run_id.to_string();
+    let found = sqlx::query_scalar!(
+        r#"SELECT 1 AS "one!" FROM weir_runs WHERE run_id = $1 AND workspace_id = $2"#,
+        id,
+        workspace_id,
+    )
+    .fetch_optional(pool)
+    .await?;
+    Ok(found.is_some())
+}

@@ -40,6 +40,12 @@ pub trait RunStatusSource: Send + Sync + 'static {
         workspace_id: &str,
         run_id: Uuid,
     ) -> Result<Option<RunStatus>, SourceError>;
+
+    /// Whether run `run_id` exists in `workspace_id`: the check before a completion is
+    /// accepted. A source that can answer it without the run's nodes should.
+    async fn run_exists(&self, workspace_id: &str, run_id: Uuid) -> Result<bool, SourceError> {
+        Ok(self.run_status(workspace_id, run_id).await?.is_some())
+    }
 }
 
 /// A synchronous cache lookup (`POST /v1/cache/lookup`); workspace and permission come from

@@ -16,7 +16,7 @@ use crate::telemetry::Health;
 pub struct Services {
     /// The configuration.
     pub cfg: Arc<Config>,
-    /// Postgres.
+    /// Postgres ([`crate::db::batch_pool`]: pinged before use only after being idle).
     pub pool: PgPool,
     /// Avro through the registry.
     pub codec: Arc<Codec>,
@@ -30,7 +30,7 @@ impl Services {
     /// Builds the handles.
     pub fn new(cfg: Arc<Config>) -> anyhow::Result<Self> {
         Ok(Self {
-            pool: crate::db::pool(&cfg.postgres)?,
+            pool: crate::db::batch_pool(&cfg.postgres)?,
             codec: Arc::new(Codec::new(&cfg.schema_registry, &cfg.kafka)?),
             producer: crate::kafka::producer(&cfg.kafka)?,
             health: Health::default(),

@@ -21,6 +21,36 @@ pub fn pool(cfg: &PostgresConfig) -> Result<PgPool, sqlx::Error> {
         .connect_lazy_with(options))
 }
 
+/// A connection idle longer than this is pinged before a batch uses it.
+const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
+
+/// Connects the pool of a batch processor (consumers, the coordinator's timers). Like
+/// [`pool`], but a connection is pinged before use only when it sat idle for a second or more:
+/// under load the ping is one more round trip on every batch's path (each batch acquires a
+/// connection), and a connection used a moment ago is almost always alive.
+///
+/// A connection that broke meanwhile (a Postgres restart, a failover) fails the first
+/// statement of the batch with an I/O error, which the runtime retries as transient; sqlx
+/// then discards that connection when it is returned (its release ping fails), and the retry
+/// gets another one. Nothing is applied twice or lost: the batch's transaction never began.
+pub fn batch_pool(cfg: &PostgresConfig) -> Result<PgPool, sqlx::Error> {
+    let options: PgConnectOptions = cfg.url.expose().parse()?;
+    let options = options.application_name("weir");
+    Ok(PgPoolOptions::new()
+        .max_connections(cfg.max_connections)
+        .acquire_timeout(Duration::from_millis(cfg.acquire_timeout_ms))
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_AFTER_IDLE {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
+        .connect_lazy_with(options))
+}
+
 /// Private copies of some of the deployment's tables, beside a live deployment: a schema
 /// `weir_private_<label>_<uuid>` holding `CREATE TABLE .. (LIKE <table> INCLUDING ALL)`
 /// copies, and a pool whose sessions find those names there first (`search_path = <schema>,

@@ -1,5 +1,5 @@
 //! The transactional outbox writer. A processor pushes its output events while it applies a
-//! batch; the runtime writes them with one binary COPY in the batch's transaction, so an
+//! batch; the runtime writes them with one statement in the batch's transaction, so an
 //! event exists if and only if the effect that caused it committed. The relay publishes
 //! the rows to Kafka.
 //!
@@ -135,32 +135,115 @@ impl<'a> Outbox<'a> {
         self.rows.is_empty()
     }
 
-    /// Inserts every queued row with one binary COPY (ids follow push order) and empties the
-    /// outbox.
+    /// Inserts every queued row with one statement (ids follow push order) and empties the
+    /// outbox: an `INSERT` of arrays up to [`SMALL_BATCH`] rows, else a binary COPY.
     pub async fn flush(&mut self, conn: &mut PgConnection) -> Result<u64, sqlx::Error> {
         if self.rows.is_empty() {
             return Ok(0);
         }
         let rows = std::mem::take(&mut self.rows);
         let n = rows.len();
-        let mut copy = CopyRows::new(5);
-        for r in &rows {
-            copy.row()
-                .int4(r.lane)
-                .text(&r.topic)
-                .bytea(&r.key)
-                .bytea(&r.payload)
-                .jsonb(&r.headers);
-        }
-        // COPY appends in stream order, so the identity ids keep push order.
-        let done = copy
-            .copy_in(
-                conn,
-                "COPY weir_outbox (lane, topic, key, payload, headers) FROM STDIN (FORMAT binary)",
+        if n <= SMALL_BATCH {
+            let a = Arrays::of(&rows);
+            let done = sqlx::query!(
+                r#"INSERT INTO weir_outbox (lane, topic, key, payload, headers)
+                   SELECT lane, topic, key, payload, headers::jsonb
+                   FROM UNNEST($1::int[], $2::text[], $3::bytea[], $4::bytea[], $5::text[])
+                        WITH ORDINALITY AS r(lane, topic, key, payload, headers, ord)
+                   ORDER BY ord"#,
+                &a.lanes,
+                &a.topics as &[&str],
+                &a.keys as &[&[u8]],
+                &a.payloads as &[&[u8]],
+                &a.headers as &[&str],
             )
-            .await?;
-        metrics::counter!(crate::metrics::OUTBOX_WRITTEN).increment(n as u64);
-        Ok(done)
+            .execute(conn)
+            .await?
+            .rows_affected();
+            metrics::counter!(crate::metrics::OUTBOX_WRITTEN).increment(n as u64);
+            return Ok(done);
+        }
+        copy_rows(conn, &rows).await
+    }
+
+    /// Takes the queued rows out, leaving the outbox empty (for a caller that writes them
+    /// together with other rows: see `BatchConsumer`).
+    pub(crate) fn take_rows(&mut self) -> Vec<OutboxRow> {
+        std::mem::take(&mut self.rows)
+    }
+}
+
+/// [`copy_rows`] unless `rows` is empty.
+pub(crate) async fn copy_rows_if_any(
+    conn: &mut PgConnection,
+    rows: &[OutboxRow],
+) -> Result<u64, sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    copy_rows(conn, rows).await
+}
+
+/// Inserts `rows` with one binary COPY (ids follow their order).
+pub(crate) async fn copy_rows(
+    conn: &mut PgConnection,
+    rows: &[OutboxRow],
+) -> Result<u64, sqlx::Error> {
+    let n = rows.len();
+    let mut copy = CopyRows::new(5);
+    for r in rows {
+        copy.row()
+            .int4(r.lane)
+            .text(&r.topic)
+            .bytea(&r.key)
+            .bytea(&r.payload)
+            .jsonb(&r.headers);
+    }
+    // COPY appends in stream order, so the identity ids keep push order.
+    let done = copy
+        .copy_in(
+            conn,
+            "COPY weir_outbox (lane, topic, key, payload, headers) FROM STDIN (FORMAT binary)",
+        )
+        .await?;
+    metrics::counter!(crate::metrics::OUTBOX_WRITTEN).increment(n as u64);
+    Ok(done)
+}
+
+/// Batches up to this many rows are inserted with one `INSERT` of arrays rather than COPY.
+/// A COPY is two round trips (the statement, then the data), an `INSERT` one; at an idle
+/// pipeline's batches of one or a few events that round trip is a good part of the latency,
+/// while past a few dozen rows COPY's cheaper per-row parsing wins.
+pub const SMALL_BATCH: usize = 32;
+
+/// The columns of outbox rows as arrays, for statements that insert them with `UNNEST ...
+/// WITH ORDINALITY ... ORDER BY ord` (the identity ids are drawn in that order, so they follow
+/// push order as with COPY).
+pub(crate) struct Arrays<'r> {
+    pub(crate) lanes: Vec<i32>,
+    pub(crate) topics: Vec<&'r str>,
+    pub(crate) keys: Vec<&'r [u8]>,
+    pub(crate) payloads: Vec<&'r [u8]>,
+    pub(crate) headers: Vec<&'r str>,
+}
+
+impl<'r> Arrays<'r> {
+    pub(crate) fn of(rows: &'r [OutboxRow]) -> Self {
+        let mut a = Self {
+            lanes: Vec::with_capacity(rows.len()),
+            topics: Vec::with_capacity(rows.len()),
+            keys: Vec::with_capacity(rows.len()),
+            payloads: Vec::with_capacity(rows.len()),
+            headers: Vec::with_capacity(rows.len()),
+        };
+        for r in rows {
+            a.lanes.push(r.lane);
+            a.topics.push(&r.topic);
+            a.keys.push(&r.key);
+            a.payloads.push(&r.payload);
+            a.headers.push(&r.headers);
+        }
+        a
     }
 }
 

@@ -335,6 +335,10 @@ pub enum BenchCommand {
         /// Write the latency-versus-throughput chart (SVG) here.
         #[arg(long)]
         chart: Option<PathBuf>,
+        /// The weir executable the pipeline's processes run (default: this one), to measure
+        /// another release with the same load generator, side by side.
+        #[arg(long)]
+        pipeline_bin: Option<PathBuf>,
         /// Print only the JSON line.
         #[arg(long)]
         json: bool,

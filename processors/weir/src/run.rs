@@ -155,9 +155,12 @@ pub async fn processors(cfg: Arc<Config>, which: &[ProcessorName]) -> anyhow::Re
                 let cache = cache
                     .clone()
                     .context("the result cache is built for the gateway")?;
+                // Callers' reads get a pool that pings before use: after a Postgres restart
+                // a request must not be the one that finds a broken connection.
+                let status_pool = weir_runtime::db::pool(&cfg.postgres)?;
                 let sources = weir_gateway::Sources {
                     run_status: Some(Arc::new(weir_wiring::CoordinatorRunStatus::new(
-                        s.pool.clone(),
+                        status_pool,
                     ))),
                     cache_lookup: Some(Arc::new(weir_wiring::ResultCacheLookup::new(cache))),
                 };

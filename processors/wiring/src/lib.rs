@@ -51,6 +51,12 @@ impl RunStatusSource for CoordinatorRunStatus {
             .await
             .map_err(|e| SourceError::unavailable(format!("run status from postgres: {e}")))
     }
+
+    async fn run_exists(&self, workspace_id: &str, run_id: Uuid) -> Result<bool, SourceError> {
+        weir_coordinator::run_exists(&self.pool, workspace_id, run_id)
+            .await
+            .map_err(|e| SourceError::unavailable(format!("run lookup in postgres: {e}")))
+    }
 }
 
 /// Synchronous lookups for the gateway in weir's result cache (weir-cache), exact then

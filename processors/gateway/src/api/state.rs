@@ -8,9 +8,11 @@
 //! - a blob the gateway puts gets its workspace's owner row first, so it is never reachable
 //!   without one;
 //! - a workflow is taken as existing from memory only when Postgres confirmed it, or for
-//!   [`PROVISIONAL_OWNER_TTL`] after this gateway accepted its creation.
+//!   [`PROVISIONAL_OWNER_TTL`] after this gateway accepted its creation;
+//! - a run is taken as existing from memory only when its source confirmed it (runs are
+//!   never deleted and never change workspace, so the answer cannot go stale).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -39,6 +41,8 @@ use crate::sources::{CacheLookupSource, RunStatusSource};
 pub(super) const PROVISIONAL_OWNER_TTL: Duration = Duration::from_secs(60);
 /// Most known workflows remembered before the map is emptied.
 const MAX_OWNERS: usize = 200_000;
+/// Most known runs remembered before the set is emptied.
+const MAX_KNOWN_RUNS: usize = 200_000;
 
 /// Read models the process wiring may plug in (see [`crate::sources`]).
 #[derive(Clone, Default)]
@@ -69,6 +73,8 @@ pub(super) struct Inner {
     pub(super) sender: Sender,
     /// Workflows known to exist, by (workspace_id, workflow_id).
     owners: RwLock<HashMap<(String, String), Known>>,
+    /// Runs confirmed to exist, by (workspace_id, run_id).
+    runs: RwLock<HashSet<(String, Uuid)>>,
     pub(super) limits: Limits,
     pub(super) sources: Sources,
     /// The live streams' fan-out (fed by [`crate::streams::feed`], started by `spawn`).
@@ -104,6 +110,7 @@ impl AppState {
             clients: RateLimiter::new(g.client_rate_limit_per_sec, g.client_rate_limit_burst),
             limits: m.limits(),
             owners: RwLock::new(HashMap::new()),
+            runs: RwLock::new(HashSet::new()),
             ready: AtomicBool::new(false),
             streams: crate::streams::Hub::new(crate::streams::StreamLimits::from_config(g)),
             cfg,
@@ -266,14 +273,40 @@ impl AppState {
     }
 
     /// 404 unless the run exists in the caller's workspace, when a run status source is
-    /// configured (without one the coordinator enforces it when it reads the event).
+    /// configured (without one the coordinator enforces it when it reads the event). A run
+    /// once confirmed is answered from memory: a worker's completions for one run cost one
+    /// lookup, not one each.
     pub(super) async fn check_run(&self, caller: &Caller, run_id: Uuid) -> Result<(), Problem> {
-        match &self.0.sources.run_status {
-            Some(src) => self
-                .run_status_from(src.as_ref(), caller, run_id)
-                .await
-                .map(drop),
-            None => Ok(()),
+        let Some(src) = &self.0.sources.run_status else {
+            return Ok(());
+        };
+        let key = (caller.workspace_id.clone(), run_id);
+        if self
+            .0
+            .runs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&key)
+        {
+            return Ok(());
+        }
+        match src.run_exists(&caller.workspace_id, run_id).await {
+            Ok(true) => {
+                let mut runs = self.0.runs.write().unwrap_or_else(|p| p.into_inner());
+                if runs.len() >= MAX_KNOWN_RUNS {
+                    runs.clear();
+                }
+                runs.insert(key);
+                Ok(())
+            }
+            Ok(false) => Err(Problem::not_found(format!("no run {run_id}"))),
+            Err(e) => {
+                tracing::error!(error = %e, "run lookup failed");
+                Err(Problem::unavailable(
+                    "run status is unavailable",
+                    self.retry_after(),
+                ))
+            }
         }
     }
 

@@ -113,6 +113,7 @@ pub async fn run(cfg: Arc<Config>, command: BenchCommand) -> anyhow::Result<bool
             request_timeout,
             stop_p99_ms,
             chart,
+            pipeline_bin,
             json,
         } => {
             use weir_tools::bench::e2e::{report::Workload, Params};
@@ -144,6 +145,7 @@ pub async fn run(cfg: Arc<Config>, command: BenchCommand) -> anyhow::Result<bool
                 request_timeout: secs(request_timeout, "request-timeout")?,
                 stop_p99_ms,
                 chart,
+                pipeline_bin,
                 json_only: json,
             };
             // The benchmark prints its tables itself; only the JSON line follows them.

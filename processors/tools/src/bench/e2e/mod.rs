@@ -1,6 +1,7 @@
 //! `weir bench e2e`: the whole pipeline as its users feel it. The benchmark starts its own weir
-//! processes (this executable: `weir run gateway`, `materializer`, `coordinator`, `relay`,
-//! `--processes` of each consumer) against the local stack, under a random topic prefix (its
+//! processes (this executable, or `--pipeline-bin`'s to measure another release under the same
+//! load generator: `weir run gateway`, `materializer`, `coordinator`, `relay`, `--processes`
+//! of each consumer) against the local stack, under a random topic prefix (its
 //! own topics and consumer groups) and a workspace of its own, then drives them through the
 //! gateway as users do:
 //!
@@ -81,6 +82,8 @@ pub struct Params {
     pub stop_p99_ms: f64,
     /// Where to write the latency-versus-throughput chart (SVG).
     pub chart: Option<PathBuf>,
+    /// The weir executable the children run; `None`: this one.
+    pub pipeline_bin: Option<PathBuf>,
     /// Print only the JSON line (no table).
     pub json_only: bool,
 }
@@ -288,6 +291,9 @@ pub async fn run(cfg: Arc<Config>, params: Params) -> anyhow::Result<Value> {
     if !(1..=1_000_000).contains(&params.max_inflight) {
         bad.push("--max-inflight: 1 to 1000000".into());
     }
+    if let Some(b) = params.pipeline_bin.as_ref().filter(|b| !b.is_file()) {
+        bad.push(format!("--pipeline-bin: {} is not a file", b.display()));
+    }
     if params.duration.is_zero() || params.request_timeout.is_zero() {
         bad.push("--duration and --request-timeout: above 0".into());
     }
@@ -371,7 +377,10 @@ pub async fn run(cfg: Arc<Config>, params: Params) -> anyhow::Result<Value> {
             });
         }
     }
-    let bin = std::env::current_exe().context("the weir binary's path")?;
+    let bin = match &params.pipeline_bin {
+        Some(b) => b.clone(),
+        None => std::env::current_exe().context("the weir binary's path")?,
+    };
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs)?;
     say(format!(
@@ -443,6 +452,7 @@ pub async fn run(cfg: Arc<Config>, params: Params) -> anyhow::Result<Value> {
         "build": if cfg!(debug_assertions) { "debug" } else { "release" },
         "processes": params.processes,
         "gateways": params.gateways,
+        "pipeline_bin": params.pipeline_bin.as_ref().map(|b| b.display().to_string()),
         "fan_out": params.fan_out,
         "workflows": params.workflows,
         "warmup_s": params.warmup.as_secs_f64(),
