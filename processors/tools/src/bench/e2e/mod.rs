@@ -26,9 +26,9 @@
 //! intended time); nothing of another run counts (own prefix, own workspace, readers start at
 //! the topics' ends); every child is stopped when the benchmark ends, fails or is dropped.
 //!
-//! Not isolated: the processes use the stack's database (its tables, with rows of their own).
-//! A deployment's relays running beside it would take the benchmark's outbox rows, so it runs
-//! on a stack of its own, as the local one is.
+//! Isolated: the processes use a database of the run's own ([`OwnDatabase`]: created, migrated
+//! by the pipeline's executable, dropped at the end), so a deployment's relays never see the
+//! benchmark's outbox rows and one run's leftovers never slow the next.
 
 pub mod chart;
 pub mod load;
@@ -37,7 +37,7 @@ pub mod report;
 pub mod stats;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -45,7 +45,8 @@ use anyhow::Context;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use weir_model::Permission;
-use weir_runtime::config::Config;
+use weir_runtime::config::{Config, Secret};
+use weir_runtime::db::quote_ident;
 
 use crate::common::{create_topics, register_schemas, round, scratch_config};
 use load::Shared;
@@ -298,14 +299,33 @@ pub async fn run(cfg: Arc<Config>, params: Params) -> anyhow::Result<Value> {
         bad.push("--duration and --request-timeout: above 0".into());
     }
     anyhow::ensure!(bad.is_empty(), "{}", bad.join("; "));
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    let bin = match &params.pipeline_bin {
+        Some(b) => b.clone(),
+        None => std::env::current_exe().context("the weir binary's path")?,
+    };
+    let db = OwnDatabase::create(&cfg, &id).await?;
+    let result = run_in(cfg, params, &id, &bin, &db).await;
+    db.drop_all().await;
+    result
+}
+
+/// [`run`] once the run's database exists.
+async fn run_in(
+    cfg: Arc<Config>,
+    params: Params,
+    id: &str,
+    bin: &Path,
+    db: &OwnDatabase,
+) -> anyhow::Result<Value> {
     let say = |s: String| {
         if !params.json_only {
             println!("{s}");
         }
     };
-    let id = uuid::Uuid::now_v7().simple().to_string();
     let prefix = format!("bench-e2e-{id}.");
     let mut c = scratch_config(&cfg, prefix.clone());
+    c.postgres.url = Secret::new(db.url.clone());
     // The benchmark measures the pipeline, not the per-client and per-workspace limits.
     c.gateway.rate_limit_per_sec = u32::MAX / 2;
     c.gateway.rate_limit_burst = u32::MAX / 2;
@@ -317,6 +337,7 @@ pub async fn run(cfg: Arc<Config>, params: Params) -> anyhow::Result<Value> {
     let cfg = Arc::new(c);
     create_topics(&cfg).await?;
     register_schemas(&cfg).await?;
+    db.migrate(bin).await?;
     let pool = weir_runtime::db::pool(&cfg.postgres)?;
     let workspace = format!("bench-e2e-{id}");
     let key = weir_gateway::auth::create_key(&pool, &workspace, Permission::Write)
@@ -338,6 +359,8 @@ pub async fn run(cfg: Arc<Config>, params: Params) -> anyhow::Result<Value> {
     let env: Vec<(String, String)> = [
         ("WEIR_CONFIG", cfg_path.display().to_string()),
         ("WEIR__KAFKA__TOPIC_PREFIX", prefix.clone()),
+        ("WEIR__POSTGRES__URL", db.url.clone()),
+        ("DATABASE_URL", db.url.clone()),
         ("WEIR__GATEWAY__RATE_LIMIT_PER_SEC", big.clone()),
         ("WEIR__GATEWAY__RATE_LIMIT_BURST", big.clone()),
         ("WEIR__GATEWAY__CLIENT_RATE_LIMIT_PER_SEC", big.clone()),
@@ -377,10 +400,6 @@ pub async fn run(cfg: Arc<Config>, params: Params) -> anyhow::Result<Value> {
             });
         }
     }
-    let bin = match &params.pipeline_bin {
-        Some(b) => b.clone(),
-        None => std::env::current_exe().context("the weir binary's path")?,
-    };
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs)?;
     say(format!(
@@ -393,7 +412,7 @@ pub async fn run(cfg: Arc<Config>, params: Params) -> anyhow::Result<Value> {
             .join(", "),
         logs.display()
     ));
-    let mut children = Children::start(&bin, specs, &env, &logs)?;
+    let mut children = Children::start(bin, specs, &env, &logs)?;
     // Ctrl-C or SIGTERM ends the run early but still stops the children and removes the
     // run's topics and configuration file.
     let result = tokio::select! {
@@ -462,6 +481,84 @@ pub async fn run(cfg: Arc<Config>, params: Params) -> anyhow::Result<Value> {
         "rows": rows,
         "settled": settled,
     }))
+}
+
+/// The run's own database: created empty, migrated by the pipeline's executable, dropped at
+/// the end (whether the run went through or not). Nothing of a deployment's tables is read
+/// or written, and nothing one run leaves behind (an outbox backlog when it ends saturated,
+/// dead tuples) reaches the next one.
+struct OwnDatabase {
+    name: String,
+    /// The URL of the new database (a secret: it carries the password).
+    url: String,
+    /// A pool on the configured database, to create and drop it.
+    admin: sqlx::PgPool,
+}
+
+impl OwnDatabase {
+    async fn create(cfg: &Config, id: &str) -> anyhow::Result<Self> {
+        let name = format!("weir_bench_e2e_{id}");
+        let url = with_database(cfg.postgres.url.expose(), &name)
+            .context("postgres.url: not a URL whose database can be replaced")?;
+        let admin = weir_runtime::db::pool(&cfg.postgres)?;
+        sqlx::raw_sql(&format!("CREATE DATABASE {}", quote_ident(&name)))
+            .execute(&admin)
+            .await
+            .context("creating the benchmark's own database (the role needs CREATEDB)")?;
+        Ok(Self { name, url, admin })
+    }
+
+    /// `weir migrate` of `bin` on it: the schema the pipeline's release expects.
+    async fn migrate(&self, bin: &Path) -> anyhow::Result<()> {
+        let out = tokio::process::Command::new(bin)
+            .arg("migrate")
+            .env("WEIR__POSTGRES__URL", &self.url)
+            .env("DATABASE_URL", &self.url)
+            .env_remove("RUST_LOG")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .with_context(|| format!("running {} migrate", bin.display()))?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{} migrate failed ({}): {}",
+            bin.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(())
+    }
+
+    async fn drop_all(self) {
+        let drop = format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            quote_ident(&self.name)
+        );
+        if let Err(e) = sqlx::raw_sql(&drop).execute(&self.admin).await {
+            tracing::warn!(database = %self.name, error = %e, "cannot drop the benchmark's database");
+        }
+        self.admin.close().await;
+    }
+}
+
+/// `url` (a Postgres URL) naming database `name` instead of its own; `None` if it is not
+/// `scheme://authority...`. The authority cannot hold an unescaped `/`, so the path starts
+/// at the first one after the scheme.
+fn with_database(url: &str, name: &str) -> Option<String> {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let authority = base.find("://")? + 3;
+    let end = base[authority..]
+        .find('/')
+        .map_or(base.len(), |i| i + authority);
+    let mut out = format!("{}/{name}", &base[..end]);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    Some(out)
 }
 
 /// Everything between the children's start and their stop: readiness, setup, the phases.
@@ -676,6 +773,29 @@ async fn drive(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_url_names_another_database() {
+        let cases = [
+            (
+                "postgres://u:p%2Fq@h:5432/weir",
+                "postgres://u:p%2Fq@h:5432/other",
+            ),
+            (
+                "postgres://u@h/weir?sslmode=require",
+                "postgres://u@h/other?sslmode=require",
+            ),
+            ("postgresql://h:5432", "postgresql://h:5432/other"),
+            (
+                "postgres://h?host=/run/pg",
+                "postgres://h/other?host=/run/pg",
+            ),
+        ];
+        for (url, want) in cases {
+            assert_eq!(with_database(url, "other").as_deref(), Some(want), "{url}");
+        }
+        assert_eq!(with_database("weir", "other"), None);
+    }
 
     #[test]
     fn the_flow_is_a_valid_fan_out_fan_in() {
