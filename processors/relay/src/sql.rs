@@ -16,19 +16,11 @@
 ///   ids of their lanes).
 /// - `idle_session_timeout`: a relay that hangs (or waits on the broker far longer than any
 ///   healthy relay idles) loses its session, so its lanes go to live relays.
-/// - `enable_seqscan = off`: the outbox is a queue, empty whenever the relays keep up, so its
-///   statistics (a vacuum that finds it empty records zero pages) say "empty" while under
-///   load it holds thousands of live and dead rows. A plan made from those statistics, and
-///   kept by the session's prepared statements, scans the whole table: measured at 4,000
-///   patches/s end to end, the relay's backend spent a core in a sequential scan for every
-///   `DELETE ... WHERE id = ANY (...)` and the pipeline fell to 1,571/s. Every statement
-///   here has an index path (the primary key, `(lane, id)`); this session only ever takes it.
 pub const SESSION_SETUP: &str = "\
 SELECT set_config('application_name', $1, false),
        set_config('synchronous_commit', 'off', false),
        set_config('idle_session_timeout', $2, false),
-       set_config('statement_timeout', $3, false),
-       set_config('enable_seqscan', 'off', false)";
+       set_config('statement_timeout', $3, false)";
 
 /// Heartbeat and liveness in one statement: upserts this relay's row (`$1` relay id, `$3` lanes
 /// held), deletes rows of relays that are gone (older than `$2` ms or whose backend no longer
