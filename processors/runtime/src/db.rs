@@ -13,12 +13,17 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../sql");
 /// Connects a pool. Connections are made lazily so a process can start (and report not
 /// ready) while Postgres is still down.
 pub fn pool(cfg: &PostgresConfig) -> Result<PgPool, sqlx::Error> {
+    let (pool, options) = options(cfg)?;
+    Ok(pool.connect_lazy_with(options))
+}
+
+/// The pool and connection options every weir pool starts from.
+fn options(cfg: &PostgresConfig) -> Result<(PgPoolOptions, PgConnectOptions), sqlx::Error> {
     let options: PgConnectOptions = cfg.url.expose().parse()?;
-    let options = options.application_name("weir");
-    Ok(PgPoolOptions::new()
+    let pool = PgPoolOptions::new()
         .max_connections(cfg.max_connections)
-        .acquire_timeout(Duration::from_millis(cfg.acquire_timeout_ms))
-        .connect_lazy_with(options))
+        .acquire_timeout(Duration::from_millis(cfg.acquire_timeout_ms));
+    Ok((pool, options.application_name("weir")))
 }
 
 /// A connection idle longer than this is pinged before a batch uses it.
@@ -34,11 +39,8 @@ const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
 /// then discards that connection when it is returned (its release ping fails), and the retry
 /// gets another one. Nothing is applied twice or lost: the batch's transaction never began.
 pub fn batch_pool(cfg: &PostgresConfig) -> Result<PgPool, sqlx::Error> {
-    let options: PgConnectOptions = cfg.url.expose().parse()?;
-    let options = options.application_name("weir");
-    Ok(PgPoolOptions::new()
-        .max_connections(cfg.max_connections)
-        .acquire_timeout(Duration::from_millis(cfg.acquire_timeout_ms))
+    let (pool, options) = options(cfg)?;
+    Ok(pool
         .test_before_acquire(false)
         .before_acquire(|conn, meta| {
             Box::pin(async move {

@@ -300,14 +300,14 @@ impl AppState {
                 Ok(())
             }
             Ok(false) => Err(Problem::not_found(format!("no run {run_id}"))),
-            Err(e) => {
-                tracing::error!(error = %e, "run lookup failed");
-                Err(Problem::unavailable(
-                    "run status is unavailable",
-                    self.retry_after(),
-                ))
-            }
+            Err(e) => Err(self.run_source_failed(&e)),
         }
+    }
+
+    /// 503 for a run status source that failed (its error logged, never returned).
+    fn run_source_failed(&self, e: &crate::sources::SourceError) -> Problem {
+        tracing::error!(error = %e, "run status lookup failed");
+        Problem::unavailable("run status is unavailable", self.retry_after())
     }
 
     /// The run `run_id` of the caller's workspace from `src`: 404 when there is none there,
@@ -321,13 +321,7 @@ impl AppState {
         match src.run_status(&caller.workspace_id, run_id).await {
             Ok(Some(status)) => Ok(status),
             Ok(None) => Err(Problem::not_found(format!("no run {run_id}"))),
-            Err(e) => {
-                tracing::error!(error = %e, "run status lookup failed");
-                Err(Problem::unavailable(
-                    "run status is unavailable",
-                    self.retry_after(),
-                ))
-            }
+            Err(e) => Err(self.run_source_failed(&e)),
         }
     }
 
