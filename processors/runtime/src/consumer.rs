@@ -783,7 +783,9 @@ impl<P: Processor> BatchConsumer<P> {
             outcome.next.iter().map(|(p, n)| (*p, *n)).unzip();
         let rows = outbox.take_rows();
         if rows.is_empty() || rows.len() > crate::outbox::SMALL_BATCH {
-            crate::outbox::copy_rows_if_any(&mut tx, &rows).await?;
+            if !rows.is_empty() {
+                crate::outbox::copy_rows(&mut tx, &rows).await?;
+            }
             sqlx::query!(
                 r#"UPDATE weir_consumer_positions AS pos
                    SET next_offset = n.next_offset, updated_at = now()

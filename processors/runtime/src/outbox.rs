@@ -173,17 +173,6 @@ impl<'a> Outbox<'a> {
     }
 }
 
-/// [`copy_rows`] unless `rows` is empty.
-pub(crate) async fn copy_rows_if_any(
-    conn: &mut PgConnection,
-    rows: &[OutboxRow],
-) -> Result<u64, sqlx::Error> {
-    if rows.is_empty() {
-        return Ok(0);
-    }
-    copy_rows(conn, rows).await
-}
-
 /// Inserts `rows` with one binary COPY (ids follow their order).
 pub(crate) async fn copy_rows(
     conn: &mut PgConnection,
